@@ -1,0 +1,205 @@
+//! The byte-level contract between an [`Aggregate`] and the host.
+//!
+//! These functions are what the component's exports run, and they are plain Rust: the
+//! native test harness and the host's benchmark call them directly, so a native run
+//! exercises exactly the encoding the component uses.
+//!
+//! - State is JSON; empty state bytes mean `State::default()`.
+//! - A command is JSON; one that does not deserialise is a [`Rejection`] whose message
+//!   starts with `invalid command: ` followed by serde's explanation.
+//! - An event is an `(event type, payload)` pair: the serde variant name of
+//!   [`Aggregate::Event`] and its content as JSON (`null` for a unit variant).
+
+use crate::{Aggregate, Rejection};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// An encoded event: its type (the serde variant name) and its JSON payload.
+pub type EncodedEvent = (String, Vec<u8>);
+
+/// What a component reports about itself through `describe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Description {
+    /// [`Aggregate::TYPE`].
+    pub aggregate_type: &'static str,
+    /// [`Aggregate::SCHEMA_VERSION`].
+    pub schema_version: u32,
+}
+
+/// The `describe` export: the aggregate's type and schema version.
+pub fn describe<A: Aggregate>() -> Description {
+    Description {
+        aggregate_type: A::TYPE,
+        schema_version: A::SCHEMA_VERSION,
+    }
+}
+
+/// The `handle` export: decodes `state` and `command`, runs [`Aggregate::handle`] and
+/// encodes the events it decides.
+///
+/// Undecodable input is a rejection rather than a panic, because a panic traps the
+/// component and the caller would learn nothing about what was wrong with the command.
+pub fn handle<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Vec<EncodedEvent>, Rejection> {
+    let state = decode_state::<A>(state).map_err(Rejection::new)?;
+    let command: A::Command = serde_json::from_slice(command)
+        .map_err(|error| Rejection::new(format!("invalid command: {error}")))?;
+    A::handle(&state, command)?
+        .iter()
+        .map(|event| {
+            encode_event(event).map_err(|error| Rejection::new(format!("aggregate bug: {error}")))
+        })
+        .collect()
+}
+
+/// The `apply` export: decodes `state` and the event, runs [`Aggregate::apply`] and
+/// encodes the new state.
+///
+/// # Errors
+///
+/// The state or payload is not valid JSON for the aggregate's types, or the event type
+/// is not a variant of [`Aggregate::Event`].
+pub fn apply<A: Aggregate>(
+    state: &[u8],
+    event_type: &str,
+    payload: &[u8],
+) -> Result<Vec<u8>, String> {
+    let state = decode_state::<A>(state)?;
+    let event = decode_event::<A::Event>(event_type, payload)?;
+    encode_state(&A::apply(state, event))
+}
+
+/// Decodes state bytes; empty bytes are the state before any event.
+///
+/// # Errors
+///
+/// The bytes are not JSON for `A::State`.
+pub fn decode_state<A: Aggregate>(state: &[u8]) -> Result<A::State, String> {
+    if state.is_empty() {
+        return Ok(A::State::default());
+    }
+    serde_json::from_slice(state).map_err(|error| format!("invalid state: {error}"))
+}
+
+/// Encodes state as JSON bytes.
+///
+/// # Errors
+///
+/// The state's `Serialize` implementation fails (e.g. a map with non-string keys).
+pub fn encode_state<S: Serialize>(state: &S) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(state).map_err(|error| format!("cannot encode state: {error}"))
+}
+
+/// Splits an externally tagged event into its type and JSON payload: `{"Opened":{..}}`
+/// becomes `("Opened", b"{..}")` and `"Closed"` becomes `("Closed", b"null")`.
+///
+/// # Errors
+///
+/// The event does not serialise as an externally tagged enum variant.
+pub fn encode_event<E: Serialize>(event: &E) -> Result<EncodedEvent, String> {
+    match serde_json::to_value(event) {
+        Ok(Value::String(event_type)) => Ok((event_type, b"null".to_vec())),
+        Ok(Value::Object(map)) if map.len() == 1 => {
+            let (event_type, payload) = map.into_iter().next().expect("map has one entry");
+            let payload = serde_json::to_vec(&payload)
+                .map_err(|error| format!("cannot encode event `{event_type}`: {error}"))?;
+            Ok((event_type, payload))
+        }
+        Ok(other) => Err(format!(
+            "event must serialise as an externally tagged enum variant \
+             (`{{\"Variant\":{{..}}}}` or `\"Variant\"`), got {other}"
+        )),
+        Err(error) => Err(format!("cannot encode event: {error}")),
+    }
+}
+
+/// Rebuilds an event from its type and JSON payload; the inverse of [`encode_event`].
+///
+/// # Errors
+///
+/// The payload is not JSON, the type is not a variant of `E`, or the payload does not
+/// fit the variant.
+pub fn decode_event<E: serde::de::DeserializeOwned>(
+    event_type: &str,
+    payload: &[u8],
+) -> Result<E, String> {
+    let payload: Value = serde_json::from_slice(payload)
+        .map_err(|error| format!("invalid payload for event `{event_type}`: {error}"))?;
+    // `{"Closed":null}` deserialises a unit variant as well as `"Closed"` does, so one
+    // form covers unit, newtype, tuple and struct variants alike.
+    let mut tagged = Map::with_capacity(1);
+    tagged.insert(event_type.to_owned(), payload);
+    serde_json::from_value(Value::Object(tagged))
+        .map_err(|error| format!("invalid event `{event_type}`: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Event {
+        Opened { owner: String },
+        Renamed(String),
+        Closed,
+    }
+
+    #[test]
+    fn struct_variant_payload_is_its_fields() {
+        let (event_type, payload) = encode_event(&Event::Opened {
+            owner: "alice".into(),
+        })
+        .unwrap();
+        assert_eq!(event_type, "Opened");
+        assert_eq!(payload, br#"{"owner":"alice"}"#);
+        assert_eq!(
+            decode_event::<Event>(&event_type, &payload).unwrap(),
+            Event::Opened {
+                owner: "alice".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unit_variant_payload_is_null() {
+        let (event_type, payload) = encode_event(&Event::Closed).unwrap();
+        assert_eq!(
+            (event_type.as_str(), payload.as_slice()),
+            ("Closed", &b"null"[..])
+        );
+        assert_eq!(
+            decode_event::<Event>("Closed", b"null").unwrap(),
+            Event::Closed
+        );
+    }
+
+    #[test]
+    fn newtype_variant_round_trips() {
+        let (event_type, payload) = encode_event(&Event::Renamed("bob".into())).unwrap();
+        assert_eq!(payload, br#""bob""#);
+        assert_eq!(
+            decode_event::<Event>(&event_type, &payload).unwrap(),
+            Event::Renamed("bob".into())
+        );
+    }
+
+    #[test]
+    fn unknown_event_type_names_the_variants() {
+        let error = decode_event::<Event>("Frozen", b"null").unwrap_err();
+        assert!(
+            error.starts_with("invalid event `Frozen`: unknown variant `Frozen`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn non_enum_event_is_refused() {
+        #[derive(Serialize)]
+        struct NotAnEnum {
+            a: u8,
+            b: u8,
+        }
+        let error = encode_event(&NotAnEnum { a: 1, b: 2 }).unwrap_err();
+        assert!(error.contains("externally tagged"), "{error}");
+    }
+}

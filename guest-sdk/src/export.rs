@@ -1,0 +1,57 @@
+//! The component side of [`export_aggregate!`](crate::export_aggregate): the
+//! `meridian:aggregate` bindings and a generic [`Guest`](bindings::Guest) implementation
+//! that forwards to [`codec`](crate::codec).
+
+use crate::{Aggregate, codec};
+use std::marker::PhantomData;
+
+/// Bindings for `wit/aggregate.wit`, generated here once so that plugin crates need
+/// neither the WIT file nor a direct wit-bindgen dependency.
+#[allow(unsafe_code, missing_docs)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "aggregate",
+        path: "wit",
+        // The export macro expands in the plugin crate, where this crate's bindings
+        // are only reachable through the public re-export.
+        pub_export_macro: true,
+        export_macro_name: "export_world",
+        default_bindings_module: "::meridian_guest::__private::bindings",
+    });
+}
+
+pub use bindings::export_world;
+use bindings::meridian::aggregate::types;
+
+/// Implements the world's exports for any [`Aggregate`]; plugins name it only through
+/// [`export_aggregate!`](crate::export_aggregate).
+pub struct Export<A>(PhantomData<A>);
+
+impl<A: Aggregate> bindings::Guest for Export<A> {
+    fn describe() -> types::Description {
+        let description = codec::describe::<A>();
+        types::Description {
+            aggregate_type: description.aggregate_type.to_owned(),
+            schema_version: description.schema_version,
+        }
+    }
+
+    fn handle(state: Vec<u8>, command: Vec<u8>) -> Result<Vec<types::Event>, types::Rejection> {
+        match codec::handle::<A>(&state, &command) {
+            Ok(events) => Ok(events
+                .into_iter()
+                .map(|(event_type, payload)| types::Event {
+                    event_type,
+                    payload,
+                })
+                .collect()),
+            Err(rejection) => Err(types::Rejection {
+                message: rejection.into_message(),
+            }),
+        }
+    }
+
+    fn apply(state: Vec<u8>, event: types::Event) -> Result<Vec<u8>, String> {
+        codec::apply::<A>(&state, &event.event_type, &event.payload)
+    }
+}

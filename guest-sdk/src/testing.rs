@@ -1,0 +1,353 @@
+//! A native given/when/then harness for aggregates.
+//!
+//! ```
+//! use meridian_guest::testing::AggregateTest;
+//! # use meridian_guest::{Aggregate, Rejection};
+//! # use serde::{Deserialize, Serialize};
+//! # pub struct BankAccount;
+//! # #[derive(Default, Serialize, Deserialize)]
+//! # pub struct State { balance: i64 }
+//! # #[derive(Serialize, Deserialize)]
+//! # #[serde(tag = "type")]
+//! # pub enum Command { Deposit { amount: i64 } }
+//! # #[derive(Serialize, Deserialize)]
+//! # pub enum Event { Opened { owner: String }, Deposited { amount: i64 } }
+//! # impl Aggregate for BankAccount {
+//! #     const TYPE: &'static str = "bank-account";
+//! #     type State = State;
+//! #     type Command = Command;
+//! #     type Event = Event;
+//! #     fn handle(_: &State, Command::Deposit { amount }: Command) -> Result<Vec<Event>, Rejection> {
+//! #         if amount <= 0 { return Err(format!("amount must be positive, got {amount}").into()) }
+//! #         Ok(vec![Event::Deposited { amount }])
+//! #     }
+//! #     fn apply(mut state: State, event: Event) -> State {
+//! #         if let Event::Deposited { amount } = event { state.balance += amount }
+//! #         state
+//! #     }
+//! # }
+//!
+//! let state = AggregateTest::<BankAccount>::given(vec![Event::Opened { owner: "alice".into() }])
+//!     .when(Command::Deposit { amount: 10 })
+//!     .then_expect_events(vec![Event::Deposited { amount: 10 }]);
+//! assert_eq!(state.balance, 10);
+//!
+//! AggregateTest::<BankAccount>::new()
+//!     .when_json(r#"{"type":"Deposit","amount":0}"#)
+//!     .then_expect_rejection("amount must be positive");
+//! ```
+//!
+//! Everything goes through [`codec`](crate::codec), as in the component: the given events
+//! are encoded and applied to JSON state, the command is serialised to JSON and decoded
+//! again, and the decided events are encoded, compared as JSON and applied. A serde
+//! attribute that breaks the round trip therefore fails `cargo test` rather than a
+//! deployed plugin.
+//!
+//! Failures panic with the expected and actual values as JSON, so the harness suits
+//! `#[test]` functions directly.
+
+use crate::codec::{self, EncodedEvent};
+use crate::{Aggregate, Rejection};
+use serde::Serialize;
+use serde_json::Value;
+use std::marker::PhantomData;
+
+/// An aggregate with some history, about to receive a command.
+pub struct AggregateTest<A: Aggregate> {
+    history: Vec<Value>,
+    state: Vec<u8>,
+    aggregate: PhantomData<A>,
+}
+
+impl<A: Aggregate> AggregateTest<A> {
+    /// An aggregate with no events yet (empty state bytes).
+    pub fn new() -> Self {
+        Self {
+            history: Vec::new(),
+            state: Vec::new(),
+            aggregate: PhantomData,
+        }
+    }
+
+    /// An aggregate that has already recorded `events`, applied in order.
+    ///
+    /// # Panics
+    ///
+    /// An event does not survive the encode/apply round trip.
+    #[track_caller]
+    pub fn given(events: impl IntoIterator<Item = A::Event>) -> Self {
+        let mut test = Self::new();
+        for event in events {
+            let encoded = or_panic(codec::encode_event(&event), "given event cannot be encoded");
+            test.record(encoded, "given");
+        }
+        test
+    }
+
+    /// Sends `command`, serialised to JSON as a caller would send it.
+    ///
+    /// # Panics
+    ///
+    /// The command cannot be serialised.
+    #[track_caller]
+    pub fn when(self, command: A::Command) -> Outcome<A>
+    where
+        A::Command: Serialize,
+    {
+        let json = or_panic(
+            serde_json::to_string(&command).map_err(|error| error.to_string()),
+            "command cannot be serialised",
+        );
+        self.when_json(&json)
+    }
+
+    /// Sends the command JSON as is, e.g. to test how malformed input is rejected.
+    pub fn when_json(self, command: &str) -> Outcome<A> {
+        let result = codec::handle::<A>(&self.state, command.as_bytes());
+        Outcome {
+            test: self,
+            command: command.to_owned(),
+            result,
+        }
+    }
+
+    /// Applies one encoded event to the JSON state, as the host does after `handle`.
+    #[track_caller]
+    fn record(&mut self, (event_type, payload): EncodedEvent, stage: &str) {
+        let event = tagged(&event_type, &payload);
+        match codec::apply::<A>(&self.state, &event_type, &payload) {
+            Ok(state) => self.state = state,
+            Err(error) => panic!(
+                "{stage} event {event} cannot be applied: {error}\n   state: {}",
+                String::from_utf8_lossy(&self.state)
+            ),
+        }
+        self.history.push(event);
+    }
+}
+
+impl<A: Aggregate> Default for AggregateTest<A> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The result of a command, to be checked with one of the `then_` methods.
+#[must_use = "an outcome checks nothing until a `then_` method is called"]
+pub struct Outcome<A: Aggregate> {
+    test: AggregateTest<A>,
+    command: String,
+    result: Result<Vec<EncodedEvent>, Rejection>,
+}
+
+impl<A: Aggregate> Outcome<A> {
+    /// Asserts that the command decided exactly `expected` (compared as encoded JSON),
+    /// applies them, and returns the resulting state for further checks.
+    ///
+    /// # Panics
+    ///
+    /// The command was rejected, decided other events, or a decided event cannot be
+    /// applied.
+    #[track_caller]
+    pub fn then_expect_events(self, expected: Vec<A::Event>) -> A::State {
+        let mut expected_json = Vec::with_capacity(expected.len());
+        for event in &expected {
+            let (event_type, payload) = or_panic(
+                codec::encode_event(event),
+                "expected event cannot be encoded",
+            );
+            expected_json.push(tagged(&event_type, &payload));
+        }
+        let expected = expected_json;
+        let events = match self.result {
+            Ok(events) => events,
+            Err(rejection) => panic!(
+                "expected events {}\nbut the command was rejected: {rejection}\n{}",
+                json_list(&expected),
+                self.test.context(&self.command)
+            ),
+        };
+        let actual: Vec<Value> = events
+            .iter()
+            .map(|(event_type, payload)| tagged(event_type, payload))
+            .collect();
+        if actual != expected {
+            panic!(
+                "events differ\nexpected: {}\n  actual: {}\n{}",
+                json_list(&expected),
+                json_list(&actual),
+                self.test.context(&self.command)
+            );
+        }
+        let mut test = self.test;
+        for event in events {
+            test.record(event, "decided");
+        }
+        or_panic(
+            codec::decode_state::<A>(&test.state),
+            "state cannot be decoded",
+        )
+    }
+
+    /// Asserts that the command was rejected with a message containing `substring`.
+    ///
+    /// # Panics
+    ///
+    /// The command was accepted, or rejected with another message.
+    #[track_caller]
+    pub fn then_expect_rejection(self, substring: &str) -> Rejection {
+        match self.result {
+            Err(rejection) if rejection.message().contains(substring) => rejection,
+            Err(rejection) => panic!(
+                "expected a rejection containing {substring:?}\nbut it was rejected with: {:?}\n{}",
+                rejection.message(),
+                self.test.context(&self.command)
+            ),
+            Ok(events) => {
+                let actual: Vec<Value> = events
+                    .iter()
+                    .map(|(event_type, payload)| tagged(event_type, payload))
+                    .collect();
+                panic!(
+                    "expected a rejection containing {substring:?}\nbut the command decided: {}\n{}",
+                    json_list(&actual),
+                    self.test.context(&self.command)
+                )
+            }
+        }
+    }
+}
+
+impl<A: Aggregate> AggregateTest<A> {
+    /// What a failure message needs to reproduce the case.
+    fn context(&self, command: &str) -> String {
+        format!(
+            "   given: {}\n    when: {command}\n   state: {}",
+            json_list(&self.history),
+            String::from_utf8_lossy(&self.state)
+        )
+    }
+}
+
+/// An encoded event in serde's externally tagged form, the form authors write in Rust.
+/// A payload that is not JSON is shown as a string so the failure still names it.
+fn tagged(event_type: &str, payload: &[u8]) -> Value {
+    let payload = match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Null) => return Value::String(event_type.to_owned()),
+        Ok(payload) => payload,
+        Err(_) => Value::String(String::from_utf8_lossy(payload).into_owned()),
+    };
+    let mut map = serde_json::Map::with_capacity(1);
+    map.insert(event_type.to_owned(), payload);
+    Value::Object(map)
+}
+
+/// Unwraps `result`, blaming the caller's test line rather than this module.
+#[track_caller]
+fn or_panic<T>(result: Result<T, String>, what: &str) -> T {
+    match result {
+        Ok(value) => value,
+        Err(error) => panic!("{what}: {error}"),
+    }
+}
+
+fn json_list(events: &[Value]) -> String {
+    Value::Array(events.to_vec()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    struct Switch;
+
+    #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+    struct State {
+        on: bool,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(tag = "type")]
+    enum Command {
+        Flip,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    enum Event {
+        On,
+        Off { reason: String },
+    }
+
+    impl Aggregate for Switch {
+        const TYPE: &'static str = "switch";
+        type State = State;
+        type Command = Command;
+        type Event = Event;
+
+        fn handle(state: &State, Command::Flip: Command) -> Result<Vec<Event>, Rejection> {
+            Ok(vec![if state.on {
+                Event::Off {
+                    reason: "flipped".into(),
+                }
+            } else {
+                Event::On
+            }])
+        }
+
+        fn apply(_state: State, event: Event) -> State {
+            State {
+                on: matches!(event, Event::On),
+            }
+        }
+    }
+
+    #[test]
+    fn returns_the_state_after_the_decided_events() {
+        let state = AggregateTest::<Switch>::new()
+            .when(Command::Flip)
+            .then_expect_events(vec![Event::On]);
+        assert_eq!(state, State { on: true });
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "events differ\nexpected: [\"On\"]\n  actual: [{\"Off\":{\"reason\":\"flipped\"}}]"
+    )]
+    fn shows_both_event_lists_as_json() {
+        AggregateTest::<Switch>::given(vec![Event::On])
+            .when(Command::Flip)
+            .then_expect_events(vec![Event::On]);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "expected a rejection containing \"nope\"\nbut the command decided: [\"On\"]"
+    )]
+    fn shows_the_events_when_a_rejection_was_expected() {
+        AggregateTest::<Switch>::new()
+            .when(Command::Flip)
+            .then_expect_rejection("nope");
+    }
+
+    #[test]
+    fn malformed_command_is_a_rejection() {
+        let rejection = AggregateTest::<Switch>::new()
+            .when_json(r#"{"type":"Push"}"#)
+            .then_expect_rejection("unknown variant `Push`");
+        assert!(
+            rejection.message().starts_with("invalid command: "),
+            "{rejection}"
+        );
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "given: [\"On\"]\n    when: {\"type\":\"Push\"}\n   state: {\"on\":true}"
+    )]
+    fn failure_shows_how_to_reproduce() {
+        AggregateTest::<Switch>::given(vec![Event::On])
+            .when_json(r#"{"type":"Push"}"#)
+            .then_expect_events(vec![]);
+    }
+}

@@ -1,0 +1,154 @@
+//! The one error type of the HTTP API: a status, a stable code and a message that says
+//! what to fix. Internal details (SQL, wasmtime internals) stay in the logs.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::executor::{CommandError, RegistryError};
+use crate::runtime::PluginError;
+use crate::store::StoreError;
+
+/// An API error, rendered as `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable, machine-readable code.
+    pub code: &'static str,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// The JSON body of every error response.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Code and message of an error.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable code, e.g. `rejected`, `version_conflict`, `unknown_aggregate_type`.
+    pub code: String,
+    /// What went wrong and what to do about it.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 with code `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 404 with code `not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = self.status.as_u16(), code = self.code, message = %self.message, "request failed");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match &error {
+            StoreError::Conflict { .. } => Self::new(StatusCode::CONFLICT, "version_conflict", error.to_string()),
+            StoreError::CommandIdReused { .. } => {
+                Self::new(StatusCode::CONFLICT, "command_id_reused", error.to_string())
+            }
+            StoreError::Fenced { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_owner",
+                format!("{error}; retry the command"),
+            ),
+            StoreError::UnknownPosition(_) => Self::bad_request(error.to_string()),
+            StoreError::Database(inner) => {
+                tracing::error!(error = %inner, "database error");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the event store is unavailable; nothing was written, retry later",
+                )
+            }
+            StoreError::Closed => Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", error.to_string()),
+        }
+    }
+}
+
+impl From<PluginError> for ApiError {
+    fn from(error: PluginError) -> Self {
+        let code = match &error {
+            PluginError::NotAComponent(_) => "not_a_component",
+            PluginError::ForbiddenImport(_) => "forbidden_import",
+            PluginError::WrongWorld(_) => "wrong_world",
+            PluginError::TooLarge { .. } => {
+                return Self::new(StatusCode::PAYLOAD_TOO_LARGE, "component_too_large", error.to_string());
+            }
+            PluginError::DeadlineExceeded { .. } => "plugin_deadline_exceeded",
+            PluginError::OutOfMemory { .. } => "plugin_out_of_memory",
+            PluginError::Trap { .. } => "plugin_trapped",
+            PluginError::InvalidOutput { .. } => "plugin_invalid_output",
+            PluginError::ApplyFailed { .. } => "plugin_apply_failed",
+            PluginError::Internal(_) => "internal",
+        };
+        let status = match &error {
+            PluginError::NotAComponent(_) | PluginError::ForbiddenImport(_) | PluginError::WrongWorld(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, code, error.to_string())
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(error: RegistryError) -> Self {
+        match error {
+            RegistryError::UnknownType(_) => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_aggregate_type", error.to_string())
+            }
+            RegistryError::Plugin(e) => e.into(),
+            RegistryError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Rejected(message) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "rejected", message),
+            CommandError::WrongVersion { .. } => {
+                Self::new(StatusCode::CONFLICT, "version_conflict", error.to_string())
+            }
+            CommandError::Conflict(e) | CommandError::Fenced(e) | CommandError::CommandIdReused(e) | CommandError::Store(e) => {
+                e.into()
+            }
+            CommandError::Registry(e) => e.into(),
+            CommandError::Plugin(e) => e.into(),
+        }
+    }
+}

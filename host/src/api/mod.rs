@@ -1,0 +1,517 @@
+//! The HTTP API (axum). Routes, request parsing and the OpenAPI document.
+//!
+//! Handlers stay thin: they validate input into typed requests, call the executor or
+//! the store, and map errors through [`ApiError`]. Every error body is
+//! `{"error": {"code", "message"}}`.
+
+mod error;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sqlx::PgPool;
+use utoipa::OpenApi;
+use uuid::Uuid;
+
+pub use error::{ApiError, ErrorBody, ErrorDetail};
+
+use crate::executor::{Command, CommandResult, Executor};
+use crate::runtime::SandboxLimits;
+use crate::store::{self, AggregateKey, EventFilter, StoredEvent};
+use crate::store::plugins::PluginInfo;
+
+/// Default cap on a command request body.
+pub const DEFAULT_MAX_COMMAND_BYTES: usize = 1024 * 1024;
+
+/// Most events one page of `GET /v1/events` returns.
+pub const MAX_PAGE: i64 = 10_000;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// Runs commands.
+    pub executor: Executor,
+    /// The region's database.
+    pub pool: PgPool,
+    /// Set once the host has caught up and may take work.
+    pub ready: Arc<AtomicBool>,
+    /// This node's id.
+    pub node_id: String,
+    /// This node's region.
+    pub region: String,
+    /// Cap on command bodies.
+    pub max_command_bytes: usize,
+    /// Cap on plugin uploads (the per-type cap applies too).
+    pub max_upload_bytes: usize,
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> axum::Router {
+    let command_limit = state.max_command_bytes;
+    let upload_limit = state.max_upload_bytes;
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/plugins", get(list_plugins))
+        .route(
+            "/v1/plugins/{aggregate_type}",
+            put(upload_plugin).layer(DefaultBodyLimit::max(upload_limit)).get(get_plugin),
+        )
+        .route("/v1/plugins/{aggregate_type}/limits", put(set_limits).get(get_limits))
+        .route(
+            "/v1/aggregates/{aggregate_type}/{aggregate_id}",
+            post(execute).layer(DefaultBodyLimit::max(command_limit)).get(get_aggregate),
+        )
+        .route("/v1/aggregates/{aggregate_type}/{aggregate_id}/events", get(aggregate_events))
+        .route("/v1/events", get(list_events))
+        .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
+        .with_state(state)
+}
+
+/// The OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Meridian", description = "Commands, events and plugins of a Meridian region."),
+    paths(healthz, readyz, list_plugins, upload_plugin, get_plugin, set_limits, get_limits, execute, get_aggregate, aggregate_events, list_events),
+    components(schemas(ErrorBody, ErrorDetail, CommandBody, CommandResult, crate::executor::ResultEvent, StateBody, EventsPage, StoredEvent, PluginInfo, UploadResult, PluginDetail, SandboxLimits))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Response {
+    ([("content-type", "application/json")], ApiDoc::openapi().to_pretty_json().unwrap_or_default()).into_response()
+}
+
+/// Liveness: the process serves HTTP.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: migrations applied, plugins compiled, caught up; only then does the
+/// node take work.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "starting or draining")))]
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+/// Checks an aggregate type name: it becomes part of URLs and NATS subjects.
+pub fn validate_type(aggregate_type: &str) -> Result<(), ApiError> {
+    let ok = !aggregate_type.is_empty()
+        && aggregate_type.len() <= 64
+        && aggregate_type
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid aggregate type `{aggregate_type}`: use 1-64 characters of a-z, 0-9, `-` and `_`"
+        )))
+    }
+}
+
+/// Checks an aggregate id.
+pub fn validate_id(aggregate_id: &str) -> Result<(), ApiError> {
+    let ok = !aggregate_id.is_empty()
+        && aggregate_id.len() <= 200
+        && aggregate_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@+=".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid aggregate id `{aggregate_id}`: use 1-200 characters of A-Z, a-z, 0-9 and `-_.:@+=`"
+        )))
+    }
+}
+
+fn key(aggregate_type: String, aggregate_id: String) -> Result<AggregateKey, ApiError> {
+    validate_type(&aggregate_type)?;
+    validate_id(&aggregate_id)?;
+    Ok(AggregateKey {
+        aggregate_type,
+        aggregate_id,
+    })
+}
+
+/// The body of a command request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandBody {
+    /// The command, passed to the plugin as is, e.g. `{"type":"Deposit","amount":10}`.
+    #[schema(value_type = Object)]
+    pub command: Box<RawValue>,
+    /// Idempotency key: sending the same id again returns the first result.
+    pub command_id: Option<Uuid>,
+    /// Refuse with 409 unless the aggregate is at this version.
+    pub expected_version: Option<i64>,
+}
+
+/// Parses a command body with messages that say what to fix.
+pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
+    const SHAPE: &str = r#"send {"command": {...}, "command_id": "<uuid>" (optional), "expected_version": n (optional)}"#;
+    let parsed: CommandBody = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed command request: {e}; {SHAPE}")))?;
+    if !parsed.command.get().trim_start().starts_with('{') {
+        return Err(ApiError::bad_request(format!("`command` must be a JSON object; {SHAPE}")));
+    }
+    if parsed.expected_version.is_some_and(|v| v < 0) {
+        return Err(ApiError::bad_request("`expected_version` must be 0 or more"));
+    }
+    Ok(parsed)
+}
+
+/// Execute a command on an aggregate.
+#[utoipa::path(
+    post, path = "/v1/aggregates/{aggregate_type}/{aggregate_id}",
+    request_body = CommandBody,
+    params(("aggregate_type" = String, Path), ("aggregate_id" = String, Path)),
+    responses(
+        (status = 200, body = CommandResult, description = "events appended (or the stored result of a retried command id)"),
+        (status = 400, body = ErrorBody, description = "malformed request"),
+        (status = 404, body = ErrorBody, description = "unknown aggregate type"),
+        (status = 409, body = ErrorBody, description = "expected version does not match"),
+        (status = 413, body = ErrorBody, description = "body too large"),
+        (status = 422, body = ErrorBody, description = "the plugin rejected the command"),
+        (status = 500, body = ErrorBody, description = "the plugin failed"),
+        (status = 503, body = ErrorBody, description = "store unavailable or partition moving; retry"),
+    )
+)]
+async fn execute(
+    State(state): State<AppState>,
+    Path((aggregate_type, aggregate_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<CommandResult>, ApiError> {
+    let key = key(aggregate_type, aggregate_id)?;
+    let body = parse_command_body(&body)?;
+    let correlation_id = headers
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let command = Command {
+        key,
+        body: body.command,
+        command_id: body.command_id,
+        expected_version: body.expected_version,
+        correlation_id,
+        fence: None,
+    };
+    let aggregate_type = command.key.aggregate_type.clone();
+    let result = state.executor.execute(command).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(crate::executor::CommandError::Rejected(_)) => "rejected",
+        Err(_) => "error",
+    };
+    metrics::counter!("meridian_commands_total", "aggregate_type" => aggregate_type, "outcome" => outcome).increment(1);
+    Ok(Json(result?))
+}
+
+/// An aggregate's current state.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct StateBody {
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Its version.
+    pub version: i64,
+    /// The plugin version that computed the state.
+    pub plugin_version: i32,
+    /// The state as the plugin serialised it.
+    #[schema(value_type = Object)]
+    pub state: Box<RawValue>,
+}
+
+/// Read an aggregate's current state.
+#[utoipa::path(
+    get, path = "/v1/aggregates/{aggregate_type}/{aggregate_id}",
+    params(("aggregate_type" = String, Path), ("aggregate_id" = String, Path)),
+    responses((status = 200, body = StateBody), (status = 404, body = ErrorBody, description = "no such type, or the aggregate has no events"))
+)]
+async fn get_aggregate(
+    State(state): State<AppState>,
+    Path((aggregate_type, aggregate_id)): Path<(String, String)>,
+) -> Result<Json<StateBody>, ApiError> {
+    let key = key(aggregate_type, aggregate_id)?;
+    let current = state.executor.state(&key).await?;
+    if current.version == 0 {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_aggregate",
+            format!("{key} has no events yet"),
+        ));
+    }
+    let json = String::from_utf8(current.state)
+        .ok()
+        .and_then(|s| RawValue::from_string(s).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "plugin_invalid_output",
+                format!("the plugin's state for {key} is not JSON"),
+            )
+        })?;
+    Ok(Json(StateBody {
+        aggregate_type: key.aggregate_type,
+        aggregate_id: key.aggregate_id,
+        version: current.version,
+        plugin_version: current.plugin_version,
+        state: json,
+    }))
+}
+
+/// Query of an aggregate's events.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct AggregateEventsQuery {
+    /// Only events with a version above this.
+    #[serde(default)]
+    pub after_version: i64,
+    /// Most events to return (default 1000, at most 10000).
+    pub limit: Option<i64>,
+}
+
+/// A page of events.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EventsPage {
+    /// The events, in order.
+    pub events: Vec<StoredEvent>,
+    /// Pass as `after` (or `after_version`) to read the next page.
+    pub next: i64,
+}
+
+/// Read one aggregate's events in version order.
+#[utoipa::path(
+    get, path = "/v1/aggregates/{aggregate_type}/{aggregate_id}/events",
+    params(("aggregate_type" = String, Path), ("aggregate_id" = String, Path), AggregateEventsQuery),
+    responses((status = 200, body = EventsPage))
+)]
+async fn aggregate_events(
+    State(state): State<AppState>,
+    Path((aggregate_type, aggregate_id)): Path<(String, String)>,
+    Query(query): Query<AggregateEventsQuery>,
+) -> Result<Json<EventsPage>, ApiError> {
+    let key = key(aggregate_type, aggregate_id)?;
+    let limit = page_limit(query.limit)?;
+    let after = query.after_version.max(0);
+    let events = store::read::aggregate_events(&state.pool, &key, after + 1, after + limit).await?;
+    let next = events.last().map_or(after, |e| e.version);
+    Ok(Json(EventsPage { events, next }))
+}
+
+fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit {
+        None => Ok(1000),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_PAGE}, got {n}"))),
+    }
+}
+
+/// Query of the region's events.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct EventsQuery {
+    /// Resume after the event at this position (0 or absent: from the beginning).
+    #[serde(default)]
+    pub after: i64,
+    /// Most events to return (default 1000, at most 10000).
+    pub limit: Option<i64>,
+    /// Only this aggregate type.
+    pub aggregate_type: Option<String>,
+    /// Only this aggregate id.
+    pub aggregate_id: Option<String>,
+}
+
+/// Read the region's events in commit order.
+#[utoipa::path(
+    get, path = "/v1/events",
+    params(EventsQuery),
+    responses((status = 200, body = EventsPage), (status = 400, body = ErrorBody, description = "unknown position or bad limit"))
+)]
+async fn list_events(State(state): State<AppState>, Query(query): Query<EventsQuery>) -> Result<Json<EventsPage>, ApiError> {
+    let limit = page_limit(query.limit)?;
+    let filter = EventFilter {
+        aggregate_type: query.aggregate_type,
+        aggregate_id: query.aggregate_id,
+    };
+    let events = store::read::read_all(&state.pool, query.after, limit, &filter).await?;
+    let next = events.last().map_or(query.after.max(0), |e| e.position);
+    Ok(Json(EventsPage { events, next }))
+}
+
+/// The outcome of an upload.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct UploadResult {
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// The version these bytes have.
+    pub version: i32,
+    /// Hex sha256 of the component.
+    pub sha256: String,
+    /// Component size.
+    pub size_bytes: i64,
+    /// Schema version the plugin reports.
+    pub schema_version: i32,
+}
+
+/// Upload a plugin component (the raw `.wasm` bytes as the body).
+#[utoipa::path(
+    put, path = "/v1/plugins/{aggregate_type}",
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    params(("aggregate_type" = String, Path)),
+    responses(
+        (status = 201, body = UploadResult, description = "stored as a new version"),
+        (status = 200, body = UploadResult, description = "the same bytes as the newest version"),
+        (status = 400, body = ErrorBody, description = "not a component, forbidden import, wrong world or type"),
+        (status = 413, body = ErrorBody, description = "over the size cap"),
+    )
+)]
+async fn upload_plugin(
+    State(state): State<AppState>,
+    Path(aggregate_type): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<UploadResult>), ApiError> {
+    validate_type(&aggregate_type)?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty body: send the component bytes, e.g. `curl -T plugin.wasm`",
+        ));
+    }
+    let limits = store::plugins::limits(&state.pool, &aggregate_type).await?;
+    let runtime = state.executor.plugins().runtime().clone();
+    let bytes = body.clone();
+    let started = std::time::Instant::now();
+    tracing::info!(aggregate_type, size = body.len(), "validating uploaded plugin");
+    let validated = tokio::task::spawn_blocking(move || runtime.validate(&bytes, &limits))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| match e {
+            // A component that traps in `describe` is broken, not a server fault.
+            e @ (crate::runtime::PluginError::Trap { .. }
+            | crate::runtime::PluginError::DeadlineExceeded { .. }
+            | crate::runtime::PluginError::OutOfMemory { .. }) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "plugin_invalid", e.to_string())
+            }
+            e => e.into(),
+        })?;
+    if validated.aggregate_type != aggregate_type {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "type_mismatch",
+            format!(
+                "the component describes itself as `{}` but was uploaded as `{aggregate_type}`; upload it to /v1/plugins/{}",
+                validated.aggregate_type, validated.aggregate_type
+            ),
+        ));
+    }
+    let (info, created) =
+        store::plugins::store(&state.pool, &aggregate_type, &validated.sha256, validated.schema_version, &body).await?;
+    state.executor.plugins().invalidate(&aggregate_type);
+    tracing::info!(
+        aggregate_type,
+        version = info.version,
+        sha256 = %info.sha256,
+        created,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "plugin stored"
+    );
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((
+        status,
+        Json(UploadResult {
+            aggregate_type,
+            version: info.version,
+            sha256: info.sha256,
+            size_bytes: info.size_bytes,
+            schema_version: info.schema_version,
+        }),
+    ))
+}
+
+/// List the newest plugin of every aggregate type.
+#[utoipa::path(get, path = "/v1/plugins", responses((status = 200, body = Object)))]
+async fn list_plugins(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let plugins = store::plugins::list_latest(&state.pool).await?;
+    Ok(Json(serde_json::json!({ "plugins": plugins })))
+}
+
+/// One aggregate type's plugin versions and limits.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PluginDetail {
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// The version new commands run.
+    pub active_version: i32,
+    /// All versions, newest first.
+    pub versions: Vec<PluginInfo>,
+    /// The sandbox limits in force.
+    pub limits: SandboxLimits,
+}
+
+/// Show an aggregate type's plugin versions and limits.
+#[utoipa::path(
+    get, path = "/v1/plugins/{aggregate_type}",
+    params(("aggregate_type" = String, Path)),
+    responses((status = 200, body = PluginDetail), (status = 404, body = ErrorBody))
+)]
+async fn get_plugin(State(state): State<AppState>, Path(aggregate_type): Path<String>) -> Result<Json<PluginDetail>, ApiError> {
+    validate_type(&aggregate_type)?;
+    let versions = store::plugins::versions(&state.pool, &aggregate_type).await?;
+    let Some(active) = versions.first() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_aggregate_type",
+            format!("no plugin is uploaded for aggregate type `{aggregate_type}`"),
+        ));
+    };
+    let active_version = active.version;
+    let limits = store::plugins::limits(&state.pool, &aggregate_type).await?;
+    Ok(Json(PluginDetail {
+        aggregate_type,
+        active_version,
+        versions,
+        limits,
+    }))
+}
+
+/// Show the sandbox limits of an aggregate type.
+#[utoipa::path(get, path = "/v1/plugins/{aggregate_type}/limits", params(("aggregate_type" = String, Path)), responses((status = 200, body = SandboxLimits)))]
+async fn get_limits(State(state): State<AppState>, Path(aggregate_type): Path<String>) -> Result<Json<SandboxLimits>, ApiError> {
+    validate_type(&aggregate_type)?;
+    Ok(Json(store::plugins::limits(&state.pool, &aggregate_type).await?))
+}
+
+/// Set the sandbox limits of an aggregate type (missing fields take their defaults).
+#[utoipa::path(
+    put, path = "/v1/plugins/{aggregate_type}/limits",
+    request_body = SandboxLimits,
+    params(("aggregate_type" = String, Path)),
+    responses((status = 200, body = SandboxLimits), (status = 400, body = ErrorBody))
+)]
+async fn set_limits(
+    State(state): State<AppState>,
+    Path(aggregate_type): Path<String>,
+    body: Bytes,
+) -> Result<Json<SandboxLimits>, ApiError> {
+    validate_type(&aggregate_type)?;
+    let limits: SandboxLimits = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed limits: {e}")))?;
+    limits.validate().map_err(ApiError::bad_request)?;
+    store::plugins::set_limits(&state.pool, &aggregate_type, &limits).await?;
+    state.executor.plugins().invalidate(&aggregate_type);
+    Ok(Json(limits))
+}

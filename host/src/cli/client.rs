@@ -1,0 +1,238 @@
+//! Client commands: talk to a host over its HTTP API.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+/// Where the host is.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// URL of any host of the region.
+    #[arg(long, env = "MERIDIAN_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// Print JSON instead of text meant for people.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `meridian plugin ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum PluginCommand {
+    /// Upload a component for an aggregate type.
+    Upload {
+        /// Aggregate type, e.g. `bank-account`.
+        aggregate_type: String,
+        /// The component, e.g. `target/wasm32-wasip2/release/bank_account.wasm`.
+        file: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the newest plugin of every aggregate type.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// `meridian command <type> <id> <json>`
+#[derive(Debug, clap::Args)]
+pub struct CommandArgs {
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// The command as JSON, e.g. `{"type":"Deposit","amount":10}`.
+    pub command: String,
+    /// Idempotency key (a UUID); sending it again returns the first result.
+    #[arg(long)]
+    pub command_id: Option<uuid::Uuid>,
+    /// Refuse unless the aggregate is at this version.
+    #[arg(long)]
+    pub expected_version: Option<i64>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// `meridian events`
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Start after this position (0: from the beginning).
+    #[arg(long, default_value_t = 0)]
+    pub after: i64,
+    /// Events per page.
+    #[arg(long, default_value_t = 100)]
+    pub limit: i64,
+    /// Only this aggregate type.
+    #[arg(long = "type")]
+    pub aggregate_type: Option<String>,
+    /// Only this aggregate id.
+    #[arg(long = "id")]
+    pub aggregate_id: Option<String>,
+    /// Keep reading pages until there are no more.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(concat!("meridian-cli/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("HTTP client builds")
+}
+
+/// Sends a request and returns its JSON, turning API errors into readable messages.
+async fn send(request: reqwest::RequestBuilder, url: &str) -> anyhow::Result<(u16, Value)> {
+    let response = request.send().await.with_context(|| {
+        format!("cannot reach a Meridian host at {url}; is it running? (set --url or MERIDIAN_URL)")
+    })?;
+    let status = response.status().as_u16();
+    let body: Value = response
+        .json()
+        .await
+        .with_context(|| format!("the host at {url} answered {status} with a body that is not JSON"))?;
+    if status >= 400 {
+        let code = body["error"]["code"].as_str().unwrap_or("error");
+        let message = body["error"]["message"].as_str().unwrap_or("(no message)");
+        bail!("{status} {code}: {message}");
+    }
+    Ok((status, body))
+}
+
+fn print_json(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+/// Runs `meridian plugin ...`.
+pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
+    match command {
+        PluginCommand::Upload {
+            aggregate_type,
+            file,
+            target,
+        } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let size = bytes.len();
+            if !target.json {
+                eprintln!("uploading {} ({} bytes) as `{aggregate_type}`...", file.display(), size);
+            }
+            let url = format!("{}/v1/plugins/{aggregate_type}", target.url.trim_end_matches('/'));
+            let (status, body) = send(
+                client().put(&url).header("content-type", "application/wasm").body(bytes),
+                &target.url,
+            )
+            .await?;
+            if target.json {
+                print_json(&body);
+            } else {
+                let verb = if status == 201 { "stored as" } else { "unchanged, already" };
+                println!(
+                    "{aggregate_type}: {verb} version {}\n  size    {} bytes\n  sha256  {}",
+                    body["version"], body["size_bytes"], body["sha256"].as_str().unwrap_or("")
+                );
+            }
+        }
+        PluginCommand::List { target } => {
+            let url = format!("{}/v1/plugins", target.url.trim_end_matches('/'));
+            let (_, body) = send(client().get(&url), &target.url).await?;
+            if target.json {
+                print_json(&body);
+            } else {
+                let plugins = body["plugins"].as_array().cloned().unwrap_or_default();
+                if plugins.is_empty() {
+                    println!("no plugins uploaded yet; try `meridian plugin upload <type> <file.wasm>`");
+                }
+                println!("{:<24} {:>7} {:>10}  {:<16} uploaded", "TYPE", "VERSION", "SIZE", "SHA256");
+                for p in plugins {
+                    println!(
+                        "{:<24} {:>7} {:>10}  {:<16} {}",
+                        p["aggregate_type"].as_str().unwrap_or(""),
+                        p["version"],
+                        p["size_bytes"],
+                        &p["sha256"].as_str().unwrap_or("")[..16.min(p["sha256"].as_str().unwrap_or("").len())],
+                        p["uploaded_at"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `meridian command ...`.
+pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
+    let command: Value = serde_json::from_str(&args.command)
+        .with_context(|| format!("the command is not valid JSON: {}", args.command))?;
+    let mut body = serde_json::json!({ "command": command });
+    if let Some(id) = args.command_id {
+        body["command_id"] = Value::String(id.to_string());
+    }
+    if let Some(v) = args.expected_version {
+        body["expected_version"] = v.into();
+    }
+    let url = format!(
+        "{}/v1/aggregates/{}/{}",
+        args.target.url.trim_end_matches('/'),
+        args.aggregate_type,
+        args.aggregate_id
+    );
+    let (_, result) = send(client().post(&url).json(&body), &args.target.url).await?;
+    if args.target.json {
+        print_json(&result);
+    } else {
+        println!(
+            "{}/{} is now at version {}{}",
+            args.aggregate_type,
+            args.aggregate_id,
+            result["version"],
+            if result["duplicate"] == Value::Bool(true) { " (repeated command id: first result)" } else { "" }
+        );
+        for event in result["events"].as_array().into_iter().flatten() {
+            println!("  v{:<6} {} {}", event["version"], event["type"].as_str().unwrap_or(""), event["payload"]);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `meridian events`.
+pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
+    let mut after = args.after;
+    loop {
+        let mut query = vec![("after", after.to_string()), ("limit", args.limit.to_string())];
+        if let Some(t) = &args.aggregate_type {
+            query.push(("aggregate_type", t.clone()));
+        }
+        if let Some(id) = &args.aggregate_id {
+            query.push(("aggregate_id", id.clone()));
+        }
+        let url = format!("{}/v1/events", args.target.url.trim_end_matches('/'));
+        let (_, page) = send(client().get(&url).query(&query), &args.target.url).await?;
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        if args.target.json {
+            for event in &events {
+                println!("{event}");
+            }
+        } else {
+            for e in &events {
+                println!(
+                    "{:>8}  {}/{} v{}  {} {}",
+                    e["position"],
+                    e["aggregate_type"].as_str().unwrap_or(""),
+                    e["aggregate_id"].as_str().unwrap_or(""),
+                    e["version"],
+                    e["type"].as_str().unwrap_or(""),
+                    e["payload"]
+                );
+            }
+        }
+        after = page["next"].as_i64().unwrap_or(after);
+        if !args.all || events.is_empty() {
+            if !args.target.json && !events.is_empty() {
+                eprintln!("next page: --after {after}");
+            }
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! `meridian host`: the server.
+//!
+//! Start-up runs in a fixed order so that failures are cheap and clear: bind the HTTP
+//! port, connect to PostgreSQL and migrate, connect to NATS, then catch up (compile
+//! every plugin) and only then report ready. SIGTERM (or Ctrl-C) stops taking new
+//! requests, lets in-flight ones finish, and exits 0; a second signal exits at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use super::migrate::redact;
+use crate::api::{self, AppState};
+use crate::executor::{self, Executor, ExecutorConfig, PluginRegistry};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::store::{self, Committer, CommitterConfig};
+
+/// Arguments of `meridian host`. Every flag can also be set in the environment.
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    /// The region this host belongs to.
+    #[arg(long, env = "MERIDIAN_REGION", default_value = "local")]
+    pub region: String,
+    /// This node's id, unique within the region (default: `<hostname>-<port>`).
+    #[arg(long, env = "MERIDIAN_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Address to serve HTTP on.
+    #[arg(long, env = "MERIDIAN_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// PostgreSQL URL of the region's database.
+    #[arg(long, env = "MERIDIAN_DATABASE_URL")]
+    pub database_url: String,
+    /// NATS URL of the region's NATS (JetStream enabled, NATS >= 2.10).
+    #[arg(long, env = "MERIDIAN_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Database connections (the committer uses up to its worker count).
+    #[arg(long, env = "MERIDIAN_DB_CONNECTIONS", default_value_t = 16)]
+    pub db_connections: u32,
+    /// Append batches in flight at once.
+    #[arg(long, env = "MERIDIAN_COMMIT_WORKERS", default_value_t = 4)]
+    pub commit_workers: usize,
+    /// Aggregate states cached in memory.
+    #[arg(long, env = "MERIDIAN_CACHE_CAPACITY", default_value_t = executor::DEFAULT_CACHE_CAPACITY)]
+    pub cache_capacity: usize,
+    /// Snapshot an aggregate every N events (0: never).
+    #[arg(long, env = "MERIDIAN_SNAPSHOT_EVERY", default_value_t = executor::DEFAULT_SNAPSHOT_EVERY)]
+    pub snapshot_every: i64,
+    /// Directory for compiled plugins, so restarts skip compilation.
+    #[arg(long, env = "MERIDIAN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Largest command request body, in bytes.
+    #[arg(long, env = "MERIDIAN_MAX_COMMAND_BYTES", default_value_t = api::DEFAULT_MAX_COMMAND_BYTES)]
+    pub max_command_bytes: usize,
+    /// Largest plugin upload accepted by this host, in bytes (per-type limits apply too).
+    #[arg(long, env = "MERIDIAN_MAX_UPLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_upload_bytes: usize,
+    /// How long in-flight requests may take to finish after SIGTERM, in seconds.
+    #[arg(long, env = "MERIDIAN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+}
+
+/// Runs the host until it is told to stop.
+pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
+    let node_id = args.node_id.clone().unwrap_or_else(|| default_node_id(args.http_addr));
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
+    let local_addr = listener.local_addr()?;
+
+    let pool = store::connect(&store::DatabaseConfig {
+        url: args.database_url.clone(),
+        max_connections: args.db_connections.max(args.commit_workers as u32 + 2),
+    })
+    .await
+    .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(&args.database_url)))?;
+    store::migrate(&pool).await.context("applying migrations")?;
+
+    let _nats = match &args.nats_url {
+        Some(url) => Some(
+            async_nats::ConnectOptions::new()
+                .name(&format!("meridian-{node_id}"))
+                .connect(url)
+                .await
+                .with_context(|| format!("cannot connect to NATS at {url}"))?,
+        ),
+        None => None,
+    };
+
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: args.cache_dir.clone(),
+    })
+    .context("starting the plugin runtime")?;
+    let plugins = PluginRegistry::new(pool.clone(), runtime);
+    let committer = Committer::start(
+        pool.clone(),
+        CommitterConfig {
+            workers: args.commit_workers,
+            region: args.region.clone(),
+            node_id: node_id.clone(),
+            ..CommitterConfig::default()
+        },
+    );
+    let executor = Executor::new(
+        pool.clone(),
+        committer,
+        plugins.clone(),
+        ExecutorConfig {
+            cache_capacity: args.cache_capacity,
+            snapshot_every: args.snapshot_every,
+            region: args.region.clone(),
+            node_id: node_id.clone(),
+        },
+    );
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = AppState {
+        executor: executor.clone(),
+        pool: pool.clone(),
+        ready: ready.clone(),
+        node_id: node_id.clone(),
+        region: args.region.clone(),
+        max_command_bytes: args.max_command_bytes,
+        max_upload_bytes: args.max_upload_bytes,
+    };
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+
+    // Serve at once (health, readiness) but report ready only after catching up.
+    let app = api::router(state);
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+            .await
+    });
+    tracing::info!(%local_addr, node_id, region = %args.region, "listening");
+
+    let loaded = plugins.refresh().await.context("loading plugins")?;
+    ready.store(true, Ordering::Release);
+    tracing::info!(plugins = loaded, "ready");
+
+    // Uploads through other hosts of the region become visible here within seconds.
+    let refresher = {
+        let plugins = plugins.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(error) = plugins.refresh().await {
+                            tracing::warn!(%error, "plugin refresh failed");
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    shutdown.cancelled().await;
+    ready.store(false, Ordering::Release);
+    tracing::info!("draining: finishing in-flight requests");
+    let drained = tokio::time::timeout(Duration::from_secs(args.drain_timeout_secs), server).await;
+    refresher.abort();
+    match drained {
+        Ok(Ok(Ok(()))) => tracing::info!("stopped"),
+        Ok(Ok(Err(error))) => return Err(error).context("HTTP server"),
+        Ok(Err(error)) => return Err(error).context("HTTP server task"),
+        Err(_) => tracing::warn!("drain timed out; exiting with requests in flight"),
+    }
+    Ok(())
+}
+
+fn default_node_id(addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string());
+    format!("{host}-{}", addr.port())
+}
+
+/// First SIGTERM/SIGINT starts the drain; a second one exits immediately.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("shutdown signal received");
+        shutdown.cancel();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,57 @@
+//! The `meridian` command line: one file per command, each with an `execute` function.
+
+mod client;
+mod host;
+mod migrate;
+
+use clap::{Parser, Subcommand};
+
+/// Meridian: run aggregates as sandboxed WASM components, store their events in
+/// PostgreSQL, and relay them across regions.
+#[derive(Debug, Parser)]
+#[command(name = "meridian", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Run a host: serve the HTTP API and execute commands.
+    Host(host::HostArgs),
+    /// Apply database migrations and exit.
+    Migrate(migrate::MigrateArgs),
+    /// Upload and list plugins.
+    #[command(subcommand)]
+    Plugin(client::PluginCommand),
+    /// Send a command to an aggregate, e.g. `meridian command bank-account acc-1 '{"type":"Open","owner":"alice"}'`.
+    Command(client::CommandArgs),
+    /// Page through the region's events.
+    Events(client::EventsArgs),
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Commands::Host(args) => host::execute(args).await,
+        Commands::Migrate(args) => migrate::execute(args).await,
+        Commands::Plugin(command) => client::plugin(command).await,
+        Commands::Command(args) => client::command(args).await,
+        Commands::Events(args) => client::events(args).await,
+    }
+}
+
+/// Sets up logging: `RUST_LOG` style filter from `MERIDIAN_LOG` (default `info`),
+/// JSON lines when `MERIDIAN_LOG_FORMAT=json`.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MERIDIAN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("MERIDIAN_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,478 @@
+//! The command path: load an aggregate, decide events with its plugin, append them.
+//!
+//! Commands for one aggregate run one at a time: each cached aggregate has an async
+//! mutex that a command holds from reading the state to storing the events, so the
+//! state it decided on is still the state when its events land. Commands for different
+//! aggregates run concurrently, and their appends meet in the group committer.
+//!
+//! States are cached (bounded, least recently used first out). The cache is a
+//! performance device, never the truth: every append still names the version it was
+//! decided on, and a conflict (someone else wrote) drops the cached state and decides
+//! again on a fresh load, up to [`MAX_CONFLICT_RETRIES`] times.
+
+mod cache;
+pub mod plugins;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::runtime::{Plugin, PluginError};
+use crate::store::{self, AggregateKey, AppendOutcome, AppendRequest, Committer, Fence, NewEvent, StoreError};
+use cache::{AggregateCache, Loaded};
+pub use plugins::{PluginRegistry, RegistryError};
+
+/// How often a conflicting command is decided again before giving up.
+pub const MAX_CONFLICT_RETRIES: usize = 3;
+
+/// Default number of aggregate states kept in memory per host.
+pub const DEFAULT_CACHE_CAPACITY: usize = 100_000;
+
+/// Default number of events between snapshots of an aggregate.
+pub const DEFAULT_SNAPSHOT_EVERY: i64 = 100;
+
+/// Events read per page when loading a long history.
+const LOAD_PAGE: i64 = 10_000;
+
+/// Executor settings.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Aggregate states kept in memory.
+    pub cache_capacity: usize,
+    /// Snapshot an aggregate every this many events.
+    pub snapshot_every: i64,
+    /// This host's region, recorded in event metadata.
+    pub region: String,
+    /// This host's node id, recorded in event metadata.
+    pub node_id: String,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self {
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
+            region: "local".into(),
+            node_id: "node".into(),
+        }
+    }
+}
+
+/// A command to execute.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// Which aggregate.
+    pub key: AggregateKey,
+    /// The command JSON, passed to the plugin as is.
+    pub body: Box<RawValue>,
+    /// Idempotency key: the same id again returns the first result and writes nothing.
+    pub command_id: Option<Uuid>,
+    /// Refuse unless the aggregate is at this version.
+    pub expected_version: Option<i64>,
+    /// Correlation id recorded in event metadata (e.g. the caller's trace id).
+    pub correlation_id: Option<String>,
+    /// The partition epoch this node executes under, when clustered.
+    pub fence: Option<Fence>,
+}
+
+/// One event in a command's result.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ResultEvent {
+    /// Event id (UUID v7).
+    pub event_id: Uuid,
+    /// Per-aggregate version.
+    pub version: i64,
+    /// Event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Payload as decided by the plugin.
+    #[schema(value_type = Object)]
+    pub payload: Box<RawValue>,
+}
+
+/// A command's result: the aggregate's version after it and the events it appended.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct CommandResult {
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// The aggregate's version after the command.
+    pub version: i64,
+    /// Events the command appended (empty if it decided none).
+    pub events: Vec<ResultEvent>,
+    /// True when this is the stored result of an earlier run of the same command id.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+    /// The node that executed the command.
+    pub executed_by: String,
+}
+
+/// Why a command did not produce a result.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The plugin rejected the command; its message.
+    #[error("{0}")]
+    Rejected(String),
+    /// `expected_version` did not match.
+    #[error("expected version {expected}, but {aggregate} is at version {actual}")]
+    WrongVersion {
+        /// `type/id`.
+        aggregate: String,
+        /// What the caller expected.
+        expected: i64,
+        /// The actual version.
+        actual: i64,
+    },
+    /// Kept conflicting with concurrent writers.
+    #[error(transparent)]
+    Conflict(StoreError),
+    /// The node lost the aggregate's partition.
+    #[error(transparent)]
+    Fenced(StoreError),
+    /// The command id was used for another aggregate.
+    #[error(transparent)]
+    CommandIdReused(StoreError),
+    /// Unknown type or plugin load failure.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The plugin failed (trap, deadline, memory, bad output).
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for CommandError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Conflict { .. } => CommandError::Conflict(error),
+            StoreError::Fenced { .. } => CommandError::Fenced(error),
+            StoreError::CommandIdReused { .. } => CommandError::CommandIdReused(error),
+            other => CommandError::Store(other),
+        }
+    }
+}
+
+/// An aggregate's current state.
+#[derive(Debug, Clone)]
+pub struct AggregateState {
+    /// Its version (0: no events).
+    pub version: i64,
+    /// The state bytes (JSON) as the plugin produced them.
+    pub state: Vec<u8>,
+    /// The plugin version that produced them.
+    pub plugin_version: i32,
+}
+
+/// Executes commands. Cheap to clone.
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    committer: Committer,
+    plugins: PluginRegistry,
+    cache: AggregateCache,
+    config: ExecutorConfig,
+}
+
+impl Executor {
+    /// Builds an executor over the store, committer and plugins.
+    pub fn new(pool: PgPool, committer: Committer, plugins: PluginRegistry, config: ExecutorConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                committer,
+                plugins,
+                cache: AggregateCache::new(config.cache_capacity),
+                config,
+            }),
+        }
+    }
+
+    /// The plugin registry.
+    pub fn plugins(&self) -> &PluginRegistry {
+        &self.inner.plugins
+    }
+
+    /// Number of aggregate states cached.
+    pub fn cached_aggregates(&self) -> usize {
+        self.inner.cache.len()
+    }
+
+    /// Drops cached states of aggregates matching `predicate` (e.g. of a partition this
+    /// node no longer owns).
+    pub fn evict(&self, predicate: impl Fn(&AggregateKey) -> bool) {
+        self.inner.cache.retain(|key| !predicate(key));
+    }
+
+    /// Executes one command.
+    pub async fn execute(&self, command: Command) -> Result<CommandResult, CommandError> {
+        let plugin = self.inner.plugins.get(&command.key.aggregate_type).await?;
+        let slot = self.inner.cache.slot(&command.key);
+        let mut guard = slot.lock().await;
+        let mut attempt = 0;
+        loop {
+            let loaded = match guard.take() {
+                Some(loaded) if loaded.plugin_version == plugin.version() => loaded,
+                _ => self.load(&plugin, &command.key).await?,
+            };
+            match self.decide_and_append(&plugin, &command, &loaded).await {
+                Ok((result, next)) => {
+                    *guard = Some(next.unwrap_or(loaded));
+                    return Ok(result);
+                }
+                // Someone else wrote: the cached state is stale. Decide again on fresh
+                // state, unless the caller pinned a version.
+                Err(CommandError::Conflict(_)) if command.expected_version.is_none() && attempt < MAX_CONFLICT_RETRIES => {
+                    attempt += 1;
+                    metrics::counter!("meridian_append_conflicts_total").increment(1);
+                    tracing::debug!(aggregate = %command.key, attempt, "version conflict; reloading");
+                }
+                Err(CommandError::Conflict(error)) => {
+                    return Err(match error {
+                        StoreError::Conflict { aggregate, expected, actual } if command.expected_version.is_some() => {
+                            CommandError::WrongVersion { aggregate, expected, actual }
+                        }
+                        other => CommandError::Conflict(other),
+                    });
+                }
+                Err(other) => {
+                    // Unknown whether the state is current (e.g. the database failed
+                    // mid-append): load it afresh next time.
+                    if !matches!(other, CommandError::Rejected(_) | CommandError::WrongVersion { .. }) {
+                        return Err(other);
+                    }
+                    *guard = Some(loaded);
+                    return Err(other);
+                }
+            }
+        }
+    }
+
+    /// Decides and appends. On success returns the result and the new cached state
+    /// (`None`: unchanged).
+    async fn decide_and_append(
+        &self,
+        plugin: &Plugin,
+        command: &Command,
+        loaded: &Loaded,
+    ) -> Result<(CommandResult, Option<Loaded>), CommandError> {
+        if let Some(expected) = command.expected_version {
+            if expected != loaded.version {
+                // A retry of a command that already ran gets its first result, not a
+                // conflict caused by itself.
+                if let Some(id) = command.command_id {
+                    if let Some(result) = self.stored_result(id, &command.key).await? {
+                        return Ok((result, None));
+                    }
+                }
+                return Err(CommandError::WrongVersion {
+                    aggregate: command.key.to_string(),
+                    expected,
+                    actual: loaded.version,
+                });
+            }
+        }
+
+        let started = std::time::Instant::now();
+        let decided = plugin.handle(&loaded.state, command.body.get().as_bytes())?;
+        let decided = decided.map_err(CommandError::Rejected)?;
+        let mut state = loaded.state.clone();
+        for event in &decided {
+            state = plugin.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
+        }
+        metrics::histogram!("meridian_plugin_seconds", "aggregate_type" => command.key.aggregate_type.clone())
+            .record(started.elapsed().as_secs_f64());
+
+        let metadata = serde_json::json!({
+            "command_id": command.command_id,
+            "plugin_version": plugin.version(),
+            "origin_region": self.inner.config.region,
+            "node_id": self.inner.config.node_id,
+            "causation_id": command.command_id,
+            "correlation_id": command.correlation_id,
+        });
+        let metadata = serde_json::value::to_raw_value(&metadata).expect("metadata serialises");
+        let events: Vec<NewEvent> = decided
+            .into_iter()
+            .map(|e| NewEvent {
+                event_id: Uuid::now_v7(),
+                event_type: e.event_type,
+                payload: e.payload,
+                metadata: metadata.clone(),
+            })
+            .collect();
+        let request = AppendRequest {
+            aggregate_type: command.key.aggregate_type.clone(),
+            aggregate_id: command.key.aggregate_id.clone(),
+            expected_version: loaded.version,
+            events,
+            command_id: command.command_id,
+            fence: command.fence,
+        };
+        let event_meta: Vec<(Uuid, String, Box<RawValue>)> = request
+            .events
+            .iter()
+            .map(|e| (e.event_id, e.event_type.clone(), e.payload.clone()))
+            .collect();
+        match self.inner.committer.append(request).await? {
+            AppendOutcome::Appended { first_version, last_version } => {
+                let next = Loaded {
+                    version: last_version,
+                    state,
+                    plugin_version: plugin.version(),
+                };
+                self.maybe_snapshot(&command.key, loaded.version, &next);
+                let events = event_meta
+                    .into_iter()
+                    .zip(first_version..)
+                    .map(|((event_id, event_type, payload), version)| ResultEvent {
+                        event_id,
+                        version,
+                        event_type,
+                        payload,
+                    })
+                    .collect();
+                Ok((
+                    CommandResult {
+                        aggregate_type: command.key.aggregate_type.clone(),
+                        aggregate_id: command.key.aggregate_id.clone(),
+                        version: last_version,
+                        events,
+                        duplicate: false,
+                        executed_by: self.inner.config.node_id.clone(),
+                    },
+                    Some(next),
+                ))
+            }
+            AppendOutcome::Duplicate { first_version, last_version } => {
+                let result = self.result_from_store(&command.key, first_version, last_version).await?;
+                Ok((result, None))
+            }
+        }
+    }
+
+    async fn stored_result(&self, command_id: Uuid, key: &AggregateKey) -> Result<Option<CommandResult>, CommandError> {
+        match store::read::command_result(&self.inner.pool, command_id).await? {
+            Some((stored_key, first, last)) if &stored_key == key => {
+                Ok(Some(self.result_from_store(key, first, last).await?))
+            }
+            Some((stored_key, ..)) => Err(CommandError::CommandIdReused(StoreError::CommandIdReused {
+                command_id,
+                used_for: stored_key.to_string(),
+            })),
+            None => Ok(None),
+        }
+    }
+
+    async fn result_from_store(&self, key: &AggregateKey, first: i64, last: i64) -> Result<CommandResult, CommandError> {
+        let stored = store::read::aggregate_events(&self.inner.pool, key, first, last).await?;
+        Ok(CommandResult {
+            aggregate_type: key.aggregate_type.clone(),
+            aggregate_id: key.aggregate_id.clone(),
+            version: last.max(first - 1),
+            events: stored
+                .into_iter()
+                .map(|e| ResultEvent {
+                    event_id: e.event_id,
+                    version: e.version,
+                    event_type: e.event_type,
+                    payload: e.payload,
+                })
+                .collect(),
+            duplicate: true,
+            executed_by: self.inner.config.node_id.clone(),
+        })
+    }
+
+    /// Writes a snapshot in the background when the append crossed a multiple of
+    /// `snapshot_every`; a lost snapshot only costs a longer replay later.
+    fn maybe_snapshot(&self, key: &AggregateKey, before: i64, after: &Loaded) {
+        let every = self.inner.config.snapshot_every;
+        if every <= 0 || before / every == after.version / every {
+            return;
+        }
+        let pool = self.inner.pool.clone();
+        let key = key.clone();
+        let snapshot = store::read::Snapshot {
+            version: after.version,
+            plugin_version: after.plugin_version,
+            state: after.state.clone(),
+        };
+        tokio::spawn(async move {
+            if let Err(error) = store::read::save_snapshot(&pool, &key, &snapshot).await {
+                tracing::warn!(aggregate = %key, %error, "snapshot not saved");
+            }
+        });
+    }
+
+    /// Loads an aggregate from its newest usable snapshot and the events after it.
+    async fn load(&self, plugin: &Plugin, key: &AggregateKey) -> Result<Loaded, CommandError> {
+        let pool = &self.inner.pool;
+        let snapshot = store::read::snapshot(pool, key, plugin.version()).await?;
+        let (mut version, mut state) = match snapshot {
+            Some(s) => (s.version, s.state),
+            None => (0, Vec::new()),
+        };
+        let started = std::time::Instant::now();
+        let mut replayed = 0u64;
+        loop {
+            let page = store::read::aggregate_events(pool, key, version + 1, version + LOAD_PAGE).await?;
+            let done = (page.len() as i64) < LOAD_PAGE;
+            for event in &page {
+                state = plugin.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
+                version = event.version;
+            }
+            replayed += page.len() as u64;
+            if !done {
+                tracing::info!(aggregate = %key, replayed, version, "replaying a long history");
+            }
+            if done {
+                break;
+            }
+        }
+        if replayed >= LOAD_PAGE as u64 {
+            tracing::info!(
+                aggregate = %key,
+                replayed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "replay finished"
+            );
+        }
+        metrics::counter!("meridian_aggregate_loads_total").increment(1);
+        Ok(Loaded {
+            version,
+            state,
+            plugin_version: plugin.version(),
+        })
+    }
+
+    /// The aggregate's current state, loading it if it is not cached.
+    pub async fn state(&self, key: &AggregateKey) -> Result<AggregateState, CommandError> {
+        let plugin = self.inner.plugins.get(&key.aggregate_type).await?;
+        let slot = self.inner.cache.slot(key);
+        let mut guard = slot.lock().await;
+        let loaded = match guard.take() {
+            Some(loaded) if loaded.plugin_version == plugin.version() => {
+                metrics::counter!("meridian_cache_hits_total").increment(1);
+                loaded
+            }
+            _ => self.load(&plugin, key).await?,
+        };
+        let state = AggregateState {
+            version: loaded.version,
+            state: loaded.state.clone(),
+            plugin_version: loaded.plugin_version,
+        };
+        *guard = Some(loaded);
+        Ok(state)
+    }
+}

@@ -1,0 +1,6 @@
+//! Meridian host library.
+pub mod api;
+pub mod cli;
+pub mod executor;
+pub mod runtime;
+pub mod store;

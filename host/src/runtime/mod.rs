@@ -1,0 +1,551 @@
+//! The plugin runtime: runs aggregate components in a wasmtime sandbox.
+//!
+//! One [`Runtime`] per host holds the wasmtime `Engine` and `Linker`. Each uploaded
+//! plugin version is compiled once (and cached on disk, keyed by its sha256 and the
+//! engine's compatibility hash, so a restart does not recompile) into a [`Plugin`]
+//! holding an `InstancePre`. Calls borrow an idle instance from the plugin's small pool
+//! and return it afterwards, because instantiating costs ~30× more than a call; an
+//! instance that trapped is dropped, never reused.
+//!
+//! Every call runs under the plugin's [`SandboxLimits`]: an epoch deadline, a
+//! linear-memory cap, and caps on what it may return. A failing call fails only the
+//! command that made it; the host and other aggregates carry on.
+//!
+//! Instances are reused, so a plugin *could* keep hidden state in globals between
+//! calls. Nothing in the SDK does; the docs tell authors not to, and instances are
+//! recycled every [`INSTANCE_MAX_CALLS`] calls so such state cannot live long.
+
+mod limits;
+mod sandbox;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, types::ComponentItem};
+use wasmtime::{Config, Engine, Store, Trap};
+
+pub use limits::*;
+pub use sandbox::{ALLOWED_IMPORT_PREFIXES, FIXED_WALL_CLOCK_SECS};
+use sandbox::GuestState;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../guest-sdk/wit",
+        world: "aggregate",
+    });
+}
+
+use bindings::meridian::aggregate::types::Event as WitEvent;
+
+/// The WIT package plugins must implement.
+pub const WIT_PACKAGE: &str = "meridian:aggregate@0.1.0";
+
+/// Calls after which an instance is replaced by a fresh one.
+pub const INSTANCE_MAX_CALLS: u32 = 10_000;
+
+/// Idle instances kept per plugin version; more are created under load and dropped.
+const MAX_IDLE_INSTANCES: usize = 64;
+
+/// Errors from compiling, validating or calling a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The bytes are not a WebAssembly component (or not a valid one).
+    #[error(
+        "not a valid WebAssembly component: {0}; build it with `cargo build --release --target wasm32-wasip2`"
+    )]
+    NotAComponent(String),
+    /// The component imports something the sandbox does not provide.
+    #[error(
+        "component imports `{0}`, which Meridian does not provide; plugins may import only WASI io, cli, clocks, random and filesystem, served without capabilities"
+    )]
+    ForbiddenImport(String),
+    /// The component does not have the exports of the aggregate world.
+    #[error("component does not implement the {WIT_PACKAGE} `aggregate` world: {0}")]
+    WrongWorld(String),
+    /// The component is larger than the aggregate type allows.
+    #[error("component is {size} bytes, over the {limit} byte limit for this aggregate type")]
+    TooLarge {
+        /// Size of the upload.
+        size: u64,
+        /// The limit in force.
+        limit: u64,
+    },
+    /// The call ran past its CPU deadline and was interrupted.
+    #[error("plugin {plugin} exceeded its {deadline_ms} ms CPU deadline in `{call}`")]
+    DeadlineExceeded {
+        /// `type@vN`.
+        plugin: String,
+        /// Which export.
+        call: &'static str,
+        /// The deadline in force.
+        deadline_ms: u64,
+    },
+    /// The call tried to grow memory past the cap.
+    #[error("plugin {plugin} ran out of memory in `{call}` (cap {limit} bytes)")]
+    OutOfMemory {
+        /// `type@vN`.
+        plugin: String,
+        /// Which export.
+        call: &'static str,
+        /// The cap in force.
+        limit: u64,
+    },
+    /// The guest trapped (a panic, `unreachable`, a bad memory access, ...).
+    #[error("plugin {plugin} trapped in `{call}`: {message}")]
+    Trap {
+        /// `type@vN`.
+        plugin: String,
+        /// Which export.
+        call: &'static str,
+        /// The trap and its guest backtrace, if any.
+        message: String,
+    },
+    /// The call returned more than the caps allow, or output the host cannot use.
+    #[error("plugin {plugin} returned invalid output from `{call}`: {message}")]
+    InvalidOutput {
+        /// `type@vN`.
+        plugin: String,
+        /// Which export.
+        call: &'static str,
+        /// What was wrong.
+        message: String,
+    },
+    /// `apply` refused an event.
+    #[error("plugin {plugin} could not apply event `{event_type}`: {message}")]
+    ApplyFailed {
+        /// `type@vN`.
+        plugin: String,
+        /// The event's type.
+        event_type: String,
+        /// The plugin's message.
+        message: String,
+    },
+    /// The runtime itself failed (e.g. could not create an instance).
+    #[error("plugin runtime: {0}")]
+    Internal(String),
+}
+
+/// Host-wide runtime settings.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached between restarts; `None` disables it.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The wasmtime engine, linker and compile cache shared by all plugins.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+struct RuntimeInner {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    cache_dir: Option<PathBuf>,
+    /// Distinguishes cache entries of incompatible engine builds.
+    engine_hash: String,
+}
+
+/// What an uploaded component says about itself, after validation.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// Hex sha256 of the component bytes.
+    pub sha256: String,
+    /// The aggregate type from `describe`.
+    pub aggregate_type: String,
+    /// The schema version from `describe`.
+    pub schema_version: u32,
+}
+
+/// One event returned by `handle`.
+#[derive(Debug, Clone)]
+pub struct DecidedEvent {
+    /// The event type name.
+    pub event_type: String,
+    /// The JSON payload, already checked to be valid JSON.
+    pub payload: Box<serde_json::value::RawValue>,
+}
+
+impl Runtime {
+    /// Creates the engine and starts the epoch ticker that enforces deadlines.
+    pub fn new(config: RuntimeConfig) -> Result<Self, PluginError> {
+        let mut wasm_config = Config::new();
+        wasm_config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            // A deep recursion in a guest must trap, not take the host thread's stack.
+            .max_wasm_stack(1024 * 1024);
+        let engine = Engine::new(&wasm_config).map_err(|e| PluginError::Internal(e.to_string()))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| PluginError::Internal(e.to_string()))?;
+
+        let engine_hash = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut hasher);
+            format!("{:016x}", hasher.finish())
+        };
+
+        // The ticker holds only a weak reference, so it ends when the engine is dropped.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("meridian-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| PluginError::Internal(format!("starting the epoch ticker: {e}")))?;
+
+        if let Some(dir) = &config.cache_dir {
+            if let Err(error) = std::fs::create_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), %error, "cannot create the component cache; compiling on every start");
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                cache_dir: config.cache_dir,
+                engine_hash,
+            }),
+        })
+    }
+
+    /// Checks an upload: size, that it is a component, its imports, its exports, and
+    /// what `describe` says. Compiles it (and caches the result) on the way.
+    pub fn validate(&self, bytes: &[u8], limits: &SandboxLimits) -> Result<Validated, PluginError> {
+        if bytes.len() as u64 > limits.max_component_bytes {
+            return Err(PluginError::TooLarge {
+                size: bytes.len() as u64,
+                limit: limits.max_component_bytes,
+            });
+        }
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let plugin = self.compile("(upload)", 0, &sha256, bytes, *limits)?;
+        let description = plugin.describe()?;
+        Ok(Validated {
+            sha256,
+            aggregate_type: description.0,
+            schema_version: description.1,
+        })
+    }
+
+    /// Compiles (or loads from the cache) one plugin version, ready to call.
+    pub fn load(
+        &self,
+        aggregate_type: &str,
+        version: i32,
+        sha256: &str,
+        bytes: &[u8],
+        limits: SandboxLimits,
+    ) -> Result<Plugin, PluginError> {
+        self.compile(aggregate_type, version, sha256, bytes, limits)
+    }
+
+    fn compile(
+        &self,
+        aggregate_type: &str,
+        version: i32,
+        sha256: &str,
+        bytes: &[u8],
+        limits: SandboxLimits,
+    ) -> Result<Plugin, PluginError> {
+        let started = std::time::Instant::now();
+        let (component, from_cache) = self.compile_cached(sha256, bytes)?;
+
+        let imports: Vec<String> = component
+            .component_type()
+            .imports(&self.inner.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        if let Some(name) = sandbox::forbidden_import(imports.iter().map(String::as_str)) {
+            return Err(PluginError::ForbiddenImport(name.to_string()));
+        }
+        for required in ["describe", "handle", "apply"] {
+            let found = component
+                .component_type()
+                .exports(&self.inner.engine)
+                .any(|(name, item)| name == required && matches!(item.ty, ComponentItem::ComponentFunc(_)));
+            if !found {
+                return Err(PluginError::WrongWorld(format!(
+                    "missing export `{required}`"
+                )));
+            }
+        }
+        let instance_pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
+        let pre = bindings::AggregatePre::new(instance_pre)
+            .map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
+        tracing::debug!(
+            plugin = %format!("{aggregate_type}@v{version}"),
+            sha256,
+            from_cache,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "plugin compiled"
+        );
+        Ok(Plugin {
+            inner: Arc::new(PluginInner {
+                name: format!("{aggregate_type}@v{version}"),
+                version,
+                engine: self.inner.engine.clone(),
+                pre,
+                limits,
+                idle: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    fn compile_cached(&self, sha256: &str, bytes: &[u8]) -> Result<(Component, bool), PluginError> {
+        let engine = &self.inner.engine;
+        let cache_path = self
+            .inner
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{sha256}-{}.cwasm", self.inner.engine_hash)));
+        if let Some(path) = &cache_path {
+            if path.exists() {
+                // SAFETY: `deserialize_file` trusts its input to be wasmtime's own output.
+                // The cache directory is written only by this function, under a name
+                // that includes the source's sha256 and the engine's compatibility hash,
+                // and a file that fails to load is recompiled and overwritten.
+                #[allow(unsafe_code)]
+                let loaded = unsafe { Component::deserialize_file(engine, path) };
+                match loaded {
+                    Ok(component) => return Ok((component, true)),
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), %error, "ignoring unusable cached component")
+                    }
+                }
+            }
+        }
+        let component = Component::from_binary(engine, bytes)
+            .map_err(|e| PluginError::NotAComponent(first_line(&format!("{e:#}"))))?;
+        if let Some(path) = &cache_path {
+            match component.serialize() {
+                Ok(compiled) => {
+                    // Write then rename, so a crash never leaves a torn file behind.
+                    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                    if std::fs::write(&tmp, compiled).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+                        let _ = std::fs::remove_file(&tmp);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot serialise compiled component"),
+            }
+        }
+        Ok((component, false))
+    }
+}
+
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or(message).to_string()
+}
+
+/// One compiled plugin version with its pool of instances. Cheap to clone.
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<PluginInner>,
+}
+
+struct PluginInner {
+    name: String,
+    version: i32,
+    engine: Engine,
+    pre: bindings::AggregatePre<GuestState>,
+    limits: SandboxLimits,
+    idle: Mutex<Vec<Instance>>,
+}
+
+struct Instance {
+    store: Store<GuestState>,
+    bindings: bindings::Aggregate,
+    calls: u32,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.inner.name).finish()
+    }
+}
+
+impl Plugin {
+    /// `type@vN`, for messages.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The plugin version number.
+    pub fn version(&self) -> i32 {
+        self.inner.version
+    }
+
+    /// The limits this plugin runs under.
+    pub fn limits(&self) -> &SandboxLimits {
+        &self.inner.limits
+    }
+
+    /// Calls `describe`: the aggregate type and schema version.
+    pub fn describe(&self) -> Result<(String, u32), PluginError> {
+        self.call("describe", |store, guest| {
+            let d = guest.call_describe(store)?;
+            Ok((d.aggregate_type, d.schema_version))
+        })
+    }
+
+    /// Calls `handle`. The outer error is a plugin fault; the inner one is the plugin's
+    /// rejection message.
+    pub fn handle(&self, state: &[u8], command: &[u8]) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
+        let result = self.call("handle", |store, guest| guest.call_handle(store, state, command))?;
+        let events = match result {
+            Ok(events) => events,
+            Err(rejection) => return Ok(Err(rejection.message)),
+        };
+        let limits = &self.inner.limits;
+        if events.len() > limits.max_events_per_call as usize {
+            return Err(self.invalid("handle", format!(
+                "{} events, over the limit of {}",
+                events.len(),
+                limits.max_events_per_call
+            )));
+        }
+        let total: usize = events.iter().map(|e| e.payload.len() + e.event_type.len()).sum();
+        if total as u64 > limits.max_output_bytes {
+            return Err(self.invalid("handle", format!(
+                "{total} bytes of events, over the limit of {}",
+                limits.max_output_bytes
+            )));
+        }
+        events
+            .into_iter()
+            .map(|WitEvent { event_type, payload }| {
+                if event_type.is_empty() {
+                    return Err(self.invalid("handle", "an event with an empty type".into()));
+                }
+                let payload = String::from_utf8(payload)
+                    .map_err(|_| self.invalid("handle", format!("event `{event_type}` payload is not UTF-8")))?;
+                let payload = serde_json::value::RawValue::from_string(payload).map_err(|e| {
+                    self.invalid("handle", format!("event `{event_type}` payload is not JSON: {e}"))
+                })?;
+                Ok(DecidedEvent { event_type, payload })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Ok)
+    }
+
+    /// Calls `apply` and returns the new state bytes.
+    pub fn apply(&self, state: &[u8], event_type: &str, payload: &[u8]) -> Result<Vec<u8>, PluginError> {
+        let event = WitEvent {
+            event_type: event_type.to_string(),
+            payload: payload.to_vec(),
+        };
+        let result = self.call("apply", |store, guest| guest.call_apply(store, state, &event))?;
+        let state = result.map_err(|message| PluginError::ApplyFailed {
+            plugin: self.inner.name.clone(),
+            event_type: event_type.to_string(),
+            message,
+        })?;
+        if state.len() as u64 > self.inner.limits.max_output_bytes {
+            return Err(self.invalid("apply", format!(
+                "a state of {} bytes, over the limit of {}",
+                state.len(),
+                self.inner.limits.max_output_bytes
+            )));
+        }
+        Ok(state)
+    }
+
+    fn invalid(&self, call: &'static str, message: String) -> PluginError {
+        PluginError::InvalidOutput {
+            plugin: self.inner.name.clone(),
+            call,
+            message,
+        }
+    }
+
+    fn call<R>(
+        &self,
+        call: &'static str,
+        f: impl FnOnce(&mut Store<GuestState>, &bindings::Aggregate) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
+        let mut instance = match self.inner.idle.lock().expect("instance pool poisoned").pop() {
+            Some(instance) => instance,
+            None => self.instantiate()?,
+        };
+        instance.store.data_mut().reset_for_call();
+        instance.store.set_epoch_deadline(self.inner.limits.deadline_ticks());
+        match f(&mut instance.store, &instance.bindings) {
+            Ok(value) => {
+                instance.calls += 1;
+                if instance.calls < INSTANCE_MAX_CALLS {
+                    let mut idle = self.inner.idle.lock().expect("instance pool poisoned");
+                    if idle.len() < MAX_IDLE_INSTANCES {
+                        idle.push(instance);
+                    }
+                }
+                Ok(value)
+            }
+            // The instance is dropped here: after a trap its memory may be inconsistent.
+            Err(error) => Err(self.classify(call, &instance, error)),
+        }
+    }
+
+    fn classify(&self, call: &'static str, instance: &Instance, error: wasmtime::Error) -> PluginError {
+        let plugin = self.inner.name.clone();
+        if instance.store.data().limiter.exceeded.load(Ordering::Relaxed) {
+            return PluginError::OutOfMemory {
+                plugin,
+                call,
+                limit: self.inner.limits.memory_bytes,
+            };
+        }
+        if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+            return PluginError::DeadlineExceeded {
+                plugin,
+                call,
+                deadline_ms: self.inner.limits.deadline_ms,
+            };
+        }
+        PluginError::Trap {
+            plugin,
+            call,
+            message: format!("{error:#}"),
+        }
+    }
+
+    fn instantiate(&self) -> Result<Instance, PluginError> {
+        let mut store = Store::new(&self.inner.engine, GuestState::new(self.inner.limits.memory_bytes));
+        store.limiter(|state| &mut state.limiter);
+        // Instantiation runs the component's start code, which gets the same deadline.
+        store.set_epoch_deadline(self.inner.limits.deadline_ticks());
+        let bindings = self.inner.pre.instantiate(&mut store).map_err(|e| {
+            if store.data().limiter.exceeded.load(Ordering::Relaxed) {
+                PluginError::OutOfMemory {
+                    plugin: self.inner.name.clone(),
+                    call: "instantiate",
+                    limit: self.inner.limits.memory_bytes,
+                }
+            } else {
+                PluginError::Trap {
+                    plugin: self.inner.name.clone(),
+                    call: "instantiate",
+                    message: format!("{e:#}"),
+                }
+            }
+        })?;
+        Ok(Instance { store, bindings, calls: 0 })
+    }
+
+    /// How long a call may take at most, for callers that wait on one.
+    pub fn deadline(&self) -> Duration {
+        self.inner.limits.deadline()
+    }
+}

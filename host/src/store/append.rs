@@ -1,0 +1,321 @@
+//! Group commit: many commands' appends in one round trip.
+//!
+//! Commands for one aggregate already run one at a time (see `crate::executor`), so a
+//! batch never holds two appends for the same aggregate from this node. A batch is one
+//! call of the `meridian_append` SQL function, which judges every request on its own;
+//! one command's conflict never fails another's. If the whole call fails (which only a
+//! broken invariant, such as a duplicate event id, can cause), each request is retried
+//! alone so the failure lands on the request that caused it.
+//!
+//! Several workers share the queue: while some wait for their commit (an fsync), others
+//! gather the next batch. Under light load a batch holds one request and costs one
+//! round trip, so there is no waiting for a batch to fill.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+use sqlx::{PgPool, Row};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// Committer settings.
+#[derive(Debug, Clone)]
+pub struct CommitterConfig {
+    /// Concurrent batches in flight.
+    pub workers: usize,
+    /// Most requests in one batch.
+    pub max_batch: usize,
+    /// This region, recorded as the home of aggregates created here.
+    pub region: String,
+    /// This node, checked against partition leases when a request carries a [`Fence`].
+    pub node_id: String,
+}
+
+impl Default for CommitterConfig {
+    fn default() -> Self {
+        Self {
+            workers: 4,
+            max_batch: 512,
+            region: "local".into(),
+            node_id: "node".into(),
+        }
+    }
+}
+
+/// The partition epoch an append is made under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// Virtual partition of the aggregate.
+    pub partition: i32,
+    /// The epoch at which this node acquired it.
+    pub epoch: i64,
+}
+
+/// One event to store.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// UUID v7, assigned by the host.
+    pub event_id: Uuid,
+    /// The event type.
+    pub event_type: String,
+    /// JSON payload as decided by the plugin.
+    pub payload: Box<RawValue>,
+    /// JSON metadata (command id, plugin version, origin region, ...).
+    pub metadata: Box<RawValue>,
+}
+
+/// One command's append.
+#[derive(Debug)]
+pub struct AppendRequest {
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// The version the events were decided against (0: a new aggregate).
+    pub expected_version: i64,
+    /// The events, in order; may be empty (the command id is still recorded).
+    pub events: Vec<NewEvent>,
+    /// Idempotency key.
+    pub command_id: Option<Uuid>,
+    /// Ownership this append depends on, if the region is clustered.
+    pub fence: Option<Fence>,
+}
+
+/// What became of an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Stored; the events got versions `first_version..=last_version`.
+    Appended {
+        /// Version of the first event (expected + 1).
+        first_version: i64,
+        /// Version of the last event (the aggregate's new version).
+        last_version: i64,
+    },
+    /// The command id had run before; nothing was written. These are its versions.
+    Duplicate {
+        /// Version of its first event.
+        first_version: i64,
+        /// Version of its last event.
+        last_version: i64,
+    },
+}
+
+struct Pending {
+    request: AppendRequest,
+    reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+}
+
+/// Handle to the group committer. Cheap to clone.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Committer {
+    /// Starts the workers. They stop when every `Committer` handle is dropped.
+    pub fn start(pool: PgPool, config: CommitterConfig) -> Self {
+        let (tx, rx) = mpsc::channel::<Pending>(config.max_batch * config.workers * 2);
+        let rx = Arc::new(Mutex::new(rx));
+        let config = Arc::new(config);
+        for worker in 0..config.workers.max(1) {
+            let rx = rx.clone();
+            let pool = pool.clone();
+            let config = config.clone();
+            tokio::spawn(async move {
+                let mut carry: Vec<Pending> = Vec::new();
+                loop {
+                    let Some(batch) = next_batch(&rx, &mut carry, config.max_batch).await else {
+                        tracing::debug!(worker, "committer worker stopping");
+                        return;
+                    };
+                    commit(&pool, &config, batch).await;
+                }
+            });
+        }
+        Self { tx }
+    }
+
+    /// Appends one command's events; resolves when they are durable (or refused).
+    pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { request, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Waits for at least one request, then takes what else is queued, up to `max`.
+/// A request whose command id is already in the batch waits for the next one, so the
+/// SQL never sees the same id twice in a statement.
+async fn next_batch(
+    rx: &Mutex<mpsc::Receiver<Pending>>,
+    carry: &mut Vec<Pending>,
+    max: usize,
+) -> Option<Vec<Pending>> {
+    let mut batch = std::mem::take(carry);
+    let mut rx = rx.lock().await;
+    if batch.is_empty() {
+        batch.push(rx.recv().await?);
+    }
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(pending) => batch.push(pending),
+            Err(_) => break,
+        }
+    }
+    drop(rx);
+    let mut seen_commands = HashSet::new();
+    let mut seen_aggregates = HashSet::new();
+    let mut keep = Vec::with_capacity(batch.len());
+    for pending in batch {
+        let r = &pending.request;
+        let fresh_command = r.command_id.is_none_or(|id| seen_commands.insert(id));
+        let fresh_aggregate = seen_aggregates.insert((r.aggregate_type.clone(), r.aggregate_id.clone()));
+        if fresh_command && fresh_aggregate {
+            keep.push(pending);
+        } else {
+            carry.push(pending);
+        }
+    }
+    Some(keep)
+}
+
+async fn commit(pool: &PgPool, config: &CommitterConfig, batch: Vec<Pending>) {
+    metrics::histogram!("meridian_append_batch_size").record(batch.len() as f64);
+    let requests: Vec<&AppendRequest> = batch.iter().map(|p| &p.request).collect();
+    match append_batch(pool, config, &requests).await {
+        Ok(results) => {
+            for (pending, result) in batch.into_iter().zip(results) {
+                let _ = pending.reply.send(result);
+            }
+        }
+        Err(error) if batch.len() > 1 && !error.is_unavailable() => {
+            tracing::warn!(%error, size = batch.len(), "batch append failed; retrying its requests one by one");
+            for pending in batch {
+                let result = match append_batch(pool, config, &[&pending.request]).await {
+                    Ok(mut results) => results.pop().expect("one result per request"),
+                    Err(error) => Err(error),
+                };
+                let _ = pending.reply.send(result);
+            }
+        }
+        Err(error) => {
+            let message = error.to_string();
+            for pending in batch {
+                let _ = pending.reply.send(Err(StoreError::Database(sqlx::Error::Protocol(message.clone()))));
+            }
+        }
+    }
+}
+
+/// Runs one `meridian_append` call; one result per request, in order.
+pub async fn append_batch(
+    pool: &PgPool,
+    config: &CommitterConfig,
+    requests: &[&AppendRequest],
+) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+    let n = requests.len();
+    let mut partition = Vec::with_capacity(n);
+    let mut epoch = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    let mut expected = Vec::with_capacity(n);
+    let mut count = Vec::with_capacity(n);
+    let mut command = Vec::with_capacity(n);
+    let mut e_req = Vec::new();
+    let mut e_id = Vec::new();
+    let mut e_version = Vec::new();
+    let mut e_type = Vec::new();
+    let mut e_payload = Vec::new();
+    let mut e_metadata = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        partition.push(r.fence.map(|f| f.partition));
+        epoch.push(r.fence.map(|f| f.epoch));
+        types.push(r.aggregate_type.as_str());
+        ids.push(r.aggregate_id.as_str());
+        expected.push(r.expected_version);
+        count.push(r.events.len() as i32);
+        command.push(r.command_id);
+        for (k, e) in r.events.iter().enumerate() {
+            e_req.push(i as i32 + 1);
+            e_id.push(e.event_id);
+            e_version.push(r.expected_version + 1 + k as i64);
+            e_type.push(e.event_type.as_str());
+            e_payload.push(e.payload.get());
+            e_metadata.push(e.metadata.get());
+        }
+    }
+    let rows = sqlx::query(
+        "SELECT req, outcome, first_version, last_version, agg_type, agg_id \
+         FROM meridian_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(&config.node_id)
+    .bind(&config.region)
+    .bind(&partition)
+    .bind(&epoch)
+    .bind(&types)
+    .bind(&ids)
+    .bind(&expected)
+    .bind(&count)
+    .bind(&command)
+    .bind(&e_req)
+    .bind(&e_id)
+    .bind(&e_version)
+    .bind(&e_type)
+    .bind(&e_payload)
+    .bind(&e_metadata)
+    .fetch_all(pool)
+    .await?;
+
+    let mut results: Vec<Option<Result<AppendOutcome, StoreError>>> = (0..n).map(|_| None).collect();
+    for row in rows {
+        let req: i32 = row.try_get("req")?;
+        let outcome: String = row.try_get("outcome")?;
+        let first: Option<i64> = row.try_get("first_version")?;
+        let last: Option<i64> = row.try_get("last_version")?;
+        let r = requests[req as usize - 1];
+        let result = match outcome.as_str() {
+            "ok" => Ok(AppendOutcome::Appended {
+                first_version: first.unwrap_or_default(),
+                last_version: last.unwrap_or_default(),
+            }),
+            "duplicate" => {
+                let agg_type: String = row.try_get("agg_type")?;
+                let agg_id: String = row.try_get("agg_id")?;
+                if agg_type != r.aggregate_type || agg_id != r.aggregate_id {
+                    Err(StoreError::CommandIdReused {
+                        command_id: r.command_id.unwrap_or_default(),
+                        used_for: format!("{agg_type}/{agg_id}"),
+                    })
+                } else {
+                    Ok(AppendOutcome::Duplicate {
+                        first_version: first.unwrap_or_default(),
+                        last_version: last.unwrap_or_default(),
+                    })
+                }
+            }
+            "fenced" => {
+                let fence = r.fence.expect("only fenced requests can be refused as fenced");
+                Err(StoreError::Fenced {
+                    partition: fence.partition,
+                    epoch: fence.epoch,
+                })
+            }
+            _ => Err(StoreError::Conflict {
+                aggregate: format!("{}/{}", r.aggregate_type, r.aggregate_id),
+                expected: r.expected_version,
+                actual: last.unwrap_or_default(),
+            }),
+        };
+        results[req as usize - 1] = Some(result);
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(StoreError::Database(sqlx::Error::Protocol("append returned no result for a request".into())))))
+        .collect())
+}

@@ -1,0 +1,119 @@
+//! The region's event store in PostgreSQL.
+//!
+//! Tables and the append function are defined in `migrations/`. This module is the only
+//! code that speaks SQL:
+//! - [`append`]: the group committer. Commands for different aggregates hand their
+//!   events to it and it writes many of them in one round trip and one transaction,
+//!   judging each on its own (expected version, command id, partition epoch).
+//! - [`read`]: loading an aggregate (snapshot + newer events), reading its events, and
+//!   tailing the region's events in commit order without skipping late commits.
+//! - [`plugins`]: the plugin registry and per-type sandbox limits.
+
+pub mod append;
+pub mod plugins;
+pub mod read;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+pub use append::{AppendOutcome, AppendRequest, Committer, CommitterConfig, Fence, NewEvent};
+pub use read::{AggregateKey, EventFilter, StoredEvent};
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Errors at the store's seam.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The aggregate is not at the version the append expected.
+    #[error("version conflict on {aggregate}: expected version {expected}, found {actual}")]
+    Conflict {
+        /// `type/id`.
+        aggregate: String,
+        /// The version the append was based on.
+        expected: i64,
+        /// The version in the store.
+        actual: i64,
+    },
+    /// The appending node no longer holds the partition at the epoch it named.
+    #[error("partition {partition} is no longer held at epoch {epoch} by this node")]
+    Fenced {
+        /// The partition.
+        partition: i32,
+        /// The stale epoch.
+        epoch: i64,
+    },
+    /// A command id was reused for a different aggregate.
+    #[error("command id {command_id} was already used for {used_for}")]
+    CommandIdReused {
+        /// The id.
+        command_id: uuid::Uuid,
+        /// `type/id` it ran on first.
+        used_for: String,
+    },
+    /// A position given by a reader does not exist.
+    #[error("no event at position {0} in this region; resume from a position you received")]
+    UnknownPosition(i64),
+    /// The database failed or is unreachable.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The committer has shut down.
+    #[error("the event store is shutting down")]
+    Closed,
+}
+
+impl StoreError {
+    /// True when the database itself failed (as opposed to a refusal).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Database(_) | StoreError::Closed)
+    }
+}
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `postgres://` URL.
+    pub url: String,
+    /// Pool size. The committer uses up to its worker count; readers share the rest.
+    pub max_connections: u32,
+}
+
+/// Opens a pool, failing fast with a clear error when the server is unreachable.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
+    let options: PgConnectOptions = config.url.parse()?;
+    let options = options
+        .application_name("meridian")
+        // Per-statement logging at INFO would drown everything else.
+        .log_statements(log::LevelFilter::Trace)
+        .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(1));
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Applies pending migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR
+        .run(pool)
+        .await
+        .map_err(|e| StoreError::Database(sqlx::Error::Migrate(Box::new(e))))
+}
+
+/// Records a region-wide setting on first start, or returns the value already recorded.
+pub async fn region_setting(pool: &PgPool, key: &str, value: &str) -> Result<String, StoreError> {
+    sqlx::query("INSERT INTO region_settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+        .bind(key)
+        .bind(value)
+        .execute(pool)
+        .await?;
+    let stored: String = sqlx::query_scalar("SELECT value FROM region_settings WHERE key = $1")
+        .bind(key)
+        .fetch_one(pool)
+        .await?;
+    Ok(stored)
+}

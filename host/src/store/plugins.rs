@@ -1,0 +1,146 @@
+//! The plugin registry: component bytes and sandbox limits per aggregate type.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+
+use super::StoreError;
+use crate::runtime::SandboxLimits;
+
+/// A stored plugin version, without its bytes.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct PluginInfo {
+    /// The aggregate type it implements.
+    pub aggregate_type: String,
+    /// Version number, counting up from 1 per aggregate type.
+    pub version: i32,
+    /// Hex sha256 of the component.
+    pub sha256: String,
+    /// Component size.
+    pub size_bytes: i64,
+    /// Schema version the plugin reports.
+    pub schema_version: i32,
+    /// When it was uploaded.
+    pub uploaded_at: DateTime<Utc>,
+}
+
+fn info(row: &sqlx::postgres::PgRow) -> Result<PluginInfo, StoreError> {
+    Ok(PluginInfo {
+        aggregate_type: row.try_get("aggregate_type")?,
+        version: row.try_get("version")?,
+        sha256: row.try_get("sha256")?,
+        size_bytes: row.try_get("size_bytes")?,
+        schema_version: row.try_get("schema_version")?,
+        uploaded_at: row.try_get("uploaded_at")?,
+    })
+}
+
+const INFO_COLUMNS: &str = "aggregate_type, version, sha256, size_bytes, schema_version, uploaded_at";
+
+/// Stores an upload. The same bytes as the newest version return that version
+/// (`created == false`); anything else becomes the next version.
+pub async fn store(
+    pool: &PgPool,
+    aggregate_type: &str,
+    sha256: &str,
+    schema_version: u32,
+    bytes: &[u8],
+) -> Result<(PluginInfo, bool), StoreError> {
+    let mut tx = pool.begin().await?;
+    // Serialises uploads of one type region-wide, so two uploads cannot both take the
+    // same next version number.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('meridian-plugin:' || $1, 0))")
+        .bind(aggregate_type)
+        .execute(&mut *tx)
+        .await?;
+    let latest = sqlx::query(&format!(
+        "SELECT {INFO_COLUMNS} FROM plugins WHERE aggregate_type = $1 ORDER BY version DESC LIMIT 1"
+    ))
+    .bind(aggregate_type)
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(|row| info(&row))
+    .transpose()?;
+    if let Some(latest) = &latest {
+        if latest.sha256 == sha256 {
+            return Ok((latest.clone(), false));
+        }
+    }
+    let next = latest.map_or(1, |l| l.version + 1);
+    let row = sqlx::query(&format!(
+        "INSERT INTO plugins (aggregate_type, version, sha256, size_bytes, schema_version, component) \
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {INFO_COLUMNS}"
+    ))
+    .bind(aggregate_type)
+    .bind(next)
+    .bind(sha256)
+    .bind(bytes.len() as i64)
+    .bind(schema_version as i32)
+    .bind(bytes)
+    .fetch_one(&mut *tx)
+    .await?;
+    let stored = info(&row)?;
+    tx.commit().await?;
+    Ok((stored, true))
+}
+
+/// The newest version of every aggregate type.
+pub async fn list_latest(pool: &PgPool) -> Result<Vec<PluginInfo>, StoreError> {
+    sqlx::query(&format!(
+        "SELECT DISTINCT ON (aggregate_type) {INFO_COLUMNS} FROM plugins \
+         ORDER BY aggregate_type, version DESC"
+    ))
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(info)
+    .collect()
+}
+
+/// Every version of one aggregate type, newest first.
+pub async fn versions(pool: &PgPool, aggregate_type: &str) -> Result<Vec<PluginInfo>, StoreError> {
+    sqlx::query(&format!(
+        "SELECT {INFO_COLUMNS} FROM plugins WHERE aggregate_type = $1 ORDER BY version DESC"
+    ))
+    .bind(aggregate_type)
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(info)
+    .collect()
+}
+
+/// The newest version of a type with its component bytes.
+pub async fn latest_with_bytes(pool: &PgPool, aggregate_type: &str) -> Result<Option<(PluginInfo, Vec<u8>)>, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {INFO_COLUMNS}, component FROM plugins WHERE aggregate_type = $1 \
+         ORDER BY version DESC LIMIT 1"
+    ))
+    .bind(aggregate_type)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| Ok((info(&row)?, row.try_get("component")?))).transpose()
+}
+
+/// The sandbox limits of a type: the operator's, or the defaults.
+pub async fn limits(pool: &PgPool, aggregate_type: &str) -> Result<SandboxLimits, StoreError> {
+    let stored: Option<sqlx::types::Json<SandboxLimits>> =
+        sqlx::query_scalar("SELECT limits FROM plugin_limits WHERE aggregate_type = $1")
+            .bind(aggregate_type)
+            .fetch_optional(pool)
+            .await?;
+    Ok(stored.map(|j| j.0).unwrap_or_default())
+}
+
+/// Sets the sandbox limits of a type.
+pub async fn set_limits(pool: &PgPool, aggregate_type: &str, limits: &SandboxLimits) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO plugin_limits (aggregate_type, limits) VALUES ($1, $2) \
+         ON CONFLICT (aggregate_type) DO UPDATE SET limits = EXCLUDED.limits, updated_at = now()",
+    )
+    .bind(aggregate_type)
+    .bind(sqlx::types::Json(limits))
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! Reading events: one aggregate's history, and the region's global order.
+//!
+//! The global order is commit order, walked as `(tx_id, position)`. `position` comes
+//! from a sequence, so a transaction can commit after a later-numbered one; reading by
+//! position alone would then skip the late event forever. A reader therefore only reads
+//! events whose transaction id is below `pg_snapshot_xmin(pg_current_snapshot())` —
+//! every transaction below it has finished — and orders by transaction id first.
+//! A position still names one event, and "after position P" means "after the event at
+//! P in this order", so positions are resume tokens: they increase within a
+//! transaction but may interleave between transactions.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// An aggregate's identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AggregateKey {
+    /// Aggregate type (the plugin's name).
+    pub aggregate_type: String,
+    /// Aggregate id, chosen by the caller.
+    pub aggregate_id: String,
+}
+
+impl std::fmt::Display for AggregateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.aggregate_type, self.aggregate_id)
+    }
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct StoredEvent {
+    /// Regional position: resume token for global reads.
+    pub position: i64,
+    /// Event id (UUID v7).
+    pub event_id: Uuid,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Per-aggregate version, from 1.
+    pub version: i64,
+    /// Event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Event payload.
+    #[schema(value_type = Object)]
+    pub payload: Box<RawValue>,
+    /// Command id, plugin version, origin region, causation and correlation ids.
+    #[schema(value_type = Object)]
+    pub metadata: Box<RawValue>,
+    /// When it was stored.
+    pub recorded_at: DateTime<Utc>,
+}
+
+const EVENT_COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, version, event_type, \
+     payload::text AS payload, metadata::text AS metadata, recorded_at";
+
+fn raw(text: String) -> Result<Box<RawValue>, StoreError> {
+    RawValue::from_string(text).map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
+}
+
+impl StoredEvent {
+    fn from_row(row: &PgRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            position: row.try_get("position")?,
+            event_id: row.try_get("event_id")?,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            version: row.try_get("version")?,
+            event_type: row.try_get("event_type")?,
+            payload: raw(row.try_get("payload")?)?,
+            metadata: raw(row.try_get("metadata")?)?,
+            recorded_at: row.try_get("recorded_at")?,
+        })
+    }
+}
+
+/// A stored snapshot of an aggregate's state bytes.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The version the state reflects.
+    pub version: i64,
+    /// The plugin version that produced it.
+    pub plugin_version: i32,
+    /// The state bytes.
+    pub state: Vec<u8>,
+}
+
+/// Loads the newest snapshot usable by `plugin_version`, if any.
+pub async fn snapshot(pool: &PgPool, key: &AggregateKey, plugin_version: i32) -> Result<Option<Snapshot>, StoreError> {
+    let row = sqlx::query(
+        "SELECT version, plugin_version, state FROM snapshots \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND plugin_version = $3",
+    )
+    .bind(&key.aggregate_type)
+    .bind(&key.aggregate_id)
+    .bind(plugin_version)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| {
+        Ok(Snapshot {
+            version: row.try_get("version")?,
+            plugin_version: row.try_get("plugin_version")?,
+            state: row.try_get("state")?,
+        })
+    })
+    .transpose()
+}
+
+/// Stores a snapshot unless a newer one is already there.
+pub async fn save_snapshot(pool: &PgPool, key: &AggregateKey, snapshot: &Snapshot) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO snapshots (aggregate_type, aggregate_id, version, plugin_version, state) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+         SET version = EXCLUDED.version, plugin_version = EXCLUDED.plugin_version, \
+             state = EXCLUDED.state, created_at = now() \
+         WHERE snapshots.version < EXCLUDED.version OR snapshots.plugin_version <> EXCLUDED.plugin_version",
+    )
+    .bind(&key.aggregate_type)
+    .bind(&key.aggregate_id)
+    .bind(snapshot.version)
+    .bind(snapshot.plugin_version)
+    .bind(&snapshot.state)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// One aggregate's events with `first <= version <= last`, in version order.
+pub async fn aggregate_events(
+    pool: &PgPool,
+    key: &AggregateKey,
+    first: i64,
+    last: i64,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND version BETWEEN $3 AND $4 \
+         ORDER BY version"
+    );
+    sqlx::query(&sql)
+        .bind(&key.aggregate_type)
+        .bind(&key.aggregate_id)
+        .bind(first)
+        .bind(last)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(StoredEvent::from_row)
+        .collect()
+}
+
+/// Which events a global read returns.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Only this aggregate type.
+    pub aggregate_type: Option<String>,
+    /// Only this aggregate id (with `aggregate_type`, one aggregate).
+    pub aggregate_id: Option<String>,
+}
+
+/// Events after `after` (a position received earlier, or 0 for the beginning) in the
+/// region's commit order, never past a transaction that may still commit.
+pub async fn read_all(pool: &PgPool, after: i64, limit: i64, filter: &EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
+    let after_tx: Option<i64> = if after <= 0 {
+        Some(0)
+    } else {
+        sqlx::query_scalar("SELECT tx_id::text::bigint FROM events WHERE position = $1")
+            .bind(after)
+            .fetch_optional(pool)
+            .await?
+    };
+    let Some(after_tx) = after_tx else {
+        return Err(StoreError::UnknownPosition(after));
+    };
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events \
+         WHERE (tx_id, position) > ($1::text::xid8, $2) \
+           AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+           AND ($3::text IS NULL OR aggregate_type = $3) \
+           AND ($4::text IS NULL OR aggregate_id = $4) \
+         ORDER BY tx_id, position LIMIT $5"
+    );
+    sqlx::query(&sql)
+        .bind(after_tx.to_string())
+        .bind(after.max(0))
+        .bind(filter.aggregate_type.as_deref())
+        .bind(filter.aggregate_id.as_deref())
+        .bind(limit)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(StoredEvent::from_row)
+        .collect()
+}
+
+/// The aggregate's current version in the store (0 if it has no events).
+pub async fn stream_version(pool: &PgPool, key: &AggregateKey) -> Result<i64, StoreError> {
+    let version: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2")
+            .bind(&key.aggregate_type)
+            .bind(&key.aggregate_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(version.unwrap_or(0))
+}
+
+/// The versions a command id produced, if it ran: `(type, id, first, last)`.
+pub async fn command_result(pool: &PgPool, command_id: Uuid) -> Result<Option<(AggregateKey, i64, i64)>, StoreError> {
+    let row = sqlx::query(
+        "SELECT aggregate_type, aggregate_id, first_version, last_version FROM commands WHERE command_id = $1",
+    )
+    .bind(command_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| {
+        Ok((
+            AggregateKey {
+                aggregate_type: row.try_get("aggregate_type")?,
+                aggregate_id: row.try_get("aggregate_id")?,
+            },
+            row.try_get("first_version")?,
+            row.try_get("last_version")?,
+        ))
+    })
+    .transpose()
+}

