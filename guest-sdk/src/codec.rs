@@ -96,19 +96,39 @@ pub fn encode_state<S: Serialize>(state: &S) -> Result<Vec<u8>, String> {
 ///
 /// The event does not serialise as an externally tagged enum variant.
 pub fn encode_event<E: Serialize>(event: &E) -> Result<EncodedEvent, String> {
-    match serde_json::to_value(event) {
-        Ok(Value::String(event_type)) => Ok((event_type, b"null".to_vec())),
-        Ok(Value::Object(map)) if map.len() == 1 => {
-            let (event_type, payload) = map.into_iter().next().expect("map has one entry");
-            let payload = serde_json::to_vec(&payload)
-                .map_err(|error| format!("cannot encode event `{event_type}`: {error}"))?;
-            Ok((event_type, payload))
-        }
-        Ok(other) => Err(format!(
+    // Serialising straight to bytes, rather than through `serde_json::Value`, keeps the
+    // payload's fields in declaration order (`Value` maps sort their keys).
+    let json =
+        serde_json::to_vec(event).map_err(|error| format!("cannot encode event: {error}"))?;
+    let not_a_variant = || {
+        format!(
             "event must serialise as an externally tagged enum variant \
-             (`{{\"Variant\":{{..}}}}` or `\"Variant\"`), got {other}"
-        )),
-        Err(error) => Err(format!("cannot encode event: {error}")),
+             (`{{\"Variant\":{{..}}}}` or `\"Variant\"`), got {}",
+            String::from_utf8_lossy(&json)
+        )
+    };
+    match json.first() {
+        Some(b'"') => {
+            let event_type = serde_json::from_slice(&json).map_err(|_| not_a_variant())?;
+            Ok((event_type, b"null".to_vec()))
+        }
+        // The compact serialiser writes exactly `{"<variant>":<payload>}`.
+        Some(b'{') => {
+            let body = &json[1..json.len() - 1];
+            let mut keys = serde_json::Deserializer::from_slice(body).into_iter::<String>();
+            let Some(Ok(event_type)) = keys.next() else {
+                return Err(not_a_variant());
+            };
+            let payload = body
+                .get(keys.byte_offset()..)
+                .and_then(|rest| rest.strip_prefix(b":"))
+                .ok_or_else(not_a_variant)?;
+            // A struct with several fields would leave `1,"b":2` here: not one value.
+            serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+                .map_err(|_| not_a_variant())?;
+            Ok((event_type, payload.to_vec()))
+        }
+        _ => Err(not_a_variant()),
     }
 }
 
@@ -184,6 +204,25 @@ mod tests {
     }
 
     #[test]
+    fn payload_keeps_field_order() {
+        #[derive(Serialize)]
+        enum Event {
+            Moved { to: String, at: u64, by: String },
+        }
+        let event = Event::Moved {
+            to: "b\"\\:x".into(),
+            at: 7,
+            by: "{\"c\":1}".into(),
+        };
+        let (event_type, payload) = encode_event(&event).unwrap();
+        assert_eq!(event_type, "Moved");
+        assert_eq!(
+            String::from_utf8(payload).unwrap(),
+            r#"{"to":"b\"\\:x","at":7,"by":"{\"c\":1}"}"#
+        );
+    }
+
+    #[test]
     fn unknown_event_type_names_the_variants() {
         let error = decode_event::<Event>("Frozen", b"null").unwrap_err();
         assert!(
@@ -201,5 +240,9 @@ mod tests {
         }
         let error = encode_event(&NotAnEnum { a: 1, b: 2 }).unwrap_err();
         assert!(error.contains("externally tagged"), "{error}");
+        let error = encode_event(&42).unwrap_err();
+        assert!(error.ends_with("got 42"), "{error}");
+        let error = encode_event(&std::collections::BTreeMap::<String, u8>::new()).unwrap_err();
+        assert!(error.ends_with("got {}"), "{error}");
     }
 }

@@ -37,7 +37,7 @@
 //!     .then_expect_rejection("amount must be positive");
 //! ```
 //!
-//! Everything goes through [`codec`](crate::codec), as in the component: the given events
+//! Everything goes through [`codec`], as in the component: the given events
 //! are encoded and applied to JSON state, the command is serialised to JSON and decoded
 //! again, and the decided events are encoded, compared as JSON and applied. A serde
 //! attribute that breaks the round trip therefore fails `cargo test` rather than a

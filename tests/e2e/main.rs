@@ -1,1 +1,9 @@
-//! placeholder
+//! End-to-end tests: real `meridian` processes against real PostgreSQL.
+//!
+//! Run with `bash scripts/test.sh` (which builds the WASM plugins first), or
+//! `cargo test --release -p meridian-host --test e2e` once `plugins/build.sh` has run.
+
+mod harness;
+mod sandbox;
+mod single_node;
+mod tail;

@@ -76,7 +76,9 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match &error {
-            StoreError::Conflict { .. } => Self::new(StatusCode::CONFLICT, "version_conflict", error.to_string()),
+            StoreError::Conflict { .. } => {
+                Self::new(StatusCode::CONFLICT, "version_conflict", error.to_string())
+            }
             StoreError::CommandIdReused { .. } => {
                 Self::new(StatusCode::CONFLICT, "command_id_reused", error.to_string())
             }
@@ -94,7 +96,11 @@ impl From<StoreError> for ApiError {
                     "the event store is unavailable; nothing was written, retry later",
                 )
             }
-            StoreError::Closed => Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", error.to_string()),
+            StoreError::Closed => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                error.to_string(),
+            ),
         }
     }
 }
@@ -106,7 +112,11 @@ impl From<PluginError> for ApiError {
             PluginError::ForbiddenImport(_) => "forbidden_import",
             PluginError::WrongWorld(_) => "wrong_world",
             PluginError::TooLarge { .. } => {
-                return Self::new(StatusCode::PAYLOAD_TOO_LARGE, "component_too_large", error.to_string());
+                return Self::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "component_too_large",
+                    error.to_string(),
+                );
             }
             PluginError::DeadlineExceeded { .. } => "plugin_deadline_exceeded",
             PluginError::OutOfMemory { .. } => "plugin_out_of_memory",
@@ -116,9 +126,9 @@ impl From<PluginError> for ApiError {
             PluginError::Internal(_) => "internal",
         };
         let status = match &error {
-            PluginError::NotAComponent(_) | PluginError::ForbiddenImport(_) | PluginError::WrongWorld(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            PluginError::NotAComponent(_)
+            | PluginError::ForbiddenImport(_)
+            | PluginError::WrongWorld(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, code, error.to_string())
@@ -128,9 +138,11 @@ impl From<PluginError> for ApiError {
 impl From<RegistryError> for ApiError {
     fn from(error: RegistryError) -> Self {
         match error {
-            RegistryError::UnknownType(_) => {
-                Self::new(StatusCode::NOT_FOUND, "unknown_aggregate_type", error.to_string())
-            }
+            RegistryError::UnknownType(_) => Self::new(
+                StatusCode::NOT_FOUND,
+                "unknown_aggregate_type",
+                error.to_string(),
+            ),
             RegistryError::Plugin(e) => e.into(),
             RegistryError::Store(e) => e.into(),
         }
@@ -140,13 +152,16 @@ impl From<RegistryError> for ApiError {
 impl From<CommandError> for ApiError {
     fn from(error: CommandError) -> Self {
         match error {
-            CommandError::Rejected(message) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "rejected", message),
+            CommandError::Rejected(message) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "rejected", message)
+            }
             CommandError::WrongVersion { .. } => {
                 Self::new(StatusCode::CONFLICT, "version_conflict", error.to_string())
             }
-            CommandError::Conflict(e) | CommandError::Fenced(e) | CommandError::CommandIdReused(e) | CommandError::Store(e) => {
-                e.into()
-            }
+            CommandError::Conflict(e)
+            | CommandError::Fenced(e)
+            | CommandError::CommandIdReused(e)
+            | CommandError::Store(e) => e.into(),
             CommandError::Registry(e) => e.into(),
             CommandError::Plugin(e) => e.into(),
         }

@@ -25,8 +25,8 @@ pub use error::{ApiError, ErrorBody, ErrorDetail};
 
 use crate::executor::{Command, CommandResult, Executor};
 use crate::runtime::SandboxLimits;
-use crate::store::{self, AggregateKey, EventFilter, StoredEvent};
 use crate::store::plugins::PluginInfo;
+use crate::store::{self, AggregateKey, EventFilter, StoredEvent};
 
 /// Default cap on a command request body.
 pub const DEFAULT_MAX_COMMAND_BYTES: usize = 1024 * 1024;
@@ -64,14 +64,24 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/plugins", get(list_plugins))
         .route(
             "/v1/plugins/{aggregate_type}",
-            put(upload_plugin).layer(DefaultBodyLimit::max(upload_limit)).get(get_plugin),
+            put(upload_plugin)
+                .layer(DefaultBodyLimit::max(upload_limit))
+                .get(get_plugin),
         )
-        .route("/v1/plugins/{aggregate_type}/limits", put(set_limits).get(get_limits))
+        .route(
+            "/v1/plugins/{aggregate_type}/limits",
+            put(set_limits).get(get_limits),
+        )
         .route(
             "/v1/aggregates/{aggregate_type}/{aggregate_id}",
-            post(execute).layer(DefaultBodyLimit::max(command_limit)).get(get_aggregate),
+            post(execute)
+                .layer(DefaultBodyLimit::max(command_limit))
+                .get(get_aggregate),
         )
-        .route("/v1/aggregates/{aggregate_type}/{aggregate_id}/events", get(aggregate_events))
+        .route(
+            "/v1/aggregates/{aggregate_type}/{aggregate_id}/events",
+            get(aggregate_events),
+        )
         .route("/v1/events", get(list_events))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .with_state(state)
@@ -80,14 +90,46 @@ pub fn router(state: AppState) -> axum::Router {
 /// The OpenAPI document.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Meridian", description = "Commands, events and plugins of a Meridian region."),
-    paths(healthz, readyz, list_plugins, upload_plugin, get_plugin, set_limits, get_limits, execute, get_aggregate, aggregate_events, list_events),
-    components(schemas(ErrorBody, ErrorDetail, CommandBody, CommandResult, crate::executor::ResultEvent, StateBody, EventsPage, StoredEvent, PluginInfo, UploadResult, PluginDetail, SandboxLimits))
+    info(
+        title = "Meridian",
+        description = "Commands, events and plugins of a Meridian region."
+    ),
+    paths(
+        healthz,
+        readyz,
+        list_plugins,
+        upload_plugin,
+        get_plugin,
+        set_limits,
+        get_limits,
+        execute,
+        get_aggregate,
+        aggregate_events,
+        list_events
+    ),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        CommandBody,
+        CommandResult,
+        crate::executor::ResultEvent,
+        StateBody,
+        EventsPage,
+        StoredEvent,
+        PluginInfo,
+        UploadResult,
+        PluginDetail,
+        SandboxLimits
+    ))
 )]
 pub struct ApiDoc;
 
 async fn openapi() -> Response {
-    ([("content-type", "application/json")], ApiDoc::openapi().to_pretty_json().unwrap_or_default()).into_response()
+    (
+        [("content-type", "application/json")],
+        ApiDoc::openapi().to_pretty_json().unwrap_or_default(),
+    )
+        .into_response()
 }
 
 /// Liveness: the process serves HTTP.
@@ -167,10 +209,14 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
     let parsed: CommandBody = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("malformed command request: {e}; {SHAPE}")))?;
     if !parsed.command.get().trim_start().starts_with('{') {
-        return Err(ApiError::bad_request(format!("`command` must be a JSON object; {SHAPE}")));
+        return Err(ApiError::bad_request(format!(
+            "`command` must be a JSON object; {SHAPE}"
+        )));
     }
     if parsed.expected_version.is_some_and(|v| v < 0) {
-        return Err(ApiError::bad_request("`expected_version` must be 0 or more"));
+        return Err(ApiError::bad_request(
+            "`expected_version` must be 0 or more",
+        ));
     }
     Ok(parsed)
 }
@@ -318,7 +364,9 @@ fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     match limit {
         None => Ok(1000),
         Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_PAGE}, got {n}"))),
+        Some(n) => Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}, got {n}"
+        ))),
     }
 }
 
@@ -342,7 +390,10 @@ pub struct EventsQuery {
     params(EventsQuery),
     responses((status = 200, body = EventsPage), (status = 400, body = ErrorBody, description = "unknown position or bad limit"))
 )]
-async fn list_events(State(state): State<AppState>, Query(query): Query<EventsQuery>) -> Result<Json<EventsPage>, ApiError> {
+async fn list_events(
+    State(state): State<AppState>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Json<EventsPage>, ApiError> {
     let limit = page_limit(query.limit)?;
     let filter = EventFilter {
         aggregate_type: query.aggregate_type,
@@ -395,7 +446,11 @@ async fn upload_plugin(
     let runtime = state.executor.plugins().runtime().clone();
     let bytes = body.clone();
     let started = std::time::Instant::now();
-    tracing::info!(aggregate_type, size = body.len(), "validating uploaded plugin");
+    tracing::info!(
+        aggregate_type,
+        size = body.len(),
+        "validating uploaded plugin"
+    );
     let validated = tokio::task::spawn_blocking(move || runtime.validate(&bytes, &limits))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
@@ -418,8 +473,14 @@ async fn upload_plugin(
             ),
         ));
     }
-    let (info, created) =
-        store::plugins::store(&state.pool, &aggregate_type, &validated.sha256, validated.schema_version, &body).await?;
+    let (info, created) = store::plugins::store(
+        &state.pool,
+        &aggregate_type,
+        &validated.sha256,
+        validated.schema_version,
+        &body,
+    )
+    .await?;
     state.executor.plugins().invalidate(&aggregate_type);
     tracing::info!(
         aggregate_type,
@@ -429,7 +490,11 @@ async fn upload_plugin(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "plugin stored"
     );
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((
         status,
         Json(UploadResult {
@@ -468,7 +533,10 @@ pub struct PluginDetail {
     params(("aggregate_type" = String, Path)),
     responses((status = 200, body = PluginDetail), (status = 404, body = ErrorBody))
 )]
-async fn get_plugin(State(state): State<AppState>, Path(aggregate_type): Path<String>) -> Result<Json<PluginDetail>, ApiError> {
+async fn get_plugin(
+    State(state): State<AppState>,
+    Path(aggregate_type): Path<String>,
+) -> Result<Json<PluginDetail>, ApiError> {
     validate_type(&aggregate_type)?;
     let versions = store::plugins::versions(&state.pool, &aggregate_type).await?;
     let Some(active) = versions.first() else {
@@ -490,9 +558,14 @@ async fn get_plugin(State(state): State<AppState>, Path(aggregate_type): Path<St
 
 /// Show the sandbox limits of an aggregate type.
 #[utoipa::path(get, path = "/v1/plugins/{aggregate_type}/limits", params(("aggregate_type" = String, Path)), responses((status = 200, body = SandboxLimits)))]
-async fn get_limits(State(state): State<AppState>, Path(aggregate_type): Path<String>) -> Result<Json<SandboxLimits>, ApiError> {
+async fn get_limits(
+    State(state): State<AppState>,
+    Path(aggregate_type): Path<String>,
+) -> Result<Json<SandboxLimits>, ApiError> {
     validate_type(&aggregate_type)?;
-    Ok(Json(store::plugins::limits(&state.pool, &aggregate_type).await?))
+    Ok(Json(
+        store::plugins::limits(&state.pool, &aggregate_type).await?,
+    ))
 }
 
 /// Set the sandbox limits of an aggregate type (missing fields take their defaults).

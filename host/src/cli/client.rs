@@ -9,7 +9,12 @@ use serde_json::Value;
 #[derive(Debug, clap::Args)]
 pub struct Target {
     /// URL of any host of the region.
-    #[arg(long, env = "MERIDIAN_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "MERIDIAN_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// Print JSON instead of text meant for people.
     #[arg(long, global = true)]
@@ -89,10 +94,9 @@ async fn send(request: reqwest::RequestBuilder, url: &str) -> anyhow::Result<(u1
         format!("cannot reach a Meridian host at {url}; is it running? (set --url or MERIDIAN_URL)")
     })?;
     let status = response.status().as_u16();
-    let body: Value = response
-        .json()
-        .await
-        .with_context(|| format!("the host at {url} answered {status} with a body that is not JSON"))?;
+    let body: Value = response.json().await.with_context(|| {
+        format!("the host at {url} answered {status} with a body that is not JSON")
+    })?;
     if status >= 400 {
         let code = body["error"]["code"].as_str().unwrap_or("error");
         let message = body["error"]["message"].as_str().unwrap_or("(no message)");
@@ -102,7 +106,10 @@ async fn send(request: reqwest::RequestBuilder, url: &str) -> anyhow::Result<(u1
 }
 
 fn print_json(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
 /// Runs `meridian plugin ...`.
@@ -113,24 +120,41 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             file,
             target,
         } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let size = bytes.len();
             if !target.json {
-                eprintln!("uploading {} ({} bytes) as `{aggregate_type}`...", file.display(), size);
+                eprintln!(
+                    "uploading {} ({} bytes) as `{aggregate_type}`...",
+                    file.display(),
+                    size
+                );
             }
-            let url = format!("{}/v1/plugins/{aggregate_type}", target.url.trim_end_matches('/'));
+            let url = format!(
+                "{}/v1/plugins/{aggregate_type}",
+                target.url.trim_end_matches('/')
+            );
             let (status, body) = send(
-                client().put(&url).header("content-type", "application/wasm").body(bytes),
+                client()
+                    .put(&url)
+                    .header("content-type", "application/wasm")
+                    .body(bytes),
                 &target.url,
             )
             .await?;
             if target.json {
                 print_json(&body);
             } else {
-                let verb = if status == 201 { "stored as" } else { "unchanged, already" };
+                let verb = if status == 201 {
+                    "stored as"
+                } else {
+                    "unchanged, already"
+                };
                 println!(
                     "{aggregate_type}: {verb} version {}\n  size    {} bytes\n  sha256  {}",
-                    body["version"], body["size_bytes"], body["sha256"].as_str().unwrap_or("")
+                    body["version"],
+                    body["size_bytes"],
+                    body["sha256"].as_str().unwrap_or("")
                 );
             }
         }
@@ -142,16 +166,22 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             } else {
                 let plugins = body["plugins"].as_array().cloned().unwrap_or_default();
                 if plugins.is_empty() {
-                    println!("no plugins uploaded yet; try `meridian plugin upload <type> <file.wasm>`");
+                    println!(
+                        "no plugins uploaded yet; try `meridian plugin upload <type> <file.wasm>`"
+                    );
                 }
-                println!("{:<24} {:>7} {:>10}  {:<16} uploaded", "TYPE", "VERSION", "SIZE", "SHA256");
+                println!(
+                    "{:<24} {:>7} {:>10}  {:<16} uploaded",
+                    "TYPE", "VERSION", "SIZE", "SHA256"
+                );
                 for p in plugins {
                     println!(
                         "{:<24} {:>7} {:>10}  {:<16} {}",
                         p["aggregate_type"].as_str().unwrap_or(""),
                         p["version"],
                         p["size_bytes"],
-                        &p["sha256"].as_str().unwrap_or("")[..16.min(p["sha256"].as_str().unwrap_or("").len())],
+                        &p["sha256"].as_str().unwrap_or("")
+                            [..16.min(p["sha256"].as_str().unwrap_or("").len())],
                         p["uploaded_at"].as_str().unwrap_or("")
                     );
                 }
@@ -187,10 +217,19 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
             args.aggregate_type,
             args.aggregate_id,
             result["version"],
-            if result["duplicate"] == Value::Bool(true) { " (repeated command id: first result)" } else { "" }
+            if result["duplicate"] == Value::Bool(true) {
+                " (repeated command id: first result)"
+            } else {
+                ""
+            }
         );
         for event in result["events"].as_array().into_iter().flatten() {
-            println!("  v{:<6} {} {}", event["version"], event["type"].as_str().unwrap_or(""), event["payload"]);
+            println!(
+                "  v{:<6} {} {}",
+                event["version"],
+                event["type"].as_str().unwrap_or(""),
+                event["payload"]
+            );
         }
     }
     Ok(())
@@ -200,7 +239,10 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
 pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
     let mut after = args.after;
     loop {
-        let mut query = vec![("after", after.to_string()), ("limit", args.limit.to_string())];
+        let mut query = vec![
+            ("after", after.to_string()),
+            ("limit", args.limit.to_string()),
+        ];
         if let Some(t) = &args.aggregate_type {
             query.push(("aggregate_type", t.clone()));
         }

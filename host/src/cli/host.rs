@@ -66,7 +66,10 @@ pub struct HostArgs {
 
 /// Runs the host until it is told to stop.
 pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
-    let node_id = args.node_id.clone().unwrap_or_else(|| default_node_id(args.http_addr));
+    let node_id = args
+        .node_id
+        .clone()
+        .unwrap_or_else(|| default_node_id(args.http_addr));
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
@@ -77,13 +80,18 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         max_connections: args.db_connections.max(args.commit_workers as u32 + 2),
     })
     .await
-    .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(&args.database_url)))?;
+    .with_context(|| {
+        format!(
+            "cannot connect to PostgreSQL at {}",
+            redact(&args.database_url)
+        )
+    })?;
     store::migrate(&pool).await.context("applying migrations")?;
 
     let _nats = match &args.nats_url {
         Some(url) => Some(
             async_nats::ConnectOptions::new()
-                .name(&format!("meridian-{node_id}"))
+                .name(format!("meridian-{node_id}"))
                 .connect(url)
                 .await
                 .with_context(|| format!("cannot connect to NATS at {url}"))?,
@@ -190,7 +198,10 @@ fn default_node_id(addr: SocketAddr) -> String {
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };

@@ -19,7 +19,12 @@ pub async fn execute(args: MigrateArgs) -> anyhow::Result<()> {
         max_connections: 2,
     })
     .await
-    .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(&args.database_url)))?;
+    .with_context(|| {
+        format!(
+            "cannot connect to PostgreSQL at {}",
+            redact(&args.database_url)
+        )
+    })?;
     store::migrate(&pool).await.context("applying migrations")?;
     eprintln!("migrations applied");
     Ok(())

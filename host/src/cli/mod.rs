@@ -1,6 +1,7 @@
 //! The `meridian` command line: one file per command, each with an `execute` function.
 
 mod client;
+mod dev;
 mod host;
 mod migrate;
 
@@ -21,6 +22,8 @@ pub struct Cli {
 pub enum Commands {
     /// Run a host: serve the HTTP API and execute commands.
     Host(host::HostArgs),
+    /// Run a whole region on this machine (PostgreSQL, hosts, the example plugin) until Ctrl-C.
+    Dev(dev::DevArgs),
     /// Apply database migrations and exit.
     Migrate(migrate::MigrateArgs),
     /// Upload and list plugins.
@@ -36,6 +39,7 @@ pub enum Commands {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Commands::Host(args) => host::execute(args).await,
+        Commands::Dev(args) => dev::execute(args).await,
         Commands::Migrate(args) => migrate::execute(args).await,
         Commands::Plugin(command) => client::plugin(command).await,
         Commands::Command(args) => client::command(args).await,
@@ -48,7 +52,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("MERIDIAN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("MERIDIAN_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {

@@ -47,7 +47,9 @@ impl AggregateCache {
         entries.put(key.clone(), slot.clone());
         let mut skipped = 0;
         while entries.len() > self.capacity && skipped < 8 {
-            let Some((old_key, old_slot)) = entries.pop_lru() else { break };
+            let Some((old_key, old_slot)) = entries.pop_lru() else {
+                break;
+            };
             if Arc::strong_count(&old_slot) > 1 {
                 // In use: keep it (now most recently used) and try the next one.
                 entries.put(old_key, old_slot);

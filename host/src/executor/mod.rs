@@ -21,7 +21,9 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::runtime::{Plugin, PluginError};
-use crate::store::{self, AggregateKey, AppendOutcome, AppendRequest, Committer, Fence, NewEvent, StoreError};
+use crate::store::{
+    self, AggregateKey, AppendOutcome, AppendRequest, Committer, Fence, NewEvent, StoreError,
+};
 use cache::{AggregateCache, Loaded};
 pub use plugins::{PluginRegistry, RegistryError};
 
@@ -169,6 +171,50 @@ pub struct AggregateState {
     pub plugin_version: i32,
 }
 
+/// Runs `handle` and then `apply` for each decided event, on a blocking thread.
+///
+/// Guest calls are synchronous and may run up to their deadline; WASI calls that
+/// block (a plugin writing to stderr, say) drive tokio themselves, which is only
+/// allowed off the async workers.
+async fn decide(
+    plugin: &Plugin,
+    state: Vec<u8>,
+    command: Box<RawValue>,
+) -> Result<(Result<Vec<crate::runtime::DecidedEvent>, String>, Vec<u8>), PluginError> {
+    let plugin = plugin.clone();
+    tokio::task::spawn_blocking(move || {
+        let decided = match plugin.handle(&state, command.get().as_bytes())? {
+            Ok(events) => events,
+            Err(rejection) => return Ok((Err(rejection), state)),
+        };
+        let mut state = state;
+        for event in &decided {
+            state = plugin.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
+        }
+        Ok((Ok(decided), state))
+    })
+    .await
+    .map_err(|e| PluginError::Internal(format!("plugin task failed: {e}")))?
+}
+
+/// Folds stored events into a state on a blocking thread (see [`decide`]).
+async fn replay(
+    plugin: &Plugin,
+    state: Vec<u8>,
+    events: Vec<store::StoredEvent>,
+) -> Result<Vec<u8>, PluginError> {
+    let plugin = plugin.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut state = state;
+        for event in &events {
+            state = plugin.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
+        }
+        Ok(state)
+    })
+    .await
+    .map_err(|e| PluginError::Internal(format!("plugin task failed: {e}")))?
+}
+
 /// Executes commands. Cheap to clone.
 #[derive(Clone)]
 pub struct Executor {
@@ -185,7 +231,12 @@ struct Inner {
 
 impl Executor {
     /// Builds an executor over the store, committer and plugins.
-    pub fn new(pool: PgPool, committer: Committer, plugins: PluginRegistry, config: ExecutorConfig) -> Self {
+    pub fn new(
+        pool: PgPool,
+        committer: Committer,
+        plugins: PluginRegistry,
+        config: ExecutorConfig,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -231,23 +282,34 @@ impl Executor {
                 }
                 // Someone else wrote: the cached state is stale. Decide again on fresh
                 // state, unless the caller pinned a version.
-                Err(CommandError::Conflict(_)) if command.expected_version.is_none() && attempt < MAX_CONFLICT_RETRIES => {
+                Err(CommandError::Conflict(_))
+                    if command.expected_version.is_none() && attempt < MAX_CONFLICT_RETRIES =>
+                {
                     attempt += 1;
                     metrics::counter!("meridian_append_conflicts_total").increment(1);
                     tracing::debug!(aggregate = %command.key, attempt, "version conflict; reloading");
                 }
                 Err(CommandError::Conflict(error)) => {
                     return Err(match error {
-                        StoreError::Conflict { aggregate, expected, actual } if command.expected_version.is_some() => {
-                            CommandError::WrongVersion { aggregate, expected, actual }
-                        }
+                        StoreError::Conflict {
+                            aggregate,
+                            expected,
+                            actual,
+                        } if command.expected_version.is_some() => CommandError::WrongVersion {
+                            aggregate,
+                            expected,
+                            actual,
+                        },
                         other => CommandError::Conflict(other),
                     });
                 }
                 Err(other) => {
                     // Unknown whether the state is current (e.g. the database failed
                     // mid-append): load it afresh next time.
-                    if !matches!(other, CommandError::Rejected(_) | CommandError::WrongVersion { .. }) {
+                    if !matches!(
+                        other,
+                        CommandError::Rejected(_) | CommandError::WrongVersion { .. }
+                    ) {
                         return Err(other);
                     }
                     *guard = Some(loaded);
@@ -265,30 +327,26 @@ impl Executor {
         command: &Command,
         loaded: &Loaded,
     ) -> Result<(CommandResult, Option<Loaded>), CommandError> {
-        if let Some(expected) = command.expected_version {
-            if expected != loaded.version {
-                // A retry of a command that already ran gets its first result, not a
-                // conflict caused by itself.
-                if let Some(id) = command.command_id {
-                    if let Some(result) = self.stored_result(id, &command.key).await? {
-                        return Ok((result, None));
-                    }
-                }
-                return Err(CommandError::WrongVersion {
-                    aggregate: command.key.to_string(),
-                    expected,
-                    actual: loaded.version,
-                });
+        if let Some(expected) = command.expected_version
+            && expected != loaded.version
+        {
+            // A retry of a command that already ran gets its first result, not a
+            // conflict caused by itself.
+            if let Some(id) = command.command_id
+                && let Some(result) = self.stored_result(id, &command.key).await?
+            {
+                return Ok((result, None));
             }
+            return Err(CommandError::WrongVersion {
+                aggregate: command.key.to_string(),
+                expected,
+                actual: loaded.version,
+            });
         }
 
         let started = std::time::Instant::now();
-        let decided = plugin.handle(&loaded.state, command.body.get().as_bytes())?;
+        let (decided, state) = decide(plugin, loaded.state.clone(), command.body.clone()).await?;
         let decided = decided.map_err(CommandError::Rejected)?;
-        let mut state = loaded.state.clone();
-        for event in &decided {
-            state = plugin.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
-        }
         metrics::histogram!("meridian_plugin_seconds", "aggregate_type" => command.key.aggregate_type.clone())
             .record(started.elapsed().as_secs_f64());
 
@@ -324,7 +382,10 @@ impl Executor {
             .map(|e| (e.event_id, e.event_type.clone(), e.payload.clone()))
             .collect();
         match self.inner.committer.append(request).await? {
-            AppendOutcome::Appended { first_version, last_version } => {
+            AppendOutcome::Appended {
+                first_version,
+                last_version,
+            } => {
                 let next = Loaded {
                     version: last_version,
                     state,
@@ -353,27 +414,43 @@ impl Executor {
                     Some(next),
                 ))
             }
-            AppendOutcome::Duplicate { first_version, last_version } => {
-                let result = self.result_from_store(&command.key, first_version, last_version).await?;
+            AppendOutcome::Duplicate {
+                first_version,
+                last_version,
+            } => {
+                let result = self
+                    .result_from_store(&command.key, first_version, last_version)
+                    .await?;
                 Ok((result, None))
             }
         }
     }
 
-    async fn stored_result(&self, command_id: Uuid, key: &AggregateKey) -> Result<Option<CommandResult>, CommandError> {
+    async fn stored_result(
+        &self,
+        command_id: Uuid,
+        key: &AggregateKey,
+    ) -> Result<Option<CommandResult>, CommandError> {
         match store::read::command_result(&self.inner.pool, command_id).await? {
             Some((stored_key, first, last)) if &stored_key == key => {
                 Ok(Some(self.result_from_store(key, first, last).await?))
             }
-            Some((stored_key, ..)) => Err(CommandError::CommandIdReused(StoreError::CommandIdReused {
-                command_id,
-                used_for: stored_key.to_string(),
-            })),
+            Some((stored_key, ..)) => {
+                Err(CommandError::CommandIdReused(StoreError::CommandIdReused {
+                    command_id,
+                    used_for: stored_key.to_string(),
+                }))
+            }
             None => Ok(None),
         }
     }
 
-    async fn result_from_store(&self, key: &AggregateKey, first: i64, last: i64) -> Result<CommandResult, CommandError> {
+    async fn result_from_store(
+        &self,
+        key: &AggregateKey,
+        first: i64,
+        last: i64,
+    ) -> Result<CommandResult, CommandError> {
         let stored = store::read::aggregate_events(&self.inner.pool, key, first, last).await?;
         Ok(CommandResult {
             aggregate_type: key.aggregate_type.clone(),
@@ -425,13 +502,14 @@ impl Executor {
         let started = std::time::Instant::now();
         let mut replayed = 0u64;
         loop {
-            let page = store::read::aggregate_events(pool, key, version + 1, version + LOAD_PAGE).await?;
+            let page =
+                store::read::aggregate_events(pool, key, version + 1, version + LOAD_PAGE).await?;
             let done = (page.len() as i64) < LOAD_PAGE;
-            for event in &page {
-                state = plugin.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
-                version = event.version;
-            }
             replayed += page.len() as u64;
+            if let Some(last) = page.last() {
+                version = last.version;
+            }
+            state = replay(plugin, state, page).await?;
             if !done {
                 tracing::info!(aggregate = %key, replayed, version, "replaying a long history");
             }

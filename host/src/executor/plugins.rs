@@ -16,7 +16,9 @@ use crate::store::{self, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// No plugin was uploaded for this type.
-    #[error("no plugin is uploaded for aggregate type `{0}`; upload one with `meridian plugin upload {0} <file.wasm>`")]
+    #[error(
+        "no plugin is uploaded for aggregate type `{0}`; upload one with `meridian plugin upload {0} <file.wasm>`"
+    )]
     UnknownType(String),
     /// The stored component no longer loads (e.g. limits changed to impossible values).
     #[error(transparent)]
@@ -71,11 +73,18 @@ impl PluginRegistry {
     }
 
     fn cached(&self, aggregate_type: &str) -> Option<Plugin> {
-        self.inner.loaded.lock().expect("registry poisoned").get(aggregate_type).cloned()
+        self.inner
+            .loaded
+            .lock()
+            .expect("registry poisoned")
+            .get(aggregate_type)
+            .cloned()
     }
 
     async fn load(&self, aggregate_type: &str) -> Result<Plugin, RegistryError> {
-        let Some((info, bytes)) = store::plugins::latest_with_bytes(&self.inner.pool, aggregate_type).await? else {
+        let Some((info, bytes)) =
+            store::plugins::latest_with_bytes(&self.inner.pool, aggregate_type).await?
+        else {
             return Err(RegistryError::UnknownType(aggregate_type.to_string()));
         };
         let limits = store::plugins::limits(&self.inner.pool, aggregate_type).await?;
@@ -84,9 +93,11 @@ impl PluginRegistry {
         let started = std::time::Instant::now();
         // Compiling takes from milliseconds (Rust) to seconds (interpreters): keep it off
         // the async workers.
-        let plugin = tokio::task::spawn_blocking(move || runtime.load(&ty, info.version, &info.sha256, &bytes, limits))
-            .await
-            .map_err(|e| PluginError::Internal(format!("compile task failed: {e}")))??;
+        let plugin = tokio::task::spawn_blocking(move || {
+            runtime.load(&ty, info.version, &info.sha256, &bytes, limits)
+        })
+        .await
+        .map_err(|e| PluginError::Internal(format!("compile task failed: {e}")))??;
         tracing::info!(
             plugin = plugin.name(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -124,7 +135,11 @@ impl PluginRegistry {
     /// Forgets a type's compiled plugin, so the next command loads it again (after an
     /// upload or a change of limits).
     pub fn invalidate(&self, aggregate_type: &str) {
-        self.inner.loaded.lock().expect("registry poisoned").remove(aggregate_type);
+        self.inner
+            .loaded
+            .lock()
+            .expect("registry poisoned")
+            .remove(aggregate_type);
     }
 
     /// The loaded plugins, for status pages.

@@ -28,8 +28,8 @@ use wasmtime::component::{Component, Linker, types::ComponentItem};
 use wasmtime::{Config, Engine, Store, Trap};
 
 pub use limits::*;
-pub use sandbox::{ALLOWED_IMPORT_PREFIXES, FIXED_WALL_CLOCK_SECS};
 use sandbox::GuestState;
+pub use sandbox::{ALLOWED_IMPORT_PREFIXES, FIXED_WALL_CLOCK_SECS};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -203,10 +203,10 @@ impl Runtime {
             })
             .map_err(|e| PluginError::Internal(format!("starting the epoch ticker: {e}")))?;
 
-        if let Some(dir) = &config.cache_dir {
-            if let Err(error) = std::fs::create_dir_all(dir) {
-                tracing::warn!(dir = %dir.display(), %error, "cannot create the component cache; compiling on every start");
-            }
+        if let Some(dir) = &config.cache_dir
+            && let Err(error) = std::fs::create_dir_all(dir)
+        {
+            tracing::warn!(dir = %dir.display(), %error, "cannot create the component cache; compiling on every start");
         }
         Ok(Self {
             inner: Arc::new(RuntimeInner {
@@ -269,10 +269,13 @@ impl Runtime {
             return Err(PluginError::ForbiddenImport(name.to_string()));
         }
         for required in ["describe", "handle", "apply"] {
-            let found = component
-                .component_type()
-                .exports(&self.inner.engine)
-                .any(|(name, item)| name == required && matches!(item.ty, ComponentItem::ComponentFunc(_)));
+            let found =
+                component
+                    .component_type()
+                    .exports(&self.inner.engine)
+                    .any(|(name, item)| {
+                        name == required && matches!(item.ty, ComponentItem::ComponentFunc(_))
+                    });
             if !found {
                 return Err(PluginError::WrongWorld(format!(
                     "missing export `{required}`"
@@ -312,19 +315,19 @@ impl Runtime {
             .cache_dir
             .as_ref()
             .map(|dir| dir.join(format!("{sha256}-{}.cwasm", self.inner.engine_hash)));
-        if let Some(path) = &cache_path {
-            if path.exists() {
-                // SAFETY: `deserialize_file` trusts its input to be wasmtime's own output.
-                // The cache directory is written only by this function, under a name
-                // that includes the source's sha256 and the engine's compatibility hash,
-                // and a file that fails to load is recompiled and overwritten.
-                #[allow(unsafe_code)]
-                let loaded = unsafe { Component::deserialize_file(engine, path) };
-                match loaded {
-                    Ok(component) => return Ok((component, true)),
-                    Err(error) => {
-                        tracing::warn!(path = %path.display(), %error, "ignoring unusable cached component")
-                    }
+        if let Some(path) = &cache_path
+            && path.exists()
+        {
+            // SAFETY: `deserialize_file` trusts its input to be wasmtime's own output.
+            // The cache directory is written only by this function, under a name
+            // that includes the source's sha256 and the engine's compatibility hash,
+            // and a file that fails to load is recompiled and overwritten.
+            #[allow(unsafe_code)]
+            let loaded = unsafe { Component::deserialize_file(engine, path) };
+            match loaded {
+                Ok(component) => return Ok((component, true)),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "ignoring unusable cached component")
                 }
             }
         }
@@ -335,7 +338,10 @@ impl Runtime {
                 Ok(compiled) => {
                     // Write then rename, so a crash never leaves a torn file behind.
                     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-                    if std::fs::write(&tmp, compiled).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+                    if std::fs::write(&tmp, compiled)
+                        .and_then(|_| std::fs::rename(&tmp, path))
+                        .is_err()
+                    {
                         let _ = std::fs::remove_file(&tmp);
                     }
                 }
@@ -373,7 +379,9 @@ struct Instance {
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.inner.name).finish()
+        f.debug_struct("Plugin")
+            .field("name", &self.inner.name)
+            .finish()
     }
 }
 
@@ -403,62 +411,103 @@ impl Plugin {
 
     /// Calls `handle`. The outer error is a plugin fault; the inner one is the plugin's
     /// rejection message.
-    pub fn handle(&self, state: &[u8], command: &[u8]) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
-        let result = self.call("handle", |store, guest| guest.call_handle(store, state, command))?;
+    pub fn handle(
+        &self,
+        state: &[u8],
+        command: &[u8],
+    ) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
+        let result = self.call("handle", |store, guest| {
+            guest.call_handle(store, state, command)
+        })?;
         let events = match result {
             Ok(events) => events,
             Err(rejection) => return Ok(Err(rejection.message)),
         };
         let limits = &self.inner.limits;
         if events.len() > limits.max_events_per_call as usize {
-            return Err(self.invalid("handle", format!(
-                "{} events, over the limit of {}",
-                events.len(),
-                limits.max_events_per_call
-            )));
+            return Err(self.invalid(
+                "handle",
+                format!(
+                    "{} events, over the limit of {}",
+                    events.len(),
+                    limits.max_events_per_call
+                ),
+            ));
         }
-        let total: usize = events.iter().map(|e| e.payload.len() + e.event_type.len()).sum();
+        let total: usize = events
+            .iter()
+            .map(|e| e.payload.len() + e.event_type.len())
+            .sum();
         if total as u64 > limits.max_output_bytes {
-            return Err(self.invalid("handle", format!(
-                "{total} bytes of events, over the limit of {}",
-                limits.max_output_bytes
-            )));
+            return Err(self.invalid(
+                "handle",
+                format!(
+                    "{total} bytes of events, over the limit of {}",
+                    limits.max_output_bytes
+                ),
+            ));
         }
         events
             .into_iter()
-            .map(|WitEvent { event_type, payload }| {
-                if event_type.is_empty() {
-                    return Err(self.invalid("handle", "an event with an empty type".into()));
-                }
-                let payload = String::from_utf8(payload)
-                    .map_err(|_| self.invalid("handle", format!("event `{event_type}` payload is not UTF-8")))?;
-                let payload = serde_json::value::RawValue::from_string(payload).map_err(|e| {
-                    self.invalid("handle", format!("event `{event_type}` payload is not JSON: {e}"))
-                })?;
-                Ok(DecidedEvent { event_type, payload })
-            })
+            .map(
+                |WitEvent {
+                     event_type,
+                     payload,
+                 }| {
+                    if event_type.is_empty() {
+                        return Err(self.invalid("handle", "an event with an empty type".into()));
+                    }
+                    let payload = String::from_utf8(payload).map_err(|_| {
+                        self.invalid(
+                            "handle",
+                            format!("event `{event_type}` payload is not UTF-8"),
+                        )
+                    })?;
+                    let payload =
+                        serde_json::value::RawValue::from_string(payload).map_err(|e| {
+                            self.invalid(
+                                "handle",
+                                format!("event `{event_type}` payload is not JSON: {e}"),
+                            )
+                        })?;
+                    Ok(DecidedEvent {
+                        event_type,
+                        payload,
+                    })
+                },
+            )
             .collect::<Result<Vec<_>, _>>()
             .map(Ok)
     }
 
     /// Calls `apply` and returns the new state bytes.
-    pub fn apply(&self, state: &[u8], event_type: &str, payload: &[u8]) -> Result<Vec<u8>, PluginError> {
+    pub fn apply(
+        &self,
+        state: &[u8],
+        event_type: &str,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, PluginError> {
         let event = WitEvent {
             event_type: event_type.to_string(),
             payload: payload.to_vec(),
         };
-        let result = self.call("apply", |store, guest| guest.call_apply(store, state, &event))?;
+        let result = self.call("apply", |store, guest| {
+            guest.call_apply(store, state, &event)
+        })?;
         let state = result.map_err(|message| PluginError::ApplyFailed {
             plugin: self.inner.name.clone(),
             event_type: event_type.to_string(),
             message,
         })?;
         if state.len() as u64 > self.inner.limits.max_output_bytes {
-            return Err(self.invalid("apply", format!(
-                "a state of {} bytes, over the limit of {}",
-                state.len(),
-                self.inner.limits.max_output_bytes
-            )));
+            return Err(self.invalid(
+                "apply",
+                format!(
+                    "a state of {} bytes, over the limit of {}",
+                    state.len(),
+                    self.inner.limits.max_output_bytes
+                ),
+            ));
         }
         Ok(state)
     }
@@ -476,12 +525,20 @@ impl Plugin {
         call: &'static str,
         f: impl FnOnce(&mut Store<GuestState>, &bindings::Aggregate) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
-        let mut instance = match self.inner.idle.lock().expect("instance pool poisoned").pop() {
+        let mut instance = match self
+            .inner
+            .idle
+            .lock()
+            .expect("instance pool poisoned")
+            .pop()
+        {
             Some(instance) => instance,
             None => self.instantiate()?,
         };
         instance.store.data_mut().reset_for_call();
-        instance.store.set_epoch_deadline(self.inner.limits.deadline_ticks());
+        instance
+            .store
+            .set_epoch_deadline(self.inner.limits.deadline_ticks());
         match f(&mut instance.store, &instance.bindings) {
             Ok(value) => {
                 instance.calls += 1;
@@ -498,9 +555,20 @@ impl Plugin {
         }
     }
 
-    fn classify(&self, call: &'static str, instance: &Instance, error: wasmtime::Error) -> PluginError {
+    fn classify(
+        &self,
+        call: &'static str,
+        instance: &Instance,
+        error: wasmtime::Error,
+    ) -> PluginError {
         let plugin = self.inner.name.clone();
-        if instance.store.data().limiter.exceeded.load(Ordering::Relaxed) {
+        if instance
+            .store
+            .data()
+            .limiter
+            .exceeded
+            .load(Ordering::Relaxed)
+        {
             return PluginError::OutOfMemory {
                 plugin,
                 call,
@@ -514,15 +582,27 @@ impl Plugin {
                 deadline_ms: self.inner.limits.deadline_ms,
             };
         }
+        // The guest's last stderr line (a panic message) says more than the trap.
+        let trap = match error.downcast_ref::<Trap>() {
+            Some(trap) => trap.to_string(),
+            None => first_line(&format!("{error:#}")),
+        };
+        let message = match instance.store.data().stderr.last_message() {
+            Some(line) => format!("{line} ({trap})"),
+            None => trap,
+        };
         PluginError::Trap {
             plugin,
             call,
-            message: format!("{error:#}"),
+            message,
         }
     }
 
     fn instantiate(&self) -> Result<Instance, PluginError> {
-        let mut store = Store::new(&self.inner.engine, GuestState::new(self.inner.limits.memory_bytes));
+        let mut store = Store::new(
+            &self.inner.engine,
+            GuestState::new(self.inner.limits.memory_bytes),
+        );
         store.limiter(|state| &mut state.limiter);
         // Instantiation runs the component's start code, which gets the same deadline.
         store.set_epoch_deadline(self.inner.limits.deadline_ticks());
@@ -541,7 +621,18 @@ impl Plugin {
                 }
             }
         })?;
-        Ok(Instance { store, bindings, calls: 0 })
+        Ok(Instance {
+            store,
+            bindings,
+            calls: 0,
+        })
+    }
+
+    /// Creates one instance and drops it: what a call costs when no idle instance is
+    /// pooled. For benchmarks.
+    #[doc(hidden)]
+    pub fn cold_instantiate(&self) -> Result<(), PluginError> {
+        self.instantiate().map(drop)
     }
 
     /// How long a call may take at most, for callers that wait on one.

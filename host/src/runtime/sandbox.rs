@@ -18,9 +18,11 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
 /// Import namespaces a plugin may use: the WASI interfaces a `wasm32-wasip2` build pulls
-/// in. Each is served without capabilities (see the module docs). Anything else —
-/// `wasi:sockets`, `wasi:http`, or a custom interface — is refused at upload.
+/// in, each served without capabilities (see the module docs), and the contract's own
+/// types interface (it holds only type definitions). Anything else — `wasi:sockets`,
+/// `wasi:http`, or a custom interface — is refused at upload.
 pub const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
+    "meridian:aggregate/types@0.1.",
     "wasi:io/",
     "wasi:cli/",
     "wasi:clocks/",
@@ -36,6 +38,9 @@ pub const FIXED_WALL_CLOCK_SECS: u64 = 1_735_689_600;
 /// The store data of one plugin instance.
 pub(crate) struct GuestState {
     wasi: WasiCtx,
+    /// The tail of what the guest wrote to stderr during the current call (a Rust
+    /// plugin's panic message lands here).
+    pub(crate) stderr: TailPipe,
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     /// Reset before every call so each call draws the same "random" bytes.
@@ -45,7 +50,9 @@ pub(crate) struct GuestState {
 impl GuestState {
     pub(crate) fn new(memory_bytes: u64) -> Self {
         let rng_state = Arc::new(AtomicU64::new(RNG_SEED));
+        let stderr = TailPipe::default();
         let wasi = WasiCtx::builder()
+            .stderr(stderr.clone())
             .wall_clock(FixedWallClock)
             .monotonic_clock(FixedMonotonicClock)
             .secure_random(SeededRng(rng_state.clone()))
@@ -57,6 +64,7 @@ impl GuestState {
             .build();
         Self {
             wasi,
+            stderr,
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(memory_bytes),
             rng_state,
@@ -67,6 +75,112 @@ impl GuestState {
     pub(crate) fn reset_for_call(&mut self) {
         self.rng_state.store(RNG_SEED, Ordering::Relaxed);
         self.limiter.exceeded.store(false, Ordering::Relaxed);
+        self.stderr.clear();
+    }
+}
+
+/// Bytes of guest stderr kept per call.
+const STDERR_TAIL_BYTES: usize = 2048;
+
+/// A stderr that never fails and keeps only the last [`STDERR_TAIL_BYTES`].
+///
+/// Never failing matters: Rust's `eprintln!` panics when a write fails, so a pipe
+/// that filled up would turn a plugin's debug output into a trap.
+#[derive(Clone, Default)]
+pub(crate) struct TailPipe(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl TailPipe {
+    fn push(&self, bytes: &[u8]) {
+        let mut buf = self.0.lock().expect("stderr pipe poisoned");
+        buf.extend_from_slice(bytes);
+        if buf.len() > STDERR_TAIL_BYTES {
+            let cut = buf.len() - STDERR_TAIL_BYTES;
+            buf.drain(..cut);
+        }
+    }
+
+    fn clear(&self) {
+        self.0.lock().expect("stderr pipe poisoned").clear();
+    }
+
+    /// What the guest said last: a Rust panic's location and message when there is
+    /// one, else the last non-empty line. Rust's "run with RUST_BACKTRACE" hint is
+    /// dropped; it means nothing to a caller of the API.
+    pub(crate) fn last_message(&self) -> Option<String> {
+        let buf = self.0.lock().expect("stderr pipe poisoned");
+        let text = String::from_utf8_lossy(&buf);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect();
+        if let Some(at) = lines.iter().rposition(|l| l.contains("panicked at")) {
+            let message = lines.get(at + 1).copied().unwrap_or_default();
+            return Some(format!("{} {message}", lines[at]).trim().to_string());
+        }
+        lines.last().map(|l| l.to_string())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::OutputStream for TailPipe {
+    fn write(&mut self, bytes: bytes::Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> wasmtime_wasi::p2::StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> wasmtime_wasi::p2::StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for TailPipe {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for TailPipe {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.push(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for TailPipe {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for TailPipe {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
     }
 }
 
@@ -210,7 +324,10 @@ mod tests {
         let ok = ["wasi:io/streams@0.2.3", "wasi:cli/environment@0.2.3"];
         assert_eq!(forbidden_import(ok.into_iter()), None);
         let bad = ["wasi:io/streams@0.2.3", "wasi:sockets/tcp@0.2.3"];
-        assert_eq!(forbidden_import(bad.into_iter()), Some("wasi:sockets/tcp@0.2.3"));
+        assert_eq!(
+            forbidden_import(bad.into_iter()),
+            Some("wasi:sockets/tcp@0.2.3")
+        );
         assert_eq!(
             forbidden_import(["evil:escape/network@0.1.0"].into_iter()),
             Some("evil:escape/network@0.1.0")

@@ -175,7 +175,8 @@ async fn next_batch(
     for pending in batch {
         let r = &pending.request;
         let fresh_command = r.command_id.is_none_or(|id| seen_commands.insert(id));
-        let fresh_aggregate = seen_aggregates.insert((r.aggregate_type.clone(), r.aggregate_id.clone()));
+        let fresh_aggregate =
+            seen_aggregates.insert((r.aggregate_type.clone(), r.aggregate_id.clone()));
         if fresh_command && fresh_aggregate {
             keep.push(pending);
         } else {
@@ -207,15 +208,22 @@ async fn commit(pool: &PgPool, config: &CommitterConfig, batch: Vec<Pending>) {
         Err(error) => {
             let message = error.to_string();
             for pending in batch {
-                let _ = pending.reply.send(Err(StoreError::Database(sqlx::Error::Protocol(message.clone()))));
+                let _ = pending
+                    .reply
+                    .send(Err(StoreError::Database(sqlx::Error::Protocol(
+                        message.clone(),
+                    ))));
             }
         }
     }
 }
 
 /// Runs one `meridian_append` call; one result per request, in order.
-pub async fn append_batch(
-    pool: &PgPool,
+///
+/// Outside a transaction the call is its own transaction; inside one (tests do this to
+/// delay commits) it commits with it.
+pub async fn append_batch<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
     config: &CommitterConfig,
     requests: &[&AppendRequest],
 ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
@@ -269,10 +277,11 @@ pub async fn append_batch(
     .bind(&e_type)
     .bind(&e_payload)
     .bind(&e_metadata)
-    .fetch_all(pool)
+    .fetch_all(executor)
     .await?;
 
-    let mut results: Vec<Option<Result<AppendOutcome, StoreError>>> = (0..n).map(|_| None).collect();
+    let mut results: Vec<Option<Result<AppendOutcome, StoreError>>> =
+        (0..n).map(|_| None).collect();
     for row in rows {
         let req: i32 = row.try_get("req")?;
         let outcome: String = row.try_get("outcome")?;
@@ -300,7 +309,9 @@ pub async fn append_batch(
                 }
             }
             "fenced" => {
-                let fence = r.fence.expect("only fenced requests can be refused as fenced");
+                let fence = r
+                    .fence
+                    .expect("only fenced requests can be refused as fenced");
                 Err(StoreError::Fenced {
                     partition: fence.partition,
                     epoch: fence.epoch,
@@ -316,6 +327,12 @@ pub async fn append_batch(
     }
     Ok(results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(StoreError::Database(sqlx::Error::Protocol("append returned no result for a request".into())))))
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(StoreError::Database(sqlx::Error::Protocol(
+                    "append returned no result for a request".into(),
+                )))
+            })
+        })
         .collect())
 }

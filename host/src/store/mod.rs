@@ -106,11 +106,13 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 
 /// Records a region-wide setting on first start, or returns the value already recorded.
 pub async fn region_setting(pool: &PgPool, key: &str, value: &str) -> Result<String, StoreError> {
-    sqlx::query("INSERT INTO region_settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
-        .bind(key)
-        .bind(value)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "INSERT INTO region_settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(key)
+    .bind(value)
+    .execute(pool)
+    .await?;
     let stored: String = sqlx::query_scalar("SELECT value FROM region_settings WHERE key = $1")
         .bind(key)
         .fetch_one(pool)

@@ -35,7 +35,8 @@ fn info(row: &sqlx::postgres::PgRow) -> Result<PluginInfo, StoreError> {
     })
 }
 
-const INFO_COLUMNS: &str = "aggregate_type, version, sha256, size_bytes, schema_version, uploaded_at";
+const INFO_COLUMNS: &str =
+    "aggregate_type, version, sha256, size_bytes, schema_version, uploaded_at";
 
 /// Stores an upload. The same bytes as the newest version return that version
 /// (`created == false`); anything else becomes the next version.
@@ -61,10 +62,10 @@ pub async fn store(
     .await?
     .map(|row| info(&row))
     .transpose()?;
-    if let Some(latest) = &latest {
-        if latest.sha256 == sha256 {
-            return Ok((latest.clone(), false));
-        }
+    if let Some(latest) = &latest
+        && latest.sha256 == sha256
+    {
+        return Ok((latest.clone(), false));
     }
     let next = latest.map_or(1, |l| l.version + 1);
     let row = sqlx::query(&format!(
@@ -111,7 +112,10 @@ pub async fn versions(pool: &PgPool, aggregate_type: &str) -> Result<Vec<PluginI
 }
 
 /// The newest version of a type with its component bytes.
-pub async fn latest_with_bytes(pool: &PgPool, aggregate_type: &str) -> Result<Option<(PluginInfo, Vec<u8>)>, StoreError> {
+pub async fn latest_with_bytes(
+    pool: &PgPool,
+    aggregate_type: &str,
+) -> Result<Option<(PluginInfo, Vec<u8>)>, StoreError> {
     let row = sqlx::query(&format!(
         "SELECT {INFO_COLUMNS}, component FROM plugins WHERE aggregate_type = $1 \
          ORDER BY version DESC LIMIT 1"
@@ -119,7 +123,8 @@ pub async fn latest_with_bytes(pool: &PgPool, aggregate_type: &str) -> Result<Op
     .bind(aggregate_type)
     .fetch_optional(pool)
     .await?;
-    row.map(|row| Ok((info(&row)?, row.try_get("component")?))).transpose()
+    row.map(|row| Ok((info(&row)?, row.try_get("component")?)))
+        .transpose()
 }
 
 /// The sandbox limits of a type: the operator's, or the defaults.
@@ -133,7 +138,11 @@ pub async fn limits(pool: &PgPool, aggregate_type: &str) -> Result<SandboxLimits
 }
 
 /// Sets the sandbox limits of a type.
-pub async fn set_limits(pool: &PgPool, aggregate_type: &str, limits: &SandboxLimits) -> Result<(), StoreError> {
+pub async fn set_limits(
+    pool: &PgPool,
+    aggregate_type: &str,
+    limits: &SandboxLimits,
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO plugin_limits (aggregate_type, limits) VALUES ($1, $2) \
          ON CONFLICT (aggregate_type) DO UPDATE SET limits = EXCLUDED.limits, updated_at = now()",

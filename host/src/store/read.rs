@@ -94,7 +94,11 @@ pub struct Snapshot {
 }
 
 /// Loads the newest snapshot usable by `plugin_version`, if any.
-pub async fn snapshot(pool: &PgPool, key: &AggregateKey, plugin_version: i32) -> Result<Option<Snapshot>, StoreError> {
+pub async fn snapshot(
+    pool: &PgPool,
+    key: &AggregateKey,
+    plugin_version: i32,
+) -> Result<Option<Snapshot>, StoreError> {
     let row = sqlx::query(
         "SELECT version, plugin_version, state FROM snapshots \
          WHERE aggregate_type = $1 AND aggregate_id = $2 AND plugin_version = $3",
@@ -115,7 +119,11 @@ pub async fn snapshot(pool: &PgPool, key: &AggregateKey, plugin_version: i32) ->
 }
 
 /// Stores a snapshot unless a newer one is already there.
-pub async fn save_snapshot(pool: &PgPool, key: &AggregateKey, snapshot: &Snapshot) -> Result<(), StoreError> {
+pub async fn save_snapshot(
+    pool: &PgPool,
+    key: &AggregateKey,
+    snapshot: &Snapshot,
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO snapshots (aggregate_type, aggregate_id, version, plugin_version, state) \
          VALUES ($1, $2, $3, $4, $5) \
@@ -169,7 +177,12 @@ pub struct EventFilter {
 
 /// Events after `after` (a position received earlier, or 0 for the beginning) in the
 /// region's commit order, never past a transaction that may still commit.
-pub async fn read_all(pool: &PgPool, after: i64, limit: i64, filter: &EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
+pub async fn read_all(
+    pool: &PgPool,
+    after: i64,
+    limit: i64,
+    filter: &EventFilter,
+) -> Result<Vec<StoredEvent>, StoreError> {
     let after_tx: Option<i64> = if after <= 0 {
         Some(0)
     } else {
@@ -204,17 +217,21 @@ pub async fn read_all(pool: &PgPool, after: i64, limit: i64, filter: &EventFilte
 
 /// The aggregate's current version in the store (0 if it has no events).
 pub async fn stream_version(pool: &PgPool, key: &AggregateKey) -> Result<i64, StoreError> {
-    let version: Option<i64> =
-        sqlx::query_scalar("SELECT version FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2")
-            .bind(&key.aggregate_type)
-            .bind(&key.aggregate_id)
-            .fetch_optional(pool)
-            .await?;
+    let version: Option<i64> = sqlx::query_scalar(
+        "SELECT version FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2",
+    )
+    .bind(&key.aggregate_type)
+    .bind(&key.aggregate_id)
+    .fetch_optional(pool)
+    .await?;
     Ok(version.unwrap_or(0))
 }
 
 /// The versions a command id produced, if it ran: `(type, id, first, last)`.
-pub async fn command_result(pool: &PgPool, command_id: Uuid) -> Result<Option<(AggregateKey, i64, i64)>, StoreError> {
+pub async fn command_result(
+    pool: &PgPool,
+    command_id: Uuid,
+) -> Result<Option<(AggregateKey, i64, i64)>, StoreError> {
     let row = sqlx::query(
         "SELECT aggregate_type, aggregate_id, first_version, last_version FROM commands WHERE command_id = $1",
     )

@@ -13,7 +13,6 @@ pub struct MemoryBomb;
 pub enum Event {}
 
 const CHUNK: usize = 1 << 20;
-const PAGE: usize = 4096;
 
 impl Aggregate for MemoryBomb {
     const TYPE: &'static str = "memory-bomb";
@@ -24,13 +23,9 @@ impl Aggregate for MemoryBomb {
     fn handle(_state: &(), _command: IgnoredAny) -> Result<Vec<Event>, Rejection> {
         let mut chunks: Vec<Vec<u8>> = Vec::new();
         loop {
-            let mut chunk = Vec::with_capacity(CHUNK);
-            // Writing every page makes the memory really used, even on hosts that
-            // commit linear memory lazily.
-            for index in 0..CHUNK {
-                chunk.push(if index % PAGE == 0 { 1 } else { 0 });
-            }
-            chunks.push(std::hint::black_box(chunk));
+            // A non-zero fill writes every byte, so the memory is really used even on
+            // hosts that commit linear memory lazily (a zeroed chunk might not be).
+            chunks.push(std::hint::black_box(vec![1_u8; CHUNK]));
         }
     }
 

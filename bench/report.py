@@ -1,0 +1,100 @@
+"""Rewrites the generated tables of BENCHMARKS.md from a benchmark run's JSON files.
+
+Usage: python3 bench/report.py <results dir> <BENCHMARKS.md> <command>
+
+Only the text between `<!-- BEGIN:name -->` and `<!-- END:name -->` markers is
+replaced, so the analysis around the tables stays as written.
+"""
+import datetime
+import json
+import os
+import re
+import sys
+
+
+def load(directory, name):
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def machine():
+    cores = os.cpu_count()
+    mem_kb = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{cores} cores ({model}), {mem_kb / 1024 / 1024:.0f} GiB memory"
+
+
+def replace(text, name, body):
+    pattern = re.compile(rf"(<!-- BEGIN:{name} -->\n).*?(<!-- END:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"BENCHMARKS.md has no {name} markers")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+def main():
+    directory, target, command = sys.argv[1:4]
+    with open(target) as f:
+        text = f.read()
+
+    run = (
+        f"Run on {datetime.date.today().isoformat()}, {machine()}, with `{command}`. "
+        "PostgreSQL, the hosts and the load generator share the machine."
+    )
+    text = replace(text, "run", run + "\n")
+
+    raw = load(directory, "raw.json")
+    single = load(directory, "single.json")
+    if single and raw:
+        raw_rate = raw["rows_per_s"] if "rows_per_s" in raw else raw.get("throughput", 0)
+        lines = [
+            "| clients | commands/s | p50 ms | p99 ms | p99.9 ms | failed | ÷ raw INSERT rows/s |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for level in single:
+            lines.append(
+                f"| {level['concurrency']} | {level['throughput']:,.0f} | {level['p50_ms']:.2f} | "
+                f"{level['p99_ms']:.2f} | {level['p999_ms']:.2f} | {level['failed']} | "
+                f"{level['throughput'] / raw_rate:.2f} |"
+            )
+        lines.append("")
+        lines.append(f"Raw batched INSERT ceiling (8 clients × 100-row transactions): **{raw_rate:,.0f} rows/s**.")
+        text = replace(text, "single", "\n".join(lines) + "\n")
+
+    rt = load(directory, "runtime.json")
+    if rt:
+        lines = [
+            "| measure | value |",
+            "|---|---:|",
+            f"| component size | {rt['component_bytes']:,} bytes |",
+            f"| compile (cold, no cache) | {rt['compile_ms']:.1f} ms |",
+            f"| instantiate | {rt['instantiate_us']:.1f} µs |",
+            f"| native handle+apply per command | {rt['native_us_per_command']:.2f} µs |",
+            f"| WASM handle+apply per command | {rt['wasm_us_per_command']:.2f} µs |",
+            f"| WASM ÷ native | {rt['wasm_over_native']:.2f}× |",
+            f"| replay through WASM `apply` | {rt['replay_events_per_s']:,.0f} events/s |",
+            f"| replay natively | {rt['native_replay_events_per_s']:,.0f} events/s |",
+        ]
+        text = replace(text, "runtime", "\n".join(lines) + "\n")
+
+    mem = load(directory, "memory.json")
+    if mem:
+        text = replace(text, "memory", f"Peak RSS of the host during the run: {mem['host_peak_rss_kb'] / 1024:.0f} MiB.\n")
+
+    with open(target, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+//! WASM vs native: the bank-account aggregate's per-command cost through Meridian's
+//! plugin runtime against the same code compiled natively, plus instantiate and
+//! compile cost and replay speed.
+//!
+//! Both sides run the identical byte-level path (`meridian_guest::codec`): JSON state
+//! and command in, JSON events out, then `apply` per event. Natively that is a plain
+//! function call; through WASM it crosses the component boundary twice per command.
+//!
+//! ```text
+//! bash plugins/build.sh
+//! cargo run --release -p meridian-bench --bin meridian-runtime-bench -- \
+//!     --wasm target/wasm32-wasip2/release/bank_account.wasm --json runtime.json
+//! ```
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bank_account::BankAccount;
+use clap::Parser;
+use meridian::runtime::{Runtime, RuntimeConfig, SandboxLimits};
+use meridian_guest::codec;
+
+/// Command-line options.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The bank-account component.
+    #[arg(long, default_value = "target/wasm32-wasip2/release/bank_account.wasm")]
+    wasm: PathBuf,
+    /// Commands per measurement.
+    #[arg(long, default_value_t = 200_000)]
+    commands: usize,
+    /// Events replayed through `apply` for the replay measurement.
+    #[arg(long, default_value_t = 100_000)]
+    replay_events: usize,
+    /// Write results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// A fixed command mix over a small set of states, the same for both sides.
+fn workload() -> Vec<(Vec<u8>, Vec<u8>)> {
+    let state = br#"{"owner":"alice","balance":500,"open":true}"#.to_vec();
+    let commands: [&[u8]; 4] = [
+        br#"{"type":"Deposit","amount":17}"#,
+        br#"{"type":"Withdraw","amount":5}"#,
+        br#"{"type":"Deposit","amount":3}"#,
+        br#"{"type":"Withdraw","amount":100000}"#, // rejected: insufficient funds
+    ];
+    commands
+        .iter()
+        .map(|c| (state.clone(), c.to_vec()))
+        .collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bytes = std::fs::read(&args.wasm)
+        .with_context(|| format!("reading {} (run plugins/build.sh)", args.wasm.display()))?;
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+
+    let started = Instant::now();
+    let plugin = runtime.load("bank-account", 1, "bench", &bytes, SandboxLimits::default())?;
+    let compile = started.elapsed();
+
+    let samples = 200;
+    let started = Instant::now();
+    for _ in 0..samples {
+        plugin.cold_instantiate()?;
+    }
+    let instantiate = started.elapsed() / samples;
+
+    let work = workload();
+    // Warm both paths (allocators, instance pool, caches).
+    for (state, command) in work.iter().cycle().take(10_000) {
+        native_command(state, command);
+        wasm_command(&plugin, state, command)?;
+    }
+
+    let native = time(args.commands, |i| {
+        let (state, command) = &work[i % work.len()];
+        native_command(state, command);
+        Ok(())
+    })?;
+    let wasm = time(args.commands, |i| {
+        let (state, command) = &work[i % work.len()];
+        wasm_command(&plugin, state, command)
+    })?;
+
+    // Replay: fold `replay_events` Deposited events into one state through WASM apply.
+    let payload = br#"{"amount":1}"#;
+    let mut state = codec::apply::<BankAccount>(b"", "Opened", br#"{"owner":"r"}"#)
+        .map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    for _ in 0..args.replay_events {
+        state = plugin.apply(&state, "Deposited", payload)?;
+    }
+    let replay = started.elapsed();
+    let replay_rate = args.replay_events as f64 / replay.as_secs_f64();
+    let mut native_state = codec::apply::<BankAccount>(b"", "Opened", br#"{"owner":"r"}"#)
+        .map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    for _ in 0..args.replay_events {
+        native_state = codec::apply::<BankAccount>(&native_state, "Deposited", payload)
+            .map_err(anyhow::Error::msg)?;
+    }
+    let native_replay_rate = args.replay_events as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(state, native_state, "WASM and native replay disagree");
+
+    let ratio = wasm.as_secs_f64() / native.as_secs_f64();
+    println!("component size         {:>10} bytes", bytes.len());
+    println!(
+        "compile (cold)         {:>10.1} ms",
+        compile.as_secs_f64() * 1e3
+    );
+    println!(
+        "instantiate            {:>10.1} µs",
+        instantiate.as_secs_f64() * 1e6
+    );
+    println!(
+        "native handle+apply    {:>10.2} µs/command",
+        native.as_secs_f64() * 1e6
+    );
+    println!(
+        "WASM handle+apply      {:>10.2} µs/command",
+        wasm.as_secs_f64() * 1e6
+    );
+    println!("WASM / native          {:>10.2}x  (goal <= 1.3x)", ratio);
+    println!(
+        "replay through WASM    {:>10.0} events/s  (goal >= 100,000)",
+        replay_rate
+    );
+    println!(
+        "replay natively        {:>10.0} events/s",
+        native_replay_rate
+    );
+    if let Some(path) = args.json {
+        let json = serde_json::json!({
+            "component_bytes": bytes.len(),
+            "compile_ms": compile.as_secs_f64() * 1e3,
+            "instantiate_us": instantiate.as_secs_f64() * 1e6,
+            "native_us_per_command": native.as_secs_f64() * 1e6,
+            "wasm_us_per_command": wasm.as_secs_f64() * 1e6,
+            "wasm_over_native": ratio,
+            "replay_events_per_s": replay_rate,
+            "native_replay_events_per_s": native_replay_rate,
+        });
+        std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+    }
+    Ok(())
+}
+
+/// Mean time per iteration.
+fn time(n: usize, mut f: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for i in 0..n {
+        f(i)?;
+    }
+    Ok(started.elapsed() / n as u32)
+}
+
+fn native_command(state: &[u8], command: &[u8]) {
+    if let Ok(events) = codec::handle::<BankAccount>(state, command) {
+        let mut state = state.to_vec();
+        for (event_type, payload) in events {
+            state = codec::apply::<BankAccount>(&state, &event_type, &payload).expect("apply");
+        }
+        std::hint::black_box(state);
+    }
+}
+
+fn wasm_command(
+    plugin: &meridian::runtime::Plugin,
+    state: &[u8],
+    command: &[u8],
+) -> anyhow::Result<()> {
+    if let Ok(events) = plugin.handle(state, command)? {
+        let mut state = state.to_vec();
+        for event in events {
+            state = plugin.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
+        }
+        std::hint::black_box(state);
+    }
+    Ok(())
+}

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Runs the benchmarks in one go on this machine and rewrites the tables in BENCHMARKS.md.
+#
+#   bash scripts/bench.sh           full run (~10 minutes), rewrites BENCHMARKS.md
+#   bash scripts/bench.sh --quick   smoke run (< 5 minutes), results under target/bench-quick/
+#
+# Every system shares this machine's cores with the load generator and PostgreSQL;
+# commits are durable (synchronous_commit on, fsync on) everywhere.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+quick=""
+[ "${1:-}" = "--quick" ] && quick=1
+
+if [ -n "$quick" ]; then
+    out="$REPO/target/bench-quick"
+    duration=2s; warmup=1s; accounts=1000; levels=1,16,64,256
+    runtime_commands=20000; replay_events=20000; raw_duration=3s
+else
+    out="$REPO/target/bench"
+    duration=10s; warmup=2s; accounts=10000; levels=1,16,64,256
+    runtime_commands=200000; replay_events=100000; raw_duration=10s
+fi
+rm -rf "$out"; mkdir -p "$out"
+
+bash scripts/install-deps.sh >/dev/null
+bash plugins/build.sh >/dev/null
+cargo build --release -p meridian-host -p meridian-bench
+
+PG="${MERIDIAN_BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
+db="meridian_bench_$$"
+psql "$PG/postgres" -qc "CREATE DATABASE $db" >/dev/null
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+echo "==> WASM vs native (bank-account)"
+target/release/meridian-runtime-bench --wasm target/wasm32-wasip2/release/bank_account.wasm \
+    --commands "$runtime_commands" --replay-events "$replay_events" --json "$out/runtime.json"
+
+echo "==> raw batched INSERT ceiling"
+target/release/meridian-raw-insert --database-url "$PG/$db" --clients 8 --batch 100 \
+    --duration "$raw_duration" --json "$out/raw.json"
+
+echo "==> one Meridian host"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+MERIDIAN_DATABASE_URL="$PG/$db" MERIDIAN_HTTP_ADDR="127.0.0.1:$port" MERIDIAN_NODE_ID=bench-1 \
+MERIDIAN_LOG=warn target/release/meridian host >"$out/host-1.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
+    sleep 0.1
+done
+target/release/meridian plugin upload bank-account target/wasm32-wasip2/release/bank_account.wasm \
+    --url "http://127.0.0.1:$port" >/dev/null
+target/release/meridian-load --url "http://127.0.0.1:$port" --accounts "$accounts" \
+    --concurrency "$levels" --duration "$duration" --warmup "$warmup" --json "$out/single.json"
+peak_kb=$(awk '/VmHWM/ {print $2}' "/proc/${pids[0]}/status" 2>/dev/null || echo 0)
+echo "{\"host_peak_rss_kb\": $peak_kb}" >"$out/memory.json"
+
+if [ -n "$quick" ]; then
+    echo "quick benchmark run finished; results in $out"
+    exit 0
+fi
+
+python3 bench/report.py "$out" BENCHMARKS.md "bash scripts/bench.sh"
+echo "BENCHMARKS.md updated"

@@ -1,0 +1,347 @@
+//! Test harness: real PostgreSQL databases and real `meridian` host processes.
+//!
+//! Every test gets its own database (created here, dropped on drop), so tests run in
+//! parallel. Hosts are started from the binary cargo built (`CARGO_BIN_EXE_meridian`)
+//! on a free loopback port; their logs go to a file that is printed when a test fails.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The admin connection used to create and drop test databases.
+pub fn admin_url() -> String {
+    std::env::var("MERIDIAN_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new(label: &str) -> Self {
+        let name = format!(
+            "meridian_t_{}_{}",
+            label,
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let admin = sqlx::PgPool::connect(&admin_url())
+            .await
+            .expect("connect to PostgreSQL (is it running? see scripts/install-deps.sh)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let base = admin_url();
+        let url = format!(
+            "{}/{}",
+            base.rsplit_once('/').expect("url has a path").0,
+            name
+        );
+        Self { name, url }
+    }
+
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&self.url)
+            .await
+            .expect("connect to test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any runtime we can block on; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let admin = sqlx::PgPool::connect(&admin_url()).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&admin)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// Path of a plugin built by `plugins/build.sh`.
+pub fn wasm(name: &str) -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target
+        .join("wasm32-wasip2/release")
+        .join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash plugins/build.sh` first",
+        path.display()
+    );
+    path
+}
+
+pub fn wasm_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(wasm(name)).expect("read wasm")
+}
+
+/// A free loopback port (bound then released; a race with another process is unlikely).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Options for starting a host.
+#[derive(Clone, Debug, Default)]
+pub struct HostOptions {
+    pub node_id: Option<String>,
+    pub region: Option<String>,
+    pub nats_url: Option<String>,
+    pub port: Option<u16>,
+    pub env: Vec<(String, String)>,
+}
+
+/// A running `meridian host` process. Killed on drop.
+pub struct Host {
+    pub child: Option<Child>,
+    pub url: String,
+    pub port: u16,
+    pub log: PathBuf,
+    pub node_id: String,
+    db_url: String,
+    options: HostOptions,
+    _dir: tempfile::TempDir,
+}
+
+pub fn meridian_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_meridian")
+}
+
+impl Host {
+    /// Starts a host and waits until `/readyz` says ready.
+    pub async fn start(db: &TestDb, options: HostOptions) -> Host {
+        let host = Self::spawn(&db.url, options);
+        host.wait_ready(Duration::from_secs(60)).await;
+        host
+    }
+
+    pub fn spawn(db_url: &str, options: HostOptions) -> Host {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = options.port.unwrap_or_else(free_port);
+        let node_id = options
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{port}"));
+        let log = dir.path().join("host.log");
+        let mut command = Command::new(meridian_bin());
+        command
+            .arg("host")
+            .env("MERIDIAN_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("MERIDIAN_DATABASE_URL", db_url)
+            .env("MERIDIAN_NODE_ID", &node_id)
+            .env(
+                "MERIDIAN_REGION",
+                options.region.clone().unwrap_or_else(|| "local".into()),
+            )
+            .env("MERIDIAN_CACHE_DIR", dir.path().join("cache"))
+            .env("MERIDIAN_LOG", "info,meridian=debug")
+            .env_remove("MERIDIAN_NATS_URL")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        if let Some(nats) = &options.nats_url {
+            command.env("MERIDIAN_NATS_URL", nats);
+        }
+        for (k, v) in &options.env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("start meridian host");
+        Host {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            log,
+            node_id,
+            db_url: db_url.to_string(),
+            options,
+            _dir: dir,
+        }
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = client.get(format!("{}/readyz", self.url)).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "host {} not ready after {timeout:?}; log:\n{}",
+                    self.node_id,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the same host again (same port, node id and database).
+    pub async fn restart(&mut self) {
+        self.kill9();
+        let mut options = self.options.clone();
+        options.port = Some(self.port);
+        options.node_id = Some(self.node_id.clone());
+        let fresh = Host::spawn(&self.db_url, options);
+        let old = std::mem::replace(self, fresh);
+        // Keep the old log dir alive no longer than needed.
+        drop(old);
+        self.wait_ready(Duration::from_secs(60)).await;
+    }
+
+    pub fn client(&self) -> Api {
+        Api {
+            base: self.url.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- log of host {} ---\n{}", self.node_id, self.log_tail());
+        }
+        self.kill9();
+    }
+}
+
+/// A small typed client for the HTTP API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub async fn upload(&self, aggregate_type: &str, bytes: Vec<u8>) -> (u16, Value) {
+        let r = self
+            .http
+            .put(format!("{}/v1/plugins/{aggregate_type}", self.base))
+            .body(bytes)
+            .send()
+            .await
+            .expect("upload");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn command(&self, aggregate_type: &str, id: &str, body: Value) -> (u16, Value) {
+        self.post_raw(
+            &format!("/v1/aggregates/{aggregate_type}/{id}"),
+            body.to_string().into_bytes(),
+        )
+        .await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("post");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("get");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// Polls `check` until it returns `Some` (at most 20 s), for effects that become
+/// visible asynchronously.
+pub async fn eventually<T, F, Fut>(mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "condition not met within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

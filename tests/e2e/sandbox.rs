@@ -1,0 +1,158 @@
+//! Hostile plugins are contained: each fails only its own command, within its limits,
+//! and the host keeps serving everyone else.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::harness::{Api, Host, HostOptions, TestDb, wasm_bytes};
+
+async fn upload_all(api: &Api) {
+    for name in [
+        "bank-account",
+        "spin-loop",
+        "memory-bomb",
+        "panicker",
+        "file-reader",
+        "clock-reader",
+    ] {
+        let (status, body) = api.upload(name, wasm_bytes(name)).await;
+        assert_eq!(status, 201, "{name}: {body}");
+    }
+}
+
+async fn still_serves(api: &Api, id: &str) {
+    let (status, body) = api
+        .command(
+            "bank-account",
+            id,
+            json!({"command": {"type": "Open", "owner": "z"}}),
+        )
+        .await;
+    assert_eq!(
+        status, 200,
+        "host stopped serving after a hostile plugin: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_plugins_are_contained() {
+    let db = TestDb::new("sandbox").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    upload_all(&api).await;
+
+    // An infinite loop is interrupted at the deadline (100 ms by default).
+    let started = Instant::now();
+    let (status, body) = api
+        .command("spin-loop", "s1", json!({"command": {"type": "Go"}}))
+        .await;
+    let elapsed = started.elapsed();
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "plugin_deadline_exceeded", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spin-loop@v1"),
+        "{body}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "the loop was not interrupted: {elapsed:?}"
+    );
+    still_serves(&api, "a1").await;
+
+    // Lower the deadline for that type: limits are per aggregate type.
+    let r = api
+        .http
+        .put(format!("{}/v1/plugins/spin-loop/limits", api.base))
+        .json(&json!({"deadline_ms": 20}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, body) = api
+        .command("spin-loop", "s1", json!({"command": {"type": "Go"}}))
+        .await;
+    assert_eq!(status, 500);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("20 ms"),
+        "{body}"
+    );
+
+    // A memory bomb hits the 64 MiB cap.
+    let (status, body) = api
+        .command("memory-bomb", "m1", json!({"command": {"type": "Go"}}))
+        .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "plugin_out_of_memory", "{body}");
+    still_serves(&api, "a2").await;
+
+    // A panic is a trap that fails the command.
+    let (status, body) = api
+        .command("panicker", "p1", json!({"command": {"type": "Go"}}))
+        .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "plugin_trapped", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("panicker@v1"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("boom: plugin panicked on purpose"),
+        "{body}"
+    );
+    still_serves(&api, "a3").await;
+
+    // Files and environment are not there.
+    let (status, body) = api
+        .command("file-reader", "f1", json!({"command": {"type": "Go"}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let probe = &body["events"][0]["payload"];
+    assert!(
+        probe["file"].as_str().unwrap().starts_with("error"),
+        "the plugin read a file: {probe}"
+    );
+    assert!(
+        !probe["file"].as_str().unwrap().contains("root:"),
+        "{probe}"
+    );
+    assert_eq!(probe["env_count"], 0, "{probe}");
+
+    // Clocks and randomness are fixed: two calls see the same values.
+    let (_, first) = api
+        .command("clock-reader", "c1", json!({"command": {"type": "Go"}}))
+        .await;
+    let (_, second) = api
+        .command("clock-reader", "c2", json!({"command": {"type": "Go"}}))
+        .await;
+    let a = &first["events"][0]["payload"];
+    let b = &second["events"][0]["payload"];
+    assert!(a.is_object(), "{first}");
+    assert_eq!(a, b, "clock or randomness differs between calls");
+    let nanos = a["system_time_nanos"].as_u64().unwrap();
+    assert_eq!(
+        nanos / 1_000_000_000,
+        meridian::runtime::FIXED_WALL_CLOCK_SECS,
+        "{a}"
+    );
+
+    // Hostile plugins failed often; the region is still fine and nothing they failed
+    // was written.
+    let pool = db.pool().await;
+    let written: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT aggregate_type FROM events ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(written, ["bank-account", "clock-reader", "file-reader"]);
+    still_serves(&api, "a4").await;
+}

@@ -1,0 +1,615 @@
+//! The single-node command path through a real host process.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Host, HostOptions, TestDb, wasm_bytes};
+
+async fn host_with_bank_account(label: &str) -> (TestDb, Host) {
+    host_with(label, HostOptions::default()).await
+}
+
+async fn host_with(label: &str, options: HostOptions) -> (TestDb, Host) {
+    let db = TestDb::new(label).await;
+    let host = Host::start(&db, options).await;
+    let (status, body) = host
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "upload: {body}");
+    (db, host)
+}
+
+async fn event_count(db: &TestDb) -> i64 {
+    let pool = db.pool().await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_run_through_the_plugin_and_are_stored() {
+    let db = TestDb::new("path").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+
+    let (status, first) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["aggregate_type"], "bank-account");
+    assert_eq!(first["version"], 1);
+    assert_eq!(first["sha256"].as_str().unwrap().len(), 64);
+    let (status, again) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 200, "same bytes again: {again}");
+    assert_eq!(again["version"], 1);
+    assert_eq!(again["sha256"], first["sha256"]);
+
+    let (status, listed) = api.get("/v1/plugins").await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["plugins"][0]["aggregate_type"], "bank-account");
+    let (status, detail) = api.get("/v1/plugins/bank-account").await;
+    assert_eq!(status, 200);
+    assert_eq!(detail["active_version"], 1);
+    assert_eq!(detail["limits"]["deadline_ms"], 100);
+
+    let (status, opened) = api
+        .command(
+            "bank-account",
+            "acc-1",
+            json!({"command": {"type": "Open", "owner": "alice"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{opened}");
+    assert_eq!(opened["aggregate_type"], "bank-account");
+    assert_eq!(opened["aggregate_id"], "acc-1");
+    assert_eq!(opened["version"], 1);
+    assert_eq!(opened["events"][0]["type"], "Opened");
+    assert_eq!(opened["events"][0]["payload"], json!({"owner": "alice"}));
+    assert_eq!(opened["events"][0]["version"], 1);
+    assert!(opened["events"][0]["event_id"].as_str().unwrap().len() == 36);
+
+    let (status, deposited) = api
+        .command(
+            "bank-account",
+            "acc-1",
+            json!({"command": {"type": "Deposit", "amount": 10}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{deposited}");
+    assert_eq!(deposited["version"], 2);
+    assert_eq!(deposited["events"][0]["payload"], json!({"amount": 10}));
+    let (status, withdrawn) = api
+        .command(
+            "bank-account",
+            "acc-1",
+            json!({"command": {"type": "Withdraw", "amount": 5}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{withdrawn}");
+    assert_eq!(withdrawn["version"], 3);
+    assert_eq!(withdrawn["events"][0]["type"], "Withdrawn");
+
+    let (status, state) = api.get("/v1/aggregates/bank-account/acc-1").await;
+    assert_eq!(status, 200, "{state}");
+    assert_eq!(state["version"], 3);
+    assert_eq!(state["state"]["owner"], "alice");
+    assert_eq!(state["state"]["balance"], 5);
+    assert_eq!(state["state"]["open"], true);
+
+    let (status, events) = api.get("/v1/aggregates/bank-account/acc-1/events").await;
+    assert_eq!(status, 200);
+    let types: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["Opened", "Deposited", "Withdrawn"]);
+    let meta = &events["events"][0]["metadata"];
+    assert_eq!(meta["plugin_version"], 1);
+    assert_eq!(meta["origin_region"], "local");
+    assert_eq!(meta["node_id"], host.node_id.as_str());
+
+    // The tail only shows events below the oldest running transaction of the whole
+    // PostgreSQL cluster (other tests' included), so it may trail by a moment.
+    let global = crate::harness::eventually(|| async {
+        let (status, global) = api.get("/v1/events?after=0&limit=2").await;
+        assert_eq!(status, 200);
+        (global["events"].as_array().unwrap().len() == 2).then_some(global)
+    })
+    .await;
+    let next = global["next"].as_i64().unwrap();
+    let rest = crate::harness::eventually(|| async {
+        let (_, rest) = api.get(&format!("/v1/events?after={next}")).await;
+        (!rest["events"].as_array().unwrap().is_empty()).then_some(rest)
+    })
+    .await;
+    assert_eq!(rest["events"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["events"][0]["type"], "Withdrawn");
+
+    let (status, missing) = api.get("/v1/aggregates/bank-account/nobody").await;
+    assert_eq!(status, 404, "{missing}");
+    let (status, openapi) = api.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(openapi["paths"]["/v1/aggregates/{aggregate_type}/{aggregate_id}"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
+    let (db, host) = host_with_bank_account("bad").await;
+    let api = host.client();
+    let (status, _) = api
+        .command(
+            "bank-account",
+            "acc-1",
+            json!({"command": {"type": "Open", "owner": "bob"}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let before = event_count(&db).await;
+
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            b"{not json".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            br#"{"command": 5}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            br#"{"cmd": {}}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            br#"{"command": {"type": "Deposit", "amount": 1}, "command_id": "nope"}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/aggregates/no-such-type/acc-1",
+            br#"{"command": {"type": "Open"}}"#.to_vec(),
+            404,
+            "unknown_aggregate_type",
+        ),
+        (
+            "/v1/aggregates/Bad Type!/acc-1",
+            br#"{"command": {}}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            br#"{"command": {"type": "Withdraw", "amount": 1000}}"#.to_vec(),
+            422,
+            "rejected",
+        ),
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            br#"{"command": {"type": "Teleport"}}"#.to_vec(),
+            422,
+            "rejected",
+        ),
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            br#"{"command": {"type": "Deposit", "amount": 0}}"#.to_vec(),
+            422,
+            "rejected",
+        ),
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            br#"{"command": {"type": "Open", "owner": "again"}}"#.to_vec(),
+            422,
+            "rejected",
+        ),
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            br#"{"command": {"type": "Deposit", "amount": 1}, "expected_version": 7}"#.to_vec(),
+            409,
+            "version_conflict",
+        ),
+    ];
+    for (path, body, want_status, want_code) in cases {
+        let shown = String::from_utf8_lossy(&body).to_string();
+        let (status, error) = api.post_raw(path.replace(' ', "%20").as_str(), body).await;
+        assert_eq!(status, want_status, "{path} {shown}: {error}");
+        assert_eq!(error["error"]["code"], want_code, "{path} {shown}: {error}");
+        assert!(!error["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let (_, rejected) = api
+        .command(
+            "bank-account",
+            "acc-1",
+            json!({"command": {"type": "Withdraw", "amount": 1000}}),
+        )
+        .await;
+    assert!(
+        rejected["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient funds"),
+        "{rejected}"
+    );
+
+    // Too large: over the 1 MiB command cap.
+    let huge = format!(
+        r#"{{"command": {{"type": "Open", "owner": "{}"}}}}"#,
+        "x".repeat(2 * 1024 * 1024)
+    );
+    let (status, _) = api
+        .post_raw("/v1/aggregates/bank-account/acc-2", huge.into_bytes())
+        .await;
+    assert_eq!(status, 413);
+
+    // Broken uploads.
+    let (status, error) = api
+        .upload("bank-account", b"definitely not wasm".to_vec())
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (400, Some("not_a_component")),
+        "{error}"
+    );
+    let (status, error) = api
+        .upload("forbidden-import", wasm_bytes("forbidden-import"))
+        .await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["code"], "forbidden_import");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("evil:escape/network"),
+        "{error}"
+    );
+    let (status, error) = api.upload("savings", wasm_bytes("bank-account")).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (400, Some("type_mismatch")),
+        "{error}"
+    );
+    let (status, error) = api.upload("bank-account", Vec::new()).await;
+    assert_eq!(status, 400, "{error}");
+    let (status, error) = api.upload("tiny", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 400, "{error}");
+    // A per-type size cap smaller than the component: 413.
+    let r = api
+        .http
+        .put(format!("{}/v1/plugins/bank-account/limits", api.base))
+        .json(&json!({"max_component_bytes": 1000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, error) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (413, Some("component_too_large")),
+        "{error}"
+    );
+    let r = api
+        .http
+        .put(format!("{}/v1/plugins/bank-account/limits", api.base))
+        .json(&json!({"deadline_ms": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    assert_eq!(event_count(&db).await, before, "bad input wrote events");
+    let (status, plugins) = api.get("/v1/plugins").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        plugins["plugins"].as_array().unwrap().len(),
+        1,
+        "a refused upload was stored: {plugins}"
+    );
+    // The host keeps serving.
+    let (status, ok) = api
+        .command(
+            "bank-account",
+            "acc-1",
+            json!({"command": {"type": "Deposit", "amount": 3}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["version"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_command_id_returns_the_first_result_and_writes_nothing() {
+    let (db, host) = host_with_bank_account("idem").await;
+    let api = host.client();
+    api.command(
+        "bank-account",
+        "acc-1",
+        json!({"command": {"type": "Open", "owner": "carol"}}),
+    )
+    .await;
+    let id = uuid::Uuid::new_v4();
+    let body = json!({"command": {"type": "Deposit", "amount": 7}, "command_id": id});
+    let (status, first) = api.command("bank-account", "acc-1", body.clone()).await;
+    assert_eq!(status, 200);
+    let (status, second) = api.command("bank-account", "acc-1", body.clone()).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(
+        second["events"], first["events"],
+        "a retry must return the first result"
+    );
+    assert_eq!(second["version"], 2);
+    assert_eq!(second["duplicate"], true);
+
+    // The same id sent many times at once still applies once.
+    let id = uuid::Uuid::new_v4();
+    let body = json!({"command": {"type": "Deposit", "amount": 1}, "command_id": id});
+    let results = futures::future::join_all(
+        (0..8).map(|_| api.command("bank-account", "acc-1", body.clone())),
+    )
+    .await;
+    for (status, result) in &results {
+        assert_eq!(*status, 200, "{result}");
+        assert_eq!(
+            result["events"][0]["event_id"],
+            results[0].1["events"][0]["event_id"]
+        );
+    }
+    // With a stale expected_version, a retry still gets its first result, not a 409.
+    let body = json!({"command": {"type": "Deposit", "amount": 1}, "command_id": id, "expected_version": 2});
+    let (status, result) = api.command("bank-account", "acc-1", body).await;
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["version"], 3);
+    // The same id for another aggregate is refused.
+    api.command(
+        "bank-account",
+        "acc-2",
+        json!({"command": {"type": "Open", "owner": "dan"}}),
+    )
+    .await;
+    let (status, result) = api
+        .command(
+            "bank-account",
+            "acc-2",
+            json!({"command": {"type": "Deposit", "amount": 1}, "command_id": id}),
+        )
+        .await;
+    assert_eq!(
+        (status, result["error"]["code"].as_str()),
+        (409, Some("command_id_reused")),
+        "{result}"
+    );
+
+    let (_, state) = api.get("/v1/aggregates/bank-account/acc-1").await;
+    assert_eq!(state["state"]["balance"], 8);
+    assert_eq!(event_count(&db).await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_and_idempotency_survive_kill_9() {
+    let (db, mut host) = host_with_bank_account("kill").await;
+    let api = host.client();
+    api.command(
+        "bank-account",
+        "acc-9",
+        json!({"command": {"type": "Open", "owner": "erin"}}),
+    )
+    .await;
+    let id = uuid::Uuid::new_v4();
+    let body = json!({"command": {"type": "Deposit", "amount": 42}, "command_id": id});
+    let (_, first) = api.command("bank-account", "acc-9", body.clone()).await;
+    for _ in 0..5 {
+        api.command(
+            "bank-account",
+            "acc-9",
+            json!({"command": {"type": "Withdraw", "amount": 2}}),
+        )
+        .await;
+    }
+    let (_, before) = api.get("/v1/aggregates/bank-account/acc-9").await;
+
+    host.restart().await;
+    let api = host.client();
+    let (status, after) = api.get("/v1/aggregates/bank-account/acc-9").await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["state"], before["state"]);
+    assert_eq!(after["version"], 7);
+    assert_eq!(after["state"]["balance"], 32);
+    let (status, retried) = api.command("bank-account", "acc-9", body).await;
+    assert_eq!(status, 200);
+    assert_eq!(retried["events"], first["events"]);
+    assert_eq!(
+        event_count(&db).await,
+        7,
+        "the retried command wrote again after a restart"
+    );
+    let (status, next) = api
+        .command(
+            "bank-account",
+            "acc-9",
+            json!({"command": {"type": "Deposit", "amount": 1}}),
+        )
+        .await;
+    assert_eq!((status, next["version"].as_i64()), (200, Some(8)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_shorten_loads_and_other_plugin_versions_ignore_them() {
+    let options = HostOptions {
+        env: vec![("MERIDIAN_SNAPSHOT_EVERY".into(), "5".into())],
+        ..HostOptions::default()
+    };
+    let (db, mut host) = host_with("snap", options).await;
+    let api = host.client();
+    api.command(
+        "bank-account",
+        "acc-s",
+        json!({"command": {"type": "Open", "owner": "fay"}}),
+    )
+    .await;
+    for _ in 0..11 {
+        let (status, _) = api
+            .command(
+                "bank-account",
+                "acc-s",
+                json!({"command": {"type": "Deposit", "amount": 1}}),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let pool = db.pool().await;
+    let mut snapshot = None;
+    for _ in 0..100 {
+        snapshot = sqlx::query_as::<_, (i64, i32)>(
+            "SELECT version, plugin_version FROM snapshots WHERE aggregate_id = 'acc-s'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if snapshot.is_some_and(|(v, _)| v == 10) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(snapshot, Some((10, 1)), "a snapshot every 5 events");
+
+    // Prove loads use the snapshot: doctor it, restart, and see the doctored balance.
+    let doctored = br#"{"owner":"fay","balance":1000,"open":true}"#.to_vec();
+    sqlx::query("UPDATE snapshots SET state = $1 WHERE aggregate_id = 'acc-s'")
+        .bind(&doctored)
+        .execute(&pool)
+        .await
+        .unwrap();
+    host.restart().await;
+    let (_, state) = host.client().get("/v1/aggregates/bank-account/acc-s").await;
+    assert_eq!(state["version"], 12);
+    assert_eq!(
+        state["state"]["balance"], 1002,
+        "load did not start from the snapshot: {state}"
+    );
+
+    // A snapshot from another plugin version is ignored: replay from the events.
+    sqlx::query("UPDATE snapshots SET plugin_version = 99 WHERE aggregate_id = 'acc-s'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    host.restart().await;
+    let (_, state) = host.client().get("/v1/aggregates/bank-account/acc-s").await;
+    assert_eq!(state["version"], 12);
+    assert_eq!(
+        state["state"]["balance"], 11,
+        "a foreign snapshot was used: {state}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_commands_on_many_aggregates_keep_contiguous_versions() {
+    let (db, host) = host_with_bank_account("conc").await;
+    let api = host.client();
+    let accounts = 40;
+    let per_account = 10;
+    futures::future::join_all((0..accounts).map(|i| {
+        let api = api.clone();
+        async move {
+            let (s, b) = api
+                .command(
+                    "bank-account",
+                    &format!("c-{i}"),
+                    json!({"command": {"type": "Open", "owner": "o"}}),
+                )
+                .await;
+            assert_eq!(s, 200, "{b}");
+        }
+    }))
+    .await;
+    // Every account gets `per_account` deposits, all sent at once.
+    let sends = (0..accounts)
+        .flat_map(|i| (0..per_account).map(move |_| i))
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let (s, b) = api
+                    .command(
+                        "bank-account",
+                        &format!("c-{i}"),
+                        json!({"command": {"type": "Deposit", "amount": 1}}),
+                    )
+                    .await;
+                assert_eq!(s, 200, "{b}");
+            }
+        });
+    futures::future::join_all(sends).await;
+    let pool = db.pool().await;
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT aggregate_id, count(*), min(version), max(version) FROM events GROUP BY aggregate_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), accounts);
+    for (id, count, min, max) in rows {
+        assert_eq!(
+            (count, min, max),
+            (per_account as i64 + 1, 1, per_account as i64 + 1),
+            "{id}"
+        );
+    }
+    let (_, state) = api.get("/v1/aggregates/bank-account/c-3").await;
+    assert_eq!(state["state"]["balance"], per_account);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_services_fail_start_with_one_clear_line() {
+    let db = TestDb::new("start").await;
+    let cases = [
+        (
+            "postgres://postgres@127.0.0.1:1/nothing".to_string(),
+            None,
+            "cannot connect to PostgreSQL",
+        ),
+        (
+            db.url.clone(),
+            Some("nats://127.0.0.1:1"),
+            "cannot connect to NATS",
+        ),
+    ];
+    for (db_url, nats, expected) in cases {
+        let mut command = std::process::Command::new(crate::harness::meridian_bin());
+        command
+            .arg("host")
+            .env("MERIDIAN_DATABASE_URL", &db_url)
+            .env(
+                "MERIDIAN_HTTP_ADDR",
+                format!("127.0.0.1:{}", crate::harness::free_port()),
+            )
+            .env_remove("MERIDIAN_NATS_URL");
+        if let Some(nats) = nats {
+            command.env("MERIDIAN_NATS_URL", nats);
+        }
+        let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+            .await
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(expected), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let missing = std::process::Command::new(crate::harness::meridian_bin())
+        .arg("host")
+        .env_remove("MERIDIAN_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("database-url"));
+    let _: Value = Value::Null;
+}
