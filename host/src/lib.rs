@@ -1,6 +1,7 @@
 //! Meridian host library.
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod executor;
 pub mod runtime;
 pub mod store;

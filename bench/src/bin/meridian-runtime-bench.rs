@@ -92,9 +92,11 @@ fn main() -> anyhow::Result<()> {
     let mut state = codec::apply::<BankAccount>(b"", "Opened", br#"{"owner":"r"}"#)
         .map_err(anyhow::Error::msg)?;
     let started = Instant::now();
+    let mut session = plugin.session();
     for _ in 0..args.replay_events {
-        state = plugin.apply(&state, "Deposited", payload)?;
+        state = session.apply(&state, "Deposited", payload)?;
     }
+    drop(session);
     let replay = started.elapsed();
     let replay_rate = args.replay_events as f64 / replay.as_secs_f64();
     let mut native_state = codec::apply::<BankAccount>(b"", "Opened", br#"{"owner":"r"}"#)
@@ -174,10 +176,12 @@ fn wasm_command(
     state: &[u8],
     command: &[u8],
 ) -> anyhow::Result<()> {
-    if let Ok(events) = plugin.handle(state, command)? {
+    // As the executor does: one pooled instance for the command's handle and applies.
+    let mut session = plugin.session();
+    if let Ok(events) = session.handle(state, command)? {
         let mut state = state.to_vec();
         for event in events {
-            state = plugin.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
+            state = session.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
         }
         std::hint::black_box(state);
     }

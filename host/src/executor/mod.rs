@@ -183,13 +183,14 @@ async fn decide(
 ) -> Result<(Result<Vec<crate::runtime::DecidedEvent>, String>, Vec<u8>), PluginError> {
     let plugin = plugin.clone();
     tokio::task::spawn_blocking(move || {
-        let decided = match plugin.handle(&state, command.get().as_bytes())? {
+        let mut session = plugin.session();
+        let decided = match session.handle(&state, command.get().as_bytes())? {
             Ok(events) => events,
             Err(rejection) => return Ok((Err(rejection), state)),
         };
         let mut state = state;
         for event in &decided {
-            state = plugin.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
+            state = session.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
         }
         Ok((Ok(decided), state))
     })
@@ -205,9 +206,10 @@ async fn replay(
 ) -> Result<Vec<u8>, PluginError> {
     let plugin = plugin.clone();
     tokio::task::spawn_blocking(move || {
+        let mut session = plugin.session();
         let mut state = state;
         for event in &events {
-            state = plugin.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
+            state = session.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
         }
         Ok(state)
     })

@@ -416,9 +416,24 @@ impl Plugin {
         state: &[u8],
         command: &[u8],
     ) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
-        let result = self.call("handle", |store, guest| {
-            guest.call_handle(store, state, command)
-        })?;
+        self.session().handle(state, command)
+    }
+
+    /// Calls `apply` and returns the new state bytes.
+    pub fn apply(
+        &self,
+        state: &[u8],
+        event_type: &str,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, PluginError> {
+        self.session().apply(state, event_type, payload)
+    }
+
+    /// Enforces the output caps on what `handle` returned.
+    fn check_decided(
+        &self,
+        result: Result<Vec<WitEvent>, bindings::meridian::aggregate::types::Rejection>,
+    ) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
         let events = match result {
             Ok(events) => events,
             Err(rejection) => return Ok(Err(rejection.message)),
@@ -480,20 +495,12 @@ impl Plugin {
             .map(Ok)
     }
 
-    /// Calls `apply` and returns the new state bytes.
-    pub fn apply(
+    /// Enforces the output caps on what `apply` returned.
+    fn check_applied(
         &self,
-        state: &[u8],
         event_type: &str,
-        payload: &[u8],
+        result: Result<Vec<u8>, String>,
     ) -> Result<Vec<u8>, PluginError> {
-        let event = WitEvent {
-            event_type: event_type.to_string(),
-            payload: payload.to_vec(),
-        };
-        let result = self.call("apply", |store, guest| {
-            guest.call_apply(store, state, &event)
-        })?;
         let state = result.map_err(|message| PluginError::ApplyFailed {
             plugin: self.inner.name.clone(),
             event_type: event_type.to_string(),
@@ -525,33 +532,22 @@ impl Plugin {
         call: &'static str,
         f: impl FnOnce(&mut Store<GuestState>, &bindings::Aggregate) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
-        let mut instance = match self
+        self.session().call(call, f)
+    }
+
+    /// Borrows one instance for several calls (a command's `handle` and its `apply`s),
+    /// which saves a pool round trip per call. The instance goes back to the pool when
+    /// the session is dropped, unless a call trapped.
+    pub fn session(&self) -> Session<'_> {
+        let instance = self
             .inner
             .idle
             .lock()
             .expect("instance pool poisoned")
-            .pop()
-        {
-            Some(instance) => instance,
-            None => self.instantiate()?,
-        };
-        instance.store.data_mut().reset_for_call();
-        instance
-            .store
-            .set_epoch_deadline(self.inner.limits.deadline_ticks());
-        match f(&mut instance.store, &instance.bindings) {
-            Ok(value) => {
-                instance.calls += 1;
-                if instance.calls < INSTANCE_MAX_CALLS {
-                    let mut idle = self.inner.idle.lock().expect("instance pool poisoned");
-                    if idle.len() < MAX_IDLE_INSTANCES {
-                        idle.push(instance);
-                    }
-                }
-                Ok(value)
-            }
-            // The instance is dropped here: after a trap its memory may be inconsistent.
-            Err(error) => Err(self.classify(call, &instance, error)),
+            .pop();
+        Session {
+            plugin: self,
+            instance,
         }
     }
 
@@ -638,5 +634,85 @@ impl Plugin {
     /// How long a call may take at most, for callers that wait on one.
     pub fn deadline(&self) -> Duration {
         self.inner.limits.deadline()
+    }
+}
+
+/// One borrowed instance; see [`Plugin::session`].
+pub struct Session<'a> {
+    plugin: &'a Plugin,
+    instance: Option<Instance>,
+}
+
+impl Session<'_> {
+    fn call<R>(
+        &mut self,
+        call: &'static str,
+        f: impl FnOnce(&mut Store<GuestState>, &bindings::Aggregate) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
+        let plugin = self.plugin;
+        let mut instance = match self.instance.take() {
+            Some(instance) => instance,
+            None => plugin.instantiate()?,
+        };
+        instance.store.data_mut().reset_for_call();
+        instance
+            .store
+            .set_epoch_deadline(plugin.inner.limits.deadline_ticks());
+        match f(&mut instance.store, &instance.bindings) {
+            Ok(value) => {
+                instance.calls += 1;
+                self.instance = Some(instance);
+                Ok(value)
+            }
+            // The instance is dropped here: after a trap its memory may be inconsistent.
+            Err(error) => Err(plugin.classify(call, &instance, error)),
+        }
+    }
+
+    /// `handle` on this session's instance; see [`Plugin::handle`].
+    pub fn handle(
+        &mut self,
+        state: &[u8],
+        command: &[u8],
+    ) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
+        let result = self.call("handle", |store, guest| {
+            guest.call_handle(store, state, command)
+        })?;
+        self.plugin.check_decided(result)
+    }
+
+    /// `apply` on this session's instance; see [`Plugin::apply`].
+    pub fn apply(
+        &mut self,
+        state: &[u8],
+        event_type: &str,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, PluginError> {
+        let event = WitEvent {
+            event_type: event_type.to_string(),
+            payload: payload.to_vec(),
+        };
+        let result = self.call("apply", |store, guest| {
+            guest.call_apply(store, state, &event)
+        })?;
+        self.plugin.check_applied(event_type, result)
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if let Some(instance) = self.instance.take() {
+            if instance.calls < INSTANCE_MAX_CALLS {
+                let mut idle = self
+                    .plugin
+                    .inner
+                    .idle
+                    .lock()
+                    .expect("instance pool poisoned");
+                if idle.len() < MAX_IDLE_INSTANCES {
+                    idle.push(instance);
+                }
+            }
+        }
     }
 }
