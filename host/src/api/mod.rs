@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
+use crate::cluster::{Cluster, ClusterStatus, Dispatched, FORWARDED_HEADER, RouteError};
 use crate::executor::{Command, CommandResult, Executor};
 use crate::runtime::SandboxLimits;
 use crate::store::plugins::PluginInfo;
@@ -39,6 +40,8 @@ pub const MAX_PAGE: i64 = 10_000;
 pub struct AppState {
     /// Runs commands.
     pub executor: Executor,
+    /// Routes commands to partition owners.
+    pub cluster: Cluster,
     /// The region's database.
     pub pool: PgPool,
     /// Set once the host has caught up and may take work.
@@ -83,6 +86,7 @@ pub fn router(state: AppState) -> axum::Router {
             get(aggregate_events),
         )
         .route("/v1/events", get(list_events))
+        .route("/v1/cluster", get(cluster_status))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .with_state(state)
 }
@@ -242,30 +246,81 @@ async fn execute(
     Path((aggregate_type, aggregate_id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<CommandResult>, ApiError> {
+) -> Result<Response, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
-    let body = parse_command_body(&body)?;
+    let mut body = parse_command_body(&body)?;
+    // Every command gets an id at the host that first takes it, so a retry after a
+    // lost answer (between hosts, or during a partition move) cannot apply it twice.
+    let command_id = *body.command_id.get_or_insert_with(Uuid::now_v7);
     let correlation_id = headers
         .get("x-correlation-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .map(str::to_string)
+        .or_else(|| Some(command_id.to_string()));
+    let forwarded = headers.contains_key(FORWARDED_HEADER);
+    let forward_body = serde_json::to_vec(&serde_json::json!({
+        "command": body.command,
+        "command_id": command_id,
+        "expected_version": body.expected_version,
+    }))
+    .expect("command body serialises");
     let command = Command {
         key,
         body: body.command,
-        command_id: body.command_id,
+        command_id: Some(command_id),
         expected_version: body.expected_version,
         correlation_id,
         fence: None,
     };
     let aggregate_type = command.key.aggregate_type.clone();
-    let result = state.executor.execute(command).await;
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(crate::executor::CommandError::Rejected(_)) => "rejected",
-        Err(_) => "error",
+    let dispatched = state
+        .cluster
+        .dispatch(command, &forward_body, forwarded)
+        .await;
+    let (outcome, response) = match dispatched {
+        Dispatched::Local(Ok(result)) => ("ok", Json(result).into_response()),
+        Dispatched::Local(Err(crate::executor::CommandError::Rejected(m))) => (
+            "rejected",
+            ApiError::from(crate::executor::CommandError::Rejected(m)).into_response(),
+        ),
+        Dispatched::Local(Err(error)) => ("error", ApiError::from(error).into_response()),
+        Dispatched::Forwarded { status, body } => {
+            let response = Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body))
+                .expect("valid response");
+            return Ok(response);
+        }
+        Dispatched::Refused(error @ RouteError::NotOwner { .. }) => (
+            "error",
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_owner",
+                error.to_string(),
+            )
+            .into_response(),
+        ),
+        Dispatched::Refused(error @ RouteError::Unavailable { .. }) => (
+            "error",
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "partition_unavailable",
+                error.to_string(),
+            )
+            .into_response(),
+        ),
     };
-    metrics::counter!("meridian_commands_total", "aggregate_type" => aggregate_type, "outcome" => outcome).increment(1);
-    Ok(Json(result?))
+    if !forwarded || outcome != "error" {
+        metrics::counter!("meridian_commands_total", "aggregate_type" => aggregate_type, "outcome" => outcome).increment(1);
+    }
+    Ok(response)
+}
+
+/// The cluster as this host sees it: members, partition owners, epochs.
+#[utoipa::path(get, path = "/v1/cluster", responses((status = 200, body = ClusterStatus)))]
+async fn cluster_status(State(state): State<AppState>) -> Json<ClusterStatus> {
+    Json(state.cluster.status())
 }
 
 /// An aggregate's current state.
@@ -295,7 +350,12 @@ async fn get_aggregate(
     Path((aggregate_type, aggregate_id)): Path<(String, String)>,
 ) -> Result<Json<StateBody>, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
-    let current = state.executor.state(&key).await?;
+    // The owner answers from its cache; any other host reads the store, uncached.
+    let current = if state.cluster.owns(&key.aggregate_type, &key.aggregate_id) {
+        state.executor.state(&key).await?
+    } else {
+        state.executor.read_state(&key).await?
+    };
     if current.version == 0 {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

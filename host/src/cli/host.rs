@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::migrate::redact;
 use crate::api::{self, AppState};
+use crate::cluster::{self, Cluster, ClusterConfig};
 use crate::executor::{self, Executor, ExecutorConfig, PluginRegistry};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::store::{self, Committer, CommitterConfig};
@@ -59,9 +60,26 @@ pub struct HostArgs {
     /// Largest plugin upload accepted by this host, in bytes (per-type limits apply too).
     #[arg(long, env = "MERIDIAN_MAX_UPLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_upload_bytes: usize,
-    /// How long in-flight requests may take to finish after SIGTERM, in seconds.
+    /// How long draining may take after SIGTERM (handing partitions away, finishing
+    /// in-flight requests), in seconds.
     #[arg(long, env = "MERIDIAN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// Virtual partitions of the region; fixed when the region first starts.
+    #[arg(long, env = "MERIDIAN_PARTITIONS", default_value_t = cluster::core::DEFAULT_PARTITIONS)]
+    pub partitions: u32,
+    /// The URL other hosts of the region reach this one at (default: http://<http-addr>).
+    #[arg(long, env = "MERIDIAN_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Milliseconds without a heartbeat after which a host is declared dead and its
+    /// partitions move.
+    #[arg(long, env = "MERIDIAN_DEAD_AFTER_MS", default_value_t = cluster::driver::DEFAULT_DEAD_AFTER.as_millis() as u64)]
+    pub dead_after_ms: u64,
+    /// Milliseconds between heartbeats (and reads of the membership).
+    #[arg(long, env = "MERIDIAN_HEARTBEAT_MS", default_value_t = cluster::driver::DEFAULT_POLL_INTERVAL.as_millis() as u64)]
+    pub heartbeat_ms: u64,
+    /// Milliseconds a command waits for its partition to get an owner before a 503.
+    #[arg(long, env = "MERIDIAN_ROUTE_TIMEOUT_MS", default_value_t = cluster::driver::DEFAULT_ROUTE_TIMEOUT.as_millis() as u64)]
+    pub route_timeout_ms: u64,
 }
 
 /// Runs the host until it is told to stop.
@@ -87,6 +105,10 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         )
     })?;
     store::migrate(&pool).await.context("applying migrations")?;
+    if args.partitions == 0 {
+        anyhow::bail!("--partitions must be at least 1");
+    }
+    cluster::driver::check_partitions(&pool, args.partitions).await?;
 
     let _nats = match &args.nats_url {
         Some(url) => Some(
@@ -125,8 +147,30 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         },
     );
 
+    let shutdown = CancellationToken::new();
+    // The driver outlives the HTTP drain, so it has its own token.
+    let driver_stop = CancellationToken::new();
+    let advertise = args
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local_addr}"));
+    let cluster = Cluster::start(
+        ClusterConfig {
+            node_id: node_id.clone(),
+            address: advertise,
+            partitions: args.partitions,
+            dead_after: Duration::from_millis(args.dead_after_ms),
+            poll_interval: Duration::from_millis(args.heartbeat_ms),
+            route_timeout: Duration::from_millis(args.route_timeout_ms),
+        },
+        pool.clone(),
+        executor.clone(),
+        driver_stop.clone(),
+    );
+
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
+        cluster: cluster.clone(),
         executor: executor.clone(),
         pool: pool.clone(),
         ready: ready.clone(),
@@ -135,12 +179,13 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         max_command_bytes: args.max_command_bytes,
         max_upload_bytes: args.max_upload_bytes,
     };
-    let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
     // Serve at once (health, readiness) but report ready only after catching up.
     let app = api::router(state);
-    let server_shutdown = shutdown.clone();
+    // The HTTP server keeps serving (and forwarding) while partitions are handed away.
+    let server_shutdown = CancellationToken::new();
+    let server_stop = server_shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
@@ -148,9 +193,17 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     });
     tracing::info!(%local_addr, node_id, region = %args.region, "listening");
 
+    // Catch up before taking work: every plugin compiled (and cached for restarts).
     let loaded = plugins.refresh().await.context("loading plugins")?;
-    ready.store(true, Ordering::Release);
-    tracing::info!(plugins = loaded, "ready");
+    tracing::info!(plugins = loaded, "caught up");
+    cluster.caught_up();
+    let mut phase = cluster.phase();
+    tokio::select! {
+        _ = phase.wait_for(|p| *p == cluster::core::Phase::Ready) => {}
+        _ = shutdown.cancelled() => {}
+    }
+    ready.store(!shutdown.is_cancelled(), Ordering::Release);
+    tracing::info!("ready");
 
     // Uploads through other hosts of the region become visible here within seconds.
     let refresher = {
@@ -173,8 +226,24 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
 
     shutdown.cancelled().await;
     ready.store(false, Ordering::Release);
-    tracing::info!("draining: finishing in-flight requests");
-    let drained = tokio::time::timeout(Duration::from_secs(args.drain_timeout_secs), server).await;
+    tracing::info!("draining: handing partitions to other hosts");
+    cluster.drain();
+    let drain_deadline = Duration::from_secs(args.drain_timeout_secs);
+    let handed_over = tokio::time::timeout(
+        drain_deadline,
+        phase.wait_for(|p| *p == cluster::core::Phase::Exited),
+    )
+    .await;
+    if handed_over.is_err() {
+        tracing::warn!(
+            "drain timed out with partitions still held; they move when this host's heartbeat expires"
+        );
+    }
+    // Give the driver a moment to remove our member row, then stop it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    driver_stop.cancel();
+    server_stop.cancel();
+    let drained = tokio::time::timeout(drain_deadline, server).await;
     refresher.abort();
     match drained {
         Ok(Ok(Ok(()))) => tracing::info!("stopped"),

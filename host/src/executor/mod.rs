@@ -535,6 +535,18 @@ impl Executor {
         })
     }
 
+    /// The aggregate's current state read from the store, bypassing the cache: for
+    /// hosts that do not own the aggregate, so they never cache what they do not own.
+    pub async fn read_state(&self, key: &AggregateKey) -> Result<AggregateState, CommandError> {
+        let plugin = self.inner.plugins.get(&key.aggregate_type).await?;
+        let loaded = self.load(&plugin, key).await?;
+        Ok(AggregateState {
+            version: loaded.version,
+            state: loaded.state,
+            plugin_version: loaded.plugin_version,
+        })
+    }
+
     /// The aggregate's current state, loading it if it is not cached.
     pub async fn state(&self, key: &AggregateKey) -> Result<AggregateState, CommandError> {
         let plugin = self.inner.plugins.get(&key.aggregate_type).await?;

@@ -8,8 +8,10 @@
 //! - [`read`]: loading an aggregate (snapshot + newer events), reading its events, and
 //!   tailing the region's events in commit order without skipping late commits.
 //! - [`plugins`]: the plugin registry and per-type sandbox limits.
+//! - [`cluster`]: membership heartbeats and partition leases (the fencing tokens).
 
 pub mod append;
+pub mod cluster;
 pub mod plugins;
 pub mod read;
 

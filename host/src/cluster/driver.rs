@@ -1,0 +1,576 @@
+//! Drives the decision core ([`super::core::Node`]) with PostgreSQL and the clock, and
+//! routes commands by it.
+//!
+//! One task owns the loop: every poll interval it heartbeats, reads the membership and
+//! lease tables, feeds the observation to the core and carries out the actions, feeding
+//! each result back — sequentially, so the core never sees a result out of order.
+//! Signals from elsewhere (a partition went idle, drain, caught up, "look again now")
+//! arrive on a channel and go through the same loop.
+//!
+//! Serving is a per-partition `RwLock<Option<epoch>>`: a command holds the read lock
+//! while it runs; stopping a partition takes the write lock, which waits for in-flight
+//! commands to finish, and then clears it. That is the "old owner finishes in-flight
+//! commands before it releases" rule, with no per-command lock beyond an uncontended
+//! read lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::{RwLock, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::core::{
+    Action, Input, MemberState, Node, NodeId, Partition, Phase, Route, partition_of,
+};
+use crate::executor::{Command, CommandError, CommandResult, Executor};
+use crate::store::{self, Fence, StoreError};
+
+/// Default time without a heartbeat after which a member is declared dead.
+pub const DEFAULT_DEAD_AFTER: Duration = Duration::from_secs(3);
+
+/// Default interval between heartbeats and observations.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Default time a command waits for its partition to have a serving owner.
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Header marking a command forwarded by another host: the receiver executes it
+/// locally or answers `not_owner`, never forwards again.
+pub const FORWARDED_HEADER: &str = "x-meridian-forwarded-by";
+
+/// Cluster settings.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node.
+    pub node_id: NodeId,
+    /// The URL other hosts reach this one at.
+    pub address: String,
+    /// Virtual partitions in the region.
+    pub partitions: u32,
+    /// Heartbeat timeout.
+    pub dead_after: Duration,
+    /// Poll interval.
+    pub poll_interval: Duration,
+    /// How long a command waits for an owner.
+    pub route_timeout: Duration,
+}
+
+/// Errors refusing a command before any owner ran it.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The partition has no serving owner (it is moving) for longer than we wait.
+    #[error(
+        "partition {partition} has no serving owner right now (it is moving between hosts); retried for {waited_ms} ms, try again"
+    )]
+    Unavailable {
+        /// The partition.
+        partition: Partition,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// This host was asked (by another host) to run a command it does not own.
+    #[error("this host does not own partition {partition}")]
+    NotOwner {
+        /// The partition.
+        partition: Partition,
+    },
+}
+
+/// How a command was answered.
+pub enum Dispatched {
+    /// Executed here.
+    Local(Result<CommandResult, CommandError>),
+    /// The owner's HTTP answer, to be returned unchanged.
+    Forwarded {
+        /// Its status.
+        status: u16,
+        /// Its body.
+        body: Bytes,
+    },
+    /// No owner could take it.
+    Refused(RouteError),
+}
+
+/// The cluster membership and routing of one host. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClusterConfig,
+    pool: PgPool,
+    executor: Executor,
+    node: Mutex<Node>,
+    slots: Vec<RwLock<Option<u64>>>,
+    addresses: Mutex<HashMap<NodeId, String>>,
+    status: Mutex<Option<store::cluster::Observation>>,
+    membership_epoch: AtomicI64,
+    inputs: mpsc::UnboundedSender<Input>,
+    nudge: tokio::sync::Notify,
+    phase: watch::Sender<Phase>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Joins the region as a syncing member and starts the driver loop. Call
+    /// [`Cluster::caught_up`] once the host may take work.
+    pub fn start(
+        config: ClusterConfig,
+        pool: PgPool,
+        executor: Executor,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (inputs, rx) = mpsc::unbounded_channel();
+        let node = Node::new(config.node_id.clone(), config.partitions);
+        let slots = (0..config.partitions).map(|_| RwLock::new(None)).collect();
+        let (phase, _) = watch::channel(Phase::Syncing);
+        let cluster = Cluster {
+            inner: Arc::new(Inner {
+                config,
+                pool,
+                executor,
+                node: Mutex::new(node),
+                slots,
+                addresses: Mutex::new(HashMap::new()),
+                status: Mutex::new(None),
+                membership_epoch: AtomicI64::new(0),
+                inputs,
+                nudge: tokio::sync::Notify::new(),
+                phase,
+                http: reqwest::Client::builder()
+                    .pool_max_idle_per_host(256)
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .expect("HTTP client builds"),
+            }),
+        };
+        let driver = cluster.clone();
+        tokio::spawn(async move { driver.run(rx, shutdown).await });
+        cluster
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.config.node_id
+    }
+
+    /// The partition count.
+    pub fn partitions(&self) -> u32 {
+        self.inner.config.partitions
+    }
+
+    /// The host caught up (plugins compiled): announce ready and take partitions.
+    pub fn caught_up(&self) {
+        let _ = self.inner.inputs.send(Input::CaughtUp);
+    }
+
+    /// Starts handing every partition away (SIGTERM).
+    pub fn drain(&self) {
+        let _ = self.inner.inputs.send(Input::Drain);
+    }
+
+    /// Watches the node's phase (ready, draining, exited).
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.inner.phase.subscribe()
+    }
+
+    /// Whether this node currently serves the aggregate's partition.
+    pub fn owns(&self, aggregate_type: &str, aggregate_id: &str) -> bool {
+        let p = partition_of(aggregate_type, aggregate_id, self.inner.config.partitions);
+        matches!(
+            self.inner.node.lock().expect("node poisoned").route(p),
+            Route::Local(_)
+        )
+    }
+
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Input>, shutdown: CancellationToken) {
+        let start = self.inner.node.lock().expect("node poisoned").start();
+        self.execute(start).await;
+        let mut tick = tokio::time::interval(self.inner.config.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.poll().await,
+                _ = self.inner.nudge.notified() => self.poll().await,
+                Some(input) = rx.recv() => self.feed(input).await,
+            }
+            if *self.inner.phase.borrow() == Phase::Exited {
+                if let Err(error) =
+                    store::cluster::leave(&self.inner.pool, &self.inner.config.node_id).await
+                {
+                    tracing::warn!(%error, "could not remove the member row; it will expire");
+                }
+                return;
+            }
+        }
+    }
+
+    async fn poll(&self) {
+        let state = self
+            .inner
+            .node
+            .lock()
+            .expect("node poisoned")
+            .announced_state();
+        if let Err(error) = store::cluster::heartbeat(
+            &self.inner.pool,
+            &self.inner.config.node_id,
+            &self.inner.config.address,
+            state,
+        )
+        .await
+        {
+            tracing::warn!(%error, "heartbeat failed");
+        }
+        match store::cluster::observe(&self.inner.pool, self.inner.config.dead_after).await {
+            Ok(observation) => {
+                {
+                    let mut addresses = self.inner.addresses.lock().expect("addresses poisoned");
+                    addresses.clear();
+                    for m in &observation.members {
+                        addresses.insert(m.id.clone(), m.address.clone());
+                    }
+                }
+                let previous = self
+                    .inner
+                    .membership_epoch
+                    .swap(observation.membership_epoch, Ordering::Relaxed);
+                if previous != observation.membership_epoch {
+                    tracing::info!(
+                        membership_epoch = observation.membership_epoch,
+                        "membership changed"
+                    );
+                }
+                let input = Input::Observed {
+                    members: observation.members.iter().map(|m| m.view()).collect(),
+                    leases: observation.leases.clone(),
+                };
+                *self.inner.status.lock().expect("status poisoned") = Some(observation);
+                self.feed(input).await;
+            }
+            Err(error) => tracing::warn!(%error, "cannot read cluster membership"),
+        }
+    }
+
+    async fn feed(&self, input: Input) {
+        let actions = self.inner.node.lock().expect("node poisoned").step(input);
+        self.execute(actions).await;
+    }
+
+    async fn execute(&self, actions: Vec<Action>) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            let next = match action {
+                Action::Announce { state } => {
+                    if let Err(error) = store::cluster::heartbeat(
+                        &self.inner.pool,
+                        &self.inner.config.node_id,
+                        &self.inner.config.address,
+                        state,
+                    )
+                    .await
+                    {
+                        tracing::warn!(%error, "announce failed");
+                    }
+                    let phase = self.inner.node.lock().expect("node poisoned").phase();
+                    self.inner.phase.send_replace(phase);
+                    tracing::info!(state = state.as_str(), "announced");
+                    None
+                }
+                Action::Acquire {
+                    partition,
+                    expected_owner,
+                    expected_epoch,
+                } => {
+                    let result = store::cluster::acquire(
+                        &self.inner.pool,
+                        partition,
+                        &self.inner.config.node_id,
+                        expected_owner.as_deref(),
+                        expected_epoch,
+                    )
+                    .await;
+                    let epoch = match result {
+                        Ok(epoch) => epoch,
+                        Err(error) => {
+                            tracing::warn!(partition, %error, "acquire failed");
+                            None
+                        }
+                    };
+                    if let Some(epoch) = epoch {
+                        tracing::debug!(partition, epoch, from = ?expected_owner, "partition acquired");
+                    }
+                    Some(Input::Acquired { partition, epoch })
+                }
+                Action::Serve { partition, epoch } => {
+                    *self.inner.slots[partition as usize].write().await = Some(epoch);
+                    None
+                }
+                Action::StopServing { partition } => {
+                    // Waiting for in-flight commands must not stall the loop.
+                    let cluster = self.clone();
+                    tokio::spawn(async move {
+                        *cluster.inner.slots[partition as usize].write().await = None;
+                        let _ = cluster.inner.inputs.send(Input::Idle { partition });
+                    });
+                    None
+                }
+                Action::Release { partition, epoch } => {
+                    if let Err(error) = store::cluster::release(
+                        &self.inner.pool,
+                        partition,
+                        &self.inner.config.node_id,
+                        epoch,
+                    )
+                    .await
+                    {
+                        // The lease stays ours until it expires with our heartbeat;
+                        // the fence keeps that safe. Try again on the next round.
+                        tracing::warn!(partition, %error, "release failed");
+                    }
+                    tracing::debug!(partition, epoch, "partition released");
+                    Some(Input::Released { partition })
+                }
+                Action::Evict { partition } => {
+                    let partitions = self.inner.config.partitions;
+                    self.inner.executor.evict(|key| {
+                        partition_of(&key.aggregate_type, &key.aggregate_id, partitions)
+                            == partition
+                    });
+                    None
+                }
+                Action::Exit => {
+                    self.inner.phase.send_replace(Phase::Exited);
+                    tracing::info!("drained: no partitions held");
+                    None
+                }
+            };
+            if let Some(input) = next {
+                let more = self.inner.node.lock().expect("node poisoned").step(input);
+                queue.extend(more);
+                let phase = self.inner.node.lock().expect("node poisoned").phase();
+                if phase == Phase::Exited {
+                    self.inner.phase.send_replace(Phase::Exited);
+                }
+            }
+        }
+    }
+
+    /// Runs a command where it belongs: here if this node serves its partition, else
+    /// at the owner (unless `forwarded`, in which case this node is the owner or says
+    /// it is not). Waits up to the route timeout while the partition moves.
+    pub async fn dispatch(&self, mut command: Command, body: &[u8], forwarded: bool) -> Dispatched {
+        let partition = partition_of(
+            &command.key.aggregate_type,
+            &command.key.aggregate_id,
+            self.inner.config.partitions,
+        );
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let route = self
+                .inner
+                .node
+                .lock()
+                .expect("node poisoned")
+                .route(partition);
+            match route {
+                Route::Local(_) => {
+                    let slot = self.inner.slots[partition as usize].read().await;
+                    if let Some(epoch) = *slot {
+                        command.fence = Some(Fence {
+                            partition: partition as i32,
+                            epoch: epoch as i64,
+                        });
+                        match self.inner.executor.execute(command.clone()).await {
+                            Err(CommandError::Fenced(error)) => {
+                                tracing::warn!(partition, epoch, %error, "append fenced: this node lost the partition");
+                                drop(slot);
+                                self.inner.nudge.notify_one();
+                            }
+                            result => return Dispatched::Local(result),
+                        }
+                    }
+                }
+                Route::Forward(owner) if !forwarded => {
+                    let address = self
+                        .inner
+                        .addresses
+                        .lock()
+                        .expect("addresses poisoned")
+                        .get(&owner)
+                        .cloned();
+                    if let Some(address) = address {
+                        if let Some(answer) = self.forward(&address, &command, body).await {
+                            return answer;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if forwarded {
+                return Dispatched::Refused(RouteError::NotOwner { partition });
+            }
+            if started.elapsed() >= self.inner.config.route_timeout {
+                return Dispatched::Refused(RouteError::Unavailable {
+                    partition,
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Sends a command to its owner. `None`: the owner was not reachable or said it
+    /// is not the owner (any more): route again.
+    async fn forward(&self, address: &str, command: &Command, body: &[u8]) -> Option<Dispatched> {
+        let url = format!(
+            "{}/v1/aggregates/{}/{}",
+            address.trim_end_matches('/'),
+            command.key.aggregate_type,
+            command.key.aggregate_id
+        );
+        let mut request = self
+            .inner
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header(FORWARDED_HEADER, &self.inner.config.node_id)
+            .body(body.to_vec());
+        if let Some(correlation) = &command.correlation_id {
+            request = request.header("x-correlation-id", correlation);
+        }
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let body = response.bytes().await.ok()?;
+                if status == 503 && body.windows(9).any(|w| w == b"not_owner") {
+                    return None;
+                }
+                metrics::counter!("meridian_commands_forwarded_total").increment(1);
+                Some(Dispatched::Forwarded { status, body })
+            }
+            Err(error) => {
+                tracing::debug!(address, %error, "forward failed; routing again");
+                None
+            }
+        }
+    }
+
+    /// The cluster as this node sees it, for `GET /v1/cluster`.
+    pub fn status(&self) -> ClusterStatus {
+        let observation = self.inner.status.lock().expect("status poisoned").clone();
+        let node = self.inner.node.lock().expect("node poisoned").clone();
+        let partitions = self.inner.config.partitions;
+        let mut owners: Vec<Option<String>> = vec![None; partitions as usize];
+        let mut epochs: Vec<u64> = vec![0; partitions as usize];
+        for lease in node.leases() {
+            if (lease.partition as usize) < owners.len() {
+                owners[lease.partition as usize] = lease.owner.clone();
+                epochs[lease.partition as usize] = lease.epoch;
+            }
+        }
+        let members = observation
+            .map(|o| {
+                o.members
+                    .into_iter()
+                    .map(|m| MemberStatus {
+                        partitions_owned: owners
+                            .iter()
+                            .filter(|o| o.as_deref() == Some(m.id.as_str()))
+                            .count(),
+                        id: m.id,
+                        address: m.address,
+                        state: m.state,
+                        alive: m.alive,
+                        last_heartbeat: m.last_heartbeat.to_rfc3339(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ClusterStatus {
+            node_id: self.inner.config.node_id.clone(),
+            phase: node.phase(),
+            partitions,
+            membership_epoch: self.inner.membership_epoch.load(Ordering::Relaxed),
+            members,
+            partition_owners: owners,
+            partition_epochs: epochs,
+        }
+    }
+}
+
+/// `GET /v1/cluster`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub node_id: String,
+    /// Its phase.
+    #[schema(value_type = String)]
+    pub phase: Phase,
+    /// Virtual partitions in the region.
+    pub partitions: u32,
+    /// Membership changes so far (joins, state changes, deaths, departures).
+    pub membership_epoch: i64,
+    /// Members.
+    pub members: Vec<MemberStatus>,
+    /// Owner of each partition (index = partition), `null` while it moves.
+    pub partition_owners: Vec<Option<String>>,
+    /// Lease epoch of each partition.
+    pub partition_epochs: Vec<u64>,
+}
+
+/// One member in [`ClusterStatus`].
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct MemberStatus {
+    /// Node id.
+    pub id: String,
+    /// Base URL.
+    pub address: String,
+    /// Announced state.
+    pub state: MemberState,
+    /// Heartbeating within the timeout.
+    pub alive: bool,
+    /// Last heartbeat (database clock).
+    pub last_heartbeat: String,
+    /// Partitions it holds.
+    pub partitions_owned: usize,
+}
+
+/// Records the region's partition count at first start, refusing a different one.
+pub async fn check_partitions(pool: &PgPool, partitions: u32) -> Result<(), ClusterSetupError> {
+    let stored = store::region_setting(pool, "partitions", &partitions.to_string()).await?;
+    if stored != partitions.to_string() {
+        return Err(ClusterSetupError::PartitionMismatch {
+            configured: partitions,
+            stored,
+        });
+    }
+    Ok(())
+}
+
+/// Errors setting up the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterSetupError {
+    /// The region was created with another partition count.
+    #[error(
+        "this region was created with {stored} partitions, but this host is configured with {configured}; start it with --partitions {stored} (MERIDIAN_PARTITIONS={stored}): the count cannot change once a region has data"
+    )]
+    PartitionMismatch {
+        /// This host's setting.
+        configured: u32,
+        /// The region's.
+        stored: String,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

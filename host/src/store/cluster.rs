@@ -1,0 +1,217 @@
+//! Membership and partition leases of the regional cluster.
+//!
+//! The decisions are made in `cluster::core`; these are the reads and writes it asks
+//! for. Leases are only ever changed by compare-and-set on (owner, epoch), and every
+//! acquisition bumps the epoch, which is what the append function's fence checks.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+
+use super::StoreError;
+use crate::cluster::core::{Lease, MemberState, MemberView};
+
+/// A member row with what the status page shows.
+#[derive(Debug, Clone)]
+pub struct MemberRow {
+    /// Node id.
+    pub id: String,
+    /// Base URL for forwarding.
+    pub address: String,
+    /// Announced state.
+    pub state: MemberState,
+    /// Heartbeat within the timeout, by the database's clock.
+    pub alive: bool,
+    /// Last heartbeat.
+    pub last_heartbeat: DateTime<Utc>,
+}
+
+impl MemberRow {
+    /// The view the decision logic needs.
+    pub fn view(&self) -> MemberView {
+        MemberView {
+            id: self.id.clone(),
+            state: self.state,
+            alive: self.alive,
+        }
+    }
+}
+
+/// One read of the cluster tables.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    /// All members.
+    pub members: Vec<MemberRow>,
+    /// All lease rows.
+    pub leases: Vec<Lease>,
+    /// Membership changes so far.
+    pub membership_epoch: i64,
+}
+
+/// Writes this node's row: heartbeat now, with its state and address. A change of
+/// state (or a return from the dead) counts as a membership change.
+pub async fn heartbeat(
+    pool: &PgPool,
+    node: &str,
+    address: &str,
+    state: MemberState,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let changed: bool = sqlx::query_scalar(
+        "WITH old AS (SELECT state, dead FROM members WHERE node_id = $1 FOR UPDATE), \
+         up AS (INSERT INTO members (node_id, address, state) VALUES ($1, $2, $3) \
+                ON CONFLICT (node_id) DO UPDATE SET last_heartbeat = now(), state = EXCLUDED.state, \
+                address = EXCLUDED.address, dead = false RETURNING 1) \
+         SELECT coalesce((SELECT state <> $3 OR dead FROM old), true) FROM up",
+    )
+    .bind(node)
+    .bind(address)
+    .bind(state.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
+    if changed {
+        bump_membership_epoch(&mut tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn bump_membership_epoch(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+    sqlx::query("UPDATE region_settings SET value = (value::bigint + 1)::text WHERE key = 'membership_epoch'")
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Removes this node's row when it leaves cleanly.
+pub async fn leave(pool: &PgPool, node: &str) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM members WHERE node_id = $1")
+        .bind(node)
+        .execute(&mut *tx)
+        .await?;
+    bump_membership_epoch(&mut tx).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Reads members (with liveness by the database's clock) and leases. The first
+/// observer to see a member's heartbeat expire marks it dead, counting one membership
+/// change; members dead for an hour are forgotten.
+pub async fn observe(pool: &PgPool, dead_after: Duration) -> Result<Observation, StoreError> {
+    let dead_ms = dead_after.as_millis() as i64;
+    let mut tx = pool.begin().await?;
+    let newly_dead = sqlx::query(
+        "UPDATE members SET dead = true WHERE NOT dead \
+         AND last_heartbeat < now() - make_interval(secs => $1::double precision / 1000)",
+    )
+    .bind(dead_ms)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if newly_dead > 0 {
+        bump_membership_epoch(&mut tx).await?;
+    }
+    sqlx::query("DELETE FROM members WHERE last_heartbeat < now() - interval '1 hour'")
+        .execute(&mut *tx)
+        .await?;
+    let members = sqlx::query(
+        "SELECT node_id, address, state, last_heartbeat, \
+                last_heartbeat >= now() - make_interval(secs => $1::double precision / 1000) AS alive \
+         FROM members ORDER BY node_id",
+    )
+    .bind(dead_ms)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .filter_map(|row| {
+        let state: String = row.try_get("state").ok()?;
+        Some(MemberRow {
+            id: row.try_get("node_id").ok()?,
+            address: row.try_get("address").ok()?,
+            state: MemberState::parse(&state)?,
+            alive: row.try_get("alive").ok()?,
+            last_heartbeat: row.try_get("last_heartbeat").ok()?,
+        })
+    })
+    .collect();
+    let leases =
+        sqlx::query("SELECT partition, owner, epoch FROM partition_leases ORDER BY partition")
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok(Lease {
+                    partition: row.try_get::<i32, _>("partition")? as u32,
+                    owner: row.try_get("owner")?,
+                    epoch: row.try_get::<i64, _>("epoch")? as u64,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let membership_epoch: String =
+        sqlx::query_scalar("SELECT value FROM region_settings WHERE key = 'membership_epoch'")
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    Ok(Observation {
+        members,
+        leases,
+        membership_epoch: membership_epoch.parse().unwrap_or(0),
+    })
+}
+
+/// Takes a lease if it is still held by `expected_owner` at `expected_epoch` (a free,
+/// never-acquired partition is `None` at 0). Returns the new epoch on success.
+pub async fn acquire(
+    pool: &PgPool,
+    partition: u32,
+    node: &str,
+    expected_owner: Option<&str>,
+    expected_epoch: u64,
+) -> Result<Option<u64>, StoreError> {
+    let epoch: Option<i64> = if expected_epoch == 0 && expected_owner.is_none() {
+        sqlx::query_scalar(
+            "INSERT INTO partition_leases (partition, owner, epoch) VALUES ($1, $2, 1) \
+             ON CONFLICT (partition) DO UPDATE SET owner = EXCLUDED.owner, epoch = partition_leases.epoch + 1, updated_at = now() \
+             WHERE partition_leases.epoch = 0 AND partition_leases.owner IS NULL \
+             RETURNING epoch",
+        )
+        .bind(partition as i32)
+        .bind(node)
+        .fetch_optional(pool)
+        .await?
+    } else {
+        sqlx::query_scalar(
+            "UPDATE partition_leases SET owner = $2, epoch = epoch + 1, updated_at = now() \
+             WHERE partition = $1 AND epoch = $3 AND owner IS NOT DISTINCT FROM $4 \
+             RETURNING epoch",
+        )
+        .bind(partition as i32)
+        .bind(node)
+        .bind(expected_epoch as i64)
+        .bind(expected_owner)
+        .fetch_optional(pool)
+        .await?
+    };
+    Ok(epoch.map(|e| e as u64))
+}
+
+/// Gives a lease up (if still held at `epoch`), keeping its epoch for the next owner.
+pub async fn release(
+    pool: &PgPool,
+    partition: u32,
+    node: &str,
+    epoch: u64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE partition_leases SET owner = NULL, updated_at = now() \
+         WHERE partition = $1 AND owner = $2 AND epoch = $3",
+    )
+    .bind(partition as i32)
+    .bind(node)
+    .bind(epoch as i64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
