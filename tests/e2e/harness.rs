@@ -161,6 +161,10 @@ impl Host {
             )
             .env("MERIDIAN_CACHE_DIR", dir.path().join("cache"))
             .env("MERIDIAN_LOG", "info,meridian=debug")
+            // Tests run several hosts per database and two tests at once; PostgreSQL
+            // allows 100 connections.
+            .env("MERIDIAN_DB_CONNECTIONS", "6")
+            .env("MERIDIAN_COMMIT_WORKERS", "3")
             .env_remove("MERIDIAN_NATS_URL")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
@@ -206,7 +210,7 @@ impl Host {
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
+        lines[lines.len().saturating_sub(400)..].join("\n")
     }
 
     pub fn pid(&self) -> i32 {

@@ -199,7 +199,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     cluster.caught_up();
     let mut phase = cluster.phase();
     tokio::select! {
-        _ = phase.wait_for(|p| *p == cluster::core::Phase::Ready) => {}
+        ready = phase.wait_for(|p| *p == cluster::core::Phase::Ready) => drop(ready),
         _ = shutdown.cancelled() => {}
     }
     ready.store(!shutdown.is_cancelled(), Ordering::Release);
@@ -229,21 +229,23 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     tracing::info!("draining: handing partitions to other hosts");
     cluster.drain();
     let drain_deadline = Duration::from_secs(args.drain_timeout_secs);
+    // `wait_for` returns a read guard on the phase; holding it would block the
+    // driver's next phase update, so only whether it happened is kept.
     let handed_over = tokio::time::timeout(
         drain_deadline,
         phase.wait_for(|p| *p == cluster::core::Phase::Exited),
     )
-    .await;
-    if handed_over.is_err() {
+    .await
+    .is_ok_and(|r| r.is_ok());
+    if !handed_over {
         tracing::warn!(
             "drain timed out with partitions still held; they move when this host's heartbeat expires"
         );
     }
-    // Give the driver a moment to remove our member row, then stop it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    driver_stop.cancel();
+    // The driver keeps routing (observing leases) until the listener has closed.
     server_stop.cancel();
     let drained = tokio::time::timeout(drain_deadline, server).await;
+    driver_stop.cancel();
     refresher.abort();
     match drained {
         Ok(Ok(Ok(()))) => tracing::info!("stopped"),

@@ -111,6 +111,8 @@ struct Inner {
     addresses: Mutex<HashMap<NodeId, String>>,
     status: Mutex<Option<store::cluster::Observation>>,
     membership_epoch: AtomicI64,
+    /// Set once the drained node removed its member row.
+    left: std::sync::atomic::AtomicBool,
     inputs: mpsc::UnboundedSender<Input>,
     nudge: tokio::sync::Notify,
     phase: watch::Sender<Phase>,
@@ -140,6 +142,7 @@ impl Cluster {
                 addresses: Mutex::new(HashMap::new()),
                 status: Mutex::new(None),
                 membership_epoch: AtomicI64::new(0),
+                left: std::sync::atomic::AtomicBool::new(false),
                 inputs,
                 nudge: tokio::sync::Notify::new(),
                 phase,
@@ -201,13 +204,15 @@ impl Cluster {
                 _ = self.inner.nudge.notified() => self.poll().await,
                 Some(input) = rx.recv() => self.feed(input).await,
             }
-            if *self.inner.phase.borrow() == Phase::Exited {
+            let exited = *self.inner.phase.borrow() == Phase::Exited;
+            if exited && !self.inner.left.swap(true, Ordering::Relaxed) {
+                // Gone from the membership, but keep observing: this host still
+                // forwards what reaches it until its listener closes.
                 if let Err(error) =
                     store::cluster::leave(&self.inner.pool, &self.inner.config.node_id).await
                 {
                     tracing::warn!(%error, "could not remove the member row; it will expire");
                 }
-                return;
             }
         }
     }
@@ -219,15 +224,17 @@ impl Cluster {
             .lock()
             .expect("node poisoned")
             .announced_state();
-        if let Err(error) = store::cluster::heartbeat(
-            &self.inner.pool,
-            &self.inner.config.node_id,
-            &self.inner.config.address,
-            state,
-        )
-        .await
-        {
-            tracing::warn!(%error, "heartbeat failed");
+        if !self.inner.left.load(Ordering::Relaxed) {
+            if let Err(error) = store::cluster::heartbeat(
+                &self.inner.pool,
+                &self.inner.config.node_id,
+                &self.inner.config.address,
+                state,
+            )
+            .await
+            {
+                tracing::warn!(%error, "heartbeat failed");
+            }
         }
         match store::cluster::observe(&self.inner.pool, self.inner.config.dead_after).await {
             Ok(observation) => {
@@ -260,7 +267,16 @@ impl Cluster {
     }
 
     async fn feed(&self, input: Input) {
-        let actions = self.inner.node.lock().expect("node poisoned").step(input);
+        let (actions, draining) = {
+            let mut node = self.inner.node.lock().expect("node poisoned");
+            let actions = node.step(input);
+            let draining =
+                (node.phase() == Phase::Draining).then(|| (node.serving().len(), node.pending()));
+            (actions, draining)
+        };
+        if let Some((serving, (handing_over, acquiring))) = draining {
+            tracing::debug!(serving, ?handing_over, ?acquiring, "draining");
+        }
         self.execute(actions).await;
     }
 
@@ -413,7 +429,9 @@ impl Cluster {
                         }
                     }
                 }
-                _ => {}
+                // Our view may be stale (a lease we released, an owner that moved):
+                // look again now rather than at the next tick.
+                _ => self.inner.nudge.notify_one(),
             }
             if forwarded {
                 return Dispatched::Refused(RouteError::NotOwner { partition });

@@ -359,6 +359,8 @@ impl Executor {
             "node_id": self.inner.config.node_id,
             "causation_id": command.command_id,
             "correlation_id": command.correlation_id,
+            "partition": command.fence.map(|f| f.partition),
+            "partition_epoch": command.fence.map(|f| f.epoch),
         });
         let metadata = serde_json::value::to_raw_value(&metadata).expect("metadata serialises");
         let events: Vec<NewEvent> = decided

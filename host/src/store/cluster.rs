@@ -58,18 +58,22 @@ pub async fn heartbeat(
     state: MemberState,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    let changed: bool = sqlx::query_scalar(
-        "WITH old AS (SELECT state, dead FROM members WHERE node_id = $1 FOR UPDATE), \
-         up AS (INSERT INTO members (node_id, address, state) VALUES ($1, $2, $3) \
-                ON CONFLICT (node_id) DO UPDATE SET last_heartbeat = now(), state = EXCLUDED.state, \
-                address = EXCLUDED.address, dead = false RETURNING 1) \
-         SELECT coalesce((SELECT state <> $3 OR dead FROM old), true) FROM up",
+    let old: Option<(String, bool)> =
+        sqlx::query_as("SELECT state, dead FROM members WHERE node_id = $1 FOR UPDATE")
+            .bind(node)
+            .fetch_optional(&mut *tx)
+            .await?;
+    sqlx::query(
+        "INSERT INTO members (node_id, address, state) VALUES ($1, $2, $3) \
+         ON CONFLICT (node_id) DO UPDATE SET last_heartbeat = now(), state = EXCLUDED.state, \
+         address = EXCLUDED.address, dead = false",
     )
     .bind(node)
     .bind(address)
     .bind(state.as_str())
-    .fetch_one(&mut *tx)
+    .execute(&mut *tx)
     .await?;
+    let changed = old.is_none_or(|(old_state, dead)| dead || old_state != state.as_str());
     if changed {
         bump_membership_epoch(&mut tx).await?;
     }

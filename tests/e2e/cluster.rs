@@ -1,0 +1,489 @@
+//! The regional cluster with real host processes sharing one PostgreSQL.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meridian::cluster::core::{assign, partition_of};
+use serde_json::{Value, json};
+
+use crate::harness::{Api, Host, HostOptions, TestDb, eventually, wasm_bytes};
+
+const PARTITIONS: u32 = 256;
+
+fn options() -> HostOptions {
+    HostOptions {
+        env: vec![("MERIDIAN_DEAD_AFTER_MS".into(), "3000".into())],
+        ..HostOptions::default()
+    }
+}
+
+async fn start_region(db: &TestDb, n: usize) -> Vec<Host> {
+    let mut hosts = Vec::new();
+    for _ in 0..n {
+        hosts.push(Host::start(db, options()).await);
+    }
+    let (status, body) = hosts[0]
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    wait_balanced(&hosts).await;
+    hosts
+}
+
+/// Waits until every partition is held by the host rendezvous hashing assigns it to.
+async fn wait_balanced(hosts: &[Host]) -> Value {
+    let ids: HashSet<String> = hosts.iter().map(|h| h.node_id.clone()).collect();
+    let api = hosts[0].client();
+    eventually(|| {
+        let api = api.clone();
+        let ids = ids.clone();
+        async move {
+            let (_, status) = api.get("/v1/cluster").await;
+            let owners = status["partition_owners"].as_array()?;
+            // Settled: every partition with the owner rendezvous hashing picks.
+            let mut sorted: Vec<&str> = ids.iter().map(String::as_str).collect();
+            sorted.sort_unstable();
+            let settled = owners.len() == PARTITIONS as usize
+                && owners
+                    .iter()
+                    .enumerate()
+                    .all(|(p, o)| o.as_str() == assign(p as u32, &sorted));
+            settled.then_some(status)
+        }
+    })
+    .await
+}
+
+fn owner_of(status: &Value, id: &str) -> String {
+    let p = partition_of("bank-account", id, PARTITIONS);
+    status["partition_owners"][p as usize]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn open_accounts(hosts: &[Host], n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|i| format!("acct-{i}")).collect();
+    let apis: Vec<Api> = hosts.iter().map(|h| h.client()).collect();
+    futures::future::join_all(ids.iter().enumerate().map(|(i, id)| {
+        let api = apis[i % apis.len()].clone();
+        async move {
+            let (status, body) = api
+                .command(
+                    "bank-account",
+                    id,
+                    json!({"command": {"type": "Open", "owner": "o"}}),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }))
+    .await;
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn any_node_accepts_commands_and_the_owner_executes_them() {
+    let db = TestDb::new("c_route").await;
+    let hosts = start_region(&db, 3).await;
+    let status = wait_balanced(&hosts).await;
+    let accounts = open_accounts(&hosts, 210).await;
+    for (i, id) in accounts.iter().enumerate() {
+        // Deliberately sent to a node chosen by index, not by ownership.
+        let api = hosts[(i * 7 + 1) % 3].client();
+        let (code, result) = api
+            .command(
+                "bank-account",
+                id,
+                json!({"command": {"type": "Deposit", "amount": 5}}),
+            )
+            .await;
+        assert_eq!(code, 200, "{result}");
+        assert_eq!(
+            result["executed_by"].as_str().unwrap(),
+            owner_of(&status, id),
+            "{id} ran off its owner"
+        );
+        assert_eq!(result["version"], 2);
+    }
+    // Reads are served by any node too, and agree.
+    let (_, a) = hosts[0]
+        .client()
+        .get("/v1/aggregates/bank-account/acct-3")
+        .await;
+    let (_, b) = hosts[2]
+        .client()
+        .get("/v1/aggregates/bank-account/acct-3")
+        .await;
+    assert_eq!(a["state"], b["state"]);
+    assert_eq!(a["state"]["balance"], 5);
+    let forwarded = status["members"].as_array().unwrap();
+    assert_eq!(forwarded.len(), 3);
+    assert!(
+        forwarded
+            .iter()
+            .all(|m| m["state"] == "ready" && m["alive"] == true),
+        "{status}"
+    );
+}
+
+/// Background load: `workers` clients sending Deposits to random accounts via the
+/// given nodes, with command ids; records every outcome.
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    targets: Arc<Mutex<Vec<Api>>>,
+    acked: Arc<Mutex<Vec<(String, String)>>>,
+    failures: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(targets: Vec<Api>, accounts: Vec<String>, workers: usize, retry: bool) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let targets = Arc::new(Mutex::new(targets));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let accounts = Arc::new(accounts);
+        let tasks = (0..workers)
+            .map(|w| {
+                let (stop, targets, acked, failures, accounts) =
+                    (stop.clone(), targets.clone(), acked.clone(), failures.clone(), accounts.clone());
+                tokio::spawn(async move {
+                    let mut n = w;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        n += 7919;
+                        let id = accounts[n % accounts.len()].clone();
+                        let command_id = uuid::Uuid::new_v4().to_string();
+                        let body = json!({"command": {"type": "Deposit", "amount": 1}, "command_id": command_id});
+                        let mut attempt = 0;
+                        loop {
+                            attempt += 1;
+                            let api = {
+                                let t = targets.lock().unwrap();
+                                t[(n + attempt) % t.len()].clone()
+                            };
+                            let response = api
+                                .http
+                                .post(format!("{}/v1/aggregates/bank-account/{id}", api.base))
+                                .json(&body)
+                                .send()
+                                .await;
+                            match response {
+                                Ok(r) if r.status() == 200 => {
+                                    acked.lock().unwrap().push((id.clone(), command_id.clone()));
+                                    break;
+                                }
+                                other => {
+                                    let what = match other {
+                                        Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+                                        Err(e) => format!("transport: {e}"),
+                                    };
+                                    if !retry || attempt > 20 {
+                                        failures.lock().unwrap().push(format!("{id}: {what}"));
+                                        break;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            targets,
+            acked,
+            failures,
+            tasks,
+        }
+    }
+
+    async fn stop(self) -> (Vec<(String, String)>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        let failures = self.failures.lock().unwrap().clone();
+        (acked, failures)
+    }
+}
+
+/// Every acknowledged command is stored exactly once and versions are contiguous.
+async fn check_history(db: &TestDb, acked: &[(String, String)]) {
+    let pool = db.pool().await;
+    let rows: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT aggregate_id, version, metadata->>'command_id' FROM events ORDER BY aggregate_id, version",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut by_command: HashMap<String, usize> = HashMap::new();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for (aggregate, version, command) in &rows {
+        let previous = last.insert(aggregate.clone(), *version).unwrap_or(0);
+        assert_eq!(
+            *version,
+            previous + 1,
+            "{aggregate}: versions not contiguous"
+        );
+        if let Some(command) = command {
+            *by_command.entry(command.clone()).or_default() += 1;
+        }
+    }
+    for (aggregate, command) in acked {
+        assert_eq!(
+            by_command.get(command).copied(),
+            Some(1),
+            "acknowledged command {command} on {aggregate}"
+        );
+    }
+    assert!(
+        by_command.values().all(|n| *n == 1),
+        "a command was applied twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_a_host_under_load_loses_nothing() {
+    let db = TestDb::new("c_kill").await;
+    let mut hosts = start_region(&db, 3).await;
+    let accounts = open_accounts(&hosts, 200).await;
+    let survivors: Vec<Api> = hosts[..2].iter().map(|h| h.client()).collect();
+    let load = Load::start(survivors.clone(), accounts.clone(), 16, true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let victim = hosts[2].node_id.clone();
+    hosts[2].kill9();
+    let killed = Instant::now();
+    // Every account serves again: a command to each, sent to the survivors.
+    let probes = futures::future::join_all(accounts.iter().enumerate().map(|(i, id)| {
+        let api = survivors[i % 2].clone();
+        async move {
+            let (status, body) = api
+                .command(
+                    "bank-account",
+                    id,
+                    json!({"command": {"type": "Deposit", "amount": 1}}),
+                )
+                .await;
+            (status, body, killed.elapsed())
+        }
+    }))
+    .await;
+    let slowest = probes.iter().map(|(_, _, t)| *t).max().unwrap();
+    for (status, body, _) in &probes {
+        assert_eq!(*status, 200, "{body}");
+        assert_ne!(body["executed_by"].as_str(), Some(victim.as_str()));
+    }
+    // The heartbeat timeout is 3 s; the issue's bound is timeout + 2 s.
+    assert!(
+        slowest < Duration::from_secs(5),
+        "accounts served again only after {slowest:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (acked, failures) = load.stop().await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(acked.len() > 100, "too little load: {}", acked.len());
+    let mut all = acked.clone();
+    all.extend(
+        probes
+            .iter()
+            .map(|(_, b, _)| {
+                (
+                    b["aggregate_id"].as_str().unwrap().to_string(),
+                    String::new(),
+                )
+            })
+            .filter(|(_, c)| !c.is_empty()),
+    );
+    check_history(&db, &all).await;
+    let status = wait_balanced(&hosts[..2]).await;
+    let victim_row = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == victim.as_str())
+        .cloned();
+    assert!(victim_row.is_none_or(|m| m["alive"] == false));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_host_is_fenced_and_rejoins() {
+    let db = TestDb::new("c_pause").await;
+    let hosts = start_region(&db, 3).await;
+    let accounts = open_accounts(&hosts, 120).await;
+    let status = wait_balanced(&hosts).await;
+    let paused = &hosts[1];
+    let mine: Vec<String> = accounts
+        .iter()
+        .filter(|id| owner_of(&status, id) == paused.node_id)
+        .cloned()
+        .collect();
+    assert!(!mine.is_empty());
+    let epochs_before: HashMap<u32, u64> = (0..PARTITIONS)
+        .filter(|p| status["partition_owners"][*p as usize] == paused.node_id.as_str())
+        .map(|p| (p, status["partition_epochs"][p as usize].as_u64().unwrap()))
+        .collect();
+
+    paused.signal("STOP");
+    // Commands sent to the paused host now sit in its socket until it resumes.
+    let api = paused.client();
+    let stuck: Vec<_> = mine
+        .iter()
+        .take(20)
+        .map(|id| {
+            let api = api.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                api.command(
+                    "bank-account",
+                    &id,
+                    json!({"command": {"type": "Deposit", "amount": 2}}),
+                )
+                .await
+            })
+        })
+        .collect();
+    // Wait until the others took its partitions over.
+    let others = [&hosts[0], &hosts[2]];
+    let moved = eventually(|| async {
+        let (_, s) = others[0].client().get("/v1/cluster").await;
+        let owners = s["partition_owners"].as_array()?;
+        let gone = owners
+            .iter()
+            .all(|o| o.as_str().is_some_and(|o| o != paused.node_id));
+        (gone && owners.iter().all(|o| o.is_string())).then_some(s)
+    })
+    .await;
+    for (p, epoch) in &epochs_before {
+        assert!(moved["partition_epochs"][*p as usize].as_u64().unwrap() > *epoch);
+    }
+    paused.signal("CONT");
+    for task in stuck {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    // Nothing was written by the paused host at an epoch it had lost.
+    let pool = db.pool().await;
+    let rows: Vec<(Option<i32>, Option<i64>)> = sqlx::query_as(
+        "SELECT (metadata->>'partition')::int, (metadata->>'partition_epoch')::bigint FROM events \
+         WHERE metadata->>'node_id' = $1",
+    )
+    .bind(&paused.node_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for (partition, epoch) in rows {
+        let (Some(p), Some(e)) = (partition, epoch) else {
+            continue;
+        };
+        if let Some(before) = epochs_before.get(&(p as u32)) {
+            let current = moved["partition_epochs"][p as usize].as_u64().unwrap();
+            assert!(
+                e as u64 <= *before || e as u64 > current,
+                "a stale-epoch append was accepted on partition {p}"
+            );
+        }
+    }
+    // It rejoins cleanly: back to ready, owning partitions and executing commands.
+    let status = wait_balanced(&hosts).await;
+    let back = accounts
+        .iter()
+        .find(|id| owner_of(&status, id) == paused.node_id)
+        .unwrap();
+    let (code, result) = hosts[0]
+        .client()
+        .command(
+            "bank-account",
+            back,
+            json!({"command": {"type": "Deposit", "amount": 1}}),
+        )
+        .await;
+    assert_eq!(code, 200, "{result}");
+    assert_eq!(
+        result["executed_by"].as_str(),
+        Some(paused.node_id.as_str())
+    );
+    check_history(&db, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn joining_and_draining_under_load_fail_no_command() {
+    let db = TestDb::new("c_drain").await;
+    let mut hosts = start_region(&db, 3).await;
+    let accounts = open_accounts(&hosts, 200).await;
+    let load = Load::start(
+        hosts.iter().map(|h| h.client()).collect(),
+        accounts,
+        16,
+        false,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A fourth host joins; partitions move to it under load.
+    let fourth = Host::start(&db, options()).await;
+    load.targets.lock().unwrap().push(fourth.client());
+    hosts.push(fourth);
+    wait_balanced(&hosts).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // SIGTERM one: clients stop picking it once /readyz says so (as a load balancer
+    // would); it hands its partitions over and exits 0.
+    let leaving = hosts.remove(1);
+    leaving.signal("TERM");
+    eventually(|| async {
+        let r = reqwest::get(format!("{}/readyz", leaving.url)).await.ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    load.targets
+        .lock()
+        .unwrap()
+        .retain(|api| api.base != leaving.url);
+    let mut leaving = leaving;
+    let code = tokio::task::spawn_blocking(move || {
+        let code = leaving.wait_exit(Duration::from_secs(30));
+        (code, leaving)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code.0, Some(0), "drained host did not exit 0");
+    wait_balanced(&hosts).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (acked, failures) = load.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed commands: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(acked.len() > 100);
+    check_history(&db, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_partition_count_is_refused_at_start() {
+    let db = TestDb::new("c_parts").await;
+    let _first = Host::start(&db, options()).await;
+    let output = std::process::Command::new(crate::harness::meridian_bin())
+        .arg("host")
+        .env("MERIDIAN_DATABASE_URL", &db.url)
+        .env(
+            "MERIDIAN_HTTP_ADDR",
+            format!("127.0.0.1:{}", crate::harness::free_port()),
+        )
+        .env("MERIDIAN_PARTITIONS", "128")
+        .env_remove("MERIDIAN_NATS_URL")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("created with 256 partitions") && stderr.contains("--partitions 256"),
+        "{stderr}"
+    );
+}
