@@ -72,6 +72,24 @@ def main():
         lines.append(f"Raw batched INSERT ceiling (8 clients × 100-row transactions): **{raw_rate:,.0f} rows/s**.")
         text = replace(text, "single", "\n".join(lines) + "\n")
 
+    region = load(directory, "region3.json")
+    if region and single:
+        one = {level["concurrency"]: level for level in single}
+        lines = [
+            "| clients | 1 host cmd/s | 3 hosts cmd/s | 1 host p50 / p99 ms | 3 hosts p50 / p99 ms | failed |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for level in region:
+            base = one.get(level["concurrency"])
+            if not base:
+                continue
+            lines.append(
+                f"| {level['concurrency']} | {base['throughput']:,.0f} | {level['throughput']:,.0f} | "
+                f"{base['p50_ms']:.2f} / {base['p99_ms']:.2f} | {level['p50_ms']:.2f} / {level['p99_ms']:.2f} | "
+                f"{level['failed']} |"
+            )
+        text = replace(text, "region", "\n".join(lines) + "\n")
+
     rt = load(directory, "runtime.json")
     if rt:
         lines = [

@@ -33,6 +33,7 @@ PG="${MERIDIAN_BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
 db="meridian_bench_$$"
 psql "$PG/postgres" -qc "CREATE DATABASE $db" >/dev/null
 pids=()
+ports=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
@@ -63,6 +64,27 @@ target/release/meridian-load --url "http://127.0.0.1:$port" --accounts "$account
     --concurrency "$levels" --duration "$duration" --warmup "$warmup" --json "$out/single.json"
 peak_kb=$(awk '/VmHWM/ {print $2}' "/proc/${pids[0]}/status" 2>/dev/null || echo 0)
 echo "{\"host_peak_rss_kb\": $peak_kb}" >"$out/memory.json"
+
+echo "==> a three-host region (same machine, same database)"
+for n in 2 3; do
+    p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    MERIDIAN_DATABASE_URL="$PG/$db" MERIDIAN_HTTP_ADDR="127.0.0.1:$p" MERIDIAN_NODE_ID="bench-$n" \
+    MERIDIAN_LOG=warn target/release/meridian host >"$out/host-$n.log" 2>&1 &
+    pids+=($!)
+    ports+=("$p")
+done
+urls=(--url "http://127.0.0.1:$port")
+for p in "${ports[@]}"; do
+    for _ in $(seq 1 300); do
+        curl -sf "http://127.0.0.1:$p/readyz" >/dev/null && break
+        sleep 0.1
+    done
+    urls+=(--url "http://127.0.0.1:$p")
+done
+# Let the partitions settle on their new owners before measuring.
+sleep 3
+target/release/meridian-load "${urls[@]}" --accounts "$accounts" \
+    --concurrency 64,256 --duration "$duration" --warmup "$warmup" --json "$out/region3.json"
 
 if [ -n "$quick" ]; then
     echo "quick benchmark run finished; results in $out"

@@ -119,6 +119,33 @@ async fn any_node_accepts_commands_and_the_owner_executes_them() {
         .await;
     assert_eq!(a["state"], b["state"]);
     assert_eq!(a["state"]["balance"], 5);
+    // The CLI shows the same, for people and for scripts.
+    let url = hosts[1].url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::harness::meridian_bin())
+            .args(["cluster", "status", "--url", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    for host in &hosts {
+        assert!(text.contains(&host.node_id), "{text}");
+    }
+    assert!(text.contains("partition map"), "{text}");
+    let url = hosts[1].url.clone();
+    let json = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::harness::meridian_bin())
+            .args(["cluster", "status", "--json", "--url", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let parsed: Value = serde_json::from_slice(&json.stdout).expect("--json prints JSON");
+    assert_eq!(parsed["partitions"], PARTITIONS);
     let forwarded = status["members"].as_array().unwrap();
     assert_eq!(forwarded.len(), 3);
     assert!(

@@ -278,3 +278,75 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
         }
     }
 }
+
+/// `meridian cluster ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Members, their states and the partition → owner map.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Runs `meridian cluster ...`.
+pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    let ClusterCommand::Status { target } = command;
+    let url = format!("{}/v1/cluster", target.url.trim_end_matches('/'));
+    let (_, status) = send(client().get(&url), &target.url).await?;
+    if target.json {
+        print_json(&status);
+        return Ok(());
+    }
+    let members = status["members"].as_array().cloned().unwrap_or_default();
+    println!(
+        "partitions {}   membership epoch {}   answered by {}",
+        status["partitions"],
+        status["membership_epoch"],
+        status["node_id"].as_str().unwrap_or("?")
+    );
+    println!();
+    println!(
+        "   {:<24} {:<9} {:<6} {:>10}  {:<32} last heartbeat",
+        "MEMBER", "STATE", "ALIVE", "PARTITIONS", "ADDRESS"
+    );
+    // One letter per member, used in the partition map below.
+    let letters: Vec<char> = ('A'..='Z').collect();
+    let mut letter_of = std::collections::HashMap::new();
+    for (i, m) in members.iter().enumerate() {
+        let id = m["id"].as_str().unwrap_or("");
+        let letter = letters.get(i).copied().unwrap_or('*');
+        letter_of.insert(id.to_string(), letter);
+        println!(
+            "{letter}  {:<24} {:<9} {:<6} {:>10}  {:<32} {}",
+            id,
+            m["state"].as_str().unwrap_or(""),
+            if m["alive"] == Value::Bool(true) {
+                "yes"
+            } else {
+                "NO"
+            },
+            m["partitions_owned"],
+            m["address"].as_str().unwrap_or(""),
+            m["last_heartbeat"].as_str().unwrap_or("")
+        );
+    }
+    println!();
+    println!("partition map (one character per partition, `.` = moving):");
+    let owners = status["partition_owners"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (row, chunk) in owners.chunks(64).enumerate() {
+        let line: String = chunk
+            .iter()
+            .map(|o| {
+                o.as_str()
+                    .and_then(|id| letter_of.get(id).copied())
+                    .unwrap_or('.')
+            })
+            .collect();
+        println!("  {:>4}  {line}", row * 64);
+    }
+    Ok(())
+}
