@@ -613,3 +613,111 @@ async fn unreachable_services_fail_start_with_one_clear_line() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("database-url"));
     let _: Value = Value::Null;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_uploads_commands_and_pages_events() {
+    let db = TestDb::new("cli").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let url = host.url.clone();
+    let wasm = crate::harness::wasm("bank-account");
+    let run = move |args: Vec<String>| {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(crate::harness::meridian_bin())
+                    .args(&args)
+                    .env("MERIDIAN_URL", url)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = run(vec![
+        "plugin".into(),
+        "upload".into(),
+        "bank-account".into(),
+        wasm.display().to_string(),
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("version 1") && text.contains("sha256") && text.contains("bytes"),
+        "{text}"
+    );
+
+    let out = run(vec![
+        "command".into(),
+        "bank-account".into(),
+        "cli-1".into(),
+        r#"{"type":"Open","owner":"gus"}"#.into(),
+    ])
+    .await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version 1"));
+    let out = run(vec![
+        "command".into(),
+        "--json".into(),
+        "bank-account".into(),
+        "cli-1".into(),
+        r#"{"type":"Deposit","amount":4}"#.into(),
+    ])
+    .await;
+    let result: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    assert_eq!(result["version"], 2);
+    // A rejection: exit code 1 and the plugin's message on one line.
+    let out = run(vec![
+        "command".into(),
+        "bank-account".into(),
+        "cli-1".into(),
+        r#"{"type":"Withdraw","amount":400}"#.into(),
+    ])
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("422 rejected") && stderr.contains("insufficient funds"),
+        "{stderr}"
+    );
+
+    let events = crate::harness::eventually(|| {
+        let run = run.clone();
+        async move {
+            let out = run(vec![
+                "events".into(),
+                "--json".into(),
+                "--all".into(),
+                "--limit".into(),
+                "1".into(),
+            ])
+            .await;
+            let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            (lines.len() == 2).then_some(lines)
+        }
+    })
+    .await;
+    assert_eq!(events[1]["type"], "Deposited");
+    let out = run(vec!["plugin".into(), "list".into()]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bank-account"));
+
+    // A host that is not there: one clear line saying what to do.
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(crate::harness::meridian_bin())
+            .args(["plugin", "list", "--url", "http://127.0.0.1:1"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach a Meridian host"));
+}

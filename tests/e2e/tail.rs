@@ -126,3 +126,94 @@ async fn tail_sees_every_event_once_despite_late_commits() {
         "the naive position reader missed nothing; the schedule did not produce late commits"
     );
 }
+
+/// One request's conflict in a batch fails only that request; a duplicate command id
+/// returns the first result; the rest of the batch is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_judges_each_request_on_its_own() {
+    let db = TestDb::new("batch").await;
+    let pool = db.pool().await;
+    store::migrate(&pool).await.unwrap();
+    let config = CommitterConfig::default();
+    let event = || NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: "E".into(),
+        payload: RawValue::from_string("{\"n\":1}".into()).unwrap(),
+        metadata: RawValue::from_string("{}".into()).unwrap(),
+    };
+    let request = |id: &str, expected: i64, command: Option<uuid::Uuid>| AppendRequest {
+        aggregate_type: "t".into(),
+        aggregate_id: id.into(),
+        expected_version: expected,
+        events: vec![event(), event()],
+        command_id: command,
+        fence: None,
+    };
+    let first = uuid::Uuid::new_v4();
+    let setup = store::append::append_batch(
+        &pool,
+        &config,
+        &[&request("a", 0, Some(first)), &request("b", 0, None)],
+    )
+    .await
+    .unwrap();
+    assert!(setup.iter().all(|r| r.is_ok()), "{setup:?}");
+
+    // "a" is at version 2: expecting 0 conflicts. "b" goes on from 2. "c" is new.
+    // The first command id again is a duplicate. All in one batch.
+    let batch = [
+        &request("a", 0, None),
+        &request("b", 2, None),
+        &request("c", 0, Some(uuid::Uuid::new_v4())),
+        &request("a", 2, Some(first)),
+    ];
+    let results = store::append::append_batch(&pool, &config, &batch)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            results[0],
+            Err(store::StoreError::Conflict {
+                expected: 0,
+                actual: 2,
+                ..
+            })
+        ),
+        "{:?}",
+        results[0]
+    );
+    assert_eq!(
+        results[1].as_ref().unwrap(),
+        &store::AppendOutcome::Appended {
+            first_version: 3,
+            last_version: 4
+        }
+    );
+    assert_eq!(
+        results[2].as_ref().unwrap(),
+        &store::AppendOutcome::Appended {
+            first_version: 1,
+            last_version: 2
+        }
+    );
+    assert_eq!(
+        results[3].as_ref().unwrap(),
+        &store::AppendOutcome::Duplicate {
+            first_version: 1,
+            last_version: 2
+        }
+    );
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT aggregate_id, count(*) FROM events GROUP BY 1 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        counts,
+        [
+            ("a".to_string(), 2),
+            ("b".to_string(), 4),
+            ("c".to_string(), 2)
+        ]
+    );
+}
