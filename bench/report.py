@@ -101,6 +101,7 @@ def main():
             f"| native handle+apply per command | {rt['native_us_per_command']:.2f} µs |",
             f"| WASM handle+apply per command | {rt['wasm_us_per_command']:.2f} µs |",
             f"| WASM ÷ native | {rt['wasm_over_native']:.2f}× |",
+            f"| one empty guest call (`describe`) | {rt.get('empty_call_us', 0):.2f} µs |",
             f"| replay through WASM `apply` | {rt['replay_events_per_s']:,.0f} events/s |",
             f"| replay natively | {rt['native_replay_events_per_s']:,.0f} events/s |",
         ]

@@ -109,6 +109,13 @@ fn main() -> anyhow::Result<()> {
     let native_replay_rate = args.replay_events as f64 / started.elapsed().as_secs_f64();
     assert_eq!(state, native_state, "WASM and native replay disagree");
 
+    // The bare cost of crossing into the guest and back: `describe` takes no input and
+    // returns a small record, so this is almost all boundary.
+    let boundary = time(args.commands, |_| {
+        plugin.session().describe_call()?;
+        Ok(())
+    })?;
+
     let ratio = wasm.as_secs_f64() / native.as_secs_f64();
     println!("component size         {:>10} bytes", bytes.len());
     println!(
@@ -129,6 +136,10 @@ fn main() -> anyhow::Result<()> {
     );
     println!("WASM / native          {:>10.2}x  (goal <= 1.3x)", ratio);
     println!(
+        "one empty guest call   {:>10.2} µs",
+        boundary.as_secs_f64() * 1e6
+    );
+    println!(
         "replay through WASM    {:>10.0} events/s  (goal >= 100,000)",
         replay_rate
     );
@@ -144,6 +155,7 @@ fn main() -> anyhow::Result<()> {
             "native_us_per_command": native.as_secs_f64() * 1e6,
             "wasm_us_per_command": wasm.as_secs_f64() * 1e6,
             "wasm_over_native": ratio,
+            "empty_call_us": boundary.as_secs_f64() * 1e6,
             "replay_events_per_s": replay_rate,
             "native_replay_events_per_s": native_replay_rate,
         });

@@ -61,9 +61,9 @@ macro_rules! dev_help {
             "\n",
             "4. Prints the host URLs, where the logs and data are, and commands to try.\n",
             "\n",
-            "Ctrl-C or SIGTERM stops the hosts (SIGTERM, killed after 10 s), then PostgreSQL,\n",
-            "and removes the temporary directory unless --keep is given. The same happens when\n",
-            "start-up fails half-way.\n",
+            "Ctrl-C or SIGTERM stops the hosts one at a time (SIGTERM, killed after 10 s),\n",
+            "then PostgreSQL, and removes the temporary directory unless --keep is given. The\n",
+            "same happens when start-up fails half-way. A second Ctrl-C kills what is left.\n",
         )
     };
 }
@@ -127,16 +127,32 @@ pub async fn execute(args: DevArgs) -> anyhow::Result<()> {
         Ok(summary) => {
             cluster.print_banner(&summary);
             let signal = stop.recv().await;
-            eprintln!("\n{signal} received: stopping the region");
-            cluster.stop(args.keep).await;
+            eprintln!("\n{signal} received: stopping the region (again to kill it at once)");
+            shut_down(&mut cluster, &mut stop, args.keep).await;
             Ok(())
         }
         Err(error) => {
             eprintln!("start-up failed; stopping what was started");
-            cluster.stop(args.keep).await;
+            shut_down(&mut cluster, &mut stop, args.keep).await;
             Err(error)
         }
     }
+}
+
+/// Stops everything in order and removes the temporary directory. A second signal
+/// meanwhile kills what is still running instead of waiting for it.
+async fn shut_down(cluster: &mut Cluster, stop: &mut StopSignals, keep: bool) {
+    let hurried = tokio::select! {
+        () = cluster.stop() => false,
+        signal = stop.recv() => {
+            eprintln!("{signal} again: killing what is still running");
+            true
+        }
+    };
+    if hurried {
+        cluster.kill().await;
+    }
+    cluster.work.remove_unless(keep);
 }
 
 /// SIGINT and SIGTERM, both meaning "stop everything".
@@ -374,11 +390,14 @@ impl Cluster {
             .map(|h| h.spec.node_id.len())
             .max()
             .unwrap_or(0);
+        let hosts = match self.hosts.len() {
+            1 => "1 host".to_string(),
+            n => format!("{n} hosts"),
+        };
         let mut out = String::new();
         out.push_str(&format!(
-            "\nMeridian dev is running: region {}, {} host(s), plugin {PLUGIN_TYPE} version {}\n\n",
+            "\nMeridian dev is running: region {}, {hosts}, plugin {PLUGIN_TYPE} version {}\n\n",
             summary.regions.join(", "),
-            self.hosts.len(),
             summary.plugin_version
         ));
         out.push_str("hosts\n");
@@ -419,33 +438,52 @@ impl Cluster {
         print!("{out}");
     }
 
-    /// Stops hosts, then PostgreSQL, then removes the temporary directory. Never fails:
-    /// it is the way out of errors too, so it reports problems and carries on.
-    async fn stop(&mut self, keep: bool) {
-        // Hosts first: they drain in-flight requests, which needs the database.
-        for host in &mut self.hosts {
+    /// Stops the hosts, then PostgreSQL. Never fails: it is the way out of errors too,
+    /// so it reports problems and carries on.
+    async fn stop(&mut self) {
+        // Hosts before PostgreSQL, as draining needs the database. One at a time, newest
+        // first: a draining host hands its partitions to the hosts still running, so
+        // stopping all at once leaves them handing partitions to each other until their
+        // drain times out.
+        for host in self.hosts.iter_mut().rev() {
             send_signal(&mut host.child, "TERM").await;
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        for host in &mut self.hosts {
+            let deadline = Instant::now() + STOP_TIMEOUT;
             stop_child(&mut host.child, &host.spec.node_id, deadline).await;
         }
         self.hosts.clear();
 
-        if let Some(mut postgres) = self.postgres.take() {
+        if let Some(postgres) = &mut self.postgres {
             // SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, write
             // a checkpoint, exit.
             send_signal(&mut postgres.child, "INT").await;
-            stop_child(
-                &mut postgres.child,
-                "PostgreSQL",
-                Instant::now() + STOP_TIMEOUT,
-            )
-            .await;
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            stop_child(&mut postgres.child, "PostgreSQL", deadline).await;
         }
+        self.postgres = None;
+    }
 
-        let path = &self.work.path;
-        if self.work.temporary && !keep {
+    /// Kills whatever is still running, without waiting for drains or checkpoints.
+    async fn kill(&mut self) {
+        for host in self.hosts.drain(..).rev() {
+            let mut child = host.child;
+            // Fails only for a child already reaped, which is what we want anyway.
+            let _ = child.kill().await;
+        }
+        if let Some(mut postgres) = self.postgres.take() {
+            // SIGQUIT is the "immediate" shutdown: unlike SIGKILL, the server still takes
+            // its backends down with it instead of leaving them running.
+            send_signal(&mut postgres.child, "QUIT").await;
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            stop_child(&mut postgres.child, "PostgreSQL", deadline).await;
+        }
+    }
+}
+
+impl WorkDir {
+    /// Removes the directory if it is a temporary one and `keep` is not set.
+    fn remove_unless(&self, keep: bool) {
+        let path = &self.path;
+        if self.temporary && !keep {
             match std::fs::remove_dir_all(path) {
                 Ok(()) => eprintln!("removed {}", path.display()),
                 Err(e) => eprintln!("could not remove {}: {e}", path.display()),

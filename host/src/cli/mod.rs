@@ -4,6 +4,7 @@ mod client;
 mod dev;
 mod host;
 mod migrate;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,11 @@ pub enum Commands {
     Command(client::CommandArgs),
     /// Page through the region's events.
     Events(client::EventsArgs),
+    /// Inspect the regional cluster, e.g. `meridian cluster status`.
+    #[command(subcommand)]
+    Cluster(client::ClusterCommand),
+    /// Run the deterministic cluster simulator over many seeds (or replay one).
+    Simulate(simulate::SimulateArgs),
 }
 
 /// Runs the parsed command line.
@@ -44,6 +50,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Plugin(command) => client::plugin(command).await,
         Commands::Command(args) => client::command(args).await,
         Commands::Events(args) => client::events(args).await,
+        Commands::Cluster(command) => client::cluster(command).await,
+        Commands::Simulate(args) => simulate::execute(args).await,
     }
 }
 

@@ -1,13 +1,14 @@
 //! Drives the decision core ([`super::core::Node`]) with PostgreSQL and the clock, and
 //! routes commands by it.
 //!
-//! One task owns the loop: every poll interval it heartbeats, reads the membership and
-//! lease tables, feeds the observation to the core and carries out the actions, feeding
-//! each result back — sequentially, so the core never sees a result out of order.
+//! A heartbeat task writes this node's member row every poll interval. One task owns
+//! the decision loop: every poll interval it reads the membership and lease tables,
+//! feeds the observation to the core and carries out the actions, feeding each result
+//! back — sequentially, so the core never sees a result out of order.
 //! Signals from elsewhere (a partition went idle, drain, caught up, "look again now")
 //! arrive on a channel and go through the same loop.
 //!
-//! Serving is a per-partition `RwLock<Option<epoch>>`: a command holds the read lock
+//! Serving is a per-partition `RwLock` holding the serving epoch: a command holds the read lock
 //! while it runs; stopping a partition takes the write lock, which waits for in-flight
 //! commands to finish, and then clears it. That is the "old owner finishes in-flight
 //! commands before it releases" rule, with no per-command lock beyond an uncontended
@@ -107,7 +108,10 @@ struct Inner {
     pool: PgPool,
     executor: Executor,
     node: Mutex<Node>,
-    slots: Vec<RwLock<Option<u64>>>,
+    /// Per partition: (generation of the last Serve/StopServing applied, serving epoch).
+    slots: Vec<RwLock<(u64, Option<u64>)>>,
+    /// Issues generations in the order the core asked for Serve/StopServing.
+    slot_generation: std::sync::atomic::AtomicU64,
     addresses: Mutex<HashMap<NodeId, String>>,
     status: Mutex<Option<store::cluster::Observation>>,
     membership_epoch: AtomicI64,
@@ -130,7 +134,9 @@ impl Cluster {
     ) -> Self {
         let (inputs, rx) = mpsc::unbounded_channel();
         let node = Node::new(config.node_id.clone(), config.partitions);
-        let slots = (0..config.partitions).map(|_| RwLock::new(None)).collect();
+        let slots = (0..config.partitions)
+            .map(|_| RwLock::new((0, None)))
+            .collect();
         let (phase, _) = watch::channel(Phase::Syncing);
         let cluster = Cluster {
             inner: Arc::new(Inner {
@@ -139,6 +145,7 @@ impl Cluster {
                 executor,
                 node: Mutex::new(node),
                 slots,
+                slot_generation: std::sync::atomic::AtomicU64::new(0),
                 addresses: Mutex::new(HashMap::new()),
                 status: Mutex::new(None),
                 membership_epoch: AtomicI64::new(0),
@@ -154,7 +161,10 @@ impl Cluster {
             }),
         };
         let driver = cluster.clone();
+        let heartbeat = cluster.clone();
+        let heartbeat_stop = shutdown.clone();
         tokio::spawn(async move { driver.run(rx, shutdown).await });
+        tokio::spawn(async move { heartbeat.heartbeat_loop(heartbeat_stop).await });
         cluster
     }
 
@@ -217,14 +227,41 @@ impl Cluster {
         }
     }
 
-    async fn poll(&self) {
-        let state = self
-            .inner
-            .node
-            .lock()
-            .expect("node poisoned")
-            .announced_state();
-        if !self.inner.left.load(Ordering::Relaxed) {
+    fn set_slot(&self, partition: Partition, value: Option<u64>, report_idle: bool) {
+        let generation = self.inner.slot_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            {
+                let mut slot = cluster.inner.slots[partition as usize].write().await;
+                if slot.0 < generation {
+                    *slot = (generation, value);
+                }
+            }
+            if report_idle {
+                let _ = cluster.inner.inputs.send(Input::Idle { partition });
+            }
+        });
+    }
+
+    /// Heartbeats on its own timer, so that slow lease operations in the loop can never
+    /// make this node look dead.
+    async fn heartbeat_loop(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.inner.config.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.inner.left.load(Ordering::Relaxed) {
+                return;
+            }
+            let state = self
+                .inner
+                .node
+                .lock()
+                .expect("node poisoned")
+                .announced_state();
             if let Err(error) = store::cluster::heartbeat(
                 &self.inner.pool,
                 &self.inner.config.node_id,
@@ -236,6 +273,9 @@ impl Cluster {
                 tracing::warn!(%error, "heartbeat failed");
             }
         }
+    }
+
+    async fn poll(&self) {
         match store::cluster::observe(&self.inner.pool, self.inner.config.dead_after).await {
             Ok(observation) => {
                 {
@@ -325,17 +365,17 @@ impl Cluster {
                     }
                     Some(Input::Acquired { partition, epoch })
                 }
+                // Both take the slot's write lock, which waits for commands in flight,
+                // so they run in their own tasks: the loop (and so the heartbeat)
+                // never waits on a command. The generation, taken here in the order
+                // the core decided, makes the later decision win whichever task gets
+                // the lock first.
                 Action::Serve { partition, epoch } => {
-                    *self.inner.slots[partition as usize].write().await = Some(epoch);
+                    self.set_slot(partition, Some(epoch), false);
                     None
                 }
                 Action::StopServing { partition } => {
-                    // Waiting for in-flight commands must not stall the loop.
-                    let cluster = self.clone();
-                    tokio::spawn(async move {
-                        *cluster.inner.slots[partition as usize].write().await = None;
-                        let _ = cluster.inner.inputs.send(Input::Idle { partition });
-                    });
+                    self.set_slot(partition, None, true);
                     None
                 }
                 Action::Release { partition, epoch } => {
@@ -347,8 +387,8 @@ impl Cluster {
                     )
                     .await
                     {
-                        // The lease stays ours until it expires with our heartbeat;
-                        // the fence keeps that safe. Try again on the next round.
+                        // The core sees the lease still in our name at the next
+                        // observation and releases it again; the fence keeps it safe.
                         tracing::warn!(partition, %error, "release failed");
                     }
                     tracing::debug!(partition, epoch, "partition released");
@@ -400,7 +440,7 @@ impl Cluster {
             match route {
                 Route::Local(_) => {
                     let slot = self.inner.slots[partition as usize].read().await;
-                    if let Some(epoch) = *slot {
+                    if let Some(epoch) = slot.1 {
                         command.fence = Some(Fence {
                             partition: partition as i32,
                             epoch: epoch as i64,

@@ -669,6 +669,16 @@ impl Session<'_> {
         }
     }
 
+    /// `describe` on this session's instance: the cheapest call, for measuring the
+    /// cost of crossing the boundary.
+    #[doc(hidden)]
+    pub fn describe_call(&mut self) -> Result<(String, u32), PluginError> {
+        self.call("describe", |store, guest| {
+            let d = guest.call_describe(store)?;
+            Ok((d.aggregate_type, d.schema_version))
+        })
+    }
+
     /// `handle` on this session's instance; see [`Plugin::handle`].
     pub fn handle(
         &mut self,

@@ -1,1 +1,0 @@
-//! The deterministic cluster simulator (being written).
