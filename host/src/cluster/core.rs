@@ -461,12 +461,13 @@ impl Node {
             let desired = assign(partition, &ready);
             let mine = desired == Some(self.id.as_str()) && taking;
             match self.held.get(&partition).copied() {
-                Some(Holding::Serving(epoch)) if !mine => {
+                Some(Holding::Serving(epoch))
+                    if !mine
                     // Hand over only when someone can take it, unless we are leaving.
-                    if desired.is_some() || self.phase != Phase::Ready {
-                        self.held.insert(partition, Holding::Stopping(epoch));
-                        actions.push(Action::StopServing { partition });
-                    }
+                    && (desired.is_some() || self.phase != Phase::Ready) =>
+                {
+                    self.held.insert(partition, Holding::Stopping(epoch));
+                    actions.push(Action::StopServing { partition });
                 }
                 Some(_) => {}
                 None if mine && !self.acquiring.contains(&partition) => {

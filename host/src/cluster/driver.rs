@@ -463,10 +463,10 @@ impl Cluster {
                         .expect("addresses poisoned")
                         .get(&owner)
                         .cloned();
-                    if let Some(address) = address {
-                        if let Some(answer) = self.forward(&address, &command, body).await {
-                            return answer;
-                        }
+                    if let Some(address) = address
+                        && let Some(answer) = self.forward(&address, &command, body).await
+                    {
+                        return answer;
                     }
                 }
                 // Our view may be stale (a lease we released, an owner that moved):

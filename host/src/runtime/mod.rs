@@ -711,17 +711,17 @@ impl Session<'_> {
 
 impl Drop for Session<'_> {
     fn drop(&mut self) {
-        if let Some(instance) = self.instance.take() {
-            if instance.calls < INSTANCE_MAX_CALLS {
-                let mut idle = self
-                    .plugin
-                    .inner
-                    .idle
-                    .lock()
-                    .expect("instance pool poisoned");
-                if idle.len() < MAX_IDLE_INSTANCES {
-                    idle.push(instance);
-                }
+        if let Some(instance) = self.instance.take()
+            && instance.calls < INSTANCE_MAX_CALLS
+        {
+            let mut idle = self
+                .plugin
+                .inner
+                .idle
+                .lock()
+                .expect("instance pool poisoned");
+            if idle.len() < MAX_IDLE_INSTANCES {
+                idle.push(instance);
             }
         }
     }
