@@ -21,6 +21,16 @@ async fn host_with(label: &str, options: HostOptions) -> (TestDb, Host) {
     (db, host)
 }
 
+/// Sends a Deposit of `amount` to `id`.
+async fn deposit(api: &crate::harness::Api, id: &str, amount: i64) -> (u16, Value) {
+    api.command(
+        "bank-account",
+        id,
+        json!({"command": {"type": "Deposit", "amount": amount}}),
+    )
+    .await
+}
+
 async fn event_count(db: &TestDb) -> i64 {
     let pool = db.pool().await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
@@ -71,13 +81,7 @@ async fn commands_run_through_the_plugin_and_are_stored() {
     assert_eq!(opened["events"][0]["version"], 1);
     assert!(opened["events"][0]["event_id"].as_str().unwrap().len() == 36);
 
-    let (status, deposited) = api
-        .command(
-            "bank-account",
-            "acc-1",
-            json!({"command": {"type": "Deposit", "amount": 10}}),
-        )
-        .await;
+    let (status, deposited) = deposit(&api, "acc-1", 10).await;
     assert_eq!(status, 200, "{deposited}");
     assert_eq!(deposited["version"], 2);
     assert_eq!(deposited["events"][0]["payload"], json!({"amount": 10}));
@@ -315,13 +319,7 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         "a refused upload was stored: {plugins}"
     );
     // The host keeps serving.
-    let (status, ok) = api
-        .command(
-            "bank-account",
-            "acc-1",
-            json!({"command": {"type": "Deposit", "amount": 3}}),
-        )
-        .await;
+    let (status, ok) = deposit(&api, "acc-1", 3).await;
     assert_eq!(status, 200, "{ok}");
     assert_eq!(ok["version"], 2);
 }
@@ -431,13 +429,7 @@ async fn state_and_idempotency_survive_kill_9() {
         7,
         "the retried command wrote again after a restart"
     );
-    let (status, next) = api
-        .command(
-            "bank-account",
-            "acc-9",
-            json!({"command": {"type": "Deposit", "amount": 1}}),
-        )
-        .await;
+    let (status, next) = deposit(&api, "acc-9", 1).await;
     assert_eq!((status, next["version"].as_i64()), (200, Some(8)));
 }
 
@@ -456,13 +448,7 @@ async fn snapshots_shorten_loads_and_other_plugin_versions_ignore_them() {
     )
     .await;
     for _ in 0..11 {
-        let (status, _) = api
-            .command(
-                "bank-account",
-                "acc-s",
-                json!({"command": {"type": "Deposit", "amount": 1}}),
-            )
-            .await;
+        let (status, _) = deposit(&api, "acc-s", 1).await;
         assert_eq!(status, 200);
     }
     let pool = db.pool().await;

@@ -262,17 +262,16 @@ impl Cluster {
                 .lock()
                 .expect("node poisoned")
                 .announced_state();
-            if let Err(error) = store::cluster::heartbeat(
-                &self.inner.pool,
-                &self.inner.config.node_id,
-                &self.inner.config.address,
-                state,
-            )
-            .await
-            {
+            if let Err(error) = self.write_member(state).await {
                 tracing::warn!(%error, "heartbeat failed");
             }
         }
+    }
+
+    /// Writes this node's member row (a heartbeat, with the state to announce).
+    async fn write_member(&self, state: MemberState) -> Result<(), StoreError> {
+        let config = &self.inner.config;
+        store::cluster::heartbeat(&self.inner.pool, &config.node_id, &config.address, state).await
     }
 
     async fn poll(&self) {
@@ -325,14 +324,7 @@ impl Cluster {
         while let Some(action) = queue.pop_front() {
             let next = match action {
                 Action::Announce { state } => {
-                    if let Err(error) = store::cluster::heartbeat(
-                        &self.inner.pool,
-                        &self.inner.config.node_id,
-                        &self.inner.config.address,
-                        state,
-                    )
-                    .await
-                    {
+                    if let Err(error) = self.write_member(state).await {
                         tracing::warn!(%error, "announce failed");
                     }
                     let phase = self.inner.node.lock().expect("node poisoned").phase();
