@@ -7,4 +7,5 @@ mod cluster;
 mod harness;
 mod sandbox;
 mod single_node;
+mod subscriptions;
 mod tail;

@@ -444,16 +444,29 @@ pub struct EventsQuery {
     pub aggregate_id: Option<String>,
 }
 
-/// Read the region's events in commit order.
+/// Read the region's events in commit order: a page as JSON, or with
+/// `Accept: text/event-stream` a live Server-Sent Events stream (catch-up, then new
+/// events; SSE id = position, resumable with `Last-Event-ID`).
 #[utoipa::path(
     get, path = "/v1/events",
     params(EventsQuery),
-    responses((status = 200, body = EventsPage), (status = 400, body = ErrorBody, description = "unknown position or bad limit"))
+    responses(
+        (status = 200, body = EventsPage, description = "a page, or (text/event-stream) a live stream of `event` messages whose data is a StoredEvent"),
+        (status = 400, body = ErrorBody, description = "unknown position or bad limit"),
+    )
 )]
 async fn list_events(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Query(query): Query<EventsQuery>,
-) -> Result<Json<EventsPage>, ApiError> {
+) -> Result<Response, ApiError> {
+    let wants_stream = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if wants_stream {
+        return stream_events(state, &headers, query).await;
+    }
     let limit = page_limit(query.limit)?;
     let filter = EventFilter {
         aggregate_type: query.aggregate_type,
@@ -461,7 +474,72 @@ async fn list_events(
     };
     let events = store::read::read_all(&state.pool, query.after, limit, &filter).await?;
     let next = events.last().map_or(query.after.max(0), |e| e.position);
-    Ok(Json(EventsPage { events, next }))
+    Ok(Json(EventsPage { events, next }).into_response())
+}
+
+/// How often a live event stream looks for new events.
+const STREAM_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// `GET /v1/events` as Server-Sent Events: everything after the resume point (the
+/// `after` parameter, or the `Last-Event-ID` header a browser's `EventSource` sends
+/// when it reconnects), then new events as they commit. Each SSE event's id is the
+/// event's position and its data the event as JSON, so resuming never skips or repeats.
+async fn stream_events(
+    state: AppState,
+    headers: &HeaderMap,
+    query: EventsQuery,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.trim().parse::<i64>().map_err(|_| {
+                ApiError::bad_request(format!("Last-Event-ID `{v}` is not a position"))
+            })
+        })
+        .transpose()?;
+    let after = last_event_id.unwrap_or(query.after).max(0);
+    let filter = EventFilter {
+        aggregate_type: query.aggregate_type,
+        aggregate_id: query.aggregate_id,
+    };
+    // Check the resume point now, so a bad one is a 400 rather than a stream that ends.
+    store::read::read_all(&state.pool, after, 1, &filter).await?;
+    let pool = state.pool.clone();
+    let stream = futures::stream::unfold(
+        (after, std::collections::VecDeque::new()),
+        move |(mut after, mut buffer)| {
+            let pool = pool.clone();
+            let filter = filter.clone();
+            async move {
+                loop {
+                    if let Some(event) = buffer.pop_front() {
+                        let event: StoredEvent = event;
+                        after = event.position;
+                        let data = serde_json::to_string(&event).unwrap_or_default();
+                        let sse = Event::default()
+                            .id(event.position.to_string())
+                            .event("event")
+                            .data(data);
+                        return Some((Ok::<_, std::convert::Infallible>(sse), (after, buffer)));
+                    }
+                    match store::read::read_all(&pool, after, 500, &filter).await {
+                        Ok(page) if !page.is_empty() => buffer.extend(page),
+                        Ok(_) => tokio::time::sleep(STREAM_POLL).await,
+                        Err(error) => {
+                            tracing::warn!(%error, "event stream read failed; retrying");
+                            tokio::time::sleep(STREAM_POLL * 10).await;
+                        }
+                    }
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 /// The outcome of an upload.

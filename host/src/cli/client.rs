@@ -61,7 +61,11 @@ pub struct CommandArgs {
 
 /// `meridian events`
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct EventsArgs {
+    /// `tail`: follow new events live.
+    #[command(subcommand)]
+    pub command: Option<EventsCommand>,
     /// Start after this position (0: from the beginning).
     #[arg(long, default_value_t = 0)]
     pub after: i64,
@@ -79,6 +83,25 @@ pub struct EventsArgs {
     pub all: bool,
     #[command(flatten)]
     pub target: Target,
+}
+
+/// `meridian events tail`
+#[derive(Debug, clap::Subcommand)]
+pub enum EventsCommand {
+    /// Print events as they commit (after catching up from --after), until Ctrl-C.
+    Tail {
+        /// Start after this position (0: from the beginning of the region's events).
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Only this aggregate type.
+        #[arg(long = "type")]
+        aggregate_type: Option<String>,
+        /// Only this aggregate id.
+        #[arg(long = "id")]
+        aggregate_id: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 fn client() -> reqwest::Client {
@@ -235,8 +258,97 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_event(e: &Value, json: bool) {
+    if json {
+        println!("{e}");
+    } else {
+        println!(
+            "{:>8}  {}/{} v{}  {} {}",
+            e["position"],
+            e["aggregate_type"].as_str().unwrap_or(""),
+            e["aggregate_id"].as_str().unwrap_or(""),
+            e["version"],
+            e["type"].as_str().unwrap_or(""),
+            e["payload"]
+        );
+    }
+}
+
+/// Follows the SSE stream of `GET /v1/events`, reconnecting from the last position
+/// seen if the connection drops.
+async fn tail(
+    after: i64,
+    aggregate_type: Option<String>,
+    aggregate_id: Option<String>,
+    target: Target,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut last = after;
+    loop {
+        let mut query = vec![("after", last.to_string())];
+        if let Some(t) = &aggregate_type {
+            query.push(("aggregate_type", t.clone()));
+        }
+        if let Some(id) = &aggregate_id {
+            query.push(("aggregate_id", id.clone()));
+        }
+        let url = format!("{}/v1/events", target.url.trim_end_matches('/'));
+        let response = client()
+            .get(&url)
+            .query(&query)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .with_context(|| format!("cannot reach a Meridian host at {}; is it running? (set --url or MERIDIAN_URL)", target.url))?;
+        if !response.status().is_success() {
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            bail!(
+                "{status} {}: {}",
+                body["error"]["code"].as_str().unwrap_or("error"),
+                body["error"]["message"].as_str().unwrap_or("(no message)")
+            );
+        }
+        let mut body = response.bytes_stream();
+        let mut buffer = String::new();
+        while let Some(chunk) = body.next().await {
+            let Ok(chunk) = chunk else { break };
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let message: String = buffer.drain(..end + 2).collect();
+                let data: String = message
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim_start)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                if data.is_empty() {
+                    continue; // keep-alive
+                }
+                if let Ok(event) = serde_json::from_str::<Value>(&data) {
+                    last = event["position"].as_i64().unwrap_or(last);
+                    print_event(&event, target.json);
+                }
+            }
+        }
+        if !target.json {
+            eprintln!("connection lost; resuming after position {last}");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 /// Runs `meridian events`.
 pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
+    if let Some(EventsCommand::Tail {
+        after,
+        aggregate_type,
+        aggregate_id,
+        target,
+    }) = args.command
+    {
+        return tail(after, aggregate_type, aggregate_id, target).await;
+    }
     let mut after = args.after;
     loop {
         let mut query = vec![
@@ -252,22 +364,8 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
         let url = format!("{}/v1/events", args.target.url.trim_end_matches('/'));
         let (_, page) = send(client().get(&url).query(&query), &args.target.url).await?;
         let events = page["events"].as_array().cloned().unwrap_or_default();
-        if args.target.json {
-            for event in &events {
-                println!("{event}");
-            }
-        } else {
-            for e in &events {
-                println!(
-                    "{:>8}  {}/{} v{}  {} {}",
-                    e["position"],
-                    e["aggregate_type"].as_str().unwrap_or(""),
-                    e["aggregate_id"].as_str().unwrap_or(""),
-                    e["version"],
-                    e["type"].as_str().unwrap_or(""),
-                    e["payload"]
-                );
-            }
+        for event in &events {
+            print_event(event, args.target.json);
         }
         after = page["next"].as_i64().unwrap_or(after);
         if !args.all || events.is_empty() {

@@ -1,0 +1,187 @@
+//! Live event streams (SSE): catch-up, then live, resumable by `Last-Event-ID`.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::harness::{Host, HostOptions, TestDb, wasm_bytes};
+
+/// Reads SSE messages from a response: (id, data as JSON).
+struct SseReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: String,
+}
+
+impl SseReader {
+    async fn open(url: &str, last_event_id: Option<&str>) -> SseReader {
+        let mut request = reqwest::Client::new()
+            .get(url)
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        SseReader {
+            body: response.bytes_stream().boxed(),
+            buffer: String::new(),
+        }
+    }
+
+    async fn next(&mut self) -> (String, Value) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Some(end) = self.buffer.find("\n\n") {
+                    let message: String = self.buffer.drain(..end + 2).collect();
+                    let id = message
+                        .lines()
+                        .find_map(|l| l.strip_prefix("id:"))
+                        .map(|s| s.trim().to_string());
+                    let data = message
+                        .lines()
+                        .find_map(|l| l.strip_prefix("data:"))
+                        .map(|s| s.trim().to_string());
+                    if let (Some(id), Some(data)) = (id, data) {
+                        return (id, serde_json::from_str(&data).unwrap());
+                    }
+                    continue;
+                }
+                let chunk = self.body.next().await.expect("stream ended").unwrap();
+                self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        })
+        .await
+        .expect("no event within 20 s")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
+    let db = TestDb::new("sse").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    api.upload("bank-account", wasm_bytes("bank-account")).await;
+    api.command(
+        "bank-account",
+        "s-1",
+        json!({"command": {"type": "Open", "owner": "a"}}),
+    )
+    .await;
+    api.command(
+        "bank-account",
+        "s-2",
+        json!({"command": {"type": "Open", "owner": "b"}}),
+    )
+    .await;
+    api.command(
+        "bank-account",
+        "s-1",
+        json!({"command": {"type": "Deposit", "amount": 5}}),
+    )
+    .await;
+
+    let url = format!("{}/v1/events?after=0", host.url);
+    let mut stream = SseReader::open(&url, None).await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(stream.next().await);
+    }
+    assert_eq!(seen[0].1["type"], "Opened");
+    assert_eq!(seen[2].1["type"], "Deposited");
+    for (id, event) in &seen {
+        assert_eq!(
+            id,
+            &event["position"].to_string(),
+            "the SSE id is the position"
+        );
+    }
+    // Live: new commits arrive on the open stream.
+    api.command(
+        "bank-account",
+        "s-2",
+        json!({"command": {"type": "Deposit", "amount": 7}}),
+    )
+    .await;
+    api.command(
+        "bank-account",
+        "s-2",
+        json!({"command": {"type": "Withdraw", "amount": 2}}),
+    )
+    .await;
+    let live = [stream.next().await, stream.next().await];
+    assert_eq!(live[0].1["payload"], json!({"amount": 7}));
+    assert_eq!(live[1].1["type"], "Withdrawn");
+    drop(stream);
+
+    // A reconnect with Last-Event-ID resumes right after it: no gap, no repeat.
+    let mut resumed = SseReader::open(&format!("{}/v1/events", host.url), Some(&seen[2].0)).await;
+    let again = [resumed.next().await, resumed.next().await];
+    assert_eq!(again[0].0, live[0].0);
+    assert_eq!(again[1].0, live[1].0);
+
+    // Filters: one aggregate only.
+    let mut one = SseReader::open(
+        &format!(
+            "{}/v1/events?aggregate_type=bank-account&aggregate_id=s-2",
+            host.url
+        ),
+        None,
+    )
+    .await;
+    let versions: Vec<i64> = [one.next().await, one.next().await, one.next().await]
+        .iter()
+        .map(|(_, e)| {
+            assert_eq!(e["aggregate_id"], "s-2");
+            e["version"].as_i64().unwrap()
+        })
+        .collect();
+    assert_eq!(versions, [1, 2, 3]);
+
+    // A resume point that does not exist is a clear 400, not an empty stream.
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/events?after=999999", host.url))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // `meridian events tail --json` follows the same stream.
+    let mut tail = tokio::process::Command::new(crate::harness::meridian_bin())
+        .args([
+            "events", "tail", "--json", "--id", "s-1", "--url", &host.url,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (first["aggregate_id"].as_str(), first["version"].as_i64()),
+        (Some("s-1"), Some(1))
+    );
+    api.command(
+        "bank-account",
+        "s-1",
+        json!({"command": {"type": "Deposit", "amount": 1}}),
+    )
+    .await;
+    let second: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(second["version"], 2);
+    let third: Value = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .unwrap();
+    assert_eq!(third["version"], 3);
+}
