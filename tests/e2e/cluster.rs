@@ -514,3 +514,70 @@ async fn a_wrong_partition_count_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_correlation_id_follows_a_forwarded_command_and_metrics_count_it() {
+    let db = TestDb::new("c_trace").await;
+    let hosts = start_region(&db, 2).await;
+    let status = wait_balanced(&hosts).await;
+    // An account the second host owns, sent to the first.
+    let id = (0..)
+        .map(|i| format!("traced-{i}"))
+        .find(|id| owner_of(&status, id) == hosts[1].node_id)
+        .unwrap();
+    let correlation = format!("trace-{}", uuid::Uuid::new_v4().simple());
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/aggregates/bank-account/{id}", hosts[0].url))
+        .header("x-correlation-id", &correlation)
+        .json(&json!({"command": {"type": "Open", "owner": "t"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(
+        result["executed_by"].as_str(),
+        Some(hosts[1].node_id.as_str())
+    );
+    // Both hosts' logs carry it, and so does the event.
+    eventually(|| async {
+        let both = hosts.iter().all(|h| {
+            std::fs::read_to_string(&h.log)
+                .unwrap_or_default()
+                .contains(&correlation)
+        });
+        both.then_some(())
+    })
+    .await;
+    let (_, events) = hosts[0]
+        .client()
+        .get(&format!("/v1/aggregates/bank-account/{id}/events"))
+        .await;
+    assert_eq!(
+        events["events"][0]["metadata"]["correlation_id"],
+        correlation.as_str()
+    );
+
+    let metrics = reqwest::get(format!("{}/metrics", hosts[1].url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "meridian_commands_total",
+        "meridian_command_seconds_bucket",
+        "meridian_append_batch_size_bucket",
+        "meridian_partitions_owned",
+        "meridian_plugin_seconds_bucket",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(r#"aggregate_type="bank-account",outcome="ok""#),
+        "{metrics}"
+    );
+}

@@ -54,6 +54,8 @@ pub struct AppState {
     pub max_command_bytes: usize,
     /// Cap on plugin uploads (the per-type cap applies too).
     pub max_upload_bytes: usize,
+    /// Renders `/metrics`; `None` when no recorder is installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// Builds the router.
@@ -64,6 +66,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
+        .route("/metrics", get(render_metrics))
         .route("/v1/plugins", get(list_plugins))
         .route(
             "/v1/plugins/{aggregate_type}",
@@ -134,6 +137,19 @@ async fn openapi() -> Response {
         ApiDoc::openapi().to_pretty_json().unwrap_or_default(),
     )
         .into_response()
+}
+
+/// Prometheus metrics: commands by type and outcome, command latency, append batch
+/// sizes, cache hits and loads, partitions owned, plugin time.
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [("content-type", "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::not_found("metrics are not enabled on this host").into_response(),
+    }
 }
 
 /// Liveness: the process serves HTTP.
@@ -273,10 +289,41 @@ async fn execute(
         fence: None,
     };
     let aggregate_type = command.key.aggregate_type.clone();
-    let dispatched = state
-        .cluster
-        .dispatch(command, &forward_body, forwarded)
-        .await;
+    let started = std::time::Instant::now();
+    // The correlation id travels with forwarded commands (header) and into the events'
+    // metadata, so one command can be followed through every host's logs.
+    let span = tracing::info_span!(
+        "command",
+        correlation_id = command.correlation_id.as_deref().unwrap_or_default(),
+        aggregate = %command.key,
+        forwarded_by = headers
+            .get(FORWARDED_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
+    );
+    let dispatched = {
+        use tracing::Instrument;
+        state
+            .cluster
+            .dispatch(command, &forward_body, forwarded)
+            .instrument(span.clone())
+            .await
+    };
+    match &dispatched {
+        Dispatched::Local(Ok(result)) => span.in_scope(|| {
+            tracing::debug!(
+                version = result.version,
+                events = result.events.len(),
+                "executed here"
+            )
+        }),
+        Dispatched::Forwarded { status, .. } => {
+            span.in_scope(|| tracing::debug!(status, "answered by the owner"))
+        }
+        _ => {}
+    }
+    metrics::histogram!("meridian_command_seconds", "aggregate_type" => aggregate_type.clone())
+        .record(started.elapsed().as_secs_f64());
     let (outcome, response) = match dispatched {
         Dispatched::Local(Ok(result)) => ("ok", Json(result).into_response()),
         Dispatched::Local(Err(crate::executor::CommandError::Rejected(m))) => (

@@ -168,8 +168,10 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         driver_stop.clone(),
     );
 
+    let metrics = install_metrics();
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
+        metrics,
         cluster: cluster.clone(),
         executor: executor.clone(),
         pool: pool.clone(),
@@ -254,6 +256,28 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("drain timed out; exiting with requests in flight"),
     }
     Ok(())
+}
+
+/// Installs the Prometheus recorder behind `/metrics`. Latencies get explicit buckets
+/// (milliseconds to seconds) so they render as histograms, not summaries.
+fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    const BUCKETS: &[f64] = &[
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    const SIZES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("meridian_append_batch_size".into()),
+            SIZES,
+        )
+        .and_then(|b| b.set_buckets(BUCKETS));
+    match builder.and_then(|b| b.install_recorder().map_err(Into::into)) {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            tracing::warn!(%error, "metrics disabled");
+            None
+        }
+    }
 }
 
 fn default_node_id(addr: SocketAddr) -> String {

@@ -298,6 +298,14 @@ impl Cluster {
                     members: observation.members.iter().map(|m| m.view()).collect(),
                     leases: observation.leases.clone(),
                 };
+                let owned = observation
+                    .leases
+                    .iter()
+                    .filter(|l| l.owner.as_deref() == Some(self.inner.config.node_id.as_str()))
+                    .count();
+                metrics::gauge!("meridian_partitions_owned").set(owned as f64);
+                metrics::gauge!("meridian_membership_epoch")
+                    .set(observation.membership_epoch as f64);
                 *self.inner.status.lock().expect("status poisoned") = Some(observation);
                 self.feed(input).await;
             }

@@ -274,7 +274,10 @@ impl Executor {
         let mut attempt = 0;
         loop {
             let loaded = match guard.take() {
-                Some(loaded) if loaded.plugin_version == plugin.version() => loaded,
+                Some(loaded) if loaded.plugin_version == plugin.version() => {
+                    metrics::counter!("meridian_cache_hits_total").increment(1);
+                    loaded
+                }
                 _ => self.load(&plugin, &command.key).await?,
             };
             match self.decide_and_append(&plugin, &command, &loaded).await {
