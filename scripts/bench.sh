@@ -63,7 +63,23 @@ target/release/meridian plugin upload bank-account target/wasm32-wasip2/release/
 target/release/meridian-load --url "http://127.0.0.1:$port" --accounts "$accounts" \
     --concurrency "$levels" --duration "$duration" --warmup "$warmup" --json "$out/single.json"
 peak_kb=$(awk '/VmHWM/ {print $2}' "/proc/${pids[0]}/status" 2>/dev/null || echo 0)
-echo "{\"host_peak_rss_kb\": $peak_kb}" >"$out/memory.json"
+
+echo "==> peer: lock-per-command (advisory lock, load, fold, insert, commit; same database)"
+peer_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+target/release/bench-lock-peer --database-url "$PG/$db" --http-addr "127.0.0.1:$peer_port" --reset \
+    >"$out/lockpeer.log" 2>&1 &
+peer_pid=$!
+pids+=("$peer_pid")
+for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$peer_port/readyz" >/dev/null && break
+    sleep 0.1
+done
+target/release/meridian-load --url "http://127.0.0.1:$peer_port" --accounts "$accounts" \
+    --concurrency "$levels" --duration "$duration" --warmup "$warmup" --json "$out/lockpeer.json"
+peer_peak_kb=$(awk '/VmHWM/ {print $2}' "/proc/$peer_pid/status" 2>/dev/null || echo 0)
+kill "$peer_pid" 2>/dev/null || true
+wait "$peer_pid" 2>/dev/null || true
+echo "{\"host_peak_rss_kb\": $peak_kb, \"lockpeer_peak_rss_kb\": $peer_peak_kb}" >"$out/memory.json"
 
 echo "==> a three-host region (same machine, same database)"
 for n in 2 3; do

@@ -271,7 +271,7 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
             SIZES,
         )
         .and_then(|b| b.set_buckets(BUCKETS));
-    match builder.and_then(|b| b.install_recorder().map_err(Into::into)) {
+    match builder.and_then(|b| b.install_recorder()) {
         Ok(handle) => Some(handle),
         Err(error) => {
             tracing::warn!(%error, "metrics disabled");
