@@ -3,6 +3,7 @@
 //! Run with `bash scripts/test.sh` (which builds the WASM plugins first), or
 //! `cargo test --release -p meridian-host --test e2e` once `plugins/build.sh` has run.
 
+mod auth;
 mod cluster;
 mod harness;
 mod sandbox;

@@ -4,6 +4,7 @@
 //! the store, and map errors through [`ApiError`]. Every error body is
 //! `{"error": {"code", "message"}}`.
 
+mod auth;
 mod error;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use sqlx::PgPool;
 use utoipa::OpenApi;
 use uuid::Uuid;
 
+pub use auth::{Scope, Tokens};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
 use crate::cluster::{Cluster, ClusterStatus, Dispatched, FORWARDED_HEADER, RouteError};
@@ -56,11 +58,14 @@ pub struct AppState {
     pub max_upload_bytes: usize,
     /// Renders `/metrics`; `None` when no recorder is installed.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Bearer tokens; empty: authentication off.
+    pub tokens: Tokens,
 }
 
 /// Builds the router.
 pub fn router(state: AppState) -> axum::Router {
     let command_limit = state.max_command_bytes;
+    let tokens = state.tokens.clone();
     let upload_limit = state.max_upload_bytes;
     axum::Router::new()
         .route("/healthz", get(healthz))
@@ -91,6 +96,10 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/events", get(list_events))
         .route("/v1/cluster", get(cluster_status))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
+        .layer(axum::middleware::from_fn_with_state(
+            tokens,
+            auth::authenticate,
+        ))
         .with_state(state)
 }
 
@@ -305,7 +314,12 @@ async fn execute(
         use tracing::Instrument;
         state
             .cluster
-            .dispatch(command, &forward_body, forwarded)
+            .dispatch(
+                command,
+                &forward_body,
+                forwarded,
+                headers.get("authorization").and_then(|v| v.to_str().ok()),
+            )
             .instrument(span.clone())
             .await
     };

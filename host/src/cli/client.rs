@@ -19,6 +19,9 @@ pub struct Target {
     /// Print JSON instead of text meant for people.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Bearer token, when the host requires one.
+    #[arg(long, env = "MERIDIAN_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// `meridian plugin ...`
@@ -104,8 +107,15 @@ pub enum EventsCommand {
     },
 }
 
-fn client() -> reqwest::Client {
+fn client(target: &Target) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &target.token {
+        if let Ok(value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")) {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+    }
     reqwest::Client::builder()
+        .default_headers(headers)
         .user_agent(concat!("meridian-cli/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("HTTP client builds")
@@ -158,7 +168,7 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                 target.url.trim_end_matches('/')
             );
             let (status, body) = send(
-                client()
+                client(&target)
                     .put(&url)
                     .header("content-type", "application/wasm")
                     .body(bytes),
@@ -183,7 +193,7 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::List { target } => {
             let url = format!("{}/v1/plugins", target.url.trim_end_matches('/'));
-            let (_, body) = send(client().get(&url), &target.url).await?;
+            let (_, body) = send(client(&target).get(&url), &target.url).await?;
             if target.json {
                 print_json(&body);
             } else {
@@ -231,7 +241,11 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
         args.aggregate_type,
         args.aggregate_id
     );
-    let (_, result) = send(client().post(&url).json(&body), &args.target.url).await?;
+    let (_, result) = send(
+        client(&args.target).post(&url).json(&body),
+        &args.target.url,
+    )
+    .await?;
     if args.target.json {
         print_json(&result);
     } else {
@@ -293,7 +307,7 @@ async fn tail(
             query.push(("aggregate_id", id.clone()));
         }
         let url = format!("{}/v1/events", target.url.trim_end_matches('/'));
-        let response = client()
+        let response = client(&target)
             .get(&url)
             .query(&query)
             .header("accept", "text/event-stream")
@@ -362,7 +376,11 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
             query.push(("aggregate_id", id.clone()));
         }
         let url = format!("{}/v1/events", args.target.url.trim_end_matches('/'));
-        let (_, page) = send(client().get(&url).query(&query), &args.target.url).await?;
+        let (_, page) = send(
+            client(&args.target).get(&url).query(&query),
+            &args.target.url,
+        )
+        .await?;
         let events = page["events"].as_array().cloned().unwrap_or_default();
         for event in &events {
             print_event(event, args.target.json);
@@ -391,7 +409,7 @@ pub enum ClusterCommand {
 pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
     let ClusterCommand::Status { target } = command;
     let url = format!("{}/v1/cluster", target.url.trim_end_matches('/'));
-    let (_, status) = send(client().get(&url), &target.url).await?;
+    let (_, status) = send(client(&target).get(&url), &target.url).await?;
     if target.json {
         print_json(&status);
         return Ok(());

@@ -77,6 +77,13 @@ pub struct HostArgs {
     /// Milliseconds between heartbeats (and reads of the membership).
     #[arg(long, env = "MERIDIAN_HEARTBEAT_MS", default_value_t = cluster::driver::DEFAULT_POLL_INTERVAL.as_millis() as u64)]
     pub heartbeat_ms: u64,
+    /// Bearer tokens, `token:scope[+scope]` separated by commas (scopes: read, write,
+    /// admin). When set, every route but /healthz and /readyz needs a token.
+    #[arg(long, env = "MERIDIAN_TOKENS", hide_env_values = true)]
+    pub tokens: Option<String>,
+    /// A file of tokens, one `token scope [scope...]` per line (`#` comments).
+    #[arg(long, env = "MERIDIAN_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
     /// Milliseconds a command waits for its partition to get an owner before a 503.
     #[arg(long, env = "MERIDIAN_ROUTE_TIMEOUT_MS", default_value_t = cluster::driver::DEFAULT_ROUTE_TIMEOUT.as_millis() as u64)]
     pub route_timeout_ms: u64,
@@ -88,6 +95,15 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         .node_id
         .clone()
         .unwrap_or_else(|| default_node_id(args.http_addr));
+    let mut token_text = args.tokens.clone().unwrap_or_default();
+    if let Some(path) = &args.tokens_file {
+        let file = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the tokens file {}", path.display()))?;
+        token_text.push('\n');
+        token_text.push_str(&file);
+    }
+    let tokens =
+        api::Tokens::parse(&token_text).map_err(|e| anyhow::anyhow!("invalid tokens: {e}"))?;
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
@@ -170,7 +186,11 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
 
     let metrics = install_metrics();
     let ready = Arc::new(AtomicBool::new(false));
+    if tokens.enabled() {
+        tracing::info!("authentication on: requests need a bearer token");
+    }
     let state = AppState {
+        tokens,
         metrics,
         cluster: cluster.clone(),
         executor: executor.clone(),

@@ -422,7 +422,13 @@ impl Cluster {
     /// Runs a command where it belongs: here if this node serves its partition, else
     /// at the owner (unless `forwarded`, in which case this node is the owner or says
     /// it is not). Waits up to the route timeout while the partition moves.
-    pub async fn dispatch(&self, mut command: Command, body: &[u8], forwarded: bool) -> Dispatched {
+    pub async fn dispatch(
+        &self,
+        mut command: Command,
+        body: &[u8],
+        forwarded: bool,
+        authorization: Option<&str>,
+    ) -> Dispatched {
         let partition = partition_of(
             &command.key.aggregate_type,
             &command.key.aggregate_id,
@@ -464,7 +470,8 @@ impl Cluster {
                         .get(&owner)
                         .cloned();
                     if let Some(address) = address
-                        && let Some(answer) = self.forward(&address, &command, body).await
+                        && let Some(answer) =
+                            self.forward(&address, &command, body, authorization).await
                     {
                         return answer;
                     }
@@ -489,7 +496,13 @@ impl Cluster {
 
     /// Sends a command to its owner. `None`: the owner was not reachable or said it
     /// is not the owner (any more): route again.
-    async fn forward(&self, address: &str, command: &Command, body: &[u8]) -> Option<Dispatched> {
+    async fn forward(
+        &self,
+        address: &str,
+        command: &Command,
+        body: &[u8],
+        authorization: Option<&str>,
+    ) -> Option<Dispatched> {
         let url = format!(
             "{}/v1/aggregates/{}/{}",
             address.trim_end_matches('/'),
@@ -505,6 +518,10 @@ impl Cluster {
             .body(body.to_vec());
         if let Some(correlation) = &command.correlation_id {
             request = request.header("x-correlation-id", correlation);
+        }
+        // The owner checks the caller's token itself.
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
         }
         match request.send().await {
             Ok(response) => {
