@@ -109,10 +109,10 @@ pub enum EventsCommand {
 
 fn client(target: &Target) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(token) = &target.token {
-        if let Ok(value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")) {
-            headers.insert(reqwest::header::AUTHORIZATION, value);
-        }
+    if let Some(token) = &target.token
+        && let Ok(value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+    {
+        headers.insert(reqwest::header::AUTHORIZATION, value);
     }
     reqwest::Client::builder()
         .default_headers(headers)
