@@ -43,6 +43,45 @@ def replace(text, name, body):
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
+def peers_table(single, peers, mem):
+    """Meridian (one host) vs each peer, per concurrency level; `peers` is [(name, results)]."""
+    by_level = [(name, {level["concurrency"]: level for level in results}) for name, results in peers]
+    header = "| clients | Meridian cmd/s |"
+    rule = "|---:|---:|"
+    for name, _ in by_level:
+        header += f" {name} cmd/s | Meridian ÷ {name} |"
+        rule += "---:|---:|"
+    header += " Meridian p50 / p99 ms |"
+    rule += "---:|"
+    for name, _ in by_level:
+        header += f" {name} p50 / p99 ms |"
+        rule += "---:|"
+    header += " failed (Meridian / " + " / ".join(name for name, _ in by_level) + ") |"
+    rule += "---:|"
+    lines = [header, rule]
+    for level in single:
+        others = [levels.get(level["concurrency"]) for _, levels in by_level]
+        if any(other is None for other in others):
+            continue
+        row = f"| {level['concurrency']} | {level['throughput']:,.0f} |"
+        for other in others:
+            ratio = level["throughput"] / other["throughput"] if other["throughput"] else float("inf")
+            row += f" {other['throughput']:,.0f} | {ratio:.2f}× |"
+        row += f" {level['p50_ms']:.2f} / {level['p99_ms']:.2f} |"
+        for other in others:
+            row += f" {other['p50_ms']:.2f} / {other['p99_ms']:.2f} |"
+        row += " " + " / ".join(str(x["failed"]) for x in [level] + others) + " |"
+        lines.append(row)
+    lines.append("")
+    memory = [f"Meridian host {mem['host_peak_rss_kb'] / 1024:.0f} MiB"] if "host_peak_rss_kb" in mem else []
+    for key, name in (("lockpeer_peak_rss_kb", "lock-per-command"), ("cqrspeer_peak_rss_kb", "cqrs-es")):
+        if key in mem:
+            memory.append(f"{name} {mem[key] / 1024:.0f} MiB")
+    if memory:
+        lines.append("Peak RSS per process: " + ", ".join(memory) + ".")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     directory, target, command = sys.argv[1:4]
     with open(target) as f:
@@ -110,6 +149,17 @@ def main():
     mem = load(directory, "memory.json")
     if mem:
         text = replace(text, "memory", f"Peak RSS of the host during the run: {mem['host_peak_rss_kb'] / 1024:.0f} MiB.\n")
+
+    peers = [
+        (name, results)
+        for name, results in (
+            ("lock-per-command", load(directory, "lockpeer.json")),
+            ("cqrs-es", load(directory, "cqrspeer.json")),
+        )
+        if results
+    ]
+    if peers and single and "<!-- BEGIN:peers -->" in text:
+        text = replace(text, "peers", peers_table(single, peers, mem or {}))
 
     with open(target, "w") as f:
         f.write(text)

@@ -4,8 +4,10 @@
 #   bash scripts/bench.sh           full run (~10 minutes), rewrites BENCHMARKS.md
 #   bash scripts/bench.sh --quick   smoke run (< 5 minutes), results under target/bench-quick/
 #
-# Every system shares this machine's cores with the load generator and PostgreSQL;
-# commits are durable (synchronous_commit on, fsync on) everywhere.
+# The peers (bench-lock-peer, bench-cqrs-peer) run after the single Meridian host, on
+# the same database with the same load. Every system shares this machine's cores with
+# the load generator and PostgreSQL; commits are durable (synchronous_commit on, fsync
+# on) everywhere.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,7 +81,24 @@ target/release/meridian-load --url "http://127.0.0.1:$peer_port" --accounts "$ac
 peer_peak_kb=$(awk '/VmHWM/ {print $2}' "/proc/$peer_pid/status" 2>/dev/null || echo 0)
 kill "$peer_pid" 2>/dev/null || true
 wait "$peer_pid" 2>/dev/null || true
-echo "{\"host_peak_rss_kb\": $peak_kb, \"lockpeer_peak_rss_kb\": $peer_peak_kb}" >"$out/memory.json"
+
+echo "==> peer: cqrs-es + postgres-es (load, handle, optimistic commit; same database)"
+cqrs_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+target/release/bench-cqrs-peer --database-url "$PG/$db" --http-addr "127.0.0.1:$cqrs_port" --reset \
+    >"$out/cqrspeer.log" 2>&1 &
+cqrs_pid=$!
+pids+=("$cqrs_pid")
+for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$cqrs_port/readyz" >/dev/null && break
+    sleep 0.1
+done
+target/release/meridian-load --url "http://127.0.0.1:$cqrs_port" --accounts "$accounts" \
+    --concurrency "$levels" --duration "$duration" --warmup "$warmup" --json "$out/cqrspeer.json"
+cqrs_peak_kb=$(awk '/VmHWM/ {print $2}' "/proc/$cqrs_pid/status" 2>/dev/null || echo 0)
+kill "$cqrs_pid" 2>/dev/null || true
+wait "$cqrs_pid" 2>/dev/null || true
+echo "{\"host_peak_rss_kb\": $peak_kb, \"lockpeer_peak_rss_kb\": $peer_peak_kb, \"cqrspeer_peak_rss_kb\": $cqrs_peak_kb}" \
+    >"$out/memory.json"
 
 echo "==> a three-host region (same machine, same database)"
 for n in 2 3; do

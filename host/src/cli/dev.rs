@@ -305,10 +305,14 @@ struct Summary {
     regions: Vec<String>,
     database_url: String,
     plugin_version: String,
+    /// The admin token the hosts were started with (authentication is on).
+    admin_token: String,
 }
 
 impl Cluster {
     async fn start(&mut self, args: &DevArgs, plugin: Vec<u8>) -> anyhow::Result<Summary> {
+        // Authentication is on, as in production; one token with every scope.
+        let admin_token = format!("dev-{}", uuid::Uuid::new_v4().simple());
         let database_url = match &args.database_url {
             Some(url) => {
                 eprintln!("using PostgreSQL at {}", redact(url));
@@ -353,7 +357,7 @@ impl Cluster {
         }
         let region_names = regions.iter().map(|r| r.name.clone()).collect();
         for spec in regions.into_iter().flat_map(|r| r.hosts) {
-            let child = spawn_host(&spec, &database_url)?;
+            let child = spawn_host(&spec, &database_url, &admin_token)?;
             eprintln!(
                 "started {} on {} (log: {})",
                 spec.node_id,
@@ -374,8 +378,10 @@ impl Cluster {
         }
 
         let first = &self.hosts[0].spec;
-        let plugin_version = upload_plugin(&first.url(), &args.plugin, plugin).await?;
+        let plugin_version =
+            upload_plugin(&first.url(), &args.plugin, plugin, &admin_token).await?;
         Ok(Summary {
+            admin_token,
             regions: region_names,
             database_url,
             plugin_version,
@@ -425,15 +431,22 @@ impl Cluster {
         });
 
         let aggregate = format!("{first}/v1/aggregates/{PLUGIN_TYPE}/acc-1");
+        let token = &summary.admin_token;
+        let auth = format!("-H 'authorization: Bearer {token}'");
+        out.push_str(&format!(
+            "\nadmin token  {token}   (export MERIDIAN_TOKEN={token})\n"
+        ));
         out.push_str("\ntry:\n");
         out.push_str(&format!(
-            "  curl -s -X POST {aggregate} -H 'content-type: application/json' -d '{{\"command\":{{\"type\":\"Open\",\"owner\":\"alice\"}}}}'\n"
+            "  curl -s -X POST {aggregate} {auth} -H 'content-type: application/json' -d '{{\"command\":{{\"type\":\"Open\",\"owner\":\"alice\"}}}}'\n"
         ));
         out.push_str(&format!(
-            "  curl -s -X POST {aggregate} -H 'content-type: application/json' -d '{{\"command\":{{\"type\":\"Deposit\",\"amount\":10}}}}'\n"
+            "  curl -s -X POST {aggregate} {auth} -H 'content-type: application/json' -d '{{\"command\":{{\"type\":\"Deposit\",\"amount\":10}}}}'\n"
         ));
-        out.push_str(&format!("  curl -s {aggregate}\n"));
-        out.push_str(&format!("  meridian events --url {first}\n"));
+        out.push_str(&format!("  curl -s {auth} {aggregate}\n"));
+        out.push_str(&format!(
+            "  meridian events tail --url {first} --token {token}\n"
+        ));
         out.push_str("\nCtrl-C stops everything.\n");
         print!("{out}");
     }
@@ -798,7 +811,7 @@ async fn wait_for_postgres(postgres: &mut PrivatePostgres) -> anyhow::Result<()>
 }
 
 /// Starts one `meridian host`, logging to its file.
-fn spawn_host(spec: &HostSpec, database_url: &str) -> anyhow::Result<Child> {
+fn spawn_host(spec: &HostSpec, database_url: &str, admin_token: &str) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the meridian executable")?;
     std::fs::create_dir_all(&spec.cache_dir)
         .with_context(|| format!("cannot create {}", spec.cache_dir.display()))?;
@@ -814,6 +827,7 @@ fn spawn_host(spec: &HostSpec, database_url: &str) -> anyhow::Result<Child> {
         .arg(&spec.cache_dir)
         // In the environment rather than on the command line, where `ps` shows passwords.
         .env("MERIDIAN_DATABASE_URL", database_url)
+        .env("MERIDIAN_TOKENS", format!("{admin_token}:admin"))
         // A NATS from the calling shell is not part of this region.
         .env_remove("MERIDIAN_NATS_URL")
         .stdin(Stdio::null())
@@ -860,11 +874,17 @@ async fn wait_for_host(
 }
 
 /// Uploads the example plugin and returns the version it is stored as.
-async fn upload_plugin(base: &str, path: &Path, bytes: Vec<u8>) -> anyhow::Result<String> {
+async fn upload_plugin(
+    base: &str,
+    path: &Path,
+    bytes: Vec<u8>,
+    admin_token: &str,
+) -> anyhow::Result<String> {
     let url = format!("{base}/v1/plugins/{PLUGIN_TYPE}");
     eprintln!("uploading {} as {PLUGIN_TYPE}", path.display());
     let response = reqwest::Client::new()
         .put(&url)
+        .bearer_auth(admin_token)
         .header("content-type", "application/wasm")
         .body(bytes)
         .send()
