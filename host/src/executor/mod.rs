@@ -309,15 +309,15 @@ impl Executor {
                     });
                 }
                 Err(other) => {
-                    // Unknown whether the state is current (e.g. the database failed
-                    // mid-append): load it afresh next time.
-                    if !matches!(
+                    // A refusal leaves the state as it was. After any other failure
+                    // (e.g. the database failed mid-append) it is unknown whether the
+                    // events landed, so the state is loaded afresh next time.
+                    if matches!(
                         other,
                         CommandError::Rejected(_) | CommandError::WrongVersion { .. }
                     ) {
-                        return Err(other);
+                        *guard = Some(loaded);
                     }
-                    *guard = Some(loaded);
                     return Err(other);
                 }
             }
