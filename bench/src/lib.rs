@@ -6,8 +6,10 @@
 //! - [`workload`]: what to send (the bank-account command mix and its account setup).
 //! - [`stats`]: latency histograms, per-level results, the printed table and JSON.
 //! - [`cli`]: argument parsing shared by the binaries.
+//! - [`peer`]: what the comparison services share (flags, Meridian's HTTP shape).
 
 pub mod cli;
 pub mod load;
+pub mod peer;
 pub mod stats;
 pub mod workload;

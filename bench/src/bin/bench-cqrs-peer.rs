@@ -23,28 +23,24 @@
 //! ```
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
+use axum::Json;
 use axum::extract::{Path, State as AxumState};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use bank_account::BankAccount;
 use clap::Parser;
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateContext, AggregateError, DomainEvent, EventStore};
+use meridian_bench::peer::{
+    ApiError, CommandBody, CommandResult, PeerArgs, ResultEvent, internal, rejected, serve,
+};
 use meridian_guest::Aggregate as _;
 use meridian_guest::codec::encode_event;
 use postgres_es::PostgresEventRepository;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
-use sqlx::postgres::PgPoolOptions;
-use uuid::Uuid;
 
 const CREATE_TABLES: &str = r#"
 CREATE TABLE IF NOT EXISTS cqrspeer_events (
@@ -139,65 +135,8 @@ type Store = PersistedEventStore<PostgresEventRepository, Account>;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Postgres to store events in (tables `cqrspeer_*`, created if missing).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
-
-    /// Address to serve HTTP on.
-    #[arg(long, default_value = "127.0.0.1:8091")]
-    http_addr: SocketAddr,
-
-    /// Drop and recreate the tables at startup.
-    #[arg(long)]
-    reset: bool,
-
-    /// Database connections (Meridian's host default is 16).
-    #[arg(long, default_value_t = 16)]
-    db_connections: u32,
-}
-
-#[derive(Deserialize)]
-struct CommandBody {
-    command: Value,
-    #[serde(default)]
-    command_id: Option<Uuid>,
-}
-
-#[derive(Serialize)]
-struct ResultEvent {
-    version: i64,
-    #[serde(rename = "type")]
-    event_type: String,
-    payload: Box<RawValue>,
-}
-
-#[derive(Serialize)]
-struct CommandResult {
-    aggregate_type: &'static str,
-    aggregate_id: String,
-    version: i64,
-    events: Vec<ResultEvent>,
-}
-
-struct ApiError(StatusCode, &'static str, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.1, "message": self.2 } });
-        (self.0, Json(body)).into_response()
-    }
-}
-
-fn internal(message: impl ToString) -> ApiError {
-    ApiError(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        message.to_string(),
-    )
+    #[command(flatten)]
+    peer: PeerArgs,
 }
 
 async fn execute(
@@ -205,13 +144,8 @@ async fn execute(
     Path(id): Path<String>,
     Json(body): Json<CommandBody>,
 ) -> Result<Json<CommandResult>, ApiError> {
-    let command: bank_account::Command = serde_json::from_value(body.command).map_err(|e| {
-        ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "rejected",
-            format!("invalid command: {e}"),
-        )
-    })?;
+    let command: bank_account::Command = serde_json::from_value(body.command)
+        .map_err(|e| rejected(format!("invalid command: {e}")))?;
     let mut metadata = HashMap::new();
     if let Some(command_id) = body.command_id {
         metadata.insert("command_id".to_owned(), command_id.to_string());
@@ -224,11 +158,7 @@ async fn execute(
         let handled =
             cqrs_es::Aggregate::handle(context.aggregate(), command.clone(), &(), &sink).await;
         if let Err(rejection) = handled {
-            return Err(ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "rejected",
-                rejection.0,
-            ));
+            return Err(rejected(rejection.0));
         }
         let decided = sink.collect().await;
         match store.commit(decided, context, metadata.clone()).await {
@@ -241,6 +171,7 @@ async fn execute(
                     let payload = String::from_utf8(payload).map_err(internal)?;
                     version = envelope.sequence as i64;
                     events.push(ResultEvent {
+                        event_id: None,
                         version,
                         event_type,
                         payload: RawValue::from_string(payload).map_err(internal)?,
@@ -264,18 +195,10 @@ async fn execute(
     ))
 }
 
-async fn readyz() -> StatusCode {
-    StatusCode::OK
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let pool = PgPoolOptions::new()
-        .max_connections(args.db_connections)
-        .connect(&args.database_url)
-        .await
-        .with_context(|| format!("connecting to {}", args.database_url))?;
+    let args = Args::parse().peer;
+    let pool = args.connect().await?;
     if args.reset {
         sqlx::raw_sql("DROP TABLE IF EXISTS cqrspeer_events, cqrspeer_snapshots")
             .execute(&pool)
@@ -286,18 +209,12 @@ async fn main() -> anyhow::Result<()> {
     let repo =
         PostgresEventRepository::new(pool).with_tables("cqrspeer_events", "cqrspeer_snapshots");
     let store: Store = PersistedEventStore::new_event_store(repo);
-
-    let app = Router::new()
-        .route(
-            &format!("/v1/aggregates/{}/{{id}}", BankAccount::TYPE),
-            post(execute),
-        )
-        .route("/readyz", get(readyz))
-        .with_state(Arc::new(store));
-    let listener = tokio::net::TcpListener::bind(args.http_addr)
-        .await
-        .with_context(|| format!("binding {}", args.http_addr))?;
-    eprintln!("bench-cqrs-peer listening on {}", args.http_addr);
-    axum::serve(listener, app).await?;
-    Ok(())
+    serve(
+        "bench-cqrs-peer",
+        BankAccount::TYPE,
+        args.http_addr,
+        execute,
+        Arc::new(store),
+    )
+    .await
 }

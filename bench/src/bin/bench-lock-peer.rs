@@ -28,24 +28,20 @@
 //!     --http-addr 127.0.0.1:8090 --reset
 //! ```
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
+use axum::Json;
 use axum::extract::{Path, State as AxumState};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use bank_account::{BankAccount, Command, State};
 use clap::Parser;
+use meridian_bench::peer::{
+    ApiError, CommandBody, CommandResult, PeerArgs, ResultEvent, internal, rejected, serve,
+};
 use meridian_guest::Aggregate;
 use meridian_guest::codec::{decode_event, encode_event};
-use serde::{Deserialize, Serialize};
+use serde_json::json;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 /// The peer's own events table; never Meridian's `events`.
@@ -87,72 +83,8 @@ SELECT e.id, $2, $3, e.version, e.type, e.payload, $1::jsonb
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Postgres to store events in (table `lockpeer_events`, created if missing).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
-
-    /// Address to serve HTTP on.
-    #[arg(long, default_value = "127.0.0.1:8090")]
-    http_addr: SocketAddr,
-
-    /// Drop and recreate the events table at startup.
-    #[arg(long)]
-    reset: bool,
-
-    /// Database connections (Meridian's host default is 16).
-    #[arg(long, default_value_t = 16)]
-    db_connections: u32,
-}
-
-#[derive(Deserialize)]
-struct CommandBody {
-    command: Value,
-    #[serde(default)]
-    command_id: Option<Uuid>,
-}
-
-#[derive(Serialize)]
-struct ResultEvent {
-    event_id: Uuid,
-    version: i64,
-    #[serde(rename = "type")]
-    event_type: String,
-    payload: Box<RawValue>,
-}
-
-#[derive(Serialize)]
-struct CommandResult {
-    aggregate_type: &'static str,
-    aggregate_id: String,
-    version: i64,
-    events: Vec<ResultEvent>,
-}
-
-struct ApiError(StatusCode, &'static str, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.1, "message": self.2 } });
-        (self.0, Json(body)).into_response()
-    }
-}
-
-impl From<sqlx::Error> for ApiError {
-    fn from(error: sqlx::Error) -> Self {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database",
-            error.to_string(),
-        )
-    }
-}
-
-fn internal(message: String) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    #[command(flatten)]
+    peer: PeerArgs,
 }
 
 async fn execute(
@@ -160,13 +92,8 @@ async fn execute(
     Path(id): Path<String>,
     Json(body): Json<CommandBody>,
 ) -> Result<Json<CommandResult>, ApiError> {
-    let command: Command = serde_json::from_value(body.command).map_err(|e| {
-        ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "rejected",
-            format!("invalid command: {e}"),
-        )
-    })?;
+    let command: Command = serde_json::from_value(body.command)
+        .map_err(|e| rejected(format!("invalid command: {e}")))?;
 
     let mut tx = pool.begin().await?;
     sqlx::query(LOCK)
@@ -191,24 +118,20 @@ async fn execute(
         Ok(events) => events,
         Err(rejection) => {
             tx.rollback().await?;
-            return Err(ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "rejected",
-                rejection.into_message(),
-            ));
+            return Err(rejected(rejection.into_message()));
         }
     };
 
     let mut events = Vec::with_capacity(decided.len());
     for event in &decided {
         let (event_type, payload) = encode_event(event).map_err(internal)?;
-        let payload = String::from_utf8(payload).map_err(|e| internal(e.to_string()))?;
+        let payload = String::from_utf8(payload).map_err(internal)?;
         version += 1;
         events.push(ResultEvent {
-            event_id: Uuid::now_v7(),
+            event_id: Some(Uuid::now_v7()),
             version,
             event_type,
-            payload: RawValue::from_string(payload).map_err(|e| internal(e.to_string()))?,
+            payload: RawValue::from_string(payload).map_err(internal)?,
         });
     }
     if !events.is_empty() {
@@ -217,7 +140,7 @@ async fn execute(
             .bind(metadata.to_string())
             .bind(BankAccount::TYPE)
             .bind(&id)
-            .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
+            .bind(events.iter().filter_map(|e| e.event_id).collect::<Vec<_>>())
             .bind(events.iter().map(|e| e.version).collect::<Vec<_>>())
             .bind(
                 events
@@ -244,36 +167,22 @@ async fn execute(
     }))
 }
 
-async fn readyz() -> StatusCode {
-    StatusCode::OK
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let pool = PgPoolOptions::new()
-        .max_connections(args.db_connections)
-        .connect(&args.database_url)
-        .await
-        .with_context(|| format!("connecting to {}", args.database_url))?;
+    let args = Args::parse().peer;
+    let pool = args.connect().await?;
     if args.reset {
         sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {TABLE}"))
             .execute(&pool)
             .await?;
     }
     sqlx::raw_sql(CREATE_TABLE).execute(&pool).await?;
-
-    let app = Router::new()
-        .route(
-            &format!("/v1/aggregates/{}/{{id}}", BankAccount::TYPE),
-            post(execute),
-        )
-        .route("/readyz", get(readyz))
-        .with_state(Arc::new(pool));
-    let listener = tokio::net::TcpListener::bind(args.http_addr)
-        .await
-        .with_context(|| format!("binding {}", args.http_addr))?;
-    eprintln!("bench-lock-peer listening on {}", args.http_addr);
-    axum::serve(listener, app).await?;
-    Ok(())
+    serve(
+        "bench-lock-peer",
+        BankAccount::TYPE,
+        args.http_addr,
+        execute,
+        Arc::new(pool),
+    )
+    .await
 }
