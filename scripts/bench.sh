@@ -66,37 +66,31 @@ target/release/meridian-load --url "http://127.0.0.1:$port" --accounts "$account
     --concurrency "$levels" --duration "$duration" --warmup "$warmup" --json "$out/single.json"
 peak_kb=$(awk '/VmHWM/ {print $2}' "/proc/${pids[0]}/status" 2>/dev/null || echo 0)
 
-echo "==> peer: lock-per-command (advisory lock, load, fold, insert, commit; same database)"
-peer_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-target/release/bench-lock-peer --database-url "$PG/$db" --http-addr "127.0.0.1:$peer_port" --reset \
-    >"$out/lockpeer.log" 2>&1 &
-peer_pid=$!
-pids+=("$peer_pid")
-for _ in $(seq 1 300); do
-    curl -sf "http://127.0.0.1:$peer_port/readyz" >/dev/null && break
-    sleep 0.1
-done
-target/release/meridian-load --url "http://127.0.0.1:$peer_port" --accounts "$accounts" \
-    --concurrency "$levels" --duration "$duration" --warmup "$warmup" --json "$out/lockpeer.json"
-peer_peak_kb=$(awk '/VmHWM/ {print $2}' "/proc/$peer_pid/status" 2>/dev/null || echo 0)
-kill "$peer_pid" 2>/dev/null || true
-wait "$peer_pid" 2>/dev/null || true
-
-echo "==> peer: cqrs-es + postgres-es (load, handle, optimistic commit; same database)"
-cqrs_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-target/release/bench-cqrs-peer --database-url "$PG/$db" --http-addr "127.0.0.1:$cqrs_port" --reset \
-    >"$out/cqrspeer.log" 2>&1 &
-cqrs_pid=$!
-pids+=("$cqrs_pid")
-for _ in $(seq 1 300); do
-    curl -sf "http://127.0.0.1:$cqrs_port/readyz" >/dev/null && break
-    sleep 0.1
-done
-target/release/meridian-load --url "http://127.0.0.1:$cqrs_port" --accounts "$accounts" \
-    --concurrency "$levels" --duration "$duration" --warmup "$warmup" --json "$out/cqrspeer.json"
-cqrs_peak_kb=$(awk '/VmHWM/ {print $2}' "/proc/$cqrs_pid/status" 2>/dev/null || echo 0)
-kill "$cqrs_pid" 2>/dev/null || true
-wait "$cqrs_pid" 2>/dev/null || true
+# Runs one comparison service on a free port against the same database, drives it with
+# the same load, and leaves its peak RSS (KiB) in $peak.
+run_peer() {
+    local title=$1 bin=$2 name=$3
+    echo "==> peer: $title"
+    local peer_port peer_pid
+    peer_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    "target/release/$bin" --database-url "$PG/$db" --http-addr "127.0.0.1:$peer_port" --reset \
+        >"$out/$name.log" 2>&1 &
+    peer_pid=$!
+    pids+=("$peer_pid")
+    for _ in $(seq 1 300); do
+        curl -sf "http://127.0.0.1:$peer_port/readyz" >/dev/null && break
+        sleep 0.1
+    done
+    target/release/meridian-load --url "http://127.0.0.1:$peer_port" --accounts "$accounts" \
+        --concurrency "$levels" --duration "$duration" --warmup "$warmup" --json "$out/$name.json"
+    peak=$(awk '/VmHWM/ {print $2}' "/proc/$peer_pid/status" 2>/dev/null || echo 0)
+    kill "$peer_pid" 2>/dev/null || true
+    wait "$peer_pid" 2>/dev/null || true
+}
+run_peer "lock-per-command (advisory lock, load, fold, insert, commit; same database)" bench-lock-peer lockpeer
+peer_peak_kb=$peak
+run_peer "cqrs-es + postgres-es (load, handle, optimistic commit; same database)" bench-cqrs-peer cqrspeer
+cqrs_peak_kb=$peak
 echo "{\"host_peak_rss_kb\": $peak_kb, \"lockpeer_peak_rss_kb\": $peer_peak_kb, \"cqrspeer_peak_rss_kb\": $cqrs_peak_kb}" \
     >"$out/memory.json"
 

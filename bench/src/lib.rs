@@ -13,3 +13,27 @@ pub mod load;
 pub mod peer;
 pub mod stats;
 pub mod workload;
+
+/// DDL for a scratch copy of Meridian's `events` table under another name: the same
+/// columns, constraints and indexes as in `migrations/0001_event_store.sql`, so each
+/// row a benchmark writes costs what an appended event costs.
+pub fn events_table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+    position        BIGSERIAL   NOT NULL,
+    tx_id           XID8        NOT NULL DEFAULT pg_current_xact_id(),
+    event_id        UUID        NOT NULL,
+    aggregate_type  TEXT        NOT NULL,
+    aggregate_id    TEXT        NOT NULL,
+    version         BIGINT      NOT NULL CHECK (version > 0),
+    event_type      TEXT        NOT NULL,
+    payload         JSONB       NOT NULL,
+    metadata        JSONB       NOT NULL,
+    recorded_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT {table}_pkey PRIMARY KEY (position),
+    CONSTRAINT {table}_version_key UNIQUE (aggregate_type, aggregate_id, version),
+    CONSTRAINT {table}_event_id_key UNIQUE (event_id)
+);
+CREATE INDEX IF NOT EXISTS {table}_global_order ON {table} (tx_id, position);"
+    )
+}

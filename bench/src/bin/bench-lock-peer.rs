@@ -47,26 +47,6 @@ use uuid::Uuid;
 /// The peer's own events table; never Meridian's `events`.
 const TABLE: &str = "lockpeer_events";
 
-/// Same columns, constraints and indexes as `events` in migrations/0001_event_store.sql.
-const CREATE_TABLE: &str = r#"
-CREATE TABLE IF NOT EXISTS lockpeer_events (
-    position        BIGSERIAL   NOT NULL,
-    tx_id           XID8        NOT NULL DEFAULT pg_current_xact_id(),
-    event_id        UUID        NOT NULL,
-    aggregate_type  TEXT        NOT NULL,
-    aggregate_id    TEXT        NOT NULL,
-    version         BIGINT      NOT NULL CHECK (version > 0),
-    event_type      TEXT        NOT NULL,
-    payload         JSONB       NOT NULL,
-    metadata        JSONB       NOT NULL,
-    recorded_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
-    CONSTRAINT lockpeer_events_pkey PRIMARY KEY (position),
-    CONSTRAINT lockpeer_events_version_key UNIQUE (aggregate_type, aggregate_id, version),
-    CONSTRAINT lockpeer_events_event_id_key UNIQUE (event_id)
-);
-CREATE INDEX IF NOT EXISTS lockpeer_events_global_order ON lockpeer_events (tx_id, position);
-"#;
-
 const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))";
 
 const LOAD: &str = "SELECT version, event_type, payload::text FROM lockpeer_events \
@@ -176,7 +156,9 @@ async fn main() -> anyhow::Result<()> {
             .execute(&pool)
             .await?;
     }
-    sqlx::raw_sql(CREATE_TABLE).execute(&pool).await?;
+    sqlx::raw_sql(&meridian_bench::events_table_ddl(TABLE))
+        .execute(&pool)
+        .await?;
     serve(
         "bench-lock-peer",
         BankAccount::TYPE,

@@ -25,27 +25,6 @@ use uuid::Uuid;
 /// The scratch table; never the real `events`, which may hold a region's data.
 const TABLE: &str = "bench_raw_events";
 
-/// Same columns, constraints and indexes as `events` in migrations/0001_event_store.sql,
-/// so each row costs what an appended event costs.
-const CREATE_TABLE: &str = r#"
-CREATE TABLE bench_raw_events (
-    position        BIGSERIAL   NOT NULL,
-    tx_id           XID8        NOT NULL DEFAULT pg_current_xact_id(),
-    event_id        UUID        NOT NULL,
-    aggregate_type  TEXT        NOT NULL,
-    aggregate_id    TEXT        NOT NULL,
-    version         BIGINT      NOT NULL CHECK (version > 0),
-    event_type      TEXT        NOT NULL,
-    payload         JSONB       NOT NULL,
-    metadata        JSONB       NOT NULL,
-    recorded_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
-    CONSTRAINT bench_raw_events_pkey PRIMARY KEY (position),
-    CONSTRAINT bench_raw_events_version_key UNIQUE (aggregate_type, aggregate_id, version),
-    CONSTRAINT bench_raw_events_event_id_key UNIQUE (event_id)
-);
-CREATE INDEX bench_raw_events_global_order ON bench_raw_events (tx_id, position);
-"#;
-
 const INSERT: &str = r#"
 INSERT INTO bench_raw_events
     (event_id, aggregate_type, aggregate_id, version, event_type, payload, metadata)
@@ -117,7 +96,9 @@ async fn main() -> anyhow::Result<()> {
     admin
         .execute(format!("DROP TABLE IF EXISTS {TABLE}").as_str())
         .await?;
-    admin.execute(CREATE_TABLE).await?;
+    admin
+        .execute(meridian_bench::events_table_ddl(TABLE).as_str())
+        .await?;
 
     let outcome = match run(&args).await {
         Ok(result) => verify(&mut admin, &result).await.map(|()| result),
