@@ -5,6 +5,7 @@
 
 mod auth;
 mod cluster;
+mod groups;
 mod harness;
 mod sandbox;
 mod single_node;

@@ -8,13 +8,13 @@ use serde_json::{Value, json};
 use crate::harness::{Host, HostOptions, TestDb, wasm_bytes};
 
 /// Reads SSE messages from a response: (id, data as JSON).
-struct SseReader {
+pub(crate) struct SseReader {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buffer: String,
 }
 
 impl SseReader {
-    async fn open(url: &str, last_event_id: Option<&str>) -> SseReader {
+    pub(crate) async fn open(url: &str, last_event_id: Option<&str>) -> SseReader {
         let mut request = reqwest::Client::new()
             .get(url)
             .header("accept", "text/event-stream");
@@ -35,7 +35,7 @@ impl SseReader {
         }
     }
 
-    async fn next(&mut self) -> (String, Value) {
+    pub(crate) async fn next(&mut self) -> (String, Value) {
         tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 if let Some(end) = self.buffer.find("\n\n") {

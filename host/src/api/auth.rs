@@ -6,6 +6,11 @@
 //! uploading plugins and changing limits; `admin` also grants the other two. No token
 //! is a 401, a token without the scope a 403. Hosts forward a command with the
 //! caller's `Authorization` header, so the owner checks the same token.
+//!
+//! A consumer group's acknowledgement (`POST /v1/groups/...`) needs `read` only: the
+//! position is the consumer's own state, not the region's data. The status page at `/`
+//! is static HTML with no data in it, so it is served without a token; it asks for one
+//! and sends it with every request it makes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -122,8 +127,11 @@ fn mask(token: &str) -> String {
 
 /// The scope a request needs, or `None` for the open probes.
 fn required(method: &Method, path: &str) -> Option<Scope> {
-    if path == "/healthz" || path == "/readyz" {
+    if path == "/healthz" || path == "/readyz" || (path == "/" && method == Method::GET) {
         return None;
+    }
+    if path.starts_with("/v1/groups/") {
+        return Some(Scope::Read);
     }
     if path.starts_with("/v1/plugins") && method != Method::GET {
         return Some(Scope::Admin);
@@ -200,5 +208,11 @@ mod tests {
             Some(Scope::Write)
         );
         assert_eq!(required(&Method::GET, "/v1/events"), Some(Scope::Read));
+        assert_eq!(
+            required(&Method::POST, "/v1/groups/g/members/0/ack"),
+            Some(Scope::Read)
+        );
+        assert_eq!(required(&Method::GET, "/"), None);
+        assert_eq!(required(&Method::POST, "/"), Some(Scope::Read));
     }
 }

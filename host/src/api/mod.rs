@@ -6,6 +6,7 @@
 
 mod auth;
 mod error;
+mod groups;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -94,6 +95,8 @@ pub fn router(state: AppState) -> axum::Router {
             get(aggregate_events),
         )
         .route("/v1/events", get(list_events))
+        .route("/v1/groups/{group}", get(groups::status))
+        .route("/v1/groups/{group}/members/{member}/ack", post(groups::ack))
         .route("/v1/cluster", get(cluster_status))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .layer(axum::middleware::from_fn_with_state(
@@ -121,7 +124,9 @@ pub fn router(state: AppState) -> axum::Router {
         execute,
         get_aggregate,
         aggregate_events,
-        list_events
+        list_events,
+        groups::ack,
+        groups::status
     ),
     components(schemas(
         ErrorBody,
@@ -135,7 +140,11 @@ pub fn router(state: AppState) -> axum::Router {
         PluginInfo,
         UploadResult,
         PluginDetail,
-        SandboxLimits
+        SandboxLimits,
+        groups::AckBody,
+        groups::AckResult,
+        groups::GroupStatus,
+        store::groups::GroupPosition
     ))
 )]
 pub struct ApiDoc;
@@ -494,26 +503,40 @@ fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 /// Query of the region's events.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct EventsQuery {
-    /// Resume after the event at this position (0 or absent: from the beginning).
-    #[serde(default)]
-    pub after: i64,
+    /// Resume after the event at this position (0: from the beginning; absent: from the
+    /// beginning, or for a group member from its acknowledged position).
+    pub after: Option<i64>,
     /// Most events to return (default 1000, at most 10000).
     pub limit: Option<i64>,
     /// Only this aggregate type.
     pub aggregate_type: Option<String>,
     /// Only this aggregate id.
     pub aggregate_id: Option<String>,
+    /// Consumer group: only the events of the aggregates that hash to `member` of
+    /// `members`, starting after the member's acknowledged position unless `after` (or
+    /// `Last-Event-ID`) is given.
+    pub group: Option<String>,
+    /// This group member, from 0 (with `group`).
+    #[param(value_type = Option<u32>)]
+    pub member: Option<String>,
+    /// How many members the group has (with `group`).
+    #[param(value_type = Option<u32>)]
+    pub members: Option<String>,
 }
 
 /// Read the region's events in commit order: a page as JSON, or with
 /// `Accept: text/event-stream` a live Server-Sent Events stream (catch-up, then new
-/// events; SSE id = position, resumable with `Last-Event-ID`).
+/// events; SSE id = position, resumable with `Last-Event-ID`). With
+/// `group=<name>&member=<i>&members=<n>`, only member `i`'s share of the aggregates
+/// (each aggregate's events at one member, in version order), from its acknowledged
+/// position; a group page's `next` is the last position scanned, to acknowledge or
+/// resume from.
 #[utoipa::path(
     get, path = "/v1/events",
     params(EventsQuery),
     responses(
         (status = 200, body = EventsPage, description = "a page, or (text/event-stream) a live stream of `event` messages whose data is a StoredEvent"),
-        (status = 400, body = ErrorBody, description = "unknown position or bad limit"),
+        (status = 400, body = ErrorBody, description = "unknown position, bad limit, or bad group parameters"),
     )
 )]
 async fn list_events(
@@ -525,16 +548,26 @@ async fn list_events(
         .get("accept")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
+    let group = groups::from_query(&query)?;
     if wants_stream {
-        return stream_events(state, &headers, query).await;
+        return stream_events(state, &headers, query, group).await;
     }
     let limit = page_limit(query.limit)?;
     let filter = EventFilter {
         aggregate_type: query.aggregate_type,
         aggregate_id: query.aggregate_id,
     };
-    let events = store::read::read_all(&state.pool, query.after, limit, &filter).await?;
-    let next = events.last().map_or(query.after.max(0), |e| e.position);
+    if let Some(group) = group {
+        let after = match query.after {
+            Some(after) => after.max(0),
+            None => store::groups::start(&state.pool, &group).await?.0,
+        };
+        let (events, next) = groups::page(&state, &group, after, limit, &filter).await?;
+        return Ok(Json(EventsPage { events, next }).into_response());
+    }
+    let after = query.after.unwrap_or(0);
+    let events = store::read::read_all(&state.pool, after, limit, &filter).await?;
+    let next = events.last().map_or(after.max(0), |e| e.position);
     Ok(Json(EventsPage { events, next }).into_response())
 }
 
@@ -545,10 +578,13 @@ const STREAM_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// `after` parameter, or the `Last-Event-ID` header a browser's `EventSource` sends
 /// when it reconnects), then new events as they commit. Each SSE event's id is the
 /// event's position and its data the event as JSON, so resuming never skips or repeats.
+/// A group member's stream keeps only its aggregates' events and, without a resume
+/// point, starts after the member's acknowledged position.
 async fn stream_events(
     state: AppState,
     headers: &HeaderMap,
     query: EventsQuery,
+    group: Option<store::groups::GroupMember>,
 ) -> Result<Response, ApiError> {
     use axum::response::sse::{Event, KeepAlive, Sse};
 
@@ -561,7 +597,11 @@ async fn stream_events(
             })
         })
         .transpose()?;
-    let after = last_event_id.unwrap_or(query.after).max(0);
+    let after = match (last_event_id.or(query.after), &group) {
+        (Some(after), _) => after.max(0),
+        (None, Some(group)) => store::groups::start(&state.pool, group).await?.0,
+        (None, None) => 0,
+    };
     let filter = EventFilter {
         aggregate_type: query.aggregate_type,
         aggregate_id: query.aggregate_id,
@@ -574,11 +614,16 @@ async fn stream_events(
         move |(mut after, mut buffer)| {
             let pool = pool.clone();
             let filter = filter.clone();
+            let group = group.clone();
             async move {
                 loop {
                     if let Some(event) = buffer.pop_front() {
                         let event: StoredEvent = event;
                         after = event.position;
+                        // Another member's event: move past it without sending it.
+                        if group.as_ref().is_some_and(|g| !groups::keeps(g, &event)) {
+                            continue;
+                        }
                         let data = serde_json::to_string(&event).unwrap_or_default();
                         let sse = Event::default()
                             .id(event.position.to_string())

@@ -92,22 +92,45 @@ pub struct EventsArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum EventsCommand {
     /// Print events as they commit (after catching up from --after), until Ctrl-C.
+    ///
+    /// With `--group g --member i --members n`, print member i's share of the
+    /// aggregates, starting after the member's acknowledged position, and acknowledge
+    /// what has been printed as it goes (at most every half second), so a restarted
+    /// tail resumes there.
     Tail {
-        /// Start after this position (0: from the beginning of the region's events).
-        #[arg(long, default_value_t = 0)]
-        after: i64,
+        /// Start after this position (default: from the beginning, or for a group member
+        /// from its acknowledged position).
+        #[arg(long)]
+        after: Option<i64>,
         /// Only this aggregate type.
         #[arg(long = "type")]
         aggregate_type: Option<String>,
         /// Only this aggregate id.
         #[arg(long = "id")]
         aggregate_id: Option<String>,
+        /// Consumer group to read as.
+        #[arg(long, requires_all = ["member", "members"])]
+        group: Option<String>,
+        /// This member of the group, from 0.
+        #[arg(long, requires = "group")]
+        member: Option<u32>,
+        /// How many members the group has.
+        #[arg(long, requires = "group")]
+        members: Option<u32>,
         #[command(flatten)]
         target: Target,
     },
 }
 
-fn client(target: &Target) -> reqwest::Client {
+/// A consumer group member the tail reads and acknowledges as.
+#[derive(Debug, Clone)]
+struct GroupSlot {
+    group: String,
+    member: u32,
+    members: u32,
+}
+
+pub(super) fn client(target: &Target) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = &target.token
         && let Ok(value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
@@ -288,18 +311,42 @@ fn print_event(e: &Value, json: bool) {
     }
 }
 
+/// Stores a group member's position after what it has printed.
+async fn ack(target: &Target, slot: &GroupSlot, position: i64) -> anyhow::Result<()> {
+    let url = format!(
+        "{}/v1/groups/{}/members/{}/ack",
+        target.url.trim_end_matches('/'),
+        slot.group,
+        slot.member
+    );
+    let body = serde_json::json!({ "position": position, "members": slot.members });
+    send(client(target).post(&url).json(&body), &target.url).await?;
+    Ok(())
+}
+
 /// Follows the SSE stream of `GET /v1/events`, reconnecting from the last position
-/// seen if the connection drops.
+/// seen if the connection drops. As a group member, acknowledges what it printed.
 async fn tail(
-    after: i64,
+    after: Option<i64>,
     aggregate_type: Option<String>,
     aggregate_id: Option<String>,
+    group: Option<GroupSlot>,
     target: Target,
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
+    const ACK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
     let mut last = after;
+    let mut acked = None;
     loop {
-        let mut query = vec![("after", last.to_string())];
+        let mut query = Vec::new();
+        if let Some(last) = last {
+            query.push(("after", last.to_string()));
+        }
+        if let Some(slot) = &group {
+            query.push(("group", slot.group.clone()));
+            query.push(("member", slot.member.to_string()));
+            query.push(("members", slot.members.to_string()));
+        }
         if let Some(t) = &aggregate_type {
             query.push(("aggregate_type", t.clone()));
         }
@@ -325,8 +372,23 @@ async fn tail(
         }
         let mut body = response.bytes_stream();
         let mut buffer = String::new();
-        while let Some(chunk) = body.next().await {
-            let Ok(chunk) = chunk else { break };
+        let mut ticks = tokio::time::interval(ACK_EVERY);
+        loop {
+            let chunk = tokio::select! {
+                chunk = body.next() => chunk,
+                _ = ticks.tick() => {
+                    if let (Some(slot), Some(position)) = (&group, last)
+                        && acked != last
+                    {
+                        match ack(&target, slot, position).await {
+                            Ok(()) => acked = last,
+                            Err(error) => eprintln!("could not acknowledge position {position}: {error:#}"),
+                        }
+                    }
+                    continue;
+                }
+            };
+            let Some(Ok(chunk)) = chunk else { break };
             buffer.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(end) = buffer.find("\n\n") {
                 let message: String = buffer.drain(..end + 2).collect();
@@ -340,13 +402,16 @@ async fn tail(
                     continue; // keep-alive
                 }
                 if let Ok(event) = serde_json::from_str::<Value>(&data) {
-                    last = event["position"].as_i64().unwrap_or(last);
                     print_event(&event, target.json);
+                    last = event["position"].as_i64().or(last);
                 }
             }
         }
         if !target.json {
-            eprintln!("connection lost; resuming after position {last}");
+            match last {
+                Some(last) => eprintln!("connection lost; resuming after position {last}"),
+                None => eprintln!("connection lost; reconnecting"),
+            }
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
@@ -358,10 +423,21 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
         after,
         aggregate_type,
         aggregate_id,
+        group,
+        member,
+        members,
         target,
     }) = args.command
     {
-        return tail(after, aggregate_type, aggregate_id, target).await;
+        let group = match (group, member, members) {
+            (Some(group), Some(member), Some(members)) => Some(GroupSlot {
+                group,
+                member,
+                members,
+            }),
+            _ => None,
+        };
+        return tail(after, aggregate_type, aggregate_id, group, target).await;
     }
     let mut after = args.after;
     loop {

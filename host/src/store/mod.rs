@@ -9,9 +9,11 @@
 //!   tailing the region's events in commit order without skipping late commits.
 //! - [`plugins`]: the plugin registry and per-type sandbox limits.
 //! - [`cluster`]: membership heartbeats and partition leases (the fencing tokens).
+//! - [`groups`]: consumer groups' acknowledged positions.
 
 pub mod append;
 pub mod cluster;
+pub mod groups;
 pub mod plugins;
 pub mod read;
 
