@@ -15,6 +15,7 @@ async fn upload_all(api: &Api) {
         "panicker",
         "file-reader",
         "clock-reader",
+        "socket-opener",
     ] {
         let (status, body) = api.upload(name, wasm_bytes(name)).await;
         assert_eq!(status, 201, "{name}: {body}");
@@ -127,6 +128,33 @@ async fn hostile_plugins_are_contained() {
     );
     assert_eq!(probe["env_count"], 0, "{probe}");
 
+    // Sockets are linked (interpreters such as componentize-py's CPython import them)
+    // but every operation is refused: no connection reaches a listener on this very
+    // machine, no socket binds, no name resolves.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (status, body) = api
+        .command(
+            "socket-opener",
+            "n1",
+            json!({"command": {"type": "Go", "addr": addr}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let probe = &body["events"][0]["payload"];
+    for field in ["tcp", "udp", "dns"] {
+        assert!(
+            probe[field].as_str().unwrap().starts_with("error"),
+            "the plugin used the network ({field}): {probe}"
+        );
+    }
+    assert_eq!(
+        listener.accept().map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "a connection from the plugin arrived"
+    );
+
     // Clocks and randomness are fixed: two calls see the same values.
     let (_, first) = api
         .command("clock-reader", "c1", json!({"command": {"type": "Go"}}))
@@ -153,6 +181,14 @@ async fn hostile_plugins_are_contained() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(written, ["bank-account", "clock-reader", "file-reader"]);
+    assert_eq!(
+        written,
+        [
+            "bank-account",
+            "clock-reader",
+            "file-reader",
+            "socket-opener"
+        ]
+    );
     still_serves(&api, "a4").await;
 }

@@ -59,7 +59,7 @@ pub enum PluginError {
     NotAComponent(String),
     /// The component imports something the sandbox does not provide.
     #[error(
-        "component imports `{0}`, which Meridian does not provide; plugins may import only WASI io, cli, clocks, random and filesystem, served without capabilities"
+        "component imports `{0}`, which Meridian does not provide; plugins may import only WASI io, cli, clocks, random, filesystem and sockets, served without capabilities"
     )]
     ForbiddenImport(String),
     /// The component does not have the exports of the aggregate world.

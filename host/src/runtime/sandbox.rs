@@ -1,12 +1,16 @@
 //! The capability-free WASI world plugins run in.
 //!
 //! A `wasm32-wasip2` build imports `wasi:io`, `wasi:cli`, `wasi:clocks`, `wasi:random`
-//! and `wasi:filesystem` even when the code uses none of them. We satisfy those imports
-//! with wasmtime-wasi, configured so that nothing outside the sandbox is reachable:
-//! no preopened directories, no environment, no arguments, no sockets, stdio discarded.
-//! Clocks and randomness are deterministic, because a plugin that reads the time or
-//! draws a random number must decide the same events when a command is retried and
-//! evolve the same state when events are replayed.
+//! and `wasi:filesystem` even when the code uses none of them; a Python component built
+//! by componentize-py also imports every `wasi:sockets` interface (CPython's `socket`
+//! module is linked in), and a JavaScript one built by componentize-js the same set as
+//! Rust. We satisfy those imports with wasmtime-wasi, configured so that nothing outside
+//! the sandbox is reachable: no preopened directories, no environment, no arguments,
+//! stdio discarded, and every socket operation refused (creating a TCP or UDP socket
+//! and resolving a name fail with `access-denied`, and no address passes the
+//! address check). Clocks and randomness are deterministic, because a plugin that reads
+//! the time or draws a random number must decide the same events when a command is
+//! retried and evolve the same state when events are replayed.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,10 +21,11 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
-/// Import namespaces a plugin may use: the WASI interfaces a `wasm32-wasip2` build pulls
-/// in, each served without capabilities (see the module docs), and the contract's own
-/// types interface (it holds only type definitions). Anything else — `wasi:sockets`,
-/// `wasi:http`, or a custom interface — is refused at upload.
+/// Import namespaces a plugin may use: the WASI 0.2 interfaces that `wasm32-wasip2`,
+/// componentize-py and componentize-js builds pull in, each served without capabilities
+/// (see the module docs), and the contract's own types interface (it holds only type
+/// definitions). Anything else — `wasi:http`, `wasi:keyvalue`, or a custom interface —
+/// is refused at upload.
 pub const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
     "meridian:aggregate/types@0.1.",
     "wasi:io/",
@@ -28,6 +33,10 @@ pub const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
     "wasi:clocks/",
     "wasi:random/",
     "wasi:filesystem/",
+    // Linked so that interpreters which carry a socket module can be instantiated;
+    // every operation fails (`allow_tcp(false)`, `allow_udp(false)`,
+    // `allow_ip_name_lookup(false)`, and no socket address is ever allowed).
+    "wasi:sockets/",
 ];
 
 /// The seconds since the Unix epoch every plugin's wall clock reads: 2025-01-01T00:00:00Z.
@@ -61,6 +70,8 @@ impl GuestState {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            // The default already refuses every address; say so rather than rely on it.
+            .socket_addr_check(|_, _| Box::pin(async { false }))
             .build();
         Self {
             wasi,
@@ -321,12 +332,16 @@ mod tests {
 
     #[test]
     fn only_wasi_imports_pass() {
-        let ok = ["wasi:io/streams@0.2.3", "wasi:cli/environment@0.2.3"];
+        let ok = [
+            "wasi:io/streams@0.2.3",
+            "wasi:cli/environment@0.2.3",
+            "wasi:sockets/tcp@0.2.9",
+        ];
         assert_eq!(forbidden_import(ok.into_iter()), None);
-        let bad = ["wasi:io/streams@0.2.3", "wasi:sockets/tcp@0.2.3"];
+        let bad = ["wasi:io/streams@0.2.3", "wasi:http/outgoing-handler@0.2.3"];
         assert_eq!(
             forbidden_import(bad.into_iter()),
-            Some("wasi:sockets/tcp@0.2.3")
+            Some("wasi:http/outgoing-handler@0.2.3")
         );
         assert_eq!(
             forbidden_import(["evil:escape/network@0.1.0"].into_iter()),
