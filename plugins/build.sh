@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Builds every plugin (the example and the hostile test plugins) into WebAssembly
-# components under target/wasm32-wasip2/release/. Safe to run repeatedly: cargo only
-# rebuilds what changed.
+# Builds every plugin (the examples and the hostile test plugins) into WebAssembly
+# components under target/wasm32-wasip2/release/: the Rust crates with cargo,
+# bank_account_py.wasm from plugins/bank-account-py with componentize-py, and
+# bank_account_js.wasm from plugins/bank-account-js with componentize-js. Installs the
+# Python and JavaScript toolchains first when they are missing (scripts/install-deps.sh
+# --plugin-toolchains). Safe to run repeatedly: cargo only rebuilds what changed, and the
+# Python and JavaScript components (10-20 s each) only when their sources, the WIT or the
+# toolchain changed.
 #
 # Usage: bash plugins/build.sh [extra cargo build arguments]
 set -euo pipefail
@@ -23,6 +28,36 @@ done
 cargo build --release --target "$target" "${packages[@]}" "$@"
 
 out="${CARGO_TARGET_DIR:-$root/target}/$target/release"
+
+bash scripts/install-deps.sh --plugin-toolchains >/dev/null
+
+# Runs "$@" (a build that writes $wasm) unless $wasm exists and was built from inputs
+# with the same digest: the files under the directories and files named in $inputs.
+build_if_changed() {
+    local wasm=$1 inputs=$2
+    shift 2
+    local digest
+    # shellcheck disable=SC2086 # $inputs is a list of paths
+    digest="$(find $inputs -type f -not -path '*/node_modules/*' -not -name '*.pyc' -print0 \
+        | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+    if [ -f "$wasm" ] && [ "$(cat "$wasm.inputs" 2>/dev/null)" = "$digest" ]; then
+        return
+    fi
+    echo "building $(basename "$wasm")"
+    "$@"
+    printf '%s\n' "$digest" >"$wasm.inputs"
+}
+
+py_tool="$root/.tools/componentize-py"
+build_if_changed "$out/bank_account_py.wasm" \
+    "plugins/bank-account-py guest-sdk/wit $py_tool/pyvenv.cfg scripts/install-deps.sh" \
+    "$py_tool/bin/componentize-py" -d guest-sdk/wit -w aggregate componentize \
+    -p plugins/bank-account-py bank_account -o "$out/bank_account_py.wasm"
+
+build_if_changed "$out/bank_account_js.wasm" \
+    "plugins/bank-account-js guest-sdk/wit" \
+    node plugins/bank-account-js/build.mjs "$out/bank_account_js.wasm"
+
 echo "components in $out:"
 for wasm in "$out"/*.wasm; do
     printf '  %s (%s bytes)\n' "$wasm" "$(wc -c < "$wasm")"

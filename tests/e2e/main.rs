@@ -7,6 +7,7 @@ mod auth;
 mod cluster;
 mod groups;
 mod harness;
+mod languages;
 mod sandbox;
 mod single_node;
 mod subscriptions;
