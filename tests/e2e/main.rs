@@ -10,5 +10,6 @@ mod harness;
 mod languages;
 mod sandbox;
 mod single_node;
+mod status_page;
 mod subscriptions;
 mod tail;

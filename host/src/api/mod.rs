@@ -94,7 +94,9 @@ pub fn router(state: AppState) -> axum::Router {
             "/v1/aggregates/{aggregate_type}/{aggregate_id}/events",
             get(aggregate_events),
         )
+        .route("/", get(status_page))
         .route("/v1/events", get(list_events))
+        .route("/v1/events/head", get(events_head))
         .route("/v1/groups/{group}", get(groups::status))
         .route("/v1/groups/{group}/members/{member}/ack", post(groups::ack))
         .route("/v1/cluster", get(cluster_status))
@@ -125,6 +127,7 @@ pub fn router(state: AppState) -> axum::Router {
         get_aggregate,
         aggregate_events,
         list_events,
+        events_head,
         groups::ack,
         groups::status
     ),
@@ -141,6 +144,7 @@ pub fn router(state: AppState) -> axum::Router {
         UploadResult,
         PluginDetail,
         SandboxLimits,
+        EventsHead,
         groups::AckBody,
         groups::AckResult,
         groups::GroupStatus,
@@ -569,6 +573,37 @@ async fn list_events(
     let events = store::read::read_all(&state.pool, after, limit, &filter).await?;
     let next = events.last().map_or(after.max(0), |e| e.position);
     Ok(Json(EventsPage { events, next }).into_response())
+}
+
+/// The region's current head.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EventsHead {
+    /// Pass as `after` to read only what commits from now on (0: no events yet).
+    pub position: i64,
+}
+
+/// The position of the newest event in the region's commit order: a resume token for
+/// "from now on" (what the status page's live tail starts after).
+#[utoipa::path(get, path = "/v1/events/head", responses((status = 200, body = EventsHead)))]
+async fn events_head(State(state): State<AppState>) -> Result<Json<EventsHead>, ApiError> {
+    Ok(Json(EventsHead {
+        position: store::read::head(&state.pool).await?,
+    }))
+}
+
+/// The status page: static HTML that reads the JSON endpoints and the event stream
+/// with the token the user gives it, so it is served without one.
+async fn status_page() -> Response {
+    (
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("cache-control", "no-cache"),
+            ("x-content-type-options", "nosniff"),
+            ("x-frame-options", "DENY"),
+        ],
+        include_str!("status_page.html"),
+    )
+        .into_response()
 }
 
 /// How often a live event stream looks for new events.

@@ -250,3 +250,17 @@ pub async fn command_result(
     })
     .transpose()
 }
+
+/// The newest event the tail has delivered in the region's commit order (0 when there
+/// is none yet): reading after it gives exactly the events that commit from now on,
+/// with no gap, because every transaction before it in that order has finished.
+pub async fn head(pool: &PgPool) -> Result<i64, StoreError> {
+    let position: Option<i64> = sqlx::query_scalar(
+        "SELECT position FROM events \
+         WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY tx_id DESC, position DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(position.unwrap_or(0))
+}
