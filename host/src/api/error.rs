@@ -87,6 +87,11 @@ impl From<StoreError> for ApiError {
                 "not_owner",
                 format!("{error}; retry the command"),
             ),
+            StoreError::NotHome { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_home",
+                format!("{error} (its home moved while the command ran); retry the command"),
+            ),
             StoreError::UnknownPosition(_) => Self::bad_request(error.to_string()),
             StoreError::Database(inner) => {
                 tracing::error!(error = %inner, "database error");

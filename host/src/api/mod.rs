@@ -7,6 +7,7 @@
 mod auth;
 mod error;
 mod groups;
+mod regions;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +62,8 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Bearer tokens; empty: authentication off.
     pub tokens: Tokens,
+    /// Home regions and forwarding between regions.
+    pub regions: crate::region::Regions,
 }
 
 /// Builds the router.
@@ -94,6 +97,14 @@ pub fn router(state: AppState) -> axum::Router {
             "/v1/aggregates/{aggregate_type}/{aggregate_id}/events",
             get(aggregate_events),
         )
+        .route(
+            "/v1/aggregates/{aggregate_type}/{aggregate_id}/move-home",
+            post(regions::move_home),
+        )
+        .route(
+            "/v1/aggregates/{aggregate_type}/{aggregate_id}/home",
+            get(regions::get_home),
+        )
         .route("/", get(status_page))
         .route("/v1/events", get(list_events))
         .route("/v1/events/head", get(events_head))
@@ -126,6 +137,8 @@ pub fn router(state: AppState) -> axum::Router {
         execute,
         get_aggregate,
         aggregate_events,
+        regions::move_home,
+        regions::get_home,
         list_events,
         events_head,
         groups::ack,
@@ -144,6 +157,10 @@ pub fn router(state: AppState) -> axum::Router {
         UploadResult,
         PluginDetail,
         SandboxLimits,
+        regions::MoveHomeBody,
+        regions::MoveHomeResult,
+        regions::HomeView,
+        store::regions::RelayStatus,
         EventsHead,
         groups::AckBody,
         groups::AckResult,
@@ -302,6 +319,11 @@ async fn execute(
         "expected_version": body.expected_version,
     }))
     .expect("command body serialises");
+    // Written only in its home region: anywhere else, the home region answers.
+    if let Some(answer) = regions::route_command(&state, &key, &headers, &forward_body).await? {
+        return Ok(answer);
+    }
+    let routed_key = key.clone();
     let command = Command {
         key,
         body: body.command,
@@ -336,6 +358,19 @@ async fn execute(
             .instrument(span.clone())
             .await
     };
+    // The home moved away while this region still believed it was here: the append
+    // was refused and nothing was written, so the command goes to the new home.
+    if let Dispatched::Local(Err(crate::executor::CommandError::Store(
+        store::StoreError::NotHome { .. },
+    ))) = &dispatched
+    {
+        state.regions.forget(&routed_key);
+        if let Some(answer) =
+            regions::route_command(&state, &routed_key, &headers, &forward_body).await?
+        {
+            return Ok(answer);
+        }
+    }
     match &dispatched {
         Dispatched::Local(Ok(result)) => span.in_scope(|| {
             tracing::debug!(
@@ -392,9 +427,30 @@ async fn execute(
 }
 
 /// The cluster as this host sees it: members, partition owners, epochs.
-#[utoipa::path(get, path = "/v1/cluster", responses((status = 200, body = ClusterStatus)))]
-async fn cluster_status(State(state): State<AppState>) -> Json<ClusterStatus> {
-    Json(state.cluster.status())
+#[utoipa::path(get, path = "/v1/cluster", responses((status = 200, body = RegionalStatus)))]
+async fn cluster_status(State(state): State<AppState>) -> Result<Json<RegionalStatus>, ApiError> {
+    let regions = if state.regions.enabled() {
+        store::regions::relay_status(&state.pool).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Json(RegionalStatus {
+        cluster: state.cluster.status(),
+        region: state.regions.local().to_string(),
+        regions,
+    }))
+}
+
+/// `GET /v1/cluster`: this region's cluster, and the relay from every other region.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RegionalStatus {
+    /// Members, partitions and epochs.
+    #[serde(flatten)]
+    pub cluster: ClusterStatus,
+    /// This region.
+    pub region: String,
+    /// The relay from each other region (empty for a single region).
+    pub regions: Vec<store::regions::RelayStatus>,
 }
 
 /// An aggregate's current state.
@@ -752,14 +808,29 @@ async fn upload_plugin(
             ),
         ));
     }
-    let (info, created) = store::plugins::store(
-        &state.pool,
-        &aggregate_type,
-        &validated.sha256,
-        validated.schema_version,
-        &body,
-    )
-    .await?;
+    // With several regions the version number comes from the directory, so every
+    // region stores these bytes under the same number.
+    let (info, created) = if state.regions.enabled() {
+        state
+            .regions
+            .register_plugin(
+                &state.pool,
+                &aggregate_type,
+                &validated.sha256,
+                validated.schema_version,
+                &body,
+            )
+            .await?
+    } else {
+        store::plugins::store(
+            &state.pool,
+            &aggregate_type,
+            &validated.sha256,
+            validated.schema_version,
+            &body,
+        )
+        .await?
+    };
     state.executor.plugins().invalidate(&aggregate_type);
     tracing::info!(
         aggregate_type,

@@ -145,7 +145,10 @@ pub(super) fn client(target: &Target) -> reqwest::Client {
 }
 
 /// Sends a request and returns its JSON, turning API errors into readable messages.
-async fn send(request: reqwest::RequestBuilder, url: &str) -> anyhow::Result<(u16, Value)> {
+pub(super) async fn send(
+    request: reqwest::RequestBuilder,
+    url: &str,
+) -> anyhow::Result<(u16, Value)> {
     let response = request.send().await.with_context(|| {
         format!("cannot reach a Meridian host at {url}; is it running? (set --url or MERIDIAN_URL)")
     })?;
@@ -161,7 +164,7 @@ async fn send(request: reqwest::RequestBuilder, url: &str) -> anyhow::Result<(u1
     Ok((status, body))
 }
 
-fn print_json(value: &Value) {
+pub(super) fn print_json(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
@@ -539,6 +542,27 @@ pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
             })
             .collect();
         println!("  {:>4}  {line}", row * 64);
+    }
+    if let Some(regions) = status["regions"].as_array().filter(|r| !r.is_empty()) {
+        println!();
+        println!(
+            "region {}, receiving from:",
+            status["region"].as_str().unwrap_or("?")
+        );
+        println!(
+            "   {:<16} {:>10} {:>10} {:>12}  last event",
+            "REGION", "LAG (ms)", "PENDING", "RECEIVED"
+        );
+        for r in regions {
+            println!(
+                "   {:<16} {:>10} {:>10} {:>12}  {}",
+                r["region"].as_str().unwrap_or("?"),
+                r["lag_ms"],
+                r["pending"],
+                r["events_received"],
+                r["last_event_at"].as_str().unwrap_or("-")
+            );
+        }
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ use super::migrate::redact;
 use crate::api::{self, AppState};
 use crate::cluster::{self, Cluster, ClusterConfig};
 use crate::executor::{self, Executor, ExecutorConfig, PluginRegistry};
+use crate::region::{self, RegionConfig, Regions};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::store::{self, Committer, CommitterConfig};
 
@@ -39,6 +40,17 @@ pub struct HostArgs {
     /// NATS URL of the region's NATS (JetStream enabled, NATS >= 2.10).
     #[arg(long, env = "MERIDIAN_NATS_URL")]
     pub nats_url: Option<String>,
+    /// The other regions whose events this region receives (comma-separated). Each
+    /// must be reachable through this region's NATS as a JetStream domain.
+    #[arg(long, env = "MERIDIAN_PEER_REGIONS", value_delimiter = ',')]
+    pub peer_regions: Vec<String>,
+    /// The region whose JetStream domain holds the directory (homes of aggregates,
+    /// plugin version numbers). Every region must name the same one.
+    #[arg(long, env = "MERIDIAN_DIRECTORY_REGION")]
+    pub directory_region: Option<String>,
+    /// Milliseconds a command forwarded to its home region may take.
+    #[arg(long, env = "MERIDIAN_FORWARD_TIMEOUT_MS", default_value_t = 10_000)]
+    pub forward_timeout_ms: u64,
     /// Database connections (the committer uses up to its worker count).
     #[arg(long, env = "MERIDIAN_DB_CONNECTIONS", default_value_t = 16)]
     pub db_connections: u32,
@@ -126,16 +138,47 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     }
     cluster::driver::check_partitions(&pool, args.partitions).await?;
 
-    let _nats = match &args.nats_url {
+    region::validate_region(&args.region)?;
+    let peers: Vec<String> = args
+        .peer_regions
+        .iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty() && *p != args.region)
+        .collect();
+    for peer in &peers {
+        region::validate_region(peer)?;
+    }
+    let nats = match &args.nats_url {
         Some(url) => Some(
             async_nats::ConnectOptions::new()
-                .name(format!("meridian-{node_id}"))
+                .name(format!("meridian-{}-{node_id}", args.region))
+                // Hosts start before NATS in some deployments: keep retrying in the
+                // background rather than refusing to start.
+                .retry_on_initial_connect()
                 .connect(url)
                 .await
                 .with_context(|| format!("cannot connect to NATS at {url}"))?,
         ),
-        None => None,
+        None => {
+            if !peers.is_empty() {
+                anyhow::bail!("--peer-regions needs --nats-url (regions talk through NATS)");
+            }
+            None
+        }
     };
+    let regions = Regions::new(
+        RegionConfig {
+            region: args.region.clone(),
+            peers,
+            directory: args
+                .directory_region
+                .clone()
+                .unwrap_or_else(|| args.region.clone()),
+            forward_timeout: Duration::from_millis(args.forward_timeout_ms),
+        },
+        pool.clone(),
+        nats,
+    );
 
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: args.cache_dir.clone(),
@@ -200,11 +243,13 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         region: args.region.clone(),
         max_command_bytes: args.max_command_bytes,
         max_upload_bytes: args.max_upload_bytes,
+        regions: regions.clone(),
     };
     spawn_signal_handler(shutdown.clone());
 
     // Serve at once (health, readiness) but report ready only after catching up.
     let app = api::router(state);
+    let rpc_router = app.clone();
     // The HTTP server keeps serving (and forwarding) while partitions are handed away.
     let server_shutdown = CancellationToken::new();
     let server_stop = server_shutdown.clone();
@@ -227,6 +272,17 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     ready.store(!shutdown.is_cancelled(), Ordering::Release);
     tracing::info!("ready");
 
+    // Other regions' forwarded requests, and the relay (on whichever host leads it).
+    let rpc_stop = CancellationToken::new();
+    let rpc = regions.serve(rpc_router, rpc_stop.clone());
+    let directory = regions.serve_directory(rpc_stop.clone());
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(region::relay::run(
+        regions.clone(),
+        pool.clone(),
+        relay_stop.clone(),
+    ));
+
     // Uploads through other hosts of the region become visible here within seconds.
     let refresher = {
         let plugins = plugins.clone();
@@ -248,6 +304,8 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
 
     shutdown.cancelled().await;
     ready.store(false, Ordering::Release);
+    // Requests forwarded from other regions go to this region's other hosts now.
+    rpc_stop.cancel();
     tracing::info!("draining: handing partitions to other hosts");
     cluster.drain();
     let drain_deadline = Duration::from_secs(args.drain_timeout_secs);
@@ -269,6 +327,11 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     let drained = tokio::time::timeout(drain_deadline, server).await;
     driver_stop.cancel();
     refresher.abort();
+    relay_stop.cancel();
+    for task in [rpc, directory].into_iter().flatten() {
+        let _ = task.await;
+    }
+    let _ = relay.await;
     match drained {
         Ok(Ok(Ok(()))) => tracing::info!("stopped"),
         Ok(Ok(Err(error))) => return Err(error).context("HTTP server"),

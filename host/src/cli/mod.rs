@@ -1,5 +1,6 @@
 //! The `meridian` command line: one file per command, each with an `execute` function.
 
+mod aggregate;
 mod client;
 mod dev;
 mod host;
@@ -34,6 +35,9 @@ pub enum Commands {
     Command(client::CommandArgs),
     /// Page through the region's events.
     Events(client::EventsArgs),
+    /// An aggregate's home region: `meridian aggregate home|move-home ...`.
+    #[command(subcommand)]
+    Aggregate(aggregate::AggregateCommand),
     /// Inspect the regional cluster, e.g. `meridian cluster status`.
     #[command(subcommand)]
     Cluster(client::ClusterCommand),
@@ -51,6 +55,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Command(args) => client::command(args).await,
         Commands::Events(args) => client::events(args).await,
         Commands::Cluster(command) => client::cluster(command).await,
+        Commands::Aggregate(command) => aggregate::execute(command).await,
         Commands::Simulate(args) => simulate::execute(args).await,
     }
 }

@@ -208,7 +208,11 @@ async fn replay(
     tokio::task::spawn_blocking(move || {
         let mut session = plugin.session();
         let mut state = state;
-        for event in &events {
+        // Meridian's own events (a home move) are not the plugin's business.
+        for event in events
+            .iter()
+            .filter(|e| !store::regions::is_system_event(&e.event_type))
+        {
             state = session.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
         }
         Ok(state)
@@ -352,6 +356,20 @@ impl Executor {
         let started = std::time::Instant::now();
         let (decided, state) = decide(plugin, loaded.state.clone(), command.body.clone()).await?;
         let decided = decided.map_err(CommandError::Rejected)?;
+        if let Some(event) = decided
+            .iter()
+            .find(|e| store::regions::is_system_event(&e.event_type))
+        {
+            return Err(PluginError::InvalidOutput {
+                plugin: format!("{}@v{}", command.key.aggregate_type, plugin.version()),
+                call: "handle",
+                message: format!(
+                    "event type `{}` starts with `$`, which is reserved for Meridian's own events",
+                    event.event_type
+                ),
+            }
+            .into());
+        }
         metrics::histogram!("meridian_plugin_seconds", "aggregate_type" => command.key.aggregate_type.clone())
             .record(started.elapsed().as_secs_f64());
 

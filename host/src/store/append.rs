@@ -317,6 +317,9 @@ pub async fn append_batch<'c>(
                     epoch: fence.epoch,
                 })
             }
+            "not_home" => Err(StoreError::NotHome {
+                aggregate: format!("{}/{}", r.aggregate_type, r.aggregate_id),
+            }),
             _ => Err(StoreError::Conflict {
                 aggregate: format!("{}/{}", r.aggregate_type, r.aggregate_id),
                 expected: r.expected_version,

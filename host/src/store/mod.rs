@@ -9,6 +9,8 @@
 //!   tailing the region's events in commit order without skipping late commits.
 //! - [`plugins`]: the plugin registry and per-type sandbox limits.
 //! - [`cluster`]: membership heartbeats and partition leases (the fencing tokens).
+//! - [`regions`]: home regions and moves, events received from other regions, relay
+//!   status.
 //! - [`groups`]: consumer groups' acknowledged positions.
 
 pub mod append;
@@ -16,6 +18,7 @@ pub mod cluster;
 pub mod groups;
 pub mod plugins;
 pub mod read;
+pub mod regions;
 
 use std::time::Duration;
 
@@ -63,6 +66,12 @@ pub enum StoreError {
     /// The database failed or is unreachable.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The aggregate's home is another region (it was created there or moved there).
+    #[error("{aggregate} is homed in another region")]
+    NotHome {
+        /// `type/id`.
+        aggregate: String,
+    },
     /// The committer has shut down.
     #[error("the event store is shutting down")]
     Closed,

@@ -153,3 +153,44 @@ pub async fn set_limits(
     .await?;
     Ok(())
 }
+
+/// Stores a plugin version whose number was allocated elsewhere (the directory of a
+/// multi-region deployment). Storing the same version again changes nothing.
+pub async fn store_version(
+    pool: &PgPool,
+    aggregate_type: &str,
+    version: i32,
+    sha256: &str,
+    schema_version: i32,
+    bytes: &[u8],
+) -> Result<PluginInfo, StoreError> {
+    sqlx::query(
+        "INSERT INTO plugins (aggregate_type, version, sha256, size_bytes, schema_version, component) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (aggregate_type, version) DO NOTHING",
+    )
+    .bind(aggregate_type)
+    .bind(version)
+    .bind(sha256)
+    .bind(bytes.len() as i64)
+    .bind(schema_version)
+    .bind(bytes)
+    .execute(pool)
+    .await?;
+    let row = sqlx::query(&format!(
+        "SELECT {INFO_COLUMNS} FROM plugins WHERE aggregate_type = $1 AND version = $2"
+    ))
+    .bind(aggregate_type)
+    .bind(version)
+    .fetch_one(pool)
+    .await?;
+    info(&row)
+}
+
+/// Every `(aggregate_type, version)` stored in this region.
+pub async fn stored_versions(pool: &PgPool) -> Result<Vec<(String, i32)>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT aggregate_type, version FROM plugins")
+            .fetch_all(pool)
+            .await?,
+    )
+}

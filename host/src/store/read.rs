@@ -67,7 +67,7 @@ fn raw(text: String) -> Result<Box<RawValue>, StoreError> {
 }
 
 impl StoredEvent {
-    fn from_row(row: &PgRow) -> Result<Self, StoreError> {
+    pub(crate) fn from_row(row: &PgRow) -> Result<Self, StoreError> {
         Ok(Self {
             position: row.try_get("position")?,
             event_id: row.try_get("event_id")?,

@@ -1,0 +1,288 @@
+//! Region routes: forwarding commands to their home region, home moves, and the home
+//! of an aggregate as this region sees it.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, AppState, ErrorBody, key};
+use crate::region::{self, HOME_HEADER, HOPS_HEADER, MAX_HOPS, RegionError, Route};
+use crate::store::{self, AggregateKey};
+
+impl From<RegionError> for ApiError {
+    fn from(error: RegionError) -> Self {
+        if let RegionError::Store(e) = error {
+            return e.into();
+        }
+        let (status, code) = match &error {
+            RegionError::HomeUnreachable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "home_region_unavailable")
+            }
+            RegionError::HomeTimedOut { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "home_region_timeout")
+            }
+            RegionError::DirectoryUnreachable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "directory_unavailable")
+            }
+            RegionError::MoveInProgress { .. } => (StatusCode::SERVICE_UNAVAILABLE, "home_moving"),
+            RegionError::TooManyHops { .. } => (StatusCode::SERVICE_UNAVAILABLE, "too_many_hops"),
+            RegionError::Config(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            RegionError::Nats(_) => (StatusCode::SERVICE_UNAVAILABLE, "nats_unavailable"),
+            RegionError::Store(_) => unreachable!("handled above"),
+        };
+        ApiError::new(status, code, error.to_string())
+    }
+}
+
+fn hops(headers: &HeaderMap) -> u32 {
+    headers
+        .get(HOPS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Decides where a command runs. `None`: here (the caller dispatches it in this
+/// region's cluster); `Some`: the home region's answer, to return unchanged.
+pub(super) async fn route_command(
+    state: &AppState,
+    key: &AggregateKey,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Option<Response>, ApiError> {
+    let claimed = headers.get(HOME_HEADER).and_then(|v| v.to_str().ok());
+    match state.regions.route(key, claimed).await? {
+        Route::Local => Ok(None),
+        Route::Remote(home) => {
+            let path = format!("/v1/aggregates/{}/{}", key.aggregate_type, key.aggregate_id);
+            forward(state, key, &home, "POST", &path, headers, body)
+                .await
+                .map(Some)
+        }
+    }
+}
+
+/// Sends a request to another region and returns its answer unchanged.
+async fn forward(
+    state: &AppState,
+    key: &AggregateKey,
+    home: &str,
+    method: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let hops = hops(headers) + 1;
+    if hops > MAX_HOPS {
+        return Err(RegionError::TooManyHops {
+            aggregate: key.to_string(),
+            hops,
+        }
+        .into());
+    }
+    let mut pass = vec![(HOPS_HEADER, hops.to_string())];
+    for name in ["authorization", "x-correlation-id"] {
+        if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            pass.push((name, value.to_string()));
+        }
+    }
+    tracing::debug!(aggregate = %key, home, hops, "forwarding to the home region");
+    let answer = state
+        .regions
+        .forward(home, key, method, path, &pass, Bytes::copy_from_slice(body))
+        .await?;
+    metrics::counter!("meridian_region_forwards_total", "region" => answer.region.clone())
+        .increment(1);
+    Ok(Response::builder()
+        .status(answer.status)
+        .header("content-type", "application/json")
+        .header(region::SERVED_BY_HEADER, answer.region)
+        .body(axum::body::Body::from(answer.body))
+        .expect("valid response"))
+}
+
+/// A request to move an aggregate's home.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveHomeBody {
+    /// The region that becomes the home.
+    pub region: String,
+    /// Take the aggregate over in this region although its home cannot be reached.
+    /// Events the old home committed but never relayed are lost (see the README).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The outcome of a home move.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct MoveHomeResult {
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// The home before.
+    pub from: String,
+    /// The home now.
+    pub to: String,
+    /// The version of the move event.
+    pub version: i64,
+    /// True when the target region confirmed it holds every event up to the move
+    /// (commands there run at once); false when it did not within 10 s (they wait for
+    /// the events to arrive).
+    pub target_has_all_events: bool,
+}
+
+/// Move an aggregate's home to another region (admin). Runs in the current home (any
+/// region forwards it there); the move is an event in the aggregate's stream, and the
+/// target starts writing only once it has received it, so it holds every earlier
+/// event first. `force` runs in the target region without the old home.
+#[utoipa::path(
+    post, path = "/v1/aggregates/{aggregate_type}/{aggregate_id}/move-home",
+    request_body = MoveHomeBody,
+    params(("aggregate_type" = String, Path), ("aggregate_id" = String, Path)),
+    responses(
+        (status = 200, body = MoveHomeResult),
+        (status = 400, body = ErrorBody, description = "unknown region, or a forced move outside the target region"),
+        (status = 404, body = ErrorBody, description = "the aggregate has no events"),
+        (status = 409, body = ErrorBody, description = "already homed there"),
+        (status = 503, body = ErrorBody, description = "the home region is unreachable (use force to take over)"),
+    )
+)]
+pub(super) async fn move_home(
+    State(state): State<AppState>,
+    Path((aggregate_type, aggregate_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let key = key(aggregate_type, aggregate_id)?;
+    let request: MoveHomeBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            r#"malformed move request: {e}; send {{"region": "<target region>", "force": false}}"#
+        ))
+    })?;
+    if !state.regions.enabled() {
+        return Err(ApiError::bad_request(
+            "this host runs a single region (no NATS configured); there is nowhere to move to",
+        ));
+    }
+    if !state.regions.known().any(|r| r == request.region) {
+        let known: Vec<&str> = state.regions.known().collect();
+        return Err(ApiError::bad_request(format!(
+            "unknown region `{}`; this region knows {}",
+            request.region,
+            known.join(", ")
+        )));
+    }
+    let local = state.regions.local().to_string();
+    if request.force && request.region != local {
+        return Err(ApiError::bad_request(format!(
+            "a forced move takes the aggregate over where it runs: send it to a host of region {}, not {local}",
+            request.region
+        )));
+    }
+    if !request.force {
+        let home = state.regions.home(&key).await?;
+        if home != local {
+            let path = format!(
+                "/v1/aggregates/{}/{}/move-home",
+                key.aggregate_type, key.aggregate_id
+            );
+            return forward(&state, &key, &home, "POST", &path, &headers, &body).await;
+        }
+    }
+    let metadata = serde_json::json!({
+        "origin_region": local,
+        "node_id": state.node_id,
+        "correlation_id": headers.get("x-correlation-id").and_then(|v| v.to_str().ok()),
+    });
+    let (version, from) = store::regions::move_home(
+        &state.pool,
+        &key,
+        &local,
+        &request.region,
+        request.force,
+        &metadata,
+    )
+    .await
+    .map_err(|e| match e {
+        store::regions::MoveError::NotFound(_) => ApiError::not_found(e.to_string()),
+        store::regions::MoveError::NotHome { .. }
+        | store::regions::MoveError::AlreadyThere { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "not_home", e.to_string())
+        }
+        store::regions::MoveError::Store(e) => e.into(),
+    })?;
+    state.regions.publish_home(&key, &request.region).await;
+    tracing::info!(aggregate = %key, from, to = request.region, version, forced = request.force, "home moved");
+    let target_has_all_events = if request.region == local {
+        true
+    } else {
+        wait_for_target(&state, &key, &request.region, version).await
+    };
+    Ok(Json(MoveHomeResult {
+        aggregate_type: key.aggregate_type,
+        aggregate_id: key.aggregate_id,
+        from,
+        to: request.region,
+        version,
+        target_has_all_events,
+    })
+    .into_response())
+}
+
+/// Asks the target region until it reports the aggregate homed there at `version`.
+async fn wait_for_target(state: &AppState, key: &AggregateKey, target: &str, version: i64) -> bool {
+    let path = format!(
+        "/v1/aggregates/{}/{}/home",
+        key.aggregate_type, key.aggregate_id
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(answer) = state
+            .regions
+            .forward(target, key, "GET", &path, &[], Bytes::new())
+            .await
+            && let Ok(home) = serde_json::from_slice::<HomeView>(&answer.body)
+            && home.home_region.as_deref() == Some(target)
+            && home.version >= version
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// An aggregate's home as this region knows it.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HomeView {
+    /// This region.
+    pub region: String,
+    /// The home named by this region's copy of the stream (`None`: no events here).
+    pub home_region: Option<String>,
+    /// The version this region holds.
+    pub version: i64,
+}
+
+/// Where an aggregate is homed, according to this region's copy of its events.
+#[utoipa::path(
+    get, path = "/v1/aggregates/{aggregate_type}/{aggregate_id}/home",
+    params(("aggregate_type" = String, Path), ("aggregate_id" = String, Path)),
+    responses((status = 200, body = HomeView))
+)]
+pub(super) async fn get_home(
+    State(state): State<AppState>,
+    Path((aggregate_type, aggregate_id)): Path<(String, String)>,
+) -> Result<Json<HomeView>, ApiError> {
+    let key = key(aggregate_type, aggregate_id)?;
+    let home_region = store::regions::home_of(&state.pool, &key).await?;
+    let version = store::read::stream_version(&state.pool, &key).await?;
+    Ok(Json(HomeView {
+        region: state.regions.local().to_string(),
+        home_region,
+        version,
+    }))
+}

@@ -1,0 +1,785 @@
+//! Regions: each aggregate's home region, forwarding commands home over NATS, the
+//! relay of events between regions (JetStream), and plugins shared by every region.
+//!
+//! A region is an independent cluster with its own PostgreSQL and its own NATS, which
+//! is a JetStream *domain* named after the region. Regions are linked by leafnode
+//! connections; a host is only given its own region's NATS URL and reaches other
+//! regions' JetStream through their domain's API prefix (`$JS.<region>.API`).
+//!
+//! - **Home.** An aggregate is written only in its home region. A new aggregate's home
+//!   is claimed by an atomic `create` in the *directory* (a KV bucket in one region's
+//!   domain, [`HOMES_BUCKET`]); the first region to create the key wins, the other
+//!   forwards. Once a region holds an aggregate's events, its `streams` row names the
+//!   home and the append function refuses writes elsewhere (`not_home`).
+//! - **Forwarding.** A command for an aggregate homed elsewhere goes, with its headers,
+//!   to `meridian.rpc.<home>` (a queue group of the home region's hosts), which runs it
+//!   through its own HTTP router and returns the status and body unchanged.
+//! - **Relay** ([`relay`]): the region's relay leader publishes its own committed events
+//!   to its JetStream stream and stores the other regions' events, which reach it as
+//!   JetStream sources of their streams.
+//! - **Plugins** ([`plugins`]): version numbers are allocated in the directory
+//!   ([`PLUGINS_BUCKET`]), bytes live in the uploading region's object store, and every
+//!   region's relay leader imports versions it lacks.
+
+pub mod plugins;
+pub mod relay;
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use crate::store::{self, AggregateKey, StoreError};
+
+/// KV bucket (in the directory region's domain) that maps `type.<base64url id>` to
+/// the aggregate's home region.
+pub const HOMES_BUCKET: &str = "meridian_homes";
+
+/// KV bucket (in the directory region's domain) that maps `type.<version>` to the
+/// plugin version's sha256, size and the region whose object store holds its bytes.
+pub const PLUGINS_BUCKET: &str = "meridian_plugins";
+
+/// Object store (in every region's domain) with uploaded components, by sha256.
+pub const PLUGIN_OBJECTS: &str = "meridian_plugins";
+
+/// Header: how many regions a request has been forwarded through.
+pub const HOPS_HEADER: &str = "x-meridian-region-hops";
+/// Header: the region the sender believes is the aggregate's home.
+pub const HOME_HEADER: &str = "x-meridian-home";
+/// Header: the region a forwarded request came from.
+pub const FROM_REGION_HEADER: &str = "x-meridian-from-region";
+/// Header on answers: the region that executed (the aggregate's home).
+pub const SERVED_BY_HEADER: &str = "x-meridian-region";
+
+/// A request is forwarded between regions at most this often (a home that moved
+/// while caches were stale costs one extra hop).
+pub const MAX_HOPS: u32 = 3;
+
+/// How long a region told it is the home waits to receive the move before it refuses.
+pub const MOVE_WAIT: Duration = Duration::from_secs(5);
+
+/// Homes remembered per host.
+const HOME_CACHE: usize = 100_000;
+
+/// The JetStream stream with a region's own events.
+pub fn events_stream(region: &str) -> String {
+    format!("meridian-events-{region}")
+}
+
+/// The stream (in this region) that sources another region's events stream.
+pub fn inbound_stream(from: &str) -> String {
+    format!("meridian-from-{from}")
+}
+
+/// The subject an event is published on:
+/// `meridian.events.<region>.<aggregate_type>.<aggregate_id>`, with `.` in the id
+/// written as `%2E` (ids may contain dots; subject tokens may not).
+pub fn event_subject(region: &str, aggregate_type: &str, aggregate_id: &str) -> String {
+    format!(
+        "meridian.events.{region}.{aggregate_type}.{}",
+        aggregate_id.replace('.', "%2E")
+    )
+}
+
+/// The subject the directory region's hosts answer directory requests on.
+pub fn directory_subject(region: &str) -> String {
+    format!("meridian.directory.{region}")
+}
+
+/// A directory operation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectoryOp {
+    /// Create the key with the value unless it exists; answer the current value.
+    Claim,
+    /// Set the key.
+    Put,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DirectoryRequest {
+    op: DirectoryOp,
+    bucket: String,
+    key: String,
+    value: String,
+}
+
+/// A directory operation's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DirectoryAnswer {
+    /// True when this request created (or set) the key.
+    pub created: bool,
+    /// The key's value now.
+    pub value: String,
+}
+
+/// How long a directory request may take.
+const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The subject a region's hosts answer forwarded requests on.
+pub fn rpc_subject(region: &str) -> String {
+    format!("meridian.rpc.{region}")
+}
+
+/// Checks a region name: it becomes a JetStream domain, part of subjects and of
+/// stream names.
+pub fn validate_region(region: &str) -> Result<(), RegionError> {
+    let ok = !region.is_empty()
+        && region.len() <= 32
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RegionError::Config(format!(
+            "invalid region name `{region}`: use 1-32 characters of a-z, 0-9, `-` and `_`"
+        )))
+    }
+}
+
+/// Errors at the region seam.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// The aggregate's home region cannot be reached; nothing was written.
+    #[error(
+        "{aggregate} is homed in region {home}, which cannot be reached from region {local} right now; nothing was written, retry later"
+    )]
+    HomeUnreachable {
+        /// `type/id`.
+        aggregate: String,
+        /// Its home.
+        home: String,
+        /// This region.
+        local: String,
+    },
+    /// The home region did not answer in time; the command may or may not have run.
+    #[error(
+        "{aggregate} is homed in region {home}, which did not answer within {timeout_ms} ms; retry with the same command_id (it never applies twice)"
+    )]
+    HomeTimedOut {
+        /// `type/id`.
+        aggregate: String,
+        /// Its home.
+        home: String,
+        /// How long we waited.
+        timeout_ms: u64,
+    },
+    /// The directory (where new aggregates get their home) cannot be reached.
+    #[error(
+        "cannot give {aggregate} a home: the directory in region {directory} is unreachable from region {local} ({reason}); aggregates that already exist keep working, new ones can be created in region {directory}"
+    )]
+    DirectoryUnreachable {
+        /// `type/id`.
+        aggregate: String,
+        /// The directory region.
+        directory: String,
+        /// This region.
+        local: String,
+        /// What failed.
+        reason: String,
+    },
+    /// This region was named the home but has not received the move yet.
+    #[error(
+        "{aggregate} is moving its home to region {local}, which has not received all its events yet; retry shortly"
+    )]
+    MoveInProgress {
+        /// `type/id`.
+        aggregate: String,
+        /// This region.
+        local: String,
+    },
+    /// Too many forwards between regions (caches disagree); the command did not run.
+    #[error("{aggregate}: forwarded between regions {hops} times without reaching its home; retry")]
+    TooManyHops {
+        /// `type/id`.
+        aggregate: String,
+        /// Forwards so far.
+        hops: u32,
+    },
+    /// Invalid configuration or request (unknown region, bad name).
+    #[error("{0}")]
+    Config(String),
+    /// NATS failed.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a command for an aggregate runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// In this region.
+    Local,
+    /// In this other region.
+    Remote(String),
+}
+
+/// Region settings of a host.
+#[derive(Debug, Clone)]
+pub struct RegionConfig {
+    /// This region's name (also its JetStream domain).
+    pub region: String,
+    /// The other regions whose events this region receives.
+    pub peers: Vec<String>,
+    /// The region whose JetStream domain holds the directory buckets.
+    pub directory: String,
+    /// How long a command forwarded to another region may take.
+    pub forward_timeout: Duration,
+}
+
+/// A host's view of the regions. Cheap to clone. Without NATS every aggregate is
+/// local and nothing is relayed.
+#[derive(Clone)]
+pub struct Regions {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RegionConfig,
+    pool: PgPool,
+    nats: Option<async_nats::Client>,
+    homes: Mutex<LruCache<AggregateKey, String>>,
+}
+
+/// An answer from another region: status and body, passed to the caller unchanged.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// HTTP status.
+    pub status: u16,
+    /// Body (JSON).
+    pub body: Bytes,
+    /// The region that answered.
+    pub region: String,
+}
+
+impl Regions {
+    /// Creates the view; `nats` is the region's NATS connection, if configured.
+    pub fn new(config: RegionConfig, pool: PgPool, nats: Option<async_nats::Client>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                pool,
+                nats,
+                homes: Mutex::new(LruCache::new(
+                    NonZeroUsize::new(HOME_CACHE).expect("non-zero"),
+                )),
+            }),
+        }
+    }
+
+    /// This region's name.
+    pub fn local(&self) -> &str {
+        &self.inner.config.region
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RegionConfig {
+        &self.inner.config
+    }
+
+    /// The NATS connection, when configured.
+    pub fn nats(&self) -> Option<&async_nats::Client> {
+        self.inner.nats.as_ref()
+    }
+
+    /// True when hosts of several regions share aggregates (NATS configured).
+    pub fn enabled(&self) -> bool {
+        self.inner.nats.is_some()
+    }
+
+    /// Every region this host knows: itself and its peers.
+    pub fn known(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.inner.config.region.as_str())
+            .chain(self.inner.config.peers.iter().map(String::as_str))
+    }
+
+    /// JetStream in this region's domain.
+    pub fn local_js(&self) -> Option<jetstream::Context> {
+        self.inner.nats.clone().map(jetstream::new)
+    }
+
+    /// JetStream in another region's domain (through the leafnode link).
+    pub fn js_of(&self, region: &str) -> Option<jetstream::Context> {
+        self.inner
+            .nats
+            .clone()
+            .map(|c| jetstream::with_domain(c, region))
+    }
+
+    /// Forgets a remembered home (after a refusal or a move).
+    pub fn forget(&self, key: &AggregateKey) {
+        self.inner.homes.lock().expect("homes lock").pop(key);
+    }
+
+    fn remember(&self, key: &AggregateKey, home: &str) {
+        self.inner
+            .homes
+            .lock()
+            .expect("homes lock")
+            .put(key.clone(), home.to_string());
+    }
+
+    /// Decides where a command for `key` runs. `claimed` is the home named by the
+    /// region that forwarded the command, if any: when that is this region but this
+    /// region does not know it yet (a home move whose events are still on their way),
+    /// it waits up to [`MOVE_WAIT`] for them rather than bouncing the command back.
+    pub async fn route(
+        &self,
+        key: &AggregateKey,
+        claimed: Option<&str>,
+    ) -> Result<Route, RegionError> {
+        if !self.enabled() {
+            return Ok(Route::Local);
+        }
+        let local = self.local();
+        let home = self.home(key).await?;
+        if home == local {
+            return Ok(Route::Local);
+        }
+        if claimed == Some(local) {
+            let deadline = tokio::time::Instant::now() + MOVE_WAIT;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if store::regions::home_of(&self.inner.pool, key)
+                    .await?
+                    .as_deref()
+                    == Some(local)
+                {
+                    self.remember(key, local);
+                    return Ok(Route::Local);
+                }
+            }
+            return Err(RegionError::MoveInProgress {
+                aggregate: key.to_string(),
+                local: local.to_string(),
+            });
+        }
+        Ok(Route::Remote(home))
+    }
+
+    /// The aggregate's home: remembered, else this region's stream row, else the
+    /// directory — where a new aggregate's home is claimed for this region by an atomic
+    /// create (the first region to create the key wins).
+    pub async fn home(&self, key: &AggregateKey) -> Result<String, RegionError> {
+        if let Some(home) = self.inner.homes.lock().expect("homes lock").get(key) {
+            return Ok(home.clone());
+        }
+        if let Some(home) = store::regions::home_of(&self.inner.pool, key).await? {
+            self.remember(key, &home);
+            return Ok(home);
+        }
+        let home = self.claim_home(key).await?;
+        self.remember(key, &home);
+        Ok(home)
+    }
+
+    async fn claim_home(&self, key: &AggregateKey) -> Result<String, RegionError> {
+        let local = self.local().to_string();
+        let answer = self
+            .directory(DirectoryOp::Claim, HOMES_BUCKET, &home_key(key), &local)
+            .await
+            .map_err(|e| RegionError::DirectoryUnreachable {
+                aggregate: key.to_string(),
+                directory: self.inner.config.directory.clone(),
+                local: local.clone(),
+                reason: e.to_string(),
+            })?;
+        if answer.created {
+            tracing::debug!(aggregate = %key, "claimed the home of a new aggregate");
+        }
+        Ok(answer.value)
+    }
+
+    /// Records a new home in the directory after a move (best effort: regions that
+    /// ask the directory are sent to the old home, which forwards once more).
+    pub async fn publish_home(&self, key: &AggregateKey, home: &str) {
+        self.remember(key, home);
+        if let Err(error) = self
+            .directory(DirectoryOp::Put, HOMES_BUCKET, &home_key(key), home)
+            .await
+        {
+            tracing::warn!(aggregate = %key, home, %error, "home move not recorded in the directory");
+        }
+    }
+
+    /// Runs a directory operation: here when this region holds the directory, else by
+    /// a request to the directory region's hosts ([`directory_subject`]). Writes go
+    /// through the directory region's own hosts because a JetStream domain behind a
+    /// leafnode accepts reads from other domains but not KV writes.
+    pub async fn directory(
+        &self,
+        op: DirectoryOp,
+        bucket: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<DirectoryAnswer, RegionError> {
+        let directory = self.inner.config.directory.clone();
+        if directory == self.local() {
+            return self.directory_local(op, bucket, key, value).await;
+        }
+        let nats = self
+            .inner
+            .nats
+            .as_ref()
+            .ok_or_else(|| RegionError::Config("NATS is not configured".into()))?;
+        let request = DirectoryRequest {
+            op,
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+        };
+        let payload = Bytes::from(serde_json::to_vec(&request).expect("serialisable"));
+        let answer = tokio::time::timeout(
+            DIRECTORY_TIMEOUT,
+            nats.request(directory_subject(&directory), payload),
+        )
+        .await
+        .map_err(|_| RegionError::Nats(format!("region {directory} did not answer in time")))?
+        .map_err(|e| RegionError::Nats(e.to_string()))?;
+        let answer: Result<DirectoryAnswer, String> = serde_json::from_slice(&answer.payload)
+            .map_err(|e| RegionError::Nats(format!("bad directory answer: {e}")))?;
+        answer.map_err(RegionError::Nats)
+    }
+
+    async fn directory_local(
+        &self,
+        op: DirectoryOp,
+        bucket: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<DirectoryAnswer, RegionError> {
+        let kv = self.directory_kv(bucket).await?;
+        let nats = |e: String| RegionError::Nats(format!("directory {bucket}: {e}"));
+        match op {
+            DirectoryOp::Put => {
+                kv.put(key, Bytes::from(value.to_string()))
+                    .await
+                    .map_err(|e| nats(e.to_string()))?;
+                Ok(DirectoryAnswer {
+                    created: true,
+                    value: value.to_string(),
+                })
+            }
+            DirectoryOp::Claim => match kv.create(key, Bytes::from(value.to_string())).await {
+                Ok(_) => Ok(DirectoryAnswer {
+                    created: true,
+                    value: value.to_string(),
+                }),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    let current = kv
+                        .get(key)
+                        .await
+                        .map_err(|e| nats(e.to_string()))?
+                        .ok_or_else(|| nats(format!("key {key} vanished")))?;
+                    Ok(DirectoryAnswer {
+                        created: false,
+                        value: String::from_utf8_lossy(&current).into_owned(),
+                    })
+                }
+                Err(e) => Err(nats(e.to_string())),
+            },
+        }
+    }
+
+    /// Opens a directory bucket for reading (through the directory's domain); the
+    /// directory region creates it on first use.
+    pub async fn directory_kv(&self, bucket: &str) -> Result<kv::Store, RegionError> {
+        let directory = &self.inner.config.directory;
+        let js = self
+            .js_of(directory)
+            .ok_or_else(|| RegionError::Config("NATS is not configured".into()))?;
+        match js.get_key_value(bucket).await {
+            Ok(kv) => Ok(kv),
+            Err(error) if directory == self.local() => {
+                tracing::debug!(bucket, %error, "creating directory bucket");
+                js.create_key_value(kv::Config {
+                    bucket: bucket.to_string(),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| RegionError::Nats(e.to_string()))
+            }
+            Err(error) => Err(RegionError::Nats(error.to_string())),
+        }
+    }
+
+    /// Answers other regions' directory requests while this region holds the
+    /// directory, until `stop`.
+    pub fn serve_directory(
+        &self,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if self.inner.config.directory != self.local() {
+            return None;
+        }
+        let nats = self.inner.nats.clone()?;
+        let regions = self.clone();
+        Some(tokio::spawn(async move {
+            use futures::StreamExt;
+            let subject = directory_subject(regions.local());
+            let mut subscriber = match nats
+                .queue_subscribe(subject.clone(), "meridian".into())
+                .await
+            {
+                Ok(s) => s,
+                Err(error) => {
+                    tracing::error!(%error, subject, "cannot serve the directory");
+                    return;
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = subscriber.next() => match m { Some(m) => m, None => break },
+                };
+                let Some(reply) = message.reply.clone() else {
+                    continue;
+                };
+                let regions = regions.clone();
+                let nats = nats.clone();
+                tokio::spawn(async move {
+                    let answer: Result<DirectoryAnswer, String> =
+                        match serde_json::from_slice::<DirectoryRequest>(&message.payload) {
+                            Ok(r) => regions
+                                .directory_local(r.op, &r.bucket, &r.key, &r.value)
+                                .await
+                                .map_err(|e| e.to_string()),
+                            Err(e) => Err(format!("bad directory request: {e}")),
+                        };
+                    let body = Bytes::from(serde_json::to_vec(&answer).expect("serialisable"));
+                    if let Err(error) = nats.publish(reply, body).await {
+                        tracing::warn!(%error, "cannot answer a directory request");
+                    }
+                });
+            }
+            let _ = subscriber.unsubscribe().await;
+        }))
+    }
+
+    /// Sends an HTTP request to another region's hosts over NATS and returns their
+    /// answer. `headers` are the caller's (authorization, correlation id) plus hops.
+    pub async fn forward(
+        &self,
+        home: &str,
+        key: &AggregateKey,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> Result<Forwarded, RegionError> {
+        let nats = self
+            .inner
+            .nats
+            .as_ref()
+            .ok_or_else(|| RegionError::Config("NATS is not configured".into()))?;
+        let mut map = async_nats::HeaderMap::new();
+        map.insert("Meridian-Method", method);
+        map.insert("Meridian-Path", path);
+        for (name, value) in headers {
+            map.insert(*name, value.as_str());
+        }
+        map.insert(FROM_REGION_HEADER, self.local());
+        map.insert(HOME_HEADER, home);
+        let timeout = self.inner.config.forward_timeout;
+        let request = nats.request_with_headers(rpc_subject(home), map, body);
+        let answer = match tokio::time::timeout(timeout, request).await {
+            Err(_) => {
+                return Err(RegionError::HomeTimedOut {
+                    aggregate: key.to_string(),
+                    home: home.to_string(),
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::TimedOut => {
+                return Err(RegionError::HomeTimedOut {
+                    aggregate: key.to_string(),
+                    home: home.to_string(),
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                return Err(RegionError::HomeUnreachable {
+                    aggregate: key.to_string(),
+                    home: home.to_string(),
+                    local: self.local().to_string(),
+                });
+            }
+            Ok(Err(e)) => return Err(RegionError::Nats(e.to_string())),
+            Ok(Ok(answer)) => answer,
+        };
+        let status = answer
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Meridian-Status"))
+            .and_then(|v| v.as_str().parse::<u16>().ok())
+            .ok_or_else(|| RegionError::Nats("answer without Meridian-Status".into()))?;
+        Ok(Forwarded {
+            status,
+            body: answer.payload,
+            region: home.to_string(),
+        })
+    }
+
+    /// Answers requests forwarded from other regions by running them through this
+    /// host's own router (so authentication, validation and routing are the same as
+    /// for HTTP callers), until `stop`.
+    pub fn serve(
+        &self,
+        router: axum::Router,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let nats = self.inner.nats.clone()?;
+        let subject = rpc_subject(self.local());
+        Some(tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut subscriber = match nats
+                .queue_subscribe(subject.clone(), "meridian".into())
+                .await
+            {
+                Ok(s) => s,
+                Err(error) => {
+                    tracing::error!(%error, subject, "cannot answer forwarded requests");
+                    return;
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = subscriber.next() => match m { Some(m) => m, None => break },
+                };
+                let router = router.clone();
+                let nats = nats.clone();
+                tokio::spawn(async move {
+                    let Some(reply) = message.reply.clone() else {
+                        return;
+                    };
+                    let (status, body) = answer(router, message).await;
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Meridian-Status", status.to_string().as_str());
+                    if let Err(error) = nats.publish_with_headers(reply, headers, body).await {
+                        tracing::warn!(%error, "cannot answer a forwarded request");
+                    }
+                });
+            }
+            let _ = subscriber.unsubscribe().await;
+        }))
+    }
+}
+
+/// Runs one forwarded request through the router.
+async fn answer(router: axum::Router, message: async_nats::Message) -> (u16, Bytes) {
+    use tower::ServiceExt;
+    let headers = message.headers.unwrap_or_default();
+    let method = headers
+        .get("Meridian-Method")
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_else(|| "POST".into());
+    let path = headers
+        .get("Meridian-Path")
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    let mut request = axum::http::Request::builder()
+        .method(method.as_str())
+        .uri(path.as_str())
+        .header("content-type", "application/json");
+    for (name, values) in headers.iter() {
+        let name = name.to_string();
+        if name.starts_with("Meridian-") {
+            continue;
+        }
+        for value in values {
+            request = request.header(name.as_str(), value.as_str());
+        }
+    }
+    let request = match request.body(axum::body::Body::from(message.payload)) {
+        Ok(r) => r,
+        Err(error) => {
+            return (
+                400,
+                Bytes::from(
+                    serde_json::json!({"error": {"code": "bad_request", "message": error.to_string()}})
+                        .to_string(),
+                ),
+            );
+        }
+    };
+    let response = match router.oneshot(request).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    let status = response.status().as_u16();
+    let body = axum::body::to_bytes(response.into_body(), 64 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The directory key of an aggregate: `type.<base64url(id)>` (KV keys allow fewer
+/// characters than aggregate ids).
+fn home_key(key: &AggregateKey) -> String {
+    format!(
+        "{}.{}",
+        key.aggregate_type,
+        base64url(key.aggregate_id.as_bytes())
+    )
+}
+
+/// Unpadded base64url, to keep a dependency out for twenty lines.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64url_matches_rfc4648_without_padding() {
+        assert_eq!(base64url(b""), "");
+        assert_eq!(base64url(b"f"), "Zg");
+        assert_eq!(base64url(b"fo"), "Zm8");
+        assert_eq!(base64url(b"foo"), "Zm9v");
+        assert_eq!(base64url(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+    }
+
+    #[test]
+    fn subjects_escape_dots_in_ids() {
+        assert_eq!(
+            event_subject("east", "bank-account", "a.b:c"),
+            "meridian.events.east.bank-account.a%2Eb:c"
+        );
+    }
+
+    #[test]
+    fn region_names_are_checked() {
+        assert!(validate_region("eu-west_1").is_ok());
+        assert!(validate_region("").is_err());
+        assert!(validate_region("East").is_err());
+        assert!(validate_region("a.b").is_err());
+    }
+}

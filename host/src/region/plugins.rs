@@ -1,0 +1,211 @@
+//! Plugins shared by every region.
+//!
+//! **Rule for version numbers.** A plugin version number is allocated by an atomic
+//! `create` of the key `<type>.<version>` in the directory's [`PLUGINS_BUCKET`]. An
+//! upload tries the next number after the newest one its region knows; if another
+//! region created that key first with different bytes, it tries the next, so two
+//! regions uploading at once end with two consecutive versions, never two different
+//! "version 3"s. The same bytes racing with themselves get the same version.
+//!
+//! **Bytes.** The uploading region keeps the component in its own object store
+//! ([`PLUGIN_OBJECTS`], named by sha256); every region's relay leader lists the
+//! directory, fetches versions it lacks from the object store of the region that
+//! uploaded them, checks the sha256 and stores them in its PostgreSQL under the same
+//! number. Hosts then load them as they load local uploads.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::jetstream::object_store;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use sqlx::PgPool;
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+
+use super::{DirectoryOp, PLUGIN_OBJECTS, PLUGINS_BUCKET, RegionError, Regions};
+use crate::store::{self, plugins::PluginInfo};
+
+/// How often the relay leader looks for plugin versions this region lacks.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A directory entry: one plugin version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionEntry {
+    /// Hex sha256 of the component.
+    pub sha256: String,
+    /// Component size.
+    pub size_bytes: i64,
+    /// Schema version the plugin reports.
+    pub schema_version: i32,
+    /// The region whose object store holds the bytes.
+    pub region: String,
+}
+
+impl Regions {
+    /// Registers an uploaded (and already validated) component: allocates its version
+    /// number in the directory, keeps the bytes in this region's object store, and
+    /// stores it locally. Returns the version and whether it is new.
+    pub async fn register_plugin(
+        &self,
+        pool: &PgPool,
+        aggregate_type: &str,
+        sha256: &str,
+        schema_version: u32,
+        bytes: &Bytes,
+    ) -> Result<(PluginInfo, bool), RegionError> {
+        let local_versions = store::plugins::versions(pool, aggregate_type).await?;
+        if let Some(newest) = local_versions.first()
+            && newest.sha256 == sha256
+        {
+            return Ok((newest.clone(), false));
+        }
+        let unreachable = |e: String| RegionError::DirectoryUnreachable {
+            aggregate: format!("plugin {aggregate_type}"),
+            directory: self.config().directory.clone(),
+            local: self.local().to_string(),
+            reason: e,
+        };
+        self.put_object(sha256, bytes).await?;
+        let entry = VersionEntry {
+            sha256: sha256.to_string(),
+            size_bytes: bytes.len() as i64,
+            schema_version: schema_version as i32,
+            region: self.local().to_string(),
+        };
+        let value = Bytes::from(serde_json::to_vec(&entry).expect("serialisable"));
+        let mut version = local_versions.first().map_or(1, |v| v.version + 1);
+        let created = loop {
+            let key = format!("{aggregate_type}.{version}");
+            let answer = self
+                .directory(
+                    DirectoryOp::Claim,
+                    PLUGINS_BUCKET,
+                    &key,
+                    std::str::from_utf8(&value).expect("JSON is UTF-8"),
+                )
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            if answer.created {
+                break true;
+            }
+            let taken = serde_json::from_str::<VersionEntry>(&answer.value).ok();
+            if taken.is_some_and(|t| t.sha256 == sha256) {
+                break false;
+            }
+            version += 1;
+        };
+        let info = store::plugins::store_version(
+            pool,
+            aggregate_type,
+            version,
+            sha256,
+            schema_version as i32,
+            bytes,
+        )
+        .await?;
+        Ok((info, created))
+    }
+
+    async fn put_object(&self, sha256: &str, bytes: &Bytes) -> Result<(), RegionError> {
+        let js = self.local_js().expect("enabled");
+        let nats = |e: String| RegionError::Nats(format!("object store {PLUGIN_OBJECTS}: {e}"));
+        let store = match js.get_object_store(PLUGIN_OBJECTS).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: PLUGIN_OBJECTS.to_string(),
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| nats(e.to_string()))?,
+        };
+        if store.info(sha256).await.is_ok() {
+            return Ok(());
+        }
+        let mut reader: &[u8] = bytes;
+        store
+            .put(sha256, &mut reader)
+            .await
+            .map_err(|e| nats(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Imports plugin versions the directory lists and this region lacks, until `stop`.
+pub(super) async fn sync(
+    regions: Regions,
+    pool: PgPool,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        if let Err(error) = sync_once(&regions, &pool).await {
+            tracing::debug!(error = format!("{error:#}"), "plugin sync incomplete");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+        }
+    }
+}
+
+async fn sync_once(regions: &Regions, pool: &PgPool) -> anyhow::Result<()> {
+    let kv = regions.directory_kv(PLUGINS_BUCKET).await?;
+    let have: HashSet<(String, i32)> = store::plugins::stored_versions(pool)
+        .await?
+        .into_iter()
+        .collect();
+    let mut keys = kv.keys().await?;
+    let mut missing = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key?;
+        let Some((aggregate_type, version)) = key.rsplit_once('.') else {
+            continue;
+        };
+        let Ok(version) = version.parse::<i32>() else {
+            continue;
+        };
+        if !have.contains(&(aggregate_type.to_string(), version)) {
+            missing.push((aggregate_type.to_string(), version, key.clone()));
+        }
+    }
+    for (aggregate_type, version, key) in missing {
+        let Some(value) = kv.get(key).await? else {
+            continue;
+        };
+        let entry: VersionEntry = serde_json::from_slice(&value)?;
+        tracing::info!(
+            aggregate_type,
+            version,
+            from = entry.region,
+            size = entry.size_bytes,
+            "fetching a plugin uploaded in another region"
+        );
+        let js = regions.js_of(&entry.region).expect("enabled");
+        let store = js.get_object_store(PLUGIN_OBJECTS).await?;
+        let mut object = store.get(&entry.sha256).await?;
+        let mut bytes = Vec::with_capacity(entry.size_bytes.max(0) as usize);
+        object.read_to_end(&mut bytes).await?;
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        anyhow::ensure!(
+            sha == entry.sha256,
+            "plugin {aggregate_type} v{version} from region {}: sha256 {sha} does not match the directory's {}",
+            entry.region,
+            entry.sha256
+        );
+        store::plugins::store_version(
+            pool,
+            &aggregate_type,
+            version,
+            &sha,
+            entry.schema_version,
+            &bytes,
+        )
+        .await?;
+        tracing::info!(aggregate_type, version, sha256 = sha, "plugin imported");
+    }
+    Ok(())
+}

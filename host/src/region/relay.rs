@@ -1,0 +1,331 @@
+//! The relay between regions, run by one host per region (the relay leader).
+//!
+//! **Out.** The leader tails this region's own events in the gap-free commit order and
+//! publishes each to the region's JetStream stream ([`super::events_stream`]) with
+//! `Nats-Msg-Id` = event id, so a republish after a failure is dropped by JetStream.
+//! The position to resume from is read back from the stream's last message, not kept
+//! anywhere else: the stream itself is the checkpoint, so a new leader neither skips
+//! nor repeats. Publishing is off the command path: commands commit whether or not
+//! NATS is reachable, and the relay catches up when it is.
+//!
+//! **In.** For every peer region, a stream in this region's domain sources the peer's
+//! events stream across the leafnode link ([`super::inbound_stream`]); JetStream keeps
+//! copying after the link comes back. The leader reads it with a durable consumer and
+//! stores the events with `meridian_store_remote`, idempotent on event id and in the
+//! peer's commit order (so per-aggregate order holds), acknowledging after the commit.
+//!
+//! **Leader.** Whoever holds a session-level PostgreSQL advisory lock on a dedicated
+//! connection. If that host dies, its connection closes, the lock is released, and
+//! another host takes over within [`LEADER_RETRY`].
+
+use std::time::Duration;
+
+use async_nats::jetstream::{consumer, stream};
+use chrono::Utc;
+use futures::StreamExt;
+use sqlx::{Connection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use super::{Regions, event_subject, events_stream, inbound_stream};
+use crate::store::regions::RelayedEvent;
+use crate::store::{self, StoredEvent};
+
+/// How often a host that is not the leader tries to become it.
+pub const LEADER_RETRY: Duration = Duration::from_secs(1);
+
+/// How long published events are remembered by JetStream for de-duplication.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Events per publish round (all in flight at once, then their acks awaited).
+const PUBLISH_BATCH: i64 = 500;
+
+/// Events per store transaction on the receiving side.
+const STORE_BATCH: usize = 500;
+
+/// Idle wait between reads of the event tail when caught up.
+const TAIL_IDLE: Duration = Duration::from_millis(10);
+
+/// The durable consumer name on inbound streams.
+const INBOUND_CONSUMER: &str = "meridian-inbound";
+
+const LOCK_KEY: &str = "meridian-relay";
+
+/// Runs the relay whenever this host is the region's relay leader, until `stop`.
+pub async fn run(regions: Regions, pool: PgPool, stop: CancellationToken) {
+    if !regions.enabled() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            led = lead(&regions, &pool, &stop) => match led {
+                Ok(true) => tracing::info!("relay leadership ended"),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "relay leadership lost"),
+            },
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(LEADER_RETRY) => {}
+        }
+    }
+}
+
+/// Tries to take the leader lock; while held, runs every relay task. Returns
+/// `Ok(false)` when another host leads.
+async fn lead(regions: &Regions, pool: &PgPool, stop: &CancellationToken) -> anyhow::Result<bool> {
+    let mut conn = pool.acquire().await?.detach();
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+        .bind(LOCK_KEY)
+        .fetch_one(&mut conn)
+        .await?;
+    if !locked {
+        let _ = conn.close().await;
+        return Ok(false);
+    }
+    tracing::info!(
+        region = regions.local(),
+        "this host is the region's relay leader"
+    );
+    let tasks = CancellationToken::new();
+    let mut set = tokio::task::JoinSet::new();
+    set.spawn(supervise("publish", tasks.clone(), {
+        let (regions, pool) = (regions.clone(), pool.clone());
+        move |stop| publish(regions.clone(), pool.clone(), stop)
+    }));
+    for peer in regions.config().peers.clone() {
+        set.spawn(supervise("receive", tasks.clone(), {
+            let (regions, pool) = (regions.clone(), pool.clone());
+            move |stop| receive(regions.clone(), pool.clone(), peer.clone(), stop)
+        }));
+    }
+    set.spawn(supervise("plugins", tasks.clone(), {
+        let (regions, pool) = (regions.clone(), pool.clone());
+        move |stop| super::plugins::sync(regions.clone(), pool.clone(), stop)
+    }));
+    // Leadership lasts as long as the locking connection.
+    let result = loop {
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(true),
+            _ = tokio::time::sleep(LEADER_RETRY) => {
+                if let Err(error) = conn.ping().await {
+                    break Err(error.into());
+                }
+            }
+        }
+    };
+    tasks.cancel();
+    while set.join_next().await.is_some() {}
+    let _ = conn.close().await;
+    result
+}
+
+/// Restarts a relay task after a failure (NATS or the database away), with backoff.
+async fn supervise<F, Fut>(name: &'static str, stop: CancellationToken, task: F)
+where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            result = task(stop.clone()) => match result {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(task = name, error = format!("{error:#}"), retry_in_ms = backoff.as_millis() as u64, "relay task failed; retrying");
+                }
+            },
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Publishes this region's events to its JetStream stream.
+async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> anyhow::Result<()> {
+    let js = regions.local_js().expect("enabled");
+    let region = regions.local().to_string();
+    let mut stream = js
+        .get_or_create_stream(events_stream_config(&region))
+        .await?;
+    let last = stream.info().await?.state.last_sequence;
+    let mut cursor = if last == 0 {
+        0
+    } else {
+        let message = stream.get_raw_message(last).await?;
+        message
+            .headers
+            .get("Meridian-Position")
+            .and_then(|v| v.as_str().parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    tracing::info!(
+        stream = events_stream(&region),
+        after = cursor,
+        "publishing events"
+    );
+    let mut published = 0u64;
+    loop {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        let page =
+            store::regions::local_events_after(&pool, &region, cursor, PUBLISH_BATCH).await?;
+        let Some(last) = page.last() else {
+            tokio::time::sleep(TAIL_IDLE).await;
+            continue;
+        };
+        let last_position = last.position;
+        let mut acks = Vec::with_capacity(page.len());
+        for event in &page {
+            let (headers, payload) = message(&region, event)?;
+            let subject = event_subject(&region, &event.aggregate_type, &event.aggregate_id);
+            acks.push(js.publish_with_headers(subject, headers, payload).await?);
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        metrics::counter!("meridian_relay_published_total").increment(page.len() as u64);
+        published += page.len() as u64;
+        if page.len() as i64 == PUBLISH_BATCH {
+            tracing::info!(published, position = last_position, "relay catching up");
+        }
+        cursor = last_position;
+    }
+}
+
+/// The message for one event: headers for routing and filtering without parsing, and
+/// the event as JSON (the documented NATS interface).
+fn message(
+    region: &str,
+    event: &StoredEvent,
+) -> anyhow::Result<(async_nats::HeaderMap, bytes::Bytes)> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
+    headers.insert("Meridian-Region", region);
+    headers.insert("Meridian-Position", event.position.to_string().as_str());
+    headers.insert("Meridian-Aggregate-Type", event.aggregate_type.as_str());
+    headers.insert("Meridian-Aggregate-Id", event.aggregate_id.as_str());
+    headers.insert("Meridian-Version", event.version.to_string().as_str());
+    headers.insert("Meridian-Event-Type", event.event_type.as_str());
+    let relayed = RelayedEvent {
+        region: region.to_string(),
+        position: event.position,
+        event_id: event.event_id,
+        aggregate_type: event.aggregate_type.clone(),
+        aggregate_id: event.aggregate_id.clone(),
+        version: event.version,
+        event_type: event.event_type.clone(),
+        payload: event.payload.clone(),
+        metadata: event.metadata.clone(),
+        recorded_at: event.recorded_at,
+    };
+    Ok((headers, serde_json::to_vec(&relayed)?.into()))
+}
+
+/// Stores a peer region's events, read from the local stream that sources them.
+async fn receive(
+    regions: Regions,
+    pool: PgPool,
+    peer: String,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let js = regions.local_js().expect("enabled");
+    let local = regions.local().to_string();
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: inbound_stream(&peer),
+            sources: Some(vec![stream::Source {
+                name: events_stream(&peer),
+                external: Some(stream::External {
+                    api_prefix: format!("$JS.{peer}.API"),
+                    delivery_prefix: None,
+                }),
+                ..Default::default()
+            }]),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            INBOUND_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(INBOUND_CONSUMER.into()),
+                ack_policy: consumer::AckPolicy::All,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
+        .await?;
+    tracing::info!(
+        from = peer,
+        stream = inbound_stream(&peer),
+        "receiving events"
+    );
+    let mut messages = consumer.messages().await?.ready_chunks(STORE_BATCH);
+    let mut received = 0i64;
+    loop {
+        let batch = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            batch = messages.next() => match batch {
+                Some(batch) => batch,
+                None => anyhow::bail!("inbound message stream ended"),
+            },
+        };
+        let mut events = Vec::with_capacity(batch.len());
+        let mut last = None;
+        for message in batch {
+            let message = message?;
+            match serde_json::from_slice::<RelayedEvent>(&message.payload) {
+                Ok(event) => events.push(event),
+                Err(error) => {
+                    tracing::error!(%error, subject = %message.subject, "skipping a message that is not a relayed event");
+                }
+            }
+            last = Some(message);
+        }
+        let Some(last) = last else { continue };
+        let outcome = store::regions::store_remote(&pool, &local, &events).await?;
+        last.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+        let pending = last.info().map(|i| i.pending).unwrap_or(0) as i64;
+        received += outcome.stored as i64;
+        if outcome.divergent > 0 {
+            tracing::error!(
+                from = peer,
+                divergent = outcome.divergent,
+                "events skipped: this region's history of their aggregates differs (after a forced home move)"
+            );
+            metrics::counter!("meridian_relay_divergent_events_total", "region" => peer.clone())
+                .increment(outcome.divergent as u64);
+        }
+        let newest = events.iter().map(|e| e.recorded_at).max();
+        let lag_ms = newest
+            .map(|t| (Utc::now() - t).num_milliseconds().max(0))
+            .unwrap_or(0);
+        metrics::counter!("meridian_relay_received_total", "region" => peer.clone())
+            .increment(outcome.stored as u64);
+        metrics::gauge!("meridian_relay_lag_seconds", "region" => peer.clone())
+            .set(lag_ms as f64 / 1000.0);
+        metrics::gauge!("meridian_relay_pending", "region" => peer.clone()).set(pending as f64);
+        if pending > 0 && events.len() == STORE_BATCH {
+            tracing::info!(from = peer, received, pending, "relay catching up");
+        }
+        store::regions::set_relay_status(&pool, &peer, lag_ms, pending, received, newest).await?;
+    }
+}
+
+/// The stream with this region's own events, as the relay creates it.
+fn events_stream_config(region: &str) -> stream::Config {
+    stream::Config {
+        name: events_stream(region),
+        subjects: vec![format!("meridian.events.{region}.>")],
+        duplicate_window: DUPLICATE_WINDOW,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}

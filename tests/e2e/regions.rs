@@ -1,0 +1,463 @@
+//! Two regions on one machine: two nats-servers as two JetStream domains linked by a
+//! leafnode connection, two databases, two hosts in `east` and one in `west`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::harness::{Host, HostOptions, TestDb, eventually, meridian_bin, wasm_bytes};
+use super::nats::NatsServer;
+
+const EAST: &str = "east";
+const WEST: &str = "west";
+
+struct TwoRegions {
+    east_nats: NatsServer,
+    west_nats: NatsServer,
+    east: Vec<Host>,
+    west: Vec<Host>,
+    _east_db: TestDb,
+    west_db: TestDb,
+}
+
+fn options(region: &str, peer: &str, nats: &NatsServer) -> HostOptions {
+    HostOptions {
+        region: Some(region.into()),
+        nats_url: Some(nats.url()),
+        env: vec![
+            ("MERIDIAN_PEER_REGIONS".into(), peer.into()),
+            ("MERIDIAN_DIRECTORY_REGION".into(), EAST.into()),
+            ("MERIDIAN_PARTITIONS".into(), "16".into()),
+        ],
+        ..Default::default()
+    }
+}
+
+impl TwoRegions {
+    /// Both regions up, the bank-account plugin uploaded in `east` only.
+    async fn start(label: &str) -> Self {
+        let east_nats = NatsServer::hub(EAST);
+        let west_nats = NatsServer::leaf(WEST, &east_nats);
+        let east_db = TestDb::new(&format!("{label}_e")).await;
+        let west_db = TestDb::new(&format!("{label}_w")).await;
+        let east = vec![
+            Host::start(&east_db, options(EAST, WEST, &east_nats)).await,
+            Host::start(&east_db, options(EAST, WEST, &east_nats)).await,
+        ];
+        let west = vec![Host::start(&west_db, options(WEST, EAST, &west_nats)).await];
+        let regions = Self {
+            east_nats,
+            west_nats,
+            east,
+            west,
+            _east_db: east_db,
+            west_db,
+        };
+        let (status, body) = regions.east[0]
+            .client()
+            .upload("bank-account", wasm_bytes("bank-account"))
+            .await;
+        assert_eq!(status, 201, "upload in east: {body}");
+        // The plugin reaches west through the directory and east's object store.
+        let west = regions.west[0].client();
+        eventually(|| {
+            let west = west.clone();
+            async move {
+                let (_, plugins) = west.get("/v1/plugins").await;
+                let found = plugins["plugins"]
+                    .as_array()?
+                    .iter()
+                    .any(|p| p["aggregate_type"] == "bank-account" && p["version"] == 1);
+                found.then_some(())
+            }
+        })
+        .await;
+        regions
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for (name, hosts) in [("east", &self.east), ("west", &self.west)] {
+            for h in hosts.iter() {
+                out.push_str(&format!("\n--- {name} {} ---\n{}", h.node_id, h.log_tail()));
+            }
+        }
+        out.push_str(&format!(
+            "\n--- east nats ---\n{}",
+            self.east_nats.log_tail()
+        ));
+        out.push_str(&format!(
+            "\n--- west nats ---\n{}",
+            self.west_nats.log_tail()
+        ));
+        out
+    }
+}
+
+/// Sends a command and returns (status, body, the region header of the answer).
+async fn send(host: &Host, id: &str, command: Value) -> (u16, Value, Option<String>) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/aggregates/bank-account/{id}", host.url))
+        .json(&json!({ "command": command }))
+        .send()
+        .await
+        .expect("send command");
+    let status = response.status().as_u16();
+    let region = response
+        .headers()
+        .get("x-meridian-region")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    (status, response.json().await.unwrap_or(Value::Null), region)
+}
+
+/// One aggregate's events as a region's global feed shows them.
+async fn events_of(host: &Host, id: &str) -> Vec<Value> {
+    let (status, page) = host
+        .client()
+        .get(&format!(
+            "/v1/events?aggregate_type=bank-account&aggregate_id={id}&limit=10000"
+        ))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    page["events"].as_array().cloned().unwrap_or_default()
+}
+
+fn origin(event: &Value) -> &str {
+    event["metadata"]["origin_region"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_in_east_is_visible_in_west() {
+    let r = TwoRegions::start("vis").await;
+    let (status, body, _) = send(&r.east[0], "vis-1", json!({"type":"Open","owner":"alice"})).await;
+    assert_eq!(status, 200, "{body}");
+    let event_id = body["events"][0]["event_id"].clone();
+    let west = &r.west[0];
+    let seen = eventually(|| async {
+        let events = events_of(west, "vis-1").await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["event_id"], event_id);
+    assert_eq!(seen[0]["type"], "Opened");
+    assert_eq!(origin(&seen[0]), EAST);
+    // West records where the aggregate lives, and shows the relay in /v1/cluster.
+    let (_, home) = west
+        .client()
+        .get("/v1/aggregates/bank-account/vis-1/home")
+        .await;
+    assert_eq!(home["home_region"], EAST, "{home}");
+    let (_, cluster) = west.client().get("/v1/cluster").await;
+    assert_eq!(cluster["region"], WEST);
+    assert_eq!(cluster["regions"][0]["region"], EAST, "{cluster}");
+    assert!(
+        cluster["regions"][0]["events_received"].as_i64() >= Some(1),
+        "{cluster}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_sent_to_west_for_an_east_aggregate_runs_in_east() {
+    let r = TwoRegions::start("fwd").await;
+    let (status, body, _) = send(&r.east[1], "fwd-1", json!({"type":"Open","owner":"bob"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 1);
+    // Sent to west before west has seen any of its events: the directory knows.
+    let (status, body, region) =
+        send(&r.west[0], "fwd-1", json!({"type":"Deposit","amount":30})).await;
+    assert_eq!(status, 200, "{body}{}", r.logs());
+    assert_eq!(body["version"], 2, "{body}");
+    assert_eq!(region.as_deref(), Some(EAST));
+    let (status, body, _) = send(&r.west[0], "fwd-1", json!({"type":"Withdraw","amount":50})).await;
+    assert_eq!(status, 422, "the rejection comes back unchanged: {body}");
+    let (status, body, _) = send(&r.west[0], "fwd-1", json!({"type":"Withdraw","amount":10})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 3);
+    // Every event was written in east, and west receives them all.
+    // (The global feed shows an event once no older transaction on the server is open.)
+    let east = &r.east[0];
+    let east_events =
+        eventually(|| async { Some(events_of(east, "fwd-1").await).filter(|e| e.len() == 3) })
+            .await;
+    assert!(east_events.iter().all(|e| origin(e) == EAST));
+    let west = &r.west[0];
+    eventually(|| async { (events_of(west, "fwd-1").await.len() == 3).then_some(()) }).await;
+    let (_, state) = r.east[0]
+        .client()
+        .get("/v1/aggregates/bank-account/fwd-1")
+        .await;
+    assert_eq!(state["state"]["balance"], 20, "{state}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_regions_racing_to_create_one_id_give_it_one_home_and_one_history() {
+    let r = TwoRegions::start("race").await;
+    for i in 0..8 {
+        let id = format!("race-{i}");
+        let (a, b) = tokio::join!(
+            send(&r.east[0], &id, json!({"type":"Open","owner":"east"})),
+            send(&r.west[0], &id, json!({"type":"Open","owner":"west"})),
+        );
+        let mut statuses = [a.0, b.0];
+        statuses.sort();
+        // Exactly one Open wins; the other is judged by the same home and rejected.
+        assert_eq!(
+            statuses,
+            [200, 422],
+            "east: {} west: {}{}",
+            a.1,
+            b.1,
+            r.logs()
+        );
+        let winner = if a.0 == 200 { &a.1 } else { &b.1 };
+        let west_events = {
+            let west = &r.west[0];
+            let id = id.clone();
+            eventually(|| {
+                let id = id.clone();
+                async move {
+                    let e = events_of(west, &id).await;
+                    (!e.is_empty()).then_some(e)
+                }
+            })
+            .await
+        };
+        let east_view = eventually(|| {
+            let id = id.clone();
+            let east = &r.east[0];
+            async move {
+                let e = events_of(east, &id).await;
+                (!e.is_empty()).then_some(e)
+            }
+        })
+        .await;
+        assert_eq!(east_view.len(), 1, "{east_view:?}");
+        assert_eq!(west_events.len(), 1, "{west_events:?}");
+        assert_eq!(east_view[0]["event_id"], west_events[0]["event_id"]);
+        assert_eq!(east_view[0]["event_id"], winner["events"][0]["event_id"]);
+        let (_, he) = r.east[0]
+            .client()
+            .get(&format!("/v1/aggregates/bank-account/{id}/home"))
+            .await;
+        let (_, hw) = r.west[0]
+            .client()
+            .get(&format!("/v1/aggregates/bank-account/{id}/home"))
+            .await;
+        assert_eq!(he["home_region"], hw["home_region"], "{he} {hw}");
+        assert_eq!(he["home_region"].as_str(), Some(origin(&east_view[0])));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn west_nats_down_for_20s_loses_nothing_and_east_never_fails() {
+    let mut r = TwoRegions::start("outage").await;
+    let ids: Vec<String> = (0..4).map(|i| format!("out-{i}")).collect();
+    for id in &ids {
+        let (status, body, _) = send(&r.east[0], id, json!({"type":"Open","owner":"o"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    r.west_nats.stop();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut round = 0usize;
+    while started.elapsed() < Duration::from_secs(22) {
+        for (i, id) in ids.iter().enumerate() {
+            let host = &r.east[(round + i) % 2];
+            let (status, body, _) = send(host, id, json!({"type":"Deposit","amount":1})).await;
+            assert_eq!(
+                status, 200,
+                "east failed a command while west's NATS was down: {body}"
+            );
+            sent += 1;
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    r.west_nats.restart();
+    let west = &r.west[0];
+    let east = &r.east[0];
+    for id in &ids {
+        let expected = events_of(east, id).await;
+        assert!(expected.len() > 1);
+        let got = eventually(|| async {
+            let got = events_of(west, id).await;
+            (got.len() >= expected.len()).then_some(got)
+        })
+        .await;
+        // Exactly once, same ids, same per-aggregate order.
+        let expected_ids: Vec<&Value> = expected.iter().map(|e| &e["event_id"]).collect();
+        let got_ids: Vec<&Value> = got.iter().map(|e| &e["event_id"]).collect();
+        assert_eq!(got_ids, expected_ids, "{id}");
+        let versions: Vec<i64> = got.iter().map(|e| e["version"].as_i64().unwrap()).collect();
+        assert_eq!(versions, (1..=got.len() as i64).collect::<Vec<_>>());
+    }
+    assert!(sent > 100, "the load kept going ({sent} commands)");
+    // No duplicates anywhere in west's feed either.
+    let (_, all) = west.client().get("/v1/events?limit=10000").await;
+    let mut seen = HashMap::new();
+    for e in all["events"].as_array().unwrap() {
+        *seen.entry(e["event_id"].to_string()).or_insert(0) += 1;
+    }
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "an event was stored twice in west"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn move_home_to_west_then_commands_through_either_region_run_in_west() {
+    let r = TwoRegions::start("move").await;
+    let (status, body, _) = send(&r.east[0], "mv-1", json!({"type":"Open","owner":"carol"})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = send(&r.east[0], "mv-1", json!({"type":"Deposit","amount":100})).await;
+    assert_eq!(status, 200);
+    // Through the CLI, from a west host: it is forwarded to the home (east).
+    let output = std::process::Command::new(meridian_bin())
+        .args([
+            "aggregate",
+            "move-home",
+            "bank-account",
+            "mv-1",
+            WEST,
+            "--json",
+        ])
+        .env("MERIDIAN_URL", &r.west[0].url)
+        .output()
+        .expect("run meridian aggregate move-home");
+    assert!(
+        output.status.success(),
+        "move-home failed: {}{}",
+        String::from_utf8_lossy(&output.stderr),
+        r.logs()
+    );
+    let moved: Value = serde_json::from_slice(&output.stdout).expect("JSON output");
+    assert_eq!(moved["from"], EAST);
+    assert_eq!(moved["to"], WEST);
+    assert_eq!(moved["version"], 3);
+    assert_eq!(moved["target_has_all_events"], true, "{moved}");
+    // Whichever host takes them, they run in west: its events say so below.
+    for (host, amount, version) in [(&r.east[1], 5, 4), (&r.west[0], 7, 5), (&r.east[0], 1, 6)] {
+        let (status, body, _) = send(host, "mv-1", json!({"type":"Deposit","amount":amount})).await;
+        assert_eq!(status, 200, "{body}{}", r.logs());
+        assert_eq!(body["version"], version, "{body}");
+    }
+    let west = &r.west[0];
+    let west_events =
+        eventually(|| async { Some(events_of(west, "mv-1").await).filter(|e| e.len() == 6) }).await;
+    let origins: Vec<&str> = west_events.iter().map(origin).collect();
+    assert_eq!(origins, [EAST, EAST, EAST, WEST, WEST, WEST]);
+    assert_eq!(west_events[2]["type"], "$meridian.HomeMoved");
+    let (_, state) = r.west[0]
+        .client()
+        .get("/v1/aggregates/bank-account/mv-1")
+        .await;
+    assert_eq!(state["state"]["balance"], 113, "{state}");
+    // East never writes it again, whatever it is sent.
+    let east = &r.east[0];
+    eventually(|| async { (events_of(east, "mv-1").await.len() == 6).then_some(()) }).await;
+    let (_, home) = east
+        .client()
+        .get("/v1/aggregates/bank-account/mv-1/home")
+        .await;
+    assert_eq!(home["home_region"], WEST);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_uploaded_in_east_runs_in_west_and_an_unreachable_home_is_a_503() {
+    let mut r = TwoRegions::start("plug").await;
+    // `start` uploaded only in east; a new aggregate created through west lives there.
+    let (status, body, region) =
+        send(&r.west[0], "pl-1", json!({"type":"Open","owner":"dan"})).await;
+    assert_eq!(status, 200, "{body}{}", r.logs());
+    assert_eq!(region, None, "executed in west itself");
+    let west = &r.west[0];
+    let events =
+        eventually(|| async { Some(events_of(west, "pl-1").await).filter(|e| !e.is_empty()) })
+            .await;
+    assert_eq!(origin(&events[0]), WEST);
+    let (_, plugins) = r.west[0].client().get("/v1/plugins").await;
+    let (_, east_plugins) = r.east[0].client().get("/v1/plugins").await;
+    assert_eq!(
+        plugins["plugins"][0]["sha256"],
+        east_plugins["plugins"][0]["sha256"]
+    );
+    assert_eq!(plugins["plugins"][0]["version"], 1);
+
+    // Both regions upload different bytes at once: two consecutive version numbers,
+    // the same in both regions, never two different "version 2"s.
+    let (east_bytes, west_bytes) = (with_custom_section(b"east"), with_custom_section(b"west"));
+    let (east_client, west_client) = (r.east[0].client(), r.west[0].client());
+    let ((se, be), (sw, bw)) = tokio::join!(
+        east_client.upload("bank-account", east_bytes),
+        west_client.upload("bank-account", west_bytes),
+    );
+    assert_eq!((se, sw), (201, 201), "{be} {bw}");
+    let mut versions = [
+        be["version"].as_i64().unwrap(),
+        bw["version"].as_i64().unwrap(),
+    ];
+    versions.sort();
+    assert_eq!(versions, [2, 3], "{be} {bw}");
+    for host in [&r.east[0], &r.west[0]] {
+        let client = host.client();
+        eventually(|| {
+            let client = client.clone();
+            let (be, bw) = (be.clone(), bw.clone());
+            async move {
+                let (_, detail) = client.get("/v1/plugins/bank-account").await;
+                let versions = detail["versions"].as_array()?.clone();
+                let sha_of = |v: &Value| {
+                    versions
+                        .iter()
+                        .find(|x| x["version"] == v["version"])
+                        .map(|x| x["sha256"].clone())
+                };
+                (sha_of(&be) == Some(be["sha256"].clone())
+                    && sha_of(&bw) == Some(bw["sha256"].clone()))
+                .then_some(())
+            }
+        })
+        .await;
+    }
+
+    let (status, body, _) = send(&r.east[0], "pe-1", json!({"type":"Open","owner":"eve"})).await;
+    assert_eq!(status, 200, "{body}");
+    let west = &r.west[0];
+    eventually(|| async { (!events_of(west, "pe-1").await.is_empty()).then_some(()) }).await;
+    // East's hosts gone: west answers 503 naming east, and writes nothing.
+    for host in r.east.iter_mut() {
+        host.kill9();
+    }
+    let (status, body, _) = send(&r.west[0], "pe-1", json!({"type":"Deposit","amount":5})).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "home_region_unavailable", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("east"),
+        "{body}"
+    );
+    let pool = r.west_db.pool().await;
+    let written: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = 'pe-1' AND metadata->>'origin_region' = 'west'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(written, 0);
+}
+
+/// The bank-account component with a custom section appended: other bytes (another
+/// sha256), the same behaviour.
+fn with_custom_section(tag: &[u8]) -> Vec<u8> {
+    let mut bytes = wasm_bytes("bank-account");
+    let name = b"meridian-test";
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.extend_from_slice(tag);
+    bytes.push(0); // custom section id
+    bytes.push(section.len() as u8); // LEB128 size (< 128)
+    bytes.extend_from_slice(&section);
+    bytes
+}
