@@ -12,5 +12,6 @@ mod nats;
 mod regions;
 mod sandbox;
 mod single_node;
+mod status_page;
 mod subscriptions;
 mod tail;
