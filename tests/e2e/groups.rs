@@ -299,6 +299,15 @@ async fn bad_group_parameters_are_refused_clearly() {
     let db = TestDb::new("groups_bad").await;
     let host = Host::start(&db, HostOptions::default()).await;
     let api = host.client();
+    let (_, openapi) = api.get("/openapi.json").await;
+    for path in [
+        "/v1/groups/{group}/members/{member}/ack",
+        "/v1/groups/{group}",
+    ] {
+        assert!(openapi["paths"][path].is_object(), "{path} is documented");
+    }
+    let params = openapi["paths"]["/v1/events"]["get"]["parameters"].to_string();
+    assert!(params.contains("\"members\""), "{params}");
     for (query, says) in [
         (
             "group=g&member=2&members=2",
