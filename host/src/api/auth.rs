@@ -1,10 +1,11 @@
 //! Bearer tokens with scopes.
 //!
 //! When tokens are configured (`MERIDIAN_TOKENS` or `MERIDIAN_TOKENS_FILE`), every
-//! route but `/healthz` and `/readyz` needs `Authorization: Bearer <token>`: `read` for
-//! events, state, plugins and cluster status, `write` for commands, `admin` for
-//! uploading plugins and changing limits; `admin` also grants the other two. No token
-//! is a 401, a token without the scope a 403. Hosts forward a command with the
+//! route but `/healthz`, `/readyz` and `/` (the status page) needs
+//! `Authorization: Bearer <token>`: `read` for events, state, plugins and cluster
+//! status, `write` for commands, `admin` for uploading plugins and changing limits;
+//! `admin` also grants the other two. No token is a 401, a token without the scope a
+//! 403. Hosts forward a command with the
 //! caller's `Authorization` header, so the owner checks the same token.
 //!
 //! A consumer group's acknowledgement (`POST /v1/groups/...`) needs `read` only: the
