@@ -181,16 +181,17 @@ ensure_rust() {
     log "Rust: $(rustc --version), target wasm32-wasip2 installed"
 }
 
-# The Python NATS client is only for the example consumer, so failing to get it is
-# not fatal.
+# The Python NATS client runs the example consumer (examples/nats-consumer), which the
+# test suite drives to prove the NATS interface works from another language.
+NATS_PY_VERSION=2.16.0
 ensure_nats_py() {
-    if python3 -c 'import nats' >/dev/null 2>&1; then
+    if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("nats-py"))' 2>/dev/null)" = "$NATS_PY_VERSION" ]; then
         return
     fi
-    log "installing nats-py (optional, for the example consumer)"
-    python3 -m pip install --quiet nats-py >/dev/null 2>&1 \
-        || python3 -m pip install --quiet --break-system-packages nats-py >/dev/null 2>&1 \
-        || log "warning: could not install nats-py; the Python example consumer will not run"
+    log "installing nats-py $NATS_PY_VERSION (the example consumer)"
+    python3 -m pip install --quiet "nats-py==$NATS_PY_VERSION" >/dev/null 2>&1 \
+        || python3 -m pip install --quiet --break-system-packages "nats-py==$NATS_PY_VERSION" >/dev/null 2>&1 \
+        || die "could not install nats-py $NATS_PY_VERSION with pip"
 }
 
 ensure_componentize_py() {

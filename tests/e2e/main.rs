@@ -9,6 +9,7 @@ mod groups;
 mod harness;
 mod languages;
 mod nats;
+mod nats_interface;
 mod regions;
 mod sandbox;
 mod single_node;
