@@ -37,15 +37,42 @@ fn options(region: &str, peer: &str, nats: &NatsServer) -> HostOptions {
 impl TwoRegions {
     /// Both regions up, the bank-account plugin uploaded in `east` only.
     async fn start(label: &str) -> Self {
+        Self::start_with_tokens(label, None).await
+    }
+
+    /// With `tokens` = (east's MERIDIAN_TOKENS, west's), every request needs a token;
+    /// both must give [`ADMIN`] the admin scope.
+    async fn start_with_tokens(label: &str, tokens: Option<(&str, &str)>) -> Self {
         let east_nats = NatsServer::hub(EAST);
         let west_nats = NatsServer::leaf(WEST, &east_nats);
         let east_db = TestDb::new(&format!("{label}_e")).await;
         let west_db = TestDb::new(&format!("{label}_w")).await;
+        let with_tokens = |mut o: HostOptions, t: Option<&str>| {
+            if let Some(t) = t {
+                o.env.push(("MERIDIAN_TOKENS".into(), t.into()));
+            }
+            o
+        };
+        let (east_tokens, west_tokens) = (tokens.map(|t| t.0), tokens.map(|t| t.1));
         let east = vec![
-            Host::start(&east_db, options(EAST, WEST, &east_nats)).await,
-            Host::start(&east_db, options(EAST, WEST, &east_nats)).await,
+            Host::start(
+                &east_db,
+                with_tokens(options(EAST, WEST, &east_nats), east_tokens),
+            )
+            .await,
+            Host::start(
+                &east_db,
+                with_tokens(options(EAST, WEST, &east_nats), east_tokens),
+            )
+            .await,
         ];
-        let west = vec![Host::start(&west_db, options(WEST, EAST, &west_nats)).await];
+        let west = vec![
+            Host::start(
+                &west_db,
+                with_tokens(options(WEST, EAST, &west_nats), west_tokens),
+            )
+            .await,
+        ];
         let regions = Self {
             east_nats,
             west_nats,
@@ -54,13 +81,13 @@ impl TwoRegions {
             _east_db: east_db,
             west_db,
         };
-        let (status, body) = regions.east[0]
-            .client()
+        let authed = tokens.is_some();
+        let (status, body) = admin(&regions.east[0], authed)
             .upload("bank-account", wasm_bytes("bank-account"))
             .await;
         assert_eq!(status, 201, "upload in east: {body}");
         // The plugin reaches west through the directory and east's object store.
-        let west = regions.west[0].client();
+        let west = admin(&regions.west[0], authed);
         eventually(|| {
             let west = west.clone();
             async move {
@@ -92,6 +119,26 @@ impl TwoRegions {
             self.west_nats.log_tail()
         ));
         out
+    }
+}
+
+/// A token both regions' token lists give the admin scope in the auth test.
+const ADMIN: &str = "admin-token-both-regions";
+
+fn admin(host: &Host, authed: bool) -> super::harness::Api {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if authed {
+        headers.insert(
+            "authorization",
+            format!("Bearer {ADMIN}").parse().expect("header value"),
+        );
+    }
+    super::harness::Api {
+        base: host.url.clone(),
+        http: reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("client"),
     }
 }
 
@@ -185,11 +232,34 @@ async fn a_command_sent_to_west_for_an_east_aggregate_runs_in_east() {
     assert!(east_events.iter().all(|e| origin(e) == EAST));
     let west = &r.west[0];
     eventually(|| async { (events_of(west, "fwd-1").await.len() == 3).then_some(()) }).await;
+    // The caller's correlation id crosses the region boundary (NATS headers) into the
+    // events written at home.
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/aggregates/bank-account/fwd-1",
+            r.west[0].url
+        ))
+        .header("x-correlation-id", "trace-across-regions")
+        .json(&json!({"command": {"type":"Deposit","amount":1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let east = &r.east[0];
+    let traced = eventually(|| async {
+        events_of(east, "fwd-1")
+            .await
+            .into_iter()
+            .find(|e| e["version"] == 4)
+    })
+    .await;
+    assert_eq!(traced["metadata"]["correlation_id"], "trace-across-regions");
+    assert_eq!(origin(&traced), EAST);
     let (_, state) = r.east[0]
         .client()
         .get("/v1/aggregates/bank-account/fwd-1")
         .await;
-    assert_eq!(state["state"]["balance"], 20, "{state}");
+    assert_eq!(state["state"]["balance"], 21, "{state}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -460,4 +530,63 @@ fn with_custom_section(tag: &[u8]) -> Vec<u8> {
     bytes.push(section.len() as u8); // LEB128 size (< 128)
     bytes.extend_from_slice(&section);
     bytes
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_forwarded_between_regions_is_authenticated_again_at_home() {
+    // `writer-token-west-only` may write in west but is unknown in east.
+    let east_tokens = format!("{ADMIN}:admin,writer-token-both-regions:write");
+    let west_tokens =
+        format!("{ADMIN}:admin,writer-token-both-regions:write,writer-token-west-only:write");
+    let r = TwoRegions::start_with_tokens("auth", Some((&east_tokens, &west_tokens))).await;
+    let post = |host: &Host, token: &str, id: &str, command: Value| {
+        reqwest::Client::new()
+            .post(format!("{}/v1/aggregates/bank-account/{id}", host.url))
+            .bearer_auth(token)
+            .json(&json!({ "command": command }))
+            .send()
+    };
+    let response = post(
+        &r.east[0],
+        "writer-token-both-regions",
+        "au-1",
+        json!({"type":"Open","owner":"f"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let response = post(
+        &r.west[0],
+        "writer-token-both-regions",
+        "au-1",
+        json!({"type":"Deposit","amount":2}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status().as_u16(), 200, "a token both regions know");
+    // West accepts the token, forwards, and east refuses it: the home decides.
+    let response = post(
+        &r.west[0],
+        "writer-token-west-only",
+        "au-1",
+        json!({"type":"Deposit","amount":3}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-meridian-region")
+            .and_then(|v| v.to_str().ok()),
+        Some(EAST)
+    );
+    let east = &r.east[0];
+    let (_, state) = admin(east, true)
+        .get("/v1/aggregates/bank-account/au-1")
+        .await;
+    assert_eq!(
+        state["version"], 2,
+        "the refused command wrote nothing: {state}"
+    );
 }
