@@ -82,6 +82,32 @@ def peers_table(single, peers, mem):
     return "\n".join(lines) + "\n"
 
 
+def relay_table(relay, command):
+    """The relay-lag run: the rate it held, the events it moved and their lag."""
+    lines = ["| measure | value |", "|---|---:|"]
+    top = relay.get("max")
+    if top:
+        lines.append(
+            f"| east's maximum ({top['concurrency']} clients, closed loop, {top['duration_s']:.0f} s) | "
+            f"{top['throughput']:,.0f} commands/s |"
+        )
+    lat = relay["command_latency"]
+    lines += [
+        f"| steady rate sent to east (open loop, {relay['duration_s']:.0f} s) | {relay['sent_rate']:,.0f} commands/s |",
+        f"| command latency in east at that rate, p50 / p99 | {lat['p50_ms']:.1f} / {lat['p99_ms']:.1f} ms |",
+        f"| failed / not sent (too many in flight) | {relay['failed']} / {relay['skipped']} |",
+        f"| events committed in east / stored in west | {relay['committed']:,} / {relay['arrived']:,} |",
+        f"| **relay lag p50** | **{relay['lag_p50_ms']:.1f} ms** |",
+        f"| relay lag p90 | {relay['lag_p90_ms']:.1f} ms |",
+        f"| **relay lag p99** | **{relay['lag_p99_ms']:.1f} ms** |",
+        f"| relay lag max | {relay['lag_max_ms']:.1f} ms |",
+        f"| west had everything, after the window closed | {relay['drain_s'] * 1000:.0f} ms |",
+        "",
+        f"Measured on {datetime.date.today().isoformat()} with `{command}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     directory, target, command = sys.argv[1:4]
     with open(target) as f:
@@ -91,10 +117,12 @@ def main():
         f"Run on {datetime.date.today().isoformat()}, {machine()}, with `{command}`. "
         "PostgreSQL, the hosts and the load generator share the machine."
     )
-    text = replace(text, "run", run + "\n")
+    single = load(directory, "single.json")
+    if single:
+        # Only a full run rewrites the run line; a section run alone leaves it.
+        text = replace(text, "run", run + "\n")
 
     raw = load(directory, "raw.json")
-    single = load(directory, "single.json")
     if single and raw:
         raw_rate = raw["rows_per_s"] if "rows_per_s" in raw else raw.get("throughput", 0)
         lines = [
@@ -145,6 +173,10 @@ def main():
             f"| replay natively | {rt['native_replay_events_per_s']:,.0f} events/s |",
         ]
         text = replace(text, "runtime", "\n".join(lines) + "\n")
+
+    relay = load(directory, "relay.json")
+    if relay:
+        text = replace(text, "relay", relay_table(relay, command))
 
     mem = load(directory, "memory.json")
     if mem:

@@ -115,6 +115,13 @@ sleep 3
 target/release/meridian-load "${urls[@]}" --accounts "$accounts" \
     --concurrency 64,256 --duration "$duration" --warmup "$warmup" --json "$out/region3.json"
 
+echo "==> two regions: relay lag at half of east's maximum rate"
+# The earlier hosts stop first so they don't compete for the cores.
+for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+wait 2>/dev/null || true
+pids=()
+bash scripts/bench-relay.sh "$out" ${quick:+--quick}
+
 if [ -n "$quick" ]; then
     echo "quick benchmark run finished; results in $out"
     exit 0
