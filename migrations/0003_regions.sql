@@ -126,6 +126,11 @@ BEGIN
 END;
 $$;
 
+-- When an event received from another region was stored here (NULL for events
+-- committed here). With `recorded_at` (its commit time in the origin region) this is
+-- the relay's lag per event.
+ALTER TABLE events ADD COLUMN received_at TIMESTAMPTZ;
+
 -- Stores events received from another region, in the order they were committed there.
 -- Idempotent on event id, so a redelivered batch changes nothing. Per event:
 --   * an event for an aggregate homed *here* is divergent (only a forced move can make
@@ -171,9 +176,9 @@ BEGIN
             CONTINUE;
         END IF;
         INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type,
-                            payload, metadata, recorded_at)
+                            payload, metadata, recorded_at, received_at)
         VALUES (e_event_id[i], e_agg_type[i], e_agg_id[i], e_version[i], e_type[i],
-                e_payload[i]::jsonb, e_metadata[i]::jsonb, e_recorded[i])
+                e_payload[i]::jsonb, e_metadata[i]::jsonb, e_recorded[i], clock_timestamp())
         ON CONFLICT DO NOTHING;
         GET DIAGNOSTICS v_n = ROW_COUNT;
         IF v_n = 0 THEN

@@ -35,6 +35,22 @@ async fn workload(api: &Api, prefix: &str, count: usize, deposits: usize) {
             assert_eq!(status, 200, "{body}");
         }
     }
+    // The global feed shows an event once no older transaction on the server is still
+    // open (other tests' databases included). The commands ran one after another, so
+    // once the last one is visible, every earlier one is too.
+    let last = format!("{prefix}-{}", count - 1);
+    crate::harness::eventually(|| {
+        let last = last.clone();
+        async move {
+            let (_, page) = api
+                .get(&format!(
+                    "/v1/events?aggregate_type=bank-account&aggregate_id={last}"
+                ))
+                .await;
+            (page["events"].as_array()?.len() == deposits + 1).then_some(())
+        }
+    })
+    .await;
 }
 
 /// Every event of the region in tail order.

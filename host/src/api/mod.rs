@@ -616,6 +616,7 @@ async fn list_events(
     let filter = EventFilter {
         aggregate_type: query.aggregate_type,
         aggregate_id: query.aggregate_id,
+        origin_region: None,
     };
     if let Some(group) = group {
         let after = match query.after {
@@ -696,6 +697,7 @@ async fn stream_events(
     let filter = EventFilter {
         aggregate_type: query.aggregate_type,
         aggregate_id: query.aggregate_id,
+        origin_region: None,
     };
     // Check the resume point now, so a bad one is a 400 rather than a stream that ends.
     store::read::read_all(&state.pool, after, 1, &filter).await?;

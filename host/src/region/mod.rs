@@ -524,30 +524,13 @@ impl Regions {
         }
         let nats = self.inner.nats.clone()?;
         let regions = self.clone();
-        Some(tokio::spawn(async move {
-            use futures::StreamExt;
-            let subject = directory_subject(regions.local());
-            let mut subscriber = match nats
-                .queue_subscribe(subject.clone(), "meridian".into())
-                .await
-            {
-                Ok(s) => s,
-                Err(error) => {
-                    tracing::error!(%error, subject, "cannot serve the directory");
-                    return;
-                }
-            };
-            loop {
-                let message = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    m = subscriber.next() => match m { Some(m) => m, None => break },
-                };
-                let Some(reply) = message.reply.clone() else {
-                    continue;
-                };
+        Some(serve_queue(
+            nats,
+            directory_subject(self.local()),
+            stop,
+            move |message| {
                 let regions = regions.clone();
-                let nats = nats.clone();
-                tokio::spawn(async move {
+                async move {
                     let answer: Result<DirectoryAnswer, String> =
                         match serde_json::from_slice::<DirectoryRequest>(&message.payload) {
                             Ok(r) => regions
@@ -557,13 +540,10 @@ impl Regions {
                             Err(e) => Err(format!("bad directory request: {e}")),
                         };
                     let body = Bytes::from(serde_json::to_vec(&answer).expect("serialisable"));
-                    if let Err(error) = nats.publish(reply, body).await {
-                        tracing::warn!(%error, "cannot answer a directory request");
-                    }
-                });
-            }
-            let _ = subscriber.unsubscribe().await;
-        }))
+                    (async_nats::HeaderMap::new(), body)
+                }
+            },
+        ))
     }
 
     /// Sends an HTTP request to another region's hosts over NATS and returns their
@@ -639,41 +619,67 @@ impl Regions {
         stop: tokio_util::sync::CancellationToken,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let nats = self.inner.nats.clone()?;
-        let subject = rpc_subject(self.local());
-        Some(tokio::spawn(async move {
-            use futures::StreamExt;
-            let mut subscriber = match nats
-                .queue_subscribe(subject.clone(), "meridian".into())
-                .await
-            {
-                Ok(s) => s,
-                Err(error) => {
-                    tracing::error!(%error, subject, "cannot answer forwarded requests");
-                    return;
-                }
-            };
-            loop {
-                let message = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    m = subscriber.next() => match m { Some(m) => m, None => break },
-                };
+        Some(serve_queue(
+            nats,
+            rpc_subject(self.local()),
+            stop,
+            move |message| {
                 let router = router.clone();
-                let nats = nats.clone();
-                tokio::spawn(async move {
-                    let Some(reply) = message.reply.clone() else {
-                        return;
-                    };
+                async move {
                     let (status, body) = answer(router, message).await;
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert("Meridian-Status", status.to_string().as_str());
-                    if let Err(error) = nats.publish_with_headers(reply, headers, body).await {
-                        tracing::warn!(%error, "cannot answer a forwarded request");
-                    }
-                });
-            }
-            let _ = subscriber.unsubscribe().await;
-        }))
+                    (headers, body)
+                }
+            },
+        ))
     }
+}
+
+/// Answers requests on `subject` in the queue group of this region's hosts (so each
+/// request is answered once), each on its own task, until `stop`.
+fn serve_queue<F, Fut>(
+    nats: async_nats::Client,
+    subject: String,
+    stop: tokio_util::sync::CancellationToken,
+    handle: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(async_nats::Message) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = (async_nats::HeaderMap, Bytes)> + Send + 'static,
+{
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut subscriber = match nats
+            .queue_subscribe(subject.clone(), "meridian".into())
+            .await
+        {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::error!(%error, subject, "cannot subscribe; requests on it go unanswered");
+                return;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => break,
+                m = subscriber.next() => match m { Some(m) => m, None => break },
+            };
+            let Some(reply) = message.reply.clone() else {
+                continue;
+            };
+            let answer = handle(message);
+            let nats = nats.clone();
+            let subject = subject.clone();
+            tokio::spawn(async move {
+                let (headers, body) = answer.await;
+                if let Err(error) = nats.publish_with_headers(reply, headers, body).await {
+                    tracing::warn!(%error, subject, "cannot answer a request");
+                }
+            });
+        }
+        let _ = subscriber.unsubscribe().await;
+    })
 }
 
 /// Runs one forwarded request through the router.

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Regions, event_subject, events_stream, inbound_stream};
 use crate::store::regions::RelayedEvent;
-use crate::store::{self, StoredEvent};
+use crate::store::{self, EventFilter, StoredEvent};
 
 /// How often a host that is not the leader tries to become it.
 pub const LEADER_RETRY: Duration = Duration::from_secs(1);
@@ -169,12 +169,16 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
         "publishing events"
     );
     let mut published = 0u64;
+    // Only events committed here: received ones are in their own region's stream.
+    let own = EventFilter {
+        origin_region: Some(region.clone()),
+        ..EventFilter::default()
+    };
     loop {
         if stop.is_cancelled() {
             return Ok(());
         }
-        let page =
-            store::regions::local_events_after(&pool, &region, cursor, PUBLISH_BATCH).await?;
+        let page = store::read::read_all(&pool, cursor, PUBLISH_BATCH, &own).await?;
         let Some(last) = page.last() else {
             tokio::time::sleep(TAIL_IDLE).await;
             continue;

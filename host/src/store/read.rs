@@ -67,7 +67,7 @@ fn raw(text: String) -> Result<Box<RawValue>, StoreError> {
 }
 
 impl StoredEvent {
-    pub(crate) fn from_row(row: &PgRow) -> Result<Self, StoreError> {
+    fn from_row(row: &PgRow) -> Result<Self, StoreError> {
         Ok(Self {
             position: row.try_get("position")?,
             event_id: row.try_get("event_id")?,
@@ -173,6 +173,8 @@ pub struct EventFilter {
     pub aggregate_type: Option<String>,
     /// Only this aggregate id (with `aggregate_type`, one aggregate).
     pub aggregate_id: Option<String>,
+    /// Only events committed in this region (not received from another one).
+    pub origin_region: Option<String>,
 }
 
 /// Events after `after` (a position received earlier, or 0 for the beginning) in the
@@ -200,6 +202,7 @@ pub async fn read_all(
            AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
            AND ($3::text IS NULL OR aggregate_type = $3) \
            AND ($4::text IS NULL OR aggregate_id = $4) \
+           AND ($6::text IS NULL OR metadata->>'origin_region' = $6) \
          ORDER BY tx_id, position LIMIT $5"
     );
     sqlx::query(&sql)
@@ -208,6 +211,7 @@ pub async fn read_all(
         .bind(filter.aggregate_type.as_deref())
         .bind(filter.aggregate_id.as_deref())
         .bind(limit)
+        .bind(filter.origin_region.as_deref())
         .fetch_all(pool)
         .await?
         .iter()
