@@ -626,3 +626,64 @@ async fn a_command_forwarded_between_regions_is_authenticated_again_at_home() {
         "the refused command wrote nothing: {state}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forced_move_takes_an_aggregate_over_from_a_lost_region_which_then_defers() {
+    let mut r = TwoRegions::start("force").await;
+    let (status, body, _) = send(&r.east[0], "fo-1", json!({"type":"Open","owner":"gus"})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = send(&r.east[0], "fo-1", json!({"type":"Deposit","amount":40})).await;
+    assert_eq!(status, 200);
+    let west = &r.west[0];
+    eventually(|| async { (events_of(west, "fo-1").await.len() == 2).then_some(()) }).await;
+    for host in r.east.iter_mut() {
+        host.kill9();
+    }
+    let move_home = |force: bool| {
+        reqwest::Client::new()
+            .post(format!(
+                "{}/v1/aggregates/bank-account/fo-1/move-home",
+                r.west[0].url
+            ))
+            .json(&json!({"region": WEST, "force": force}))
+            .send()
+    };
+    // Unforced, the move must run at the home, which is gone.
+    let response = move_home(false).await.unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let response = move_home(true).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let moved: Value = response.json().await.unwrap();
+    assert_eq!(
+        (moved["from"].as_str(), moved["to"].as_str()),
+        (Some(EAST), Some(WEST))
+    );
+    assert_eq!(moved["version"], 3);
+    let (status, body, region) =
+        send(&r.west[0], "fo-1", json!({"type":"Withdraw","amount":15})).await;
+    assert_eq!(status, 200, "{body}{}", r.logs());
+    assert_eq!(body["version"], 4);
+    assert_eq!(region, None, "executed in west itself");
+
+    // East comes back, learns of the move from west's events, and never writes fo-1.
+    r.east[0].restart().await;
+    let east = &r.east[0];
+    eventually(|| async {
+        let (_, home) = east
+            .client()
+            .get("/v1/aggregates/bank-account/fo-1/home")
+            .await;
+        (home["home_region"] == WEST).then_some(())
+    })
+    .await;
+    let (status, body, region) =
+        send(&r.east[0], "fo-1", json!({"type":"Deposit","amount":1})).await;
+    assert_eq!(status, 200, "{body}{}", r.logs());
+    assert_eq!(body["version"], 5);
+    assert_eq!(region.as_deref(), Some(WEST));
+    let (_, state) = r.west[0]
+        .client()
+        .get("/v1/aggregates/bank-account/fo-1")
+        .await;
+    assert_eq!(state["state"]["balance"], 26, "{state}");
+}
