@@ -5,6 +5,7 @@
 
 mod auth;
 mod cluster;
+mod dev;
 mod groups;
 mod harness;
 mod languages;

@@ -24,7 +24,7 @@ pub struct Cli {
 pub enum Commands {
     /// Run a host: serve the HTTP API and execute commands.
     Host(host::HostArgs),
-    /// Run a whole region on this machine (PostgreSQL, hosts, the example plugin) until Ctrl-C.
+    /// Run the whole platform on this machine (two regions: PostgreSQL, NATS, hosts, the example plugin) until Ctrl-C.
     Dev(dev::DevArgs),
     /// Apply database migrations and exit.
     Migrate(migrate::MigrateArgs),

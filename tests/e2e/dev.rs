@@ -1,0 +1,211 @@
+//! `meridian dev` as a user runs it: two regions (a private PostgreSQL, one nats-server
+//! per region), a command in east, the same aggregate's next command through west, then
+//! Ctrl-C, which must stop everything and remove the temporary directory.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::harness::{meridian_bin, wasm};
+use super::nats::nats_server_bin;
+
+/// Start-up includes initdb, two nats-servers, three hosts compiling the plugin and the
+/// plugin's trip to west.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// Hosts drain one after the other, each within 10 s.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A running `meridian dev`, interrupted (and at worst killed) on drop so that a failed
+/// test does not leave it and its children running.
+struct Dev {
+    child: Child,
+    stderr: tempfile::NamedTempFile,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Dev {
+    fn start() -> Self {
+        let stderr = tempfile::NamedTempFile::new().expect("stderr file");
+        let mut child = Command::new(meridian_bin())
+            .args(["dev", "--port", "0", "--plugin"])
+            .arg(wasm("bank-account"))
+            .env("MERIDIAN_NATS_SERVER_BIN", nats_server_bin())
+            // A private cluster, not the test server from the environment.
+            .env_remove("MERIDIAN_DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr.reopen().expect("stderr file"))
+            .spawn()
+            .expect("start meridian dev");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (send, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            stderr,
+            lines,
+        }
+    }
+
+    /// Reads the banner up to its last line.
+    fn banner(&self) -> Vec<String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut banner = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let last = line.starts_with("Ctrl-C stops everything");
+                    banner.push(line);
+                    if last {
+                        return banner;
+                    }
+                }
+                Err(e) => panic!(
+                    "no complete banner from meridian dev ({e}); stdout so far:\n{}\nstderr:\n{}",
+                    banner.join("\n"),
+                    self.stderr_text()
+                ),
+            }
+        }
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
+    }
+
+    fn interrupt(&self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -INT failed");
+    }
+
+    /// Waits for the process to exit, returning `None` on timeout.
+    fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait for meridian dev") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // Ctrl-C first: it stops PostgreSQL and the nats-servers too, a kill would
+            // orphan them.
+            self.interrupt();
+            if self.wait(EXIT_TIMEOUT).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- stderr of meridian dev ---\n{}", self.stderr_text());
+        }
+    }
+}
+
+/// The second word of the banner line whose first word is `first`.
+fn field(banner: &[String], first: &str) -> String {
+    banner
+        .iter()
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some(first)).then(|| words.next().map(str::to_string))?
+        })
+        .unwrap_or_else(|| panic!("no `{first}` line in the banner:\n{}", banner.join("\n")))
+}
+
+/// Sends a command; returns the status, the body and the region that executed it.
+async fn send(base: &str, token: &str, command: Value) -> (u16, Value, Option<String>) {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/aggregates/bank-account/dev-acc-1"))
+        .bearer_auth(token)
+        .json(&json!({ "command": command }))
+        .send()
+        .await
+        .expect("send command");
+    let status = response.status().as_u16();
+    let region = response
+        .headers()
+        .get("x-meridian-region")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    (status, response.json().await.unwrap_or(Value::Null), region)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_runs_two_regions_forwards_from_west_and_cleans_up_on_ctrl_c() {
+    let mut dev = Dev::start();
+    let banner = dev.banner();
+    let text = banner.join("\n");
+    assert!(
+        text.contains("Meridian dev is ready: east (2 hosts), west (1 host)"),
+        "{text}"
+    );
+    for node in ["east-1", "east-2", "west-1"] {
+        assert!(
+            field(&banner, node).starts_with("http://127.0.0.1:"),
+            "{text}"
+        );
+    }
+    let east = field(&banner, "east-1");
+    let west = field(&banner, "west-1");
+    let token = banner
+        .iter()
+        .find_map(|line| line.strip_prefix("admin token"))
+        .map(|rest| rest.trim().to_string())
+        .unwrap_or_else(|| panic!("no admin token in the banner:\n{text}"));
+    let data = PathBuf::from(field(&banner, "data"));
+    assert!(data.is_dir(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "command bank-account acc-1 '{{\"type\":\"Deposit\",\"amount\":10}}' --url {west}"
+        )),
+        "the examples send a command through west: {text}"
+    );
+
+    let (status, body, _) = send(&east, &token, json!({"type":"Open","owner":"dev"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 1, "{body}");
+    // West forwards to east, the aggregate's home; the answer says who executed it.
+    let (status, body, region) = send(&west, &token, json!({"type":"Deposit","amount":5})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 2, "{body}");
+    assert_eq!(region.as_deref(), Some("east"));
+
+    dev.interrupt();
+    let status = dev
+        .wait(EXIT_TIMEOUT)
+        .unwrap_or_else(|| panic!("meridian dev did not exit after Ctrl-C"));
+    assert!(status.success(), "exit status {status}");
+    let stderr = dev.stderr_text();
+    for stopped in [
+        "stopped west-1",
+        "stopped east-2",
+        "stopped east-1",
+        "stopped nats-server west",
+        "stopped nats-server east",
+        "stopped PostgreSQL",
+    ] {
+        assert!(stderr.contains(stopped), "no `{stopped}` in:\n{stderr}");
+    }
+    assert!(!data.exists(), "{} is still there", data.display());
+}
