@@ -94,9 +94,25 @@ async fn raw_state(api: &Api, id: &str) -> String {
     body[start..end].to_owned()
 }
 
+/// Host options with a compile cache shared by every test of this module and kept
+/// across runs (under the target directory): compiling a Python or JavaScript component
+/// takes seconds of both cores, which would slow the timing-sensitive tests running
+/// beside these ones. The cache is keyed by the component's sha256, so a rebuilt plugin
+/// is compiled afresh.
+fn options() -> HostOptions {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let cache = target.join("e2e-plugin-cache");
+    HostOptions {
+        env: vec![("MERIDIAN_CACHE_DIR".into(), cache.display().to_string())],
+        ..HostOptions::default()
+    }
+}
+
 async fn host_with(plugin: &str, label: &str) -> (TestDb, Host) {
     let db = TestDb::new(label).await;
-    let host = Host::start(&db, HostOptions::default()).await;
+    let host = Host::start(&db, options()).await;
     let (status, body) = host.client().upload(TYPE, wasm_bytes(plugin)).await;
     assert_eq!(status, 201, "{plugin}: upload: {body}");
     assert_eq!(body["aggregate_type"], TYPE, "{plugin}");
