@@ -82,6 +82,31 @@ def peers_table(single, peers, mem):
     return "\n".join(lines) + "\n"
 
 
+def languages_table(languages):
+    """One column per language: size, cold start, cached load, per-command cost."""
+    def mib(n):
+        return f"{n / 1024 / 1024:.1f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KiB"
+
+    rows = [
+        ("component size", lambda r: mib(r["component_bytes"])),
+        ("compiled (cached) size", lambda r: mib(r["compiled_bytes"])),
+        ("cold start: compile + first instantiate", lambda r: f"{r['cold_start_ms']:,.0f} ms"),
+        ("… of which the first instantiate", lambda r: f"{r['first_instantiate_ms']:.1f} ms"),
+        ("restart: load from the compile cache", lambda r: f"{r['cached_load_ms']:.1f} ms"),
+        ("one more instance", lambda r: f"{r['instantiate_us']:,.1f} µs"),
+        ("handle + apply per command", lambda r: f"{r['us_per_command']:,.1f} µs"),
+        ("one empty guest call (`describe`)", lambda r: f"{r['empty_call_us']:.2f} µs"),
+        ("replay through `apply`", lambda r: f"{r['replay_events_per_s']:,.0f} events/s"),
+    ]
+    lines = [
+        "| measure | " + " | ".join(r["name"] for r in languages) + " |",
+        "|---|" + "---:|" * len(languages),
+    ]
+    for title, cell in rows:
+        lines.append(f"| {title} | " + " | ".join(cell(r) for r in languages) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def relay_table(relay, command):
     """The relay-lag run: the rate it held, the events it moved and their lag."""
     lines = ["| measure | value |", "|---|---:|"]
@@ -173,6 +198,10 @@ def main():
             f"| replay natively | {rt['native_replay_events_per_s']:,.0f} events/s |",
         ]
         text = replace(text, "runtime", "\n".join(lines) + "\n")
+
+    languages = load(directory, "languages.json")
+    if languages:
+        text = replace(text, "languages", languages_table(languages))
 
     relay = load(directory, "relay.json")
     if relay:

@@ -20,10 +20,12 @@ if [ -n "$quick" ]; then
     out="$REPO/target/bench-quick"
     duration=2s; warmup=1s; accounts=1000; levels=1,16,64,256
     runtime_commands=20000; replay_events=20000; raw_duration=3s
+    language_commands=2000
 else
     out="$REPO/target/bench"
     duration=10s; warmup=2s; accounts=10000; levels=1,16,64,256
     runtime_commands=200000; replay_events=100000; raw_duration=10s
+    language_commands=20000
 fi
 rm -rf "$out"; mkdir -p "$out"
 
@@ -46,6 +48,12 @@ trap cleanup EXIT
 echo "==> WASM vs native (bank-account)"
 target/release/meridian-runtime-bench --wasm target/wasm32-wasip2/release/bank_account.wasm \
     --commands "$runtime_commands" --replay-events "$replay_events" --json "$out/runtime.json"
+
+echo "==> bank-account in Rust, Python and JavaScript (cold start, size, per command)"
+wasm=target/wasm32-wasip2/release
+target/release/meridian-runtime-bench --language "rust=$wasm/bank_account.wasm" \
+    --language "python=$wasm/bank_account_py.wasm" --language "javascript=$wasm/bank_account_js.wasm" \
+    --commands "$language_commands" --replay-events "$language_commands" --json "$out/languages.json"
 
 echo "==> raw batched INSERT ceiling"
 target/release/meridian-raw-insert --database-url "$PG/$db" --clients 8 --batch 100 \

@@ -11,6 +11,19 @@
 //! cargo run --release -p meridian-bench --bin meridian-runtime-bench -- \
 //!     --wasm target/wasm32-wasip2/release/bank_account.wasm --json runtime.json
 //! ```
+//!
+//! With `--language NAME=PATH` (repeated) it compares bank-account components written in
+//! different languages instead: size, cold start (compile with no cache, then the first
+//! instantiation), a restart's load from the compile cache, and the same per-command
+//! workload; every component's replay must fold to the native state byte for byte.
+//!
+//! ```text
+//! cargo run --release -p meridian-bench --bin meridian-runtime-bench -- \
+//!     --language rust=target/wasm32-wasip2/release/bank_account.wasm \
+//!     --language python=target/wasm32-wasip2/release/bank_account_py.wasm \
+//!     --language javascript=target/wasm32-wasip2/release/bank_account_js.wasm \
+//!     --commands 20000 --replay-events 20000 --json languages.json
+//! ```
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,6 +49,16 @@ struct Args {
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Compare components across languages instead: `NAME=PATH`, repeated.
+    #[arg(long = "language", value_parser = parse_language)]
+    languages: Vec<(String, PathBuf)>,
+}
+
+fn parse_language(arg: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PATH, got `{arg}`"))?;
+    Ok((name.to_owned(), PathBuf::from(path)))
 }
 
 /// A fixed command mix over a small set of states, the same for both sides.
@@ -55,6 +78,9 @@ fn workload() -> Vec<(Vec<u8>, Vec<u8>)> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.languages.is_empty() {
+        return compare_languages(&args);
+    }
     let bytes = std::fs::read(&args.wasm)
         .with_context(|| format!("reading {} (run plugins/build.sh)", args.wasm.display()))?;
     let runtime = Runtime::new(RuntimeConfig::default())?;
@@ -196,6 +222,146 @@ fn wasm_command(
             state = session.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
         }
         std::hint::black_box(state);
+    }
+    Ok(())
+}
+
+/// What one language's component costs; see [`compare_languages`].
+#[derive(serde::Serialize)]
+struct LanguageResult {
+    name: String,
+    component_bytes: usize,
+    /// Compiling the component with an empty cache.
+    compile_ms: f64,
+    /// The first instantiation after compiling (runs the component's start code).
+    first_instantiate_ms: f64,
+    /// `compile_ms + first_instantiate_ms`: a host's first command of a new plugin.
+    cold_start_ms: f64,
+    /// Loading the compiled component from the on-disk cache, as a restart does.
+    cached_load_ms: f64,
+    /// Size of the compiled (cached) component.
+    compiled_bytes: u64,
+    /// Creating one more instance of a loaded plugin.
+    instantiate_us: f64,
+    us_per_command: f64,
+    empty_call_us: f64,
+    replay_events_per_s: f64,
+}
+
+/// Runs the bank-account workload through each `--language` component.
+fn compare_languages(args: &Args) -> anyhow::Result<()> {
+    let work = workload();
+    let mut results = Vec::new();
+    for (name, path) in &args.languages {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading {} (run plugins/build.sh)", path.display()))?;
+        // A cache directory of our own: the first load compiles and fills it, a second
+        // runtime (a restarted host) loads from it.
+        let cache = std::env::temp_dir().join(format!(
+            "meridian-runtime-bench-{}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&cache);
+        let config = RuntimeConfig {
+            cache_dir: Some(cache.clone()),
+        };
+        let limits = SandboxLimits::default();
+        let sha = format!("bench-{name}");
+
+        let runtime = Runtime::new(config.clone())?;
+        let started = Instant::now();
+        let plugin = runtime.load("bank-account", 1, &sha, &bytes, limits)?;
+        let compile = started.elapsed();
+        let started = Instant::now();
+        plugin.session().describe_call()?;
+        let first_instantiate = started.elapsed();
+
+        let restarted = Runtime::new(config)?;
+        let started = Instant::now();
+        let reloaded = restarted.load("bank-account", 1, &sha, &bytes, limits)?;
+        let cached_load = started.elapsed();
+        drop(reloaded);
+        let compiled_bytes = std::fs::read_dir(&cache)?
+            .filter_map(Result::ok)
+            .filter_map(|entry| entry.metadata().ok())
+            .map(|meta| meta.len())
+            .sum();
+        let _ = std::fs::remove_dir_all(&cache);
+
+        let samples = 20;
+        let started = Instant::now();
+        for _ in 0..samples {
+            plugin.cold_instantiate()?;
+        }
+        let instantiate = started.elapsed() / samples;
+
+        for (state, command) in work.iter().cycle().take(args.commands.min(2_000)) {
+            wasm_command(&plugin, state, command)?;
+        }
+        let per_command = time(args.commands, |i| {
+            let (state, command) = &work[i % work.len()];
+            wasm_command(&plugin, state, command)
+        })?;
+        let empty_call = time(args.commands, |_| {
+            plugin.session().describe_call()?;
+            Ok(())
+        })?;
+
+        let payload = br#"{"amount":1}"#;
+        let opened = br#"{"owner":"r"}"#;
+        let mut native =
+            codec::apply::<BankAccount>(b"", "Opened", opened).map_err(anyhow::Error::msg)?;
+        let mut session = plugin.session();
+        let mut state = session.apply(b"", "Opened", opened)?;
+        let started = Instant::now();
+        for _ in 0..args.replay_events {
+            state = session.apply(&state, "Deposited", payload)?;
+        }
+        let replay = started.elapsed();
+        drop(session);
+        for _ in 0..args.replay_events {
+            native = codec::apply::<BankAccount>(&native, "Deposited", payload)
+                .map_err(anyhow::Error::msg)?;
+        }
+        anyhow::ensure!(
+            state == native,
+            "{name}: replay folded to {} instead of {}",
+            String::from_utf8_lossy(&state),
+            String::from_utf8_lossy(&native)
+        );
+
+        let result = LanguageResult {
+            name: name.clone(),
+            component_bytes: bytes.len(),
+            compile_ms: compile.as_secs_f64() * 1e3,
+            first_instantiate_ms: first_instantiate.as_secs_f64() * 1e3,
+            cold_start_ms: (compile + first_instantiate).as_secs_f64() * 1e3,
+            cached_load_ms: cached_load.as_secs_f64() * 1e3,
+            compiled_bytes,
+            instantiate_us: instantiate.as_secs_f64() * 1e6,
+            us_per_command: per_command.as_secs_f64() * 1e6,
+            empty_call_us: empty_call.as_secs_f64() * 1e6,
+            replay_events_per_s: args.replay_events as f64 / replay.as_secs_f64(),
+        };
+        println!(
+            "{:<11} {:>10} bytes  cold start {:>8.0} ms (compile {:.0} + instantiate {:.1})  \
+             cached load {:>6.0} ms  instantiate {:>7.1} µs  {:>7.2} µs/command  \
+             empty call {:>6.2} µs  replay {:>9.0} events/s",
+            result.name,
+            result.component_bytes,
+            result.cold_start_ms,
+            result.compile_ms,
+            result.first_instantiate_ms,
+            result.cached_load_ms,
+            result.instantiate_us,
+            result.us_per_command,
+            result.empty_call_us,
+            result.replay_events_per_s,
+        );
+        results.push(result);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
     }
     Ok(())
 }
