@@ -636,6 +636,12 @@ async fn a_forced_move_takes_an_aggregate_over_from_a_lost_region_which_then_def
     assert_eq!(status, 200);
     let west = &r.west[0];
     eventually(|| async { (events_of(west, "fo-1").await.len() == 2).then_some(()) }).await;
+    // East commits one more event that never leaves it: the forced move's data-loss
+    // window.
+    r.east_nats.stop();
+    let (status, body, _) = send(&r.east[0], "fo-1", json!({"type":"Deposit","amount":7})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 3);
     for host in r.east.iter_mut() {
         host.kill9();
     }
@@ -666,16 +672,52 @@ async fn a_forced_move_takes_an_aggregate_over_from_a_lost_region_which_then_def
     assert_eq!(region, None, "executed in west itself");
 
     // East comes back, learns of the move from west's events, and never writes fo-1.
+    // Its unrelayed deposit reaches west and is refused as divergent, not applied.
+    r.east_nats.restart();
     r.east[0].restart().await;
+    let metrics_url = format!("{}/metrics", r.west[0].url);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text
+            .lines()
+            .any(|l| l.starts_with("meridian_relay_divergent_events_total{region=\"east\"} 1"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "west never refused east's unrelayed event: {}{}",
+            text.lines()
+                .filter(|l| l.contains("relay"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            r.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let east = &r.east[0];
-    eventually(|| async {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
         let (_, home) = east
             .client()
             .get("/v1/aggregates/bank-account/fo-1/home")
             .await;
-        (home["home_region"] == WEST).then_some(())
-    })
-    .await;
+        if home["home_region"] == WEST {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east never learnt of the move: {home}{}",
+            r.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (status, body, region) =
         send(&r.east[0], "fo-1", json!({"type":"Deposit","amount":1})).await;
     assert_eq!(status, 200, "{body}{}", r.logs());

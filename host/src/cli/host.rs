@@ -152,9 +152,6 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         Some(url) => Some(
             async_nats::ConnectOptions::new()
                 .name(format!("meridian-{}-{node_id}", args.region))
-                // Hosts start before NATS in some deployments: keep retrying in the
-                // background rather than refusing to start.
-                .retry_on_initial_connect()
                 .connect(url)
                 .await
                 .with_context(|| format!("cannot connect to NATS at {url}"))?,
