@@ -133,6 +133,33 @@ def relay_table(relay, command):
     return "\n".join(lines) + "\n"
 
 
+def cache_table(cache, command):
+    """Memory per cached aggregate: the host's RSS before and after caching N accounts."""
+    mib = lambda kb: f"{kb / 1024:,.0f} MiB"
+    before, after, sizes = cache["before"], cache["after"], cache["state_bytes"]
+    lines = [
+        "| measure | value |",
+        "|---|---:|",
+        f"| accounts cached (after a warm-up of {cache['warmup']:,}) | {cache['aggregates']:,} |",
+        f"| host RSS before → after | {mib(before['rss_kb'])} → {mib(after['rss_kb'])} |",
+        f"| **memory per cached aggregate** (RSS after − before) ÷ accounts | "
+        f"**{cache['bytes_per_aggregate']:,.0f} bytes** |",
+        f"| … counting anonymous memory only (heap, no mapped files) | "
+        f"{cache['anon_bytes_per_aggregate']:,.0f} bytes |",
+        f"| host peak RSS (VmHWM) at the end | {mib(after['hwm_kb'])} |",
+        f"| state JSON per account | {sizes['min']}–{sizes['max']} bytes (mean {sizes['mean']:.1f}) |",
+        f"| loading them through `GET` ({cache['concurrency']} at a time: read, replay, cache) | "
+        f"{cache['load_per_s']:,.0f} aggregates/s ({cache['load_s']:,.0f} s) |",
+        f"| bulk insert with SQL (stream row, command id, `Opened` event) | "
+        f"{cache['insert_per_s']:,.0f} accounts/s ({cache['insert_s']:,.0f} s) |",
+        f"| re-read sample that had to be loaded again (evicted) | "
+        f"{cache['resample_loads']} of {cache['resampled']:,} |",
+        "",
+        f"Measured on {datetime.date.today().isoformat()} with `{command}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     directory, target, command = sys.argv[1:4]
     with open(target) as f:
@@ -206,6 +233,10 @@ def main():
     relay = load(directory, "relay.json")
     if relay:
         text = replace(text, "relay", relay_table(relay, command))
+
+    cache = load(directory, "cache.json")
+    if cache:
+        text = replace(text, "cache", cache_table(cache, command))
 
     mem = load(directory, "memory.json")
     if mem:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks in one go on this machine and rewrites the tables in BENCHMARKS.md.
 #
-#   bash scripts/bench.sh           full run (~10 minutes), rewrites BENCHMARKS.md
+#   bash scripts/bench.sh           full run (~20 minutes), rewrites BENCHMARKS.md
 #   bash scripts/bench.sh --quick   smoke run (< 5 minutes), results under target/bench-quick/
 #
 # The peers (bench-lock-peer, bench-cqrs-peer) run after the single Meridian host, on
@@ -129,6 +129,9 @@ for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 wait 2>/dev/null || true
 pids=()
 bash scripts/bench-relay.sh "$out" ${quick:+--quick}
+
+echo "==> memory per cached aggregate (one host, fresh database; quick: 20,000, full: 1,000,000 accounts)"
+bash scripts/bench-cache.sh "$out" ${quick:+--quick}
 
 if [ -n "$quick" ]; then
     echo "quick benchmark run finished; results in $out"
