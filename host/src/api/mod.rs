@@ -810,29 +810,16 @@ async fn upload_plugin(
             ),
         ));
     }
-    // With several regions the version number comes from the directory, so every
-    // region stores these bytes under the same number.
-    let (info, created) = if state.regions.enabled() {
-        state
-            .regions
-            .register_plugin(
-                &state.pool,
-                &aggregate_type,
-                &validated.sha256,
-                validated.schema_version,
-                &body,
-            )
-            .await?
-    } else {
-        store::plugins::store(
+    let (info, created) = state
+        .regions
+        .register_plugin(
             &state.pool,
             &aggregate_type,
             &validated.sha256,
             validated.schema_version,
             &body,
         )
-        .await?
-    };
+        .await?;
     state.executor.plugins().invalidate(&aggregate_type);
     tracing::info!(
         aggregate_type,

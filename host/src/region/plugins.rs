@@ -45,9 +45,11 @@ pub struct VersionEntry {
 }
 
 impl Regions {
-    /// Registers an uploaded (and already validated) component: allocates its version
-    /// number in the directory, keeps the bytes in this region's object store, and
-    /// stores it locally. Returns the version and whether it is new.
+    /// Registers an uploaded (and already validated) component. With several regions
+    /// its version number comes from the directory (so every region stores these bytes
+    /// under the same number) and the bytes are kept in this region's object store; a
+    /// single region numbers versions in its own database. Returns the version and
+    /// whether it is new.
     pub async fn register_plugin(
         &self,
         pool: &PgPool,
@@ -56,6 +58,11 @@ impl Regions {
         schema_version: u32,
         bytes: &Bytes,
     ) -> Result<(PluginInfo, bool), RegionError> {
+        if !self.enabled() {
+            return Ok(
+                store::plugins::store(pool, aggregate_type, sha256, schema_version, bytes).await?,
+            );
+        }
         let local_versions = store::plugins::versions(pool, aggregate_type).await?;
         if let Some(newest) = local_versions.first()
             && newest.sha256 == sha256
