@@ -8,9 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::harness::{meridian_bin, wasm};
+use super::harness::{meridian_bin, send_command, wasm};
 use super::nats::nats_server_bin;
 
 /// Start-up includes initdb, two nats-servers, three hosts compiling the plugin and the
@@ -133,24 +133,6 @@ fn field(banner: &[String], first: &str) -> String {
         .unwrap_or_else(|| panic!("no `{first}` line in the banner:\n{}", banner.join("\n")))
 }
 
-/// Sends a command; returns the status, the body and the region that executed it.
-async fn send(base: &str, token: &str, command: Value) -> (u16, Value, Option<String>) {
-    let response = reqwest::Client::new()
-        .post(format!("{base}/v1/aggregates/bank-account/dev-acc-1"))
-        .bearer_auth(token)
-        .json(&json!({ "command": command }))
-        .send()
-        .await
-        .expect("send command");
-    let status = response.status().as_u16();
-    let region = response
-        .headers()
-        .get("x-meridian-region")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    (status, response.json().await.unwrap_or(Value::Null), region)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_runs_two_regions_forwards_from_west_and_cleans_up_on_ctrl_c() {
     let mut dev = Dev::start();
@@ -182,11 +164,23 @@ async fn dev_runs_two_regions_forwards_from_west_and_cleans_up_on_ctrl_c() {
         "the examples send a command through west: {text}"
     );
 
-    let (status, body, _) = send(&east, &token, json!({"type":"Open","owner":"dev"})).await;
+    let (status, body, _) = send_command(
+        &east,
+        "dev-acc-1",
+        Some(&token),
+        json!({"type":"Open","owner":"dev"}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], 1, "{body}");
     // West forwards to east, the aggregate's home; the answer says who executed it.
-    let (status, body, region) = send(&west, &token, json!({"type":"Deposit","amount":5})).await;
+    let (status, body, region) = send_command(
+        &west,
+        "dev-acc-1",
+        Some(&token),
+        json!({"type":"Deposit","amount":5}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], 2, "{body}");
     assert_eq!(region.as_deref(), Some("east"));

@@ -349,3 +349,28 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Sends a bank-account command to `base` (with a bearer token when given) and returns
+/// the status, the body and the region that executed it when the command was
+/// forwarded to another region (`x-meridian-region`).
+pub async fn send_command(
+    base: &str,
+    id: &str,
+    token: Option<&str>,
+    command: Value,
+) -> (u16, Value, Option<String>) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{base}/v1/aggregates/bank-account/{id}"))
+        .json(&serde_json::json!({ "command": command }));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("send command");
+    let status = response.status().as_u16();
+    let region = response
+        .headers()
+        .get("x-meridian-region")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    (status, response.json().await.unwrap_or(Value::Null), region)
+}

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::harness::{Host, HostOptions, TestDb, eventually, meridian_bin, wasm_bytes};
+use super::harness::{
+    Host, HostOptions, TestDb, eventually, meridian_bin, send_command, wasm_bytes,
+};
 use super::nats::NatsServer;
 
 const EAST: &str = "east";
@@ -144,19 +146,7 @@ fn admin(host: &Host, authed: bool) -> super::harness::Api {
 
 /// Sends a command and returns (status, body, the region header of the answer).
 async fn send(host: &Host, id: &str, command: Value) -> (u16, Value, Option<String>) {
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/aggregates/bank-account/{id}", host.url))
-        .json(&json!({ "command": command }))
-        .send()
-        .await
-        .expect("send command");
-    let status = response.status().as_u16();
-    let region = response
-        .headers()
-        .get("x-meridian-region")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    (status, response.json().await.unwrap_or(Value::Null), region)
+    send_command(&host.url, id, None, command).await
 }
 
 /// One aggregate's events as a region's global feed shows them.
