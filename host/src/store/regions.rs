@@ -155,6 +155,10 @@ pub async fn move_home(
 }
 
 /// An event received from another region, as the relay publishes it.
+///
+/// The fields repeat [`super::StoredEvent`]'s plus `region` rather than flattening it:
+/// serde's `flatten` buffers fields on the way in, and the `RawValue` payload and
+/// metadata cannot be read back from that buffer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RelayedEvent {
     /// The region that committed it.
