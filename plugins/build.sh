@@ -25,7 +25,12 @@ for manifest in plugins/testing/*/Cargo.toml; do
     packages+=(-p "$(sed -n 's/^name = "\(.*\)"$/\1/p' "$manifest" | head -n 1)")
 done
 
-cargo build --release --target "$target" "${packages[@]}" "$@"
+# Whole-program optimisation (one codegen unit, fat LTO) makes the components ≈ 10%
+# faster and smaller; set here rather than in the workspace profile, which the host
+# shares and would take minutes longer to build. Plugin authors set the same in their
+# own Cargo.toml (docs/writing-aggregates.md).
+CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+    cargo build --release --target "$target" "${packages[@]}" "$@"
 
 out="${CARGO_TARGET_DIR:-$root/target}/$target/release"
 
@@ -50,12 +55,12 @@ build_if_changed() {
 
 py_tool="$root/.tools/componentize-py"
 build_if_changed "$out/bank_account_py.wasm" \
-    "plugins/bank-account-py guest-sdk/wit $py_tool/pyvenv.cfg scripts/install-deps.sh" \
-    "$py_tool/bin/componentize-py" -d guest-sdk/wit -w aggregate componentize \
+    "plugins/bank-account-py guest-sdk/wit-0.1.0 $py_tool/pyvenv.cfg scripts/install-deps.sh" \
+    "$py_tool/bin/componentize-py" -d guest-sdk/wit-0.1.0 -w aggregate componentize \
     -p plugins/bank-account-py bank_account -o "$out/bank_account_py.wasm"
 
 build_if_changed "$out/bank_account_js.wasm" \
-    "plugins/bank-account-js guest-sdk/wit" \
+    "plugins/bank-account-js guest-sdk/wit-0.1.0" \
     node plugins/bank-account-js/build.mjs "$out/bank_account_js.wasm"
 
 echo "components in $out:"

@@ -51,6 +51,31 @@ pub fn handle<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Vec<EncodedE
         .collect()
 }
 
+/// What [`execute`] decided: the encoded events and the encoded state after them.
+pub type Decision = (Vec<EncodedEvent>, Vec<u8>);
+
+/// The `execute` export: [`handle`], then [`apply`] of each decided event, in one pass.
+///
+/// Gives the same events and state as those calls would, with less work: the state is
+/// decoded and encoded once, and the events are applied as values rather than decoded
+/// back from their JSON.
+pub fn execute<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Decision, Rejection> {
+    let state = decode_state::<A>(state).map_err(Rejection::new)?;
+    let command: A::Command = serde_json::from_slice(command)
+        .map_err(|error| Rejection::new(format!("invalid command: {error}")))?;
+    let events = A::handle(&state, command)?;
+    let encoded = events
+        .iter()
+        .map(|event| {
+            encode_event(event).map_err(|error| Rejection::new(format!("aggregate bug: {error}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let state = events.into_iter().fold(state, A::apply);
+    let state =
+        encode_state(&state).map_err(|error| Rejection::new(format!("aggregate bug: {error}")))?;
+    Ok((encoded, state))
+}
+
 /// The `apply` export: decodes `state` and the event, runs [`Aggregate::apply`] and
 /// encodes the new state.
 ///

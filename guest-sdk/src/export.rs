@@ -54,4 +54,22 @@ impl<A: Aggregate> bindings::Guest for Export<A> {
     fn apply(state: Vec<u8>, event: types::Event) -> Result<Vec<u8>, String> {
         codec::apply::<A>(&state, &event.event_type, &event.payload)
     }
+
+    fn execute(state: Vec<u8>, command: Vec<u8>) -> Result<types::Decision, types::Rejection> {
+        match codec::execute::<A>(&state, &command) {
+            Ok((events, state)) => Ok(types::Decision {
+                events: events
+                    .into_iter()
+                    .map(|(event_type, payload)| types::Event {
+                        event_type,
+                        payload,
+                    })
+                    .collect(),
+                state,
+            }),
+            Err(rejection) => Err(types::Rejection {
+                message: rejection.into_message(),
+            }),
+        }
+    }
 }

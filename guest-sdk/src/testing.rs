@@ -104,10 +104,49 @@ impl<A: Aggregate> AggregateTest<A> {
     /// Sends the command JSON as is, e.g. to test how malformed input is rejected.
     pub fn when_json(self, command: &str) -> Outcome<A> {
         let result = codec::handle::<A>(&self.state, command.as_bytes());
+        self.check_execute_agrees(command, &result);
         Outcome {
             test: self,
             command: command.to_owned(),
             result,
+        }
+    }
+
+    /// The host runs [`codec::execute`]; it must give what `handle` and then `apply`
+    /// give, or a test here would pass for code that behaves differently when hosted.
+    #[track_caller]
+    fn check_execute_agrees(&self, command: &str, handled: &Result<Vec<EncodedEvent>, Rejection>) {
+        let executed = codec::execute::<A>(&self.state, command.as_bytes());
+        match (handled, executed) {
+            (Ok(events), Ok((executed_events, executed_state))) => {
+                assert_eq!(
+                    events, &executed_events,
+                    "`execute` decided other events than `handle` for {command}"
+                );
+                let mut state = self.state.clone();
+                for (event_type, payload) in events {
+                    match codec::apply::<A>(&state, event_type, payload) {
+                        Ok(next) => state = next,
+                        // `record` reports this with the event and the state.
+                        Err(_) => return,
+                    }
+                }
+                // Compared as JSON values: a map's key order may differ between encodings.
+                let value = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).ok();
+                assert_eq!(
+                    value(&state),
+                    value(&executed_state),
+                    "`execute` left another state than `handle` and `apply` for {command}"
+                );
+            }
+            (Err(rejection), Err(executed)) => assert_eq!(
+                rejection, &executed,
+                "`execute` rejected {command} differently than `handle`"
+            ),
+            (handled, executed) => panic!(
+                "`handle` and `execute` disagree on {command}: {handled:?} vs {:?}",
+                executed.map(|(events, _)| events)
+            ),
         }
     }
 

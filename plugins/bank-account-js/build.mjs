@@ -24,7 +24,7 @@ const output = resolve(process.argv[2] ?? resolve(target, 'wasm32-wasip2/release
 
 const { component } = await componentize({
   sourcePath: resolve(here, 'src/bank-account.js'),
-  witPath: resolve(repo, 'guest-sdk/wit'),
+  witPath: resolve(repo, 'guest-sdk/wit-0.1.0'),
   worldName: 'aggregate',
   disableFeatures: ['http', 'fetch-event'],
 });

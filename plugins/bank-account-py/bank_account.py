@@ -4,7 +4,7 @@ rejections as the Rust example in `plugins/bank-account`.
 Build the component (from the repository root) and try it on a running Meridian:
 
     bash plugins/build.sh    # or, by hand:
-    componentize-py -d guest-sdk/wit -w aggregate componentize \
+    componentize-py -d guest-sdk/wit-0.1.0 -w aggregate componentize \
         -p plugins/bank-account-py bank_account -o bank_account_py.wasm
     meridian plugin upload bank-account bank_account_py.wasm
 

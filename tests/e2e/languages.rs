@@ -19,19 +19,25 @@ const RUST: &str = "bank-account";
 const PYTHON: &str = "bank-account-py";
 const JAVASCRIPT: &str = "bank-account-js";
 
+/// The Rust SDK builds the current contract, whose `execute` runs a command in one
+/// call; the Python and JavaScript examples implement 0.1.0 (`handle`, then `apply` per
+/// event), so this suite also proves the host still runs components built against it.
+const CURRENT: &str = "meridian:aggregate@0.2.0";
+const V0_1: &str = "meridian:aggregate@0.1.0";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rust_bank_account_follows_the_contract() {
-    bank_account_suite(RUST).await;
+    bank_account_suite(RUST, CURRENT).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn python_bank_account_follows_the_contract() {
-    bank_account_suite(PYTHON).await;
+    bank_account_suite(PYTHON, V0_1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn javascript_bank_account_follows_the_contract() {
-    bank_account_suite(JAVASCRIPT).await;
+    bank_account_suite(JAVASCRIPT, V0_1).await;
 }
 
 /// Sends `command` to account `id` and returns the status and body.
@@ -110,19 +116,20 @@ fn options() -> HostOptions {
     }
 }
 
-async fn host_with(plugin: &str, label: &str) -> (TestDb, Host) {
+async fn host_with(plugin: &str, label: &str, contract: &str) -> (TestDb, Host) {
     let db = TestDb::new(label).await;
     let host = Host::start(&db, options()).await;
     let (status, body) = host.client().upload(TYPE, wasm_bytes(plugin)).await;
     assert_eq!(status, 201, "{plugin}: upload: {body}");
     assert_eq!(body["aggregate_type"], TYPE, "{plugin}");
+    assert_eq!(body["contract"], contract, "{plugin}");
     (db, host)
 }
 
 /// The whole behaviour of the bank account, run once per component.
-async fn bank_account_suite(plugin: &str) {
+async fn bank_account_suite(plugin: &str, contract: &str) {
     let label = plugin.replace('-', "_");
-    let (_db, mut host) = host_with(plugin, &label).await;
+    let (_db, mut host) = host_with(plugin, &label, contract).await;
     let api = host.client();
     let p = plugin;
 
@@ -432,7 +439,7 @@ async fn bank_account_suite(plugin: &str) {
 /// the same state bytes at every step.
 #[tokio::test(flavor = "multi_thread")]
 async fn histories_written_in_one_language_replay_in_the_others() {
-    let (_db, host) = host_with(RUST, "languages_mixed").await;
+    let (_db, host) = host_with(RUST, "languages_mixed", CURRENT).await;
     let api = host.client();
     let p = "mixed";
     accepted(

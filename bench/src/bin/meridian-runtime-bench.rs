@@ -200,12 +200,9 @@ fn time(n: usize, mut f: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Res
 }
 
 fn native_command(state: &[u8], command: &[u8]) {
-    if let Ok(events) = codec::handle::<BankAccount>(state, command) {
-        let mut state = state.to_vec();
-        for (event_type, payload) in events {
-            state = codec::apply::<BankAccount>(&state, &event_type, &payload).expect("apply");
-        }
-        std::hint::black_box(state);
+    // What the component's `execute` export runs, called directly.
+    if let Ok(decision) = codec::execute::<BankAccount>(state, command) {
+        std::hint::black_box(decision);
     }
 }
 
@@ -214,14 +211,9 @@ fn wasm_command(
     state: &[u8],
     command: &[u8],
 ) -> anyhow::Result<()> {
-    // As the executor does: one pooled instance for the command's handle and applies.
-    let mut session = plugin.session();
-    if let Ok(events) = session.handle(state, command)? {
-        let mut state = state.to_vec();
-        for event in events {
-            state = session.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
-        }
-        std::hint::black_box(state);
+    // As the executor does: a pooled instance, one `execute` call.
+    if let Ok(executed) = plugin.session().execute(state, command)? {
+        std::hint::black_box(executed);
     }
     Ok(())
 }

@@ -754,6 +754,9 @@ pub struct UploadResult {
     pub size_bytes: i64,
     /// Schema version the plugin reports.
     pub schema_version: i32,
+    /// The contract version the component implements, e.g. `meridian:aggregate@0.2.0`
+    /// (0.1.0 components run too, with one more call per event).
+    pub contract: String,
 }
 
 /// Upload a plugin component (the raw `.wasm` bytes as the body).
@@ -842,6 +845,7 @@ async fn upload_plugin(
             sha256: info.sha256,
             size_bytes: info.size_bytes,
             schema_version: info.schema_version,
+            contract: validated.contract.to_string(),
         }),
     ))
 }

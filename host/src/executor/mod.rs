@@ -171,7 +171,8 @@ pub struct AggregateState {
     pub plugin_version: i32,
 }
 
-/// Runs `handle` and then `apply` for each decided event, on a blocking thread.
+/// Runs the command through the plugin (decide, then apply the decided events) on a
+/// blocking thread.
 ///
 /// Guest calls are synchronous and may run up to their deadline; WASI calls that
 /// block (a plugin writing to stderr, say) drive tokio themselves, which is only
@@ -183,16 +184,10 @@ async fn decide(
 ) -> Result<(Result<Vec<crate::runtime::DecidedEvent>, String>, Vec<u8>), PluginError> {
     let plugin = plugin.clone();
     tokio::task::spawn_blocking(move || {
-        let mut session = plugin.session();
-        let decided = match session.handle(&state, command.get().as_bytes())? {
-            Ok(events) => events,
-            Err(rejection) => return Ok((Err(rejection), state)),
-        };
-        let mut state = state;
-        for event in &decided {
-            state = session.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
+        match plugin.session().execute(&state, command.get().as_bytes())? {
+            Ok(executed) => Ok((Ok(executed.events), executed.state)),
+            Err(rejection) => Ok((Err(rejection), state)),
         }
-        Ok((Ok(decided), state))
     })
     .await
     .map_err(|e| PluginError::Internal(format!("plugin task failed: {e}")))?

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Default CPU deadline for one call into a plugin (`handle` or `apply`).
+/// Default CPU deadline for one call into a plugin (`execute`, `handle` or `apply`).
 ///
 /// Enforced with wasmtime's epoch interruption, so it measures wall-clock time spent
 /// inside the guest with the resolution of [`EPOCH_TICK`]; time the host spends
@@ -21,7 +21,7 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 /// interpreter-based ones (Python, JavaScript) are 10–20 MiB.
 pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 32 * 1024 * 1024;
 
-/// Default cap on how many events one `handle` call may return.
+/// Default cap on how many events one `execute` or `handle` call may return.
 pub const DEFAULT_MAX_EVENTS_PER_CALL: u32 = 1_000;
 
 /// Default cap on the bytes one call may return (all event payloads, or one state).
@@ -41,7 +41,7 @@ pub struct SandboxLimits {
     pub memory_bytes: u64,
     /// Largest component accepted at upload, in bytes.
     pub max_component_bytes: u64,
-    /// Most events one `handle` call may return.
+    /// Most events one `execute` or `handle` call may return.
     pub max_events_per_call: u32,
     /// Most bytes one call may return.
     pub max_output_bytes: u64,

@@ -28,6 +28,7 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, Was
 /// is refused at upload.
 pub const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
     "meridian:aggregate/types@0.1.",
+    "meridian:aggregate/types@0.2.",
     "wasi:io/",
     "wasi:cli/",
     "wasi:clocks/",

@@ -27,7 +27,7 @@ mod component {
         wit_bindgen::generate!({
             world: "meridian:forbidden-import/forbidden-import",
             // The SDK's directory first: this world's WIT depends on it.
-            path: ["../../../guest-sdk/wit", "wit"],
+            path: ["../../../guest-sdk/wit-0.1.0", "wit"],
             // Both interfaces live in other packages than the world's.
             generate_all,
         });
