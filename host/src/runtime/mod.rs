@@ -201,7 +201,7 @@ impl Runtime {
         let mut wasm_config = Config::new();
         wasm_config
             .wasm_component_model(true)
-            .epoch_interruption(std::env::var_os("X_NOEPOCH").is_none())
+            .epoch_interruption(true)
             // A deep recursion in a guest must trap, not take the host thread's stack.
             .max_wasm_stack(1024 * 1024);
         // `perf` cannot name JIT-compiled guest code without a map file; profiling a
