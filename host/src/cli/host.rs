@@ -57,6 +57,13 @@ pub struct HostArgs {
     /// Append batches in flight at once.
     #[arg(long, env = "MERIDIAN_COMMIT_WORKERS", default_value_t = 4)]
     pub commit_workers: usize,
+    /// While a batch is in flight, a smaller batch lingers (see `--commit-linger-ms`)
+    /// for more appends before it commits; 1 turns lingering off.
+    #[arg(long, env = "MERIDIAN_COMMIT_MIN_BATCH", default_value_t = 16)]
+    pub commit_min_batch: usize,
+    /// How long, at most, a small batch lingers.
+    #[arg(long, env = "MERIDIAN_COMMIT_LINGER_MS", default_value_t = 2)]
+    pub commit_linger_ms: u64,
     /// Aggregate states cached in memory.
     #[arg(long, env = "MERIDIAN_CACHE_CAPACITY", default_value_t = executor::DEFAULT_CACHE_CAPACITY)]
     pub cache_capacity: usize,
@@ -186,6 +193,8 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         pool.clone(),
         CommitterConfig {
             workers: args.commit_workers,
+            min_batch: args.commit_min_batch,
+            linger: std::time::Duration::from_millis(args.commit_linger_ms),
             region: args.region.clone(),
             node_id: node_id.clone(),
             ..CommitterConfig::default()

@@ -8,11 +8,15 @@
 //! alone so the failure lands on the request that caused it.
 //!
 //! Several workers share the queue: while some wait for their commit (an fsync), others
-//! gather the next batch. Under light load a batch holds one request and costs one
-//! round trip, so there is no waiting for a batch to fill.
+//! gather the next batch. When no batch is in flight a request is committed at once, so
+//! under light load there is no waiting for a batch to fill. While others are in flight,
+//! a worker that finds only a few requests queued lingers briefly for more: requests
+//! arrive in bursts (every reply of a commit frees a client), and without lingering the
+//! idle workers would pick them off one at a time, each paying a whole commit.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::value::RawValue;
 use sqlx::{PgPool, Row};
@@ -28,6 +32,11 @@ pub struct CommitterConfig {
     pub workers: usize,
     /// Most requests in one batch.
     pub max_batch: usize,
+    /// While another batch is in flight, a batch smaller than this waits up to
+    /// [`linger`](Self::linger) for more requests before it commits.
+    pub min_batch: usize,
+    /// How long a small batch may wait for more while another batch is in flight.
+    pub linger: std::time::Duration,
     /// This region, recorded as the home of aggregates created here.
     pub region: String,
     /// This node, checked against partition leases when a request carries a [`Fence`].
@@ -39,6 +48,8 @@ impl Default for CommitterConfig {
         Self {
             workers: 4,
             max_batch: 512,
+            min_batch: 16,
+            linger: std::time::Duration::from_millis(2),
             region: "local".into(),
             node_id: "node".into(),
         }
@@ -120,18 +131,21 @@ impl Committer {
         let (tx, rx) = mpsc::channel::<Pending>(config.max_batch * config.workers * 2);
         let rx = Arc::new(Mutex::new(rx));
         let config = Arc::new(config);
+        let in_flight = Arc::new(AtomicUsize::new(0));
         for worker in 0..config.workers.max(1) {
             let rx = rx.clone();
             let pool = pool.clone();
             let config = config.clone();
+            let in_flight = in_flight.clone();
             tokio::spawn(async move {
                 let mut carry: Vec<Pending> = Vec::new();
                 loop {
-                    let Some(batch) = next_batch(&rx, &mut carry, config.max_batch).await else {
+                    let Some(batch) = next_batch(&rx, &mut carry, &config, &in_flight).await else {
                         tracing::debug!(worker, "committer worker stopping");
                         return;
                     };
-                    commit(&pool, &config, batch).await;
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    commit(&pool, &config, batch, &in_flight).await;
                 }
             });
         }
@@ -149,24 +163,44 @@ impl Committer {
     }
 }
 
-/// Waits for at least one request, then takes what else is queued, up to `max`.
-/// A request whose command id is already in the batch waits for the next one, so the
-/// SQL never sees the same id twice in a statement.
+/// Waits for at least one request, then takes what else is queued, up to `max_batch`;
+/// while another batch is in flight, lingers for up to `min_batch` (see the module
+/// docs). A request whose command id is already in the batch waits for the next one,
+/// so the SQL never sees the same id twice in a statement.
 async fn next_batch(
     rx: &Mutex<mpsc::Receiver<Pending>>,
     carry: &mut Vec<Pending>,
-    max: usize,
+    config: &CommitterConfig,
+    in_flight: &AtomicUsize,
 ) -> Option<Vec<Pending>> {
+    let max = config.max_batch;
     let mut batch = std::mem::take(carry);
     let mut rx = rx.lock().await;
     if batch.is_empty() {
         batch.push(rx.recv().await?);
     }
-    while batch.len() < max {
-        match rx.try_recv() {
-            Ok(pending) => batch.push(pending),
-            Err(_) => break,
+    let drain = |rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>| {
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
         }
+    };
+    drain(&mut rx, &mut batch);
+    if batch.len() < config.min_batch && in_flight.load(Ordering::SeqCst) > 0 {
+        let deadline = tokio::time::Instant::now() + config.linger;
+        while batch.len() < config.min_batch && in_flight.load(Ordering::SeqCst) > 0 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(pending)) => {
+                    batch.push(pending);
+                    drain(&mut rx, &mut batch);
+                }
+                // Closed: commit what there is; the next call returns `None`.
+                Ok(None) | Err(_) => break,
+            }
+        }
+        metrics::counter!("meridian_append_lingered_total").increment(1);
     }
     drop(rx);
     let mut seen_commands = HashSet::new();
@@ -186,10 +220,21 @@ async fn next_batch(
     Some(keep)
 }
 
-async fn commit(pool: &PgPool, config: &CommitterConfig, batch: Vec<Pending>) {
+/// Commits one batch and answers its requests. `in_flight` drops before the answers go
+/// out: a caller that sends its next request at once must not see this batch as still
+/// in flight and linger for nothing.
+async fn commit(
+    pool: &PgPool,
+    config: &CommitterConfig,
+    batch: Vec<Pending>,
+    in_flight: &AtomicUsize,
+) {
     metrics::histogram!("meridian_append_batch_size").record(batch.len() as f64);
     let requests: Vec<&AppendRequest> = batch.iter().map(|p| &p.request).collect();
-    match append_batch(pool, config, &requests).await {
+    let outcome = append_batch(pool, config, &requests).await;
+    drop(requests);
+    in_flight.fetch_sub(1, Ordering::SeqCst);
+    match outcome {
         Ok(results) => {
             for (pending, result) in batch.into_iter().zip(results) {
                 let _ = pending.reply.send(result);
