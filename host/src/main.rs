@@ -2,6 +2,12 @@
 
 use clap::Parser;
 
+/// mimalloc rather than glibc's malloc: a request allocates and frees many small
+/// buffers across threads, and under load glibc spent a fifth of the host's CPU on it
+/// (consolidating and unlinking chunks); see BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let cli = meridian::cli::Cli::parse();
