@@ -100,8 +100,17 @@
 pub mod codec;
 pub mod testing;
 
+#[cfg(any(test, all(target_arch = "wasm32", feature = "arena")))]
+#[allow(unsafe_code)]
+mod arena;
 #[cfg(target_arch = "wasm32")]
 mod export;
+
+/// Every allocation of the component goes through the arena (see `arena.rs`). Turn the
+/// `arena` feature off (`default-features = false`) to use your own allocator.
+#[cfg(all(target_arch = "wasm32", feature = "arena"))]
+#[global_allocator]
+static ARENA: arena::Arena = arena::Arena::new();
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
