@@ -2,9 +2,11 @@
 //! plugin runtime against the same code compiled natively, plus instantiate and
 //! compile cost and replay speed.
 //!
-//! Both sides run the identical byte-level path (`meridian_guest::codec`): JSON state
-//! and command in, JSON events out, then `apply` per event. Natively that is a plain
-//! function call; through WASM it crosses the component boundary twice per command.
+//! Both sides run the identical byte-level path, `meridian_guest::codec::execute`: JSON
+//! state and command in, the decided events and the new state out. Natively that is a
+//! plain function call; through WASM it is one call of the component's `execute`
+//! export, as the host's executor makes it. The two must agree on every command of the
+//! workload, or the run fails.
 //!
 //! ```text
 //! bash plugins/build.sh
@@ -97,6 +99,21 @@ fn main() -> anyhow::Result<()> {
     let instantiate = started.elapsed() / samples;
 
     let work = workload();
+    for (state, command) in &work {
+        let native = codec::execute::<BankAccount>(state, command).map_err(|r| r.into_message());
+        let wasm = plugin.session().execute(state, command)?.map(|executed| {
+            let events = executed
+                .events
+                .into_iter()
+                .map(|e| (e.event_type, e.payload.get().as_bytes().to_vec()))
+                .collect::<Vec<_>>();
+            (events, executed.state)
+        });
+        anyhow::ensure!(
+            native == wasm,
+            "WASM and native disagree: {native:?} vs {wasm:?}"
+        );
+    }
     // Warm both paths (allocators, instance pool, caches).
     for (state, command) in work.iter().cycle().take(10_000) {
         native_command(state, command);
@@ -153,11 +170,11 @@ fn main() -> anyhow::Result<()> {
         instantiate.as_secs_f64() * 1e6
     );
     println!(
-        "native handle+apply    {:>10.2} µs/command",
+        "native execute         {:>10.2} µs/command",
         native.as_secs_f64() * 1e6
     );
     println!(
-        "WASM handle+apply      {:>10.2} µs/command",
+        "WASM execute           {:>10.2} µs/command",
         wasm.as_secs_f64() * 1e6
     );
     println!("WASM / native          {:>10.2}x  (goal <= 1.3x)", ratio);
