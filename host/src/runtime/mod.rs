@@ -453,21 +453,26 @@ enum Bindings {
     V0_1(bindings_v0_1::Aggregate),
 }
 
+/// Runs the same code against either version's bindings, whose types differ by name
+/// only.
+macro_rules! each_version {
+    ($bindings:expr, $guest:ident => $body:expr) => {
+        match $bindings {
+            Bindings::Current($guest) => $body,
+            Bindings::V0_1($guest) => $body,
+        }
+    };
+}
+
 /// What `handle` returns, version-independent.
 type Handled = Result<Vec<(String, Vec<u8>)>, String>;
 
 impl Bindings {
     fn describe(&self, store: &mut Store<GuestState>) -> wasmtime::Result<(String, u32)> {
-        Ok(match self {
-            Bindings::Current(guest) => {
-                let d = guest.call_describe(store)?;
-                (d.aggregate_type, d.schema_version)
-            }
-            Bindings::V0_1(guest) => {
-                let d = guest.call_describe(store)?;
-                (d.aggregate_type, d.schema_version)
-            }
-        })
+        Ok(each_version!(self, guest => {
+            let d = guest.call_describe(store)?;
+            (d.aggregate_type, d.schema_version)
+        }))
     }
 
     fn handle(
@@ -476,26 +481,10 @@ impl Bindings {
         state: &[u8],
         command: &[u8],
     ) -> wasmtime::Result<Handled> {
-        Ok(match self {
-            Bindings::Current(guest) => guest
-                .call_handle(store, state, command)?
-                .map(|events| {
-                    events
-                        .into_iter()
-                        .map(|e| (e.event_type, e.payload))
-                        .collect()
-                })
-                .map_err(|r| r.message),
-            Bindings::V0_1(guest) => guest
-                .call_handle(store, state, command)?
-                .map(|events| {
-                    events
-                        .into_iter()
-                        .map(|e| (e.event_type, e.payload))
-                        .collect()
-                })
-                .map_err(|r| r.message),
-        })
+        Ok(each_version!(self, guest => guest
+            .call_handle(store, state, command)?
+            .map(|events| events.into_iter().map(|e| (e.event_type, e.payload)).collect())
+            .map_err(|r| r.message)))
     }
 
     fn apply(
