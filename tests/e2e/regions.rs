@@ -434,8 +434,30 @@ async fn move_home_to_west_then_commands_through_either_region_run_in_west() {
     assert_eq!(moved["to"], WEST);
     assert_eq!(moved["version"], 3);
     assert_eq!(moved["target_has_all_events"], true, "{moved}");
-    // Whichever host takes them, they run in west: its events say so below.
-    for (host, amount, version) in [(&r.east[1], 5, 4), (&r.west[0], 7, 5), (&r.east[0], 1, 6)] {
+    // Whichever host takes them, they run in west: its events say so below. The CLI
+    // says where a forwarded command ran.
+    let output = std::process::Command::new(meridian_bin())
+        .args([
+            "command",
+            "bank-account",
+            "mv-1",
+            r#"{"type":"Deposit","amount":5}"#,
+        ])
+        .env("MERIDIAN_URL", &r.east[1].url)
+        .output()
+        .expect("run meridian command");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}{}",
+        String::from_utf8_lossy(&output.stderr),
+        r.logs()
+    );
+    assert!(
+        stdout.contains("bank-account/mv-1 is now at version 4 (run in its home region, west)"),
+        "{stdout}"
+    );
+    for (host, amount, version) in [(&r.west[0], 7, 5), (&r.east[0], 1, 6)] {
         let (status, body, _) = send(host, "mv-1", json!({"type":"Deposit","amount":amount})).await;
         assert_eq!(status, 200, "{body}{}", r.logs());
         assert_eq!(body["version"], version, "{body}");

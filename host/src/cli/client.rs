@@ -152,6 +152,11 @@ pub(super) async fn send(
     let response = request.send().await.with_context(|| {
         format!("cannot reach a Meridian host at {url}; is it running? (set --url or MERIDIAN_URL)")
     })?;
+    read(response, url).await
+}
+
+/// The status and JSON body of an answer; a 4xx or 5xx becomes the error it names.
+async fn read(response: reqwest::Response, url: &str) -> anyhow::Result<(u16, Value)> {
     let status = response.status().as_u16();
     let body: Value = response.json().await.with_context(|| {
         format!("the host at {url} answered {status} with a body that is not JSON")
@@ -267,16 +272,29 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
         args.aggregate_type,
         args.aggregate_id
     );
-    let (_, result) = send(
-        client(&args.target).post(&url).json(&body),
-        &args.target.url,
-    )
-    .await?;
+    let response = client(&args.target)
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach a Meridian host at {}; is it running? (set --url or MERIDIAN_URL)",
+                args.target.url
+            )
+        })?;
+    // Set when the host forwarded the command to the aggregate's home region.
+    let ran_in = response
+        .headers()
+        .get(crate::region::SERVED_BY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (_, result) = read(response, &args.target.url).await?;
     if args.target.json {
         print_json(&result);
     } else {
         println!(
-            "{}/{} is now at version {}{}",
+            "{}/{} is now at version {}{}{}",
             args.aggregate_type,
             args.aggregate_id,
             result["version"],
@@ -284,6 +302,10 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
                 " (repeated command id: first result)"
             } else {
                 ""
+            },
+            match &ran_in {
+                Some(region) => format!(" (run in its home region, {region})"),
+                None => String::new(),
             }
         );
         for event in result["events"].as_array().into_iter().flatten() {
