@@ -78,10 +78,13 @@ fn workload() -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
-fn main() -> anyhow::Result<()> {
+// The host runs plugin calls on async tasks (wasmtime's async API); so does this,
+// on one thread, so the measurement has no thread hops in it.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.languages.is_empty() {
-        return compare_languages(&args);
+        return compare_languages(&args).await;
     }
     let bytes = std::fs::read(&args.wasm)
         .with_context(|| format!("reading {} (run plugins/build.sh)", args.wasm.display()))?;
@@ -94,21 +97,25 @@ fn main() -> anyhow::Result<()> {
     let samples = 200;
     let started = Instant::now();
     for _ in 0..samples {
-        plugin.cold_instantiate()?;
+        plugin.cold_instantiate().await?;
     }
     let instantiate = started.elapsed() / samples;
 
     let work = workload();
     for (state, command) in &work {
         let native = codec::execute::<BankAccount>(state, command).map_err(|r| r.into_message());
-        let wasm = plugin.session().execute(state, command)?.map(|executed| {
-            let events = executed
-                .events
-                .into_iter()
-                .map(|e| (e.event_type, e.payload.get().as_bytes().to_vec()))
-                .collect::<Vec<_>>();
-            (events, executed.state)
-        });
+        let wasm = plugin
+            .session()
+            .execute(state, command)
+            .await?
+            .map(|executed| {
+                let events = executed
+                    .events
+                    .into_iter()
+                    .map(|e| (e.event_type, e.payload.get().as_bytes().to_vec()))
+                    .collect::<Vec<_>>();
+                (events, executed.state)
+            });
         anyhow::ensure!(
             native == wasm,
             "WASM and native disagree: {native:?} vs {wasm:?}"
@@ -117,7 +124,7 @@ fn main() -> anyhow::Result<()> {
     // Warm both paths (allocators, instance pool, caches).
     for (state, command) in work.iter().cycle().take(10_000) {
         native_command(state, command);
-        wasm_command(&plugin, state, command)?;
+        wasm_command(&plugin, state, command).await?;
     }
 
     let native = time(args.commands, |i| {
@@ -125,10 +132,12 @@ fn main() -> anyhow::Result<()> {
         native_command(state, command);
         Ok(())
     })?;
-    let wasm = time(args.commands, |i| {
+    let started = Instant::now();
+    for i in 0..args.commands {
         let (state, command) = &work[i % work.len()];
-        wasm_command(&plugin, state, command)
-    })?;
+        wasm_command(&plugin, state, command).await?;
+    }
+    let wasm = started.elapsed() / args.commands as u32;
 
     // Replay: fold `replay_events` Deposited events into one state through WASM apply.
     let payload = br#"{"amount":1}"#;
@@ -137,7 +146,7 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut session = plugin.session();
     for _ in 0..args.replay_events {
-        state = session.apply(&state, "Deposited", payload)?;
+        state = session.apply(&state, "Deposited", payload).await?;
     }
     drop(session);
     let replay = started.elapsed();
@@ -154,10 +163,11 @@ fn main() -> anyhow::Result<()> {
 
     // The bare cost of crossing into the guest and back: `describe` takes no input and
     // returns a small record, so this is almost all boundary.
-    let boundary = time(args.commands, |_| {
-        plugin.session().describe_call()?;
-        Ok(())
-    })?;
+    let started = Instant::now();
+    for _ in 0..args.commands {
+        plugin.session().describe_call().await?;
+    }
+    let boundary = started.elapsed() / args.commands as u32;
 
     let ratio = wasm.as_secs_f64() / native.as_secs_f64();
     println!("component size         {:>10} bytes", bytes.len());
@@ -223,13 +233,13 @@ fn native_command(state: &[u8], command: &[u8]) {
     }
 }
 
-fn wasm_command(
+async fn wasm_command(
     plugin: &meridian::runtime::Plugin,
     state: &[u8],
     command: &[u8],
 ) -> anyhow::Result<()> {
     // As the executor does: a pooled instance, one `execute` call.
-    if let Ok(executed) = plugin.session().execute(state, command)? {
+    if let Ok(executed) = plugin.session().execute(state, command).await? {
         std::hint::black_box(executed);
     }
     Ok(())
@@ -258,7 +268,7 @@ struct LanguageResult {
 }
 
 /// Runs the bank-account workload through each `--language` component.
-fn compare_languages(args: &Args) -> anyhow::Result<()> {
+async fn compare_languages(args: &Args) -> anyhow::Result<()> {
     let work = workload();
     let mut results = Vec::new();
     for (name, path) in &args.languages {
@@ -282,7 +292,7 @@ fn compare_languages(args: &Args) -> anyhow::Result<()> {
         let plugin = runtime.load("bank-account", 1, &sha, &bytes, limits)?;
         let compile = started.elapsed();
         let started = Instant::now();
-        plugin.session().describe_call()?;
+        plugin.session().describe_call().await?;
         let first_instantiate = started.elapsed();
 
         let restarted = Runtime::new(config)?;
@@ -300,31 +310,34 @@ fn compare_languages(args: &Args) -> anyhow::Result<()> {
         let samples = 20;
         let started = Instant::now();
         for _ in 0..samples {
-            plugin.cold_instantiate()?;
+            plugin.cold_instantiate().await?;
         }
         let instantiate = started.elapsed() / samples;
 
         for (state, command) in work.iter().cycle().take(args.commands.min(2_000)) {
-            wasm_command(&plugin, state, command)?;
+            wasm_command(&plugin, state, command).await?;
         }
-        let per_command = time(args.commands, |i| {
+        let started = Instant::now();
+        for i in 0..args.commands {
             let (state, command) = &work[i % work.len()];
-            wasm_command(&plugin, state, command)
-        })?;
-        let empty_call = time(args.commands, |_| {
-            plugin.session().describe_call()?;
-            Ok(())
-        })?;
+            wasm_command(&plugin, state, command).await?;
+        }
+        let per_command = started.elapsed() / args.commands as u32;
+        let started = Instant::now();
+        for _ in 0..args.commands {
+            plugin.session().describe_call().await?;
+        }
+        let empty_call = started.elapsed() / args.commands as u32;
 
         let payload = br#"{"amount":1}"#;
         let opened = br#"{"owner":"r"}"#;
         let mut native =
             codec::apply::<BankAccount>(b"", "Opened", opened).map_err(anyhow::Error::msg)?;
         let mut session = plugin.session();
-        let mut state = session.apply(b"", "Opened", opened)?;
+        let mut state = session.apply(b"", "Opened", opened).await?;
         let started = Instant::now();
         for _ in 0..args.replay_events {
-            state = session.apply(&state, "Deposited", payload)?;
+            state = session.apply(&state, "Deposited", payload).await?;
         }
         let replay = started.elapsed();
         drop(session);

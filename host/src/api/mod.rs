@@ -791,9 +791,9 @@ async fn upload_plugin(
         size = body.len(),
         "validating uploaded plugin"
     );
-    let validated = tokio::task::spawn_blocking(move || runtime.validate(&bytes, &limits))
+    let validated = runtime
+        .validate(bytes, &limits)
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(|e| match e {
             // A component that traps in `describe` is broken, not a server fault.
             e @ (crate::runtime::PluginError::Trap { .. }

@@ -171,49 +171,44 @@ pub struct AggregateState {
     pub plugin_version: i32,
 }
 
-/// Runs the command through the plugin (decide, then apply the decided events) on a
-/// blocking thread.
+/// Runs the command through the plugin: decides, then applies the decided events.
 ///
-/// Guest calls are synchronous and may run up to their deadline; WASI calls that
-/// block (a plugin writing to stderr, say) drive tokio themselves, which is only
-/// allowed off the async workers.
+/// The guest runs on a fiber inside this task (wasmtime's async API): no thread hop per
+/// command, and WASI calls that wait (a plugin writing to stderr) are awaited rather
+/// than blocking a thread. A long call gives the thread back at every epoch tick.
 async fn decide(
     plugin: &Plugin,
     state: Vec<u8>,
     command: Box<RawValue>,
 ) -> Result<(Result<Vec<crate::runtime::DecidedEvent>, String>, Vec<u8>), PluginError> {
-    let plugin = plugin.clone();
-    tokio::task::spawn_blocking(move || {
-        match plugin.session().execute(&state, command.get().as_bytes())? {
-            Ok(executed) => Ok((Ok(executed.events), executed.state)),
-            Err(rejection) => Ok((Err(rejection), state)),
-        }
-    })
-    .await
-    .map_err(|e| PluginError::Internal(format!("plugin task failed: {e}")))?
+    match plugin
+        .session()
+        .execute(&state, command.get().as_bytes())
+        .await?
+    {
+        Ok(executed) => Ok((Ok(executed.events), executed.state)),
+        Err(rejection) => Ok((Err(rejection), state)),
+    }
 }
 
-/// Folds stored events into a state on a blocking thread (see [`decide`]).
+/// Folds stored events into a state (see [`decide`]).
 async fn replay(
     plugin: &Plugin,
     state: Vec<u8>,
     events: Vec<store::StoredEvent>,
 ) -> Result<Vec<u8>, PluginError> {
-    let plugin = plugin.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut session = plugin.session();
-        let mut state = state;
-        // Meridian's own events (a home move) are not the plugin's business.
-        for event in events
-            .iter()
-            .filter(|e| !store::regions::is_system_event(&e.event_type))
-        {
-            state = session.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
-        }
-        Ok(state)
-    })
-    .await
-    .map_err(|e| PluginError::Internal(format!("plugin task failed: {e}")))?
+    let mut session = plugin.session();
+    let mut state = state;
+    // Meridian's own events (a home move) are not the plugin's business.
+    for event in events
+        .iter()
+        .filter(|e| !store::regions::is_system_event(&e.event_type))
+    {
+        state = session
+            .apply(&state, &event.event_type, event.payload.get().as_bytes())
+            .await?;
+    }
+    Ok(state)
 }
 
 /// Executes commands. Cheap to clone.

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, types::ComponentItem};
-use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 
 pub use limits::*;
 use sandbox::GuestState;
@@ -35,6 +35,7 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../guest-sdk/wit",
         world: "aggregate",
+        exports: { default: async },
     });
 }
 
@@ -44,6 +45,7 @@ mod bindings_v0_1 {
     wasmtime::component::bindgen!({
         path: "../guest-sdk/wit-0.1.0",
         world: "aggregate",
+        exports: { default: async },
     });
 }
 
@@ -211,7 +213,7 @@ impl Runtime {
         }
         let engine = Engine::new(&wasm_config).map_err(|e| PluginError::Internal(e.to_string()))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| PluginError::Internal(e.to_string()))?;
 
         let engine_hash = {
@@ -252,16 +254,28 @@ impl Runtime {
 
     /// Checks an upload: size, that it is a component, its imports, its exports, and
     /// what `describe` says. Compiles it (and caches the result) on the way.
-    pub fn validate(&self, bytes: &[u8], limits: &SandboxLimits) -> Result<Validated, PluginError> {
+    ///
+    /// Compiling takes from milliseconds to seconds (an interpreter inside the
+    /// component), so it runs on a blocking thread.
+    pub async fn validate(
+        &self,
+        bytes: bytes::Bytes,
+        limits: &SandboxLimits,
+    ) -> Result<Validated, PluginError> {
         if bytes.len() as u64 > limits.max_component_bytes {
             return Err(PluginError::TooLarge {
                 size: bytes.len() as u64,
                 limit: limits.max_component_bytes,
             });
         }
-        let sha256 = hex::encode(Sha256::digest(bytes));
-        let plugin = self.compile("(upload)", 0, &sha256, bytes, *limits)?;
-        let description = plugin.describe()?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let (runtime, sha, limits) = (self.clone(), sha256.clone(), *limits);
+        let plugin = tokio::task::spawn_blocking(move || {
+            runtime.compile("(upload)", 0, &sha, &bytes, limits)
+        })
+        .await
+        .map_err(|e| PluginError::Internal(format!("compile task failed: {e}")))??;
+        let description = plugin.describe().await?;
         Ok(Validated {
             sha256,
             aggregate_type: description.0,
@@ -468,26 +482,27 @@ macro_rules! each_version {
 type Handled = Result<Vec<(String, Vec<u8>)>, String>;
 
 impl Bindings {
-    fn describe(&self, store: &mut Store<GuestState>) -> wasmtime::Result<(String, u32)> {
+    async fn describe(&self, store: &mut Store<GuestState>) -> wasmtime::Result<(String, u32)> {
         Ok(each_version!(self, guest => {
-            let d = guest.call_describe(store)?;
+            let d = guest.call_describe(store).await?;
             (d.aggregate_type, d.schema_version)
         }))
     }
 
-    fn handle(
+    async fn handle(
         &self,
         store: &mut Store<GuestState>,
         state: &[u8],
         command: &[u8],
     ) -> wasmtime::Result<Handled> {
         Ok(each_version!(self, guest => guest
-            .call_handle(store, state, command)?
+            .call_handle(store, state, command)
+            .await?
             .map(|events| events.into_iter().map(|e| (e.event_type, e.payload)).collect())
             .map_err(|r| r.message)))
     }
 
-    fn apply(
+    async fn apply(
         &self,
         store: &mut Store<GuestState>,
         state: &[u8],
@@ -500,14 +515,14 @@ impl Bindings {
                     event_type: event_type.to_string(),
                     payload: payload.to_vec(),
                 };
-                guest.call_apply(store, state, &event)
+                guest.call_apply(store, state, &event).await
             }
             Bindings::V0_1(guest) => {
                 let event = bindings_v0_1::meridian::aggregate::types::Event {
                     event_type: event_type.to_string(),
                     payload: payload.to_vec(),
                 };
-                guest.call_apply(store, state, &event)
+                guest.call_apply(store, state, &event).await
             }
         }
     }
@@ -538,8 +553,8 @@ impl Plugin {
     }
 
     /// Calls `describe`: the aggregate type and schema version.
-    pub fn describe(&self) -> Result<(String, u32), PluginError> {
-        self.call("describe", |store, guest| guest.describe(store))
+    pub async fn describe(&self) -> Result<(String, u32), PluginError> {
+        self.session().describe_call().await
     }
 
     /// The contract version the component implements, e.g. `meridian:aggregate@0.2.0`.
@@ -552,22 +567,22 @@ impl Plugin {
 
     /// Calls `handle`. The outer error is a plugin fault; the inner one is the plugin's
     /// rejection message.
-    pub fn handle(
+    pub async fn handle(
         &self,
         state: &[u8],
         command: &[u8],
     ) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
-        self.session().handle(state, command)
+        self.session().handle(state, command).await
     }
 
     /// Calls `apply` and returns the new state bytes.
-    pub fn apply(
+    pub async fn apply(
         &self,
         state: &[u8],
         event_type: &str,
         payload: &[u8],
     ) -> Result<Vec<u8>, PluginError> {
-        self.session().apply(state, event_type, payload)
+        self.session().apply(state, event_type, payload).await
     }
 
     /// Enforces the output caps on what `handle` (or `execute`) returned.
@@ -660,14 +675,6 @@ impl Plugin {
         }
     }
 
-    fn call<R>(
-        &self,
-        call: &'static str,
-        f: impl FnOnce(&mut Store<GuestState>, &Bindings) -> wasmtime::Result<R>,
-    ) -> Result<R, PluginError> {
-        self.session().call(call, f)
-    }
-
     /// Borrows one instance for several calls (a command's `handle` and its `apply`s),
     /// which saves a pool round trip per call. The instance goes back to the pool when
     /// the session is dropped, unless a call trapped.
@@ -727,17 +734,32 @@ impl Plugin {
         }
     }
 
-    fn instantiate(&self) -> Result<Instance, PluginError> {
+    async fn instantiate(&self) -> Result<Instance, PluginError> {
         let mut store = Store::new(
             &self.inner.engine,
             GuestState::new(self.inner.limits.memory_bytes),
         );
         store.limiter(|state| &mut state.limiter);
+        // Each epoch tick gives the async runtime its thread back for a moment; once
+        // the call has used up its ticks it traps. So a slow plugin never holds an
+        // async worker for long, and a runaway one stops at its deadline.
+        store.epoch_deadline_callback(|mut store| {
+            let ticks = &mut store.data_mut().ticks_left;
+            if *ticks <= 1 {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                *ticks -= 1;
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
         // Instantiation runs the component's start code, which gets the same deadline.
-        store.set_epoch_deadline(self.inner.limits.deadline_ticks());
+        arm_deadline(&mut store, self.inner.limits.deadline_ticks());
         let instantiated = match &self.inner.pre {
-            Pre::Current(pre) => pre.instantiate(&mut store).map(Bindings::Current),
-            Pre::V0_1(pre) => pre.instantiate(&mut store).map(Bindings::V0_1),
+            Pre::Current(pre) => pre
+                .instantiate_async(&mut store)
+                .await
+                .map(Bindings::Current),
+            Pre::V0_1(pre) => pre.instantiate_async(&mut store).await.map(Bindings::V0_1),
         };
         let bindings = instantiated.map_err(|e| {
             if store.data().limiter.exceeded.load(Ordering::Relaxed) {
@@ -764,8 +786,8 @@ impl Plugin {
     /// Creates one instance and drops it: what a call costs when no idle instance is
     /// pooled. For benchmarks.
     #[doc(hidden)]
-    pub fn cold_instantiate(&self) -> Result<(), PluginError> {
-        self.instantiate().map(drop)
+    pub async fn cold_instantiate(&self) -> Result<(), PluginError> {
+        self.instantiate().await.map(drop)
     }
 
     /// How long a call may take at most, for callers that wait on one.
@@ -781,45 +803,60 @@ pub struct Session<'a> {
 }
 
 impl Session<'_> {
-    fn call<R>(
-        &mut self,
-        call: &'static str,
-        f: impl FnOnce(&mut Store<GuestState>, &Bindings) -> wasmtime::Result<R>,
-    ) -> Result<R, PluginError> {
-        let plugin = self.plugin;
+    /// Takes the session's instance (creating one if the pool had none) and arms it for
+    /// one call.
+    async fn begin(&mut self) -> Result<Instance, PluginError> {
         let mut instance = match self.instance.take() {
             Some(instance) => instance,
-            None => plugin.instantiate()?,
+            None => self.plugin.instantiate().await?,
         };
         instance.store.data_mut().reset_for_call();
-        instance
-            .store
-            .set_epoch_deadline(plugin.inner.limits.deadline_ticks());
-        match f(&mut instance.store, &instance.bindings) {
+        arm_deadline(
+            &mut instance.store,
+            self.plugin.inner.limits.deadline_ticks(),
+        );
+        Ok(instance)
+    }
+
+    /// Keeps the instance for the next call, or drops it if the call failed: after a
+    /// trap its memory may be inconsistent.
+    fn end<R>(
+        &mut self,
+        call: &'static str,
+        mut instance: Instance,
+        result: wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
+        match result {
             Ok(value) => {
                 instance.calls += 1;
                 self.instance = Some(instance);
                 Ok(value)
             }
-            // The instance is dropped here: after a trap its memory may be inconsistent.
-            Err(error) => Err(plugin.classify(call, &instance, error)),
+            Err(error) => Err(self.plugin.classify(call, &instance, error)),
         }
     }
 
     /// `describe` on this session's instance: the cheapest call, for measuring the
     /// cost of crossing the boundary.
     #[doc(hidden)]
-    pub fn describe_call(&mut self) -> Result<(String, u32), PluginError> {
-        self.call("describe", |store, guest| guest.describe(store))
+    pub async fn describe_call(&mut self) -> Result<(String, u32), PluginError> {
+        let mut instance = self.begin().await?;
+        let result = instance.bindings.describe(&mut instance.store).await;
+        self.end("describe", instance, result)
     }
 
     /// `handle` on this session's instance; see [`Plugin::handle`].
-    pub fn handle(
+    pub async fn handle(
         &mut self,
         state: &[u8],
         command: &[u8],
     ) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
-        match self.call("handle", |store, guest| guest.handle(store, state, command))? {
+        let mut instance = self.begin().await?;
+        let result = instance
+            .bindings
+            .handle(&mut instance.store, state, command)
+            .await;
+        match self.end("handle", instance, result)? {
             Ok(events) => self.plugin.check_decided("handle", events).map(Ok),
             Err(rejection) => Ok(Err(rejection)),
         }
@@ -830,27 +867,34 @@ impl Session<'_> {
     ///
     /// One `execute` call for a 0.2.0 component; `handle` and then `apply` per event for
     /// a 0.1.0 one.
-    pub fn execute(
+    pub async fn execute(
         &mut self,
         state: &[u8],
         command: &[u8],
     ) -> Result<Result<Executed, String>, PluginError> {
         if !matches!(self.plugin.inner.pre, Pre::Current(_)) {
-            let events = match self.handle(state, command)? {
+            let events = match self.handle(state, command).await? {
                 Ok(events) => events,
                 Err(rejection) => return Ok(Err(rejection)),
             };
             let mut state = state.to_vec();
             for event in &events {
-                state = self.apply(&state, &event.event_type, event.payload.get().as_bytes())?;
+                state = self
+                    .apply(&state, &event.event_type, event.payload.get().as_bytes())
+                    .await?;
             }
             return Ok(Ok(Executed { events, state }));
         }
-        let result = self.call("execute", |store, guest| match guest {
-            Bindings::Current(guest) => guest.call_execute(store, state, command),
+        let mut instance = self.begin().await?;
+        let result = match &instance.bindings {
+            Bindings::Current(guest) => {
+                guest
+                    .call_execute(&mut instance.store, state, command)
+                    .await
+            }
             Bindings::V0_1(_) => unreachable!("checked above: a 0.2.0 component"),
-        })?;
-        let decision = match result {
+        };
+        let decision = match self.end("execute", instance, result)? {
             Ok(decision) => decision,
             Err(rejection) => return Ok(Err(rejection.message)),
         };
@@ -865,17 +909,27 @@ impl Session<'_> {
     }
 
     /// `apply` on this session's instance; see [`Plugin::apply`].
-    pub fn apply(
+    pub async fn apply(
         &mut self,
         state: &[u8],
         event_type: &str,
         payload: &[u8],
     ) -> Result<Vec<u8>, PluginError> {
-        let result = self.call("apply", |store, guest| {
-            guest.apply(store, state, event_type, payload)
-        })?;
+        let mut instance = self.begin().await?;
+        let result = instance
+            .bindings
+            .apply(&mut instance.store, state, event_type, payload)
+            .await;
+        let result = self.end("apply", instance, result)?;
         self.plugin.check_applied(event_type, result)
     }
+}
+
+/// Gives a call `ticks` epoch ticks: the deadline callback set at instantiation yields
+/// at each and traps when none are left.
+fn arm_deadline(store: &mut Store<GuestState>, ticks: u64) {
+    store.data_mut().ticks_left = ticks;
+    store.set_epoch_deadline(1);
 }
 
 impl Drop for Session<'_> {

@@ -55,6 +55,8 @@ pub(crate) struct GuestState {
     pub(crate) limiter: MemoryLimiter,
     /// Reset before every call so each call draws the same "random" bytes.
     pub(crate) rng_state: Arc<AtomicU64>,
+    /// Epoch ticks the current call may still run (see `runtime::arm_deadline`).
+    pub(crate) ticks_left: u64,
 }
 
 impl GuestState {
@@ -80,6 +82,7 @@ impl GuestState {
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(memory_bytes),
             rng_state,
+            ticks_left: 0,
         }
     }
 
