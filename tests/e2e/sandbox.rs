@@ -16,6 +16,7 @@ async fn upload_all(api: &Api) {
         "file-reader",
         "clock-reader",
         "socket-opener",
+        "sleeper",
     ] {
         let (status, body) = api.upload(name, wasm_bytes(name)).await;
         assert_eq!(status, 201, "{name}: {body}");
@@ -81,6 +82,21 @@ async fn hostile_plugins_are_contained() {
         body["error"]["message"].as_str().unwrap().contains("20 ms"),
         "{body}"
     );
+
+    // Sleeping runs no code, so no epoch tick stops it; the call is bounded in time too.
+    let (status, body) = api
+        .command("sleeper", "z1", json!({"command": {"type": "Go"}}))
+        .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "plugin_deadline_exceeded", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sleeper@v1"),
+        "{body}"
+    );
+    still_serves(&api, "a1b").await;
 
     // A memory bomb hits the 64 MiB cap.
     let (status, body) = api

@@ -818,6 +818,11 @@ impl Session<'_> {
         Ok(instance)
     }
 
+    /// How long a call may take in wall-clock time; see [`bounded`].
+    fn call_limit(&self) -> Duration {
+        self.plugin.inner.limits.deadline() + EPOCH_TICK
+    }
+
     /// Keeps the instance for the next call, or drops it if the call failed: after a
     /// trap its memory may be inconsistent.
     fn end<R>(
@@ -841,7 +846,11 @@ impl Session<'_> {
     #[doc(hidden)]
     pub async fn describe_call(&mut self) -> Result<(String, u32), PluginError> {
         let mut instance = self.begin().await?;
-        let result = instance.bindings.describe(&mut instance.store).await;
+        let result = bounded(
+            self.call_limit(),
+            instance.bindings.describe(&mut instance.store),
+        )
+        .await;
         self.end("describe", instance, result)
     }
 
@@ -852,10 +861,13 @@ impl Session<'_> {
         command: &[u8],
     ) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
         let mut instance = self.begin().await?;
-        let result = instance
-            .bindings
-            .handle(&mut instance.store, state, command)
-            .await;
+        let result = bounded(
+            self.call_limit(),
+            instance
+                .bindings
+                .handle(&mut instance.store, state, command),
+        )
+        .await;
         match self.end("handle", instance, result)? {
             Ok(events) => self.plugin.check_decided("handle", events).map(Ok),
             Err(rejection) => Ok(Err(rejection)),
@@ -886,14 +898,14 @@ impl Session<'_> {
             return Ok(Ok(Executed { events, state }));
         }
         let mut instance = self.begin().await?;
-        let result = match &instance.bindings {
-            Bindings::Current(guest) => {
-                guest
-                    .call_execute(&mut instance.store, state, command)
-                    .await
-            }
-            Bindings::V0_1(_) => unreachable!("checked above: a 0.2.0 component"),
+        let Bindings::Current(guest) = &instance.bindings else {
+            unreachable!("checked above: a 0.2.0 component")
         };
+        let result = bounded(
+            self.call_limit(),
+            guest.call_execute(&mut instance.store, state, command),
+        )
+        .await;
         let decision = match self.end("execute", instance, result)? {
             Ok(decision) => decision,
             Err(rejection) => return Ok(Err(rejection.message)),
@@ -916,12 +928,30 @@ impl Session<'_> {
         payload: &[u8],
     ) -> Result<Vec<u8>, PluginError> {
         let mut instance = self.begin().await?;
-        let result = instance
-            .bindings
-            .apply(&mut instance.store, state, event_type, payload)
-            .await;
+        let result = bounded(
+            self.call_limit(),
+            instance
+                .bindings
+                .apply(&mut instance.store, state, event_type, payload),
+        )
+        .await;
         let result = self.end("apply", instance, result)?;
         self.plugin.check_applied(event_type, result)
+    }
+}
+
+/// Bounds a call in wall-clock time as well. The epoch deadline stops running code; a
+/// guest waiting on a WASI timer (`std::thread::sleep`) runs no code, so without this it
+/// would hold its aggregate for as long as it likes. One tick of slack lets the epoch
+/// trap fire first for code that is running. A call stopped here is dropped mid-flight,
+/// and with it (see `Session::end`) its instance.
+async fn bounded<R>(
+    limit: Duration,
+    call: impl std::future::Future<Output = wasmtime::Result<R>>,
+) -> wasmtime::Result<R> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(Trap::Interrupt.into()),
     }
 }
 
