@@ -37,6 +37,20 @@ async fn still_serves(api: &Api, id: &str) {
     );
 }
 
+/// Sends a command to `plugin` and checks it failed with a 500 whose code is `code` and
+/// whose message names the plugin and says `says`; returns the message.
+async fn fails_with(api: &Api, plugin: &str, id: &str, code: &str, says: &str) -> String {
+    let (status, body) = api
+        .command(plugin, id, json!({"command": {"type": "Go"}}))
+        .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("{plugin}@v1")), "{body}");
+    assert!(message.contains(says), "{body}");
+    message.to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_plugins_are_contained() {
     let db = TestDb::new("sandbox").await;
@@ -46,19 +60,15 @@ async fn hostile_plugins_are_contained() {
 
     // An infinite loop is interrupted at the deadline (100 ms by default).
     let started = Instant::now();
-    let (status, body) = api
-        .command("spin-loop", "s1", json!({"command": {"type": "Go"}}))
-        .await;
+    fails_with(
+        &api,
+        "spin-loop",
+        "s1",
+        "plugin_deadline_exceeded",
+        "100 ms",
+    )
+    .await;
     let elapsed = started.elapsed();
-    assert_eq!(status, 500, "{body}");
-    assert_eq!(body["error"]["code"], "plugin_deadline_exceeded", "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("spin-loop@v1"),
-        "{body}"
-    );
     assert!(
         elapsed < Duration::from_secs(5),
         "the loop was not interrupted: {elapsed:?}"
@@ -74,58 +84,39 @@ async fn hostile_plugins_are_contained() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let (status, body) = api
-        .command("spin-loop", "s1", json!({"command": {"type": "Go"}}))
-        .await;
-    assert_eq!(status, 500);
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("20 ms"),
-        "{body}"
-    );
+    fails_with(&api, "spin-loop", "s1", "plugin_deadline_exceeded", "20 ms").await;
 
     // Sleeping runs no code, so no epoch tick stops it; the call is bounded in time too.
-    let (status, body) = api
-        .command("sleeper", "z1", json!({"command": {"type": "Go"}}))
-        .await;
-    assert_eq!(status, 500, "{body}");
-    assert_eq!(body["error"]["code"], "plugin_deadline_exceeded", "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("sleeper@v1"),
-        "{body}"
-    );
+    fails_with(
+        &api,
+        "sleeper",
+        "z1",
+        "plugin_deadline_exceeded",
+        "deadline",
+    )
+    .await;
     still_serves(&api, "a1b").await;
 
     // A memory bomb hits the 64 MiB cap.
-    let (status, body) = api
-        .command("memory-bomb", "m1", json!({"command": {"type": "Go"}}))
-        .await;
-    assert_eq!(status, 500, "{body}");
-    assert_eq!(body["error"]["code"], "plugin_out_of_memory", "{body}");
+    fails_with(
+        &api,
+        "memory-bomb",
+        "m1",
+        "plugin_out_of_memory",
+        "out of memory",
+    )
+    .await;
     still_serves(&api, "a2").await;
 
     // A panic is a trap that fails the command.
-    let (status, body) = api
-        .command("panicker", "p1", json!({"command": {"type": "Go"}}))
-        .await;
-    assert_eq!(status, 500, "{body}");
-    assert_eq!(body["error"]["code"], "plugin_trapped", "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("panicker@v1"),
-        "{body}"
-    );
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("boom: plugin panicked on purpose"),
-        "{body}"
-    );
+    fails_with(
+        &api,
+        "panicker",
+        "p1",
+        "plugin_trapped",
+        "boom: plugin panicked on purpose",
+    )
+    .await;
     still_serves(&api, "a3").await;
 
     // Files and environment are not there.
