@@ -468,12 +468,24 @@ enum Bindings {
 }
 
 /// Runs the same code against either version's bindings, whose types differ by name
-/// only.
+/// only; `$types` names that version's `types` interface module.
 macro_rules! each_version {
     ($bindings:expr, $guest:ident => $body:expr) => {
         match $bindings {
             Bindings::Current($guest) => $body,
             Bindings::V0_1($guest) => $body,
+        }
+    };
+    ($bindings:expr, $guest:ident, $types:ident => $body:expr) => {
+        match $bindings {
+            Bindings::Current($guest) => {
+                use bindings::meridian::aggregate::types as $types;
+                $body
+            }
+            Bindings::V0_1($guest) => {
+                use bindings_v0_1::meridian::aggregate::types as $types;
+                $body
+            }
         }
     };
 }
@@ -509,22 +521,13 @@ impl Bindings {
         event_type: &str,
         payload: &[u8],
     ) -> wasmtime::Result<Result<Vec<u8>, String>> {
-        match self {
-            Bindings::Current(guest) => {
-                let event = bindings::meridian::aggregate::types::Event {
-                    event_type: event_type.to_string(),
-                    payload: payload.to_vec(),
-                };
-                guest.call_apply(store, state, &event).await
-            }
-            Bindings::V0_1(guest) => {
-                let event = bindings_v0_1::meridian::aggregate::types::Event {
-                    event_type: event_type.to_string(),
-                    payload: payload.to_vec(),
-                };
-                guest.call_apply(store, state, &event).await
-            }
-        }
+        each_version!(self, guest, types => {
+            let event = types::Event {
+                event_type: event_type.to_string(),
+                payload: payload.to_vec(),
+            };
+            guest.call_apply(store, state, &event).await
+        })
     }
 }
 
@@ -790,9 +793,10 @@ impl Plugin {
         self.instantiate().await.map(drop)
     }
 
-    /// How long a call may take at most, for callers that wait on one.
+    /// How long a call may take at most, in wall-clock time: the deadline and one epoch
+    /// tick of slack, after which [`bounded`] cuts it off.
     pub fn deadline(&self) -> Duration {
-        self.inner.limits.deadline()
+        self.inner.limits.deadline() + EPOCH_TICK
     }
 }
 
@@ -816,11 +820,6 @@ impl Session<'_> {
             self.plugin.inner.limits.deadline_ticks(),
         );
         Ok(instance)
-    }
-
-    /// How long a call may take in wall-clock time; see [`bounded`].
-    fn call_limit(&self) -> Duration {
-        self.plugin.inner.limits.deadline() + EPOCH_TICK
     }
 
     /// Keeps the instance for the next call, or drops it if the call failed: after a
@@ -847,7 +846,7 @@ impl Session<'_> {
     pub async fn describe_call(&mut self) -> Result<(String, u32), PluginError> {
         let mut instance = self.begin().await?;
         let result = bounded(
-            self.call_limit(),
+            self.plugin.deadline(),
             instance.bindings.describe(&mut instance.store),
         )
         .await;
@@ -862,7 +861,7 @@ impl Session<'_> {
     ) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
         let mut instance = self.begin().await?;
         let result = bounded(
-            self.call_limit(),
+            self.plugin.deadline(),
             instance
                 .bindings
                 .handle(&mut instance.store, state, command),
@@ -902,7 +901,7 @@ impl Session<'_> {
             unreachable!("checked above: a 0.2.0 component")
         };
         let result = bounded(
-            self.call_limit(),
+            self.plugin.deadline(),
             guest.call_execute(&mut instance.store, state, command),
         )
         .await;
@@ -929,7 +928,7 @@ impl Session<'_> {
     ) -> Result<Vec<u8>, PluginError> {
         let mut instance = self.begin().await?;
         let result = bounded(
-            self.call_limit(),
+            self.plugin.deadline(),
             instance
                 .bindings
                 .apply(&mut instance.store, state, event_type, payload),
