@@ -40,15 +40,30 @@ pub fn describe<A: Aggregate>() -> Description {
 /// Undecodable input is a rejection rather than a panic, because a panic traps the
 /// component and the caller would learn nothing about what was wrong with the command.
 pub fn handle<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Vec<EncodedEvent>, Rejection> {
+    decide::<A>(state, command).map(|(_, _, encoded)| encoded)
+}
+
+/// The decoded state, the events decided on it, and their encoding.
+type Decided<A> = (
+    <A as Aggregate>::State,
+    Vec<<A as Aggregate>::Event>,
+    Vec<EncodedEvent>,
+);
+
+/// What [`handle`] and [`execute`] share: decodes the input, runs
+/// [`Aggregate::handle`] and encodes the events.
+fn decide<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Decided<A>, Rejection> {
     let state = decode_state::<A>(state).map_err(Rejection::new)?;
     let command: A::Command = serde_json::from_slice(command)
         .map_err(|error| Rejection::new(format!("invalid command: {error}")))?;
-    A::handle(&state, command)?
+    let events = A::handle(&state, command)?;
+    let encoded = events
         .iter()
         .map(|event| {
             encode_event(event).map_err(|error| Rejection::new(format!("aggregate bug: {error}")))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((state, events, encoded))
 }
 
 /// What [`execute`] decided: the encoded events and the encoded state after them.
@@ -60,16 +75,7 @@ pub type Decision = (Vec<EncodedEvent>, Vec<u8>);
 /// decoded and encoded once, and the events are applied as values rather than decoded
 /// back from their JSON.
 pub fn execute<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Decision, Rejection> {
-    let state = decode_state::<A>(state).map_err(Rejection::new)?;
-    let command: A::Command = serde_json::from_slice(command)
-        .map_err(|error| Rejection::new(format!("invalid command: {error}")))?;
-    let events = A::handle(&state, command)?;
-    let encoded = events
-        .iter()
-        .map(|event| {
-            encode_event(event).map_err(|error| Rejection::new(format!("aggregate bug: {error}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let (state, events, encoded) = decide::<A>(state, command)?;
     let state = events.into_iter().fold(state, A::apply);
     let state =
         encode_state(&state).map_err(|error| Rejection::new(format!("aggregate bug: {error}")))?;
