@@ -67,36 +67,22 @@ impl Arena {
         }
         let mut start = self.top.get().next_multiple_of(align);
         if start.checked_add(size).is_none_or(|e| e > self.end.get()) {
-            if self.top.get() - self.base.get() >= REBASE_BYTES || self.end.get() == 0 {
-                // Fresh memory, a new base: what lives below stays where it is.
-                let pages = size.saturating_add(align).div_ceil(PAGE).max(16);
-                let grown = memory_grow(pages);
-                if grown == usize::MAX {
-                    return 0;
-                }
-                let fresh = grown * PAGE;
+            // Enough pages for the allocation wherever they land.
+            let pages = size.saturating_add(align).div_ceil(PAGE).max(16);
+            let grown = memory_grow(pages);
+            if grown == usize::MAX {
+                return 0;
+            }
+            let fresh = grown * PAGE;
+            // The new pages continue the arena unless something else grew memory in
+            // between or the arena has grown long enough without starting over; then
+            // they start a new base, and what lives below stays where it is.
+            if fresh != self.end.get() || self.top.get() - self.base.get() >= REBASE_BYTES {
                 self.base.set(fresh);
-                self.end.set(fresh + pages * PAGE);
                 self.live.set(0);
                 start = fresh.next_multiple_of(align);
-            } else {
-                // Extend: memory.grow returns pages right after the current end unless
-                // something else grew memory meanwhile, in which case start a new base.
-                let pages = (start + size - self.end.get()).div_ceil(PAGE).max(16);
-                let grown = memory_grow(pages);
-                if grown == usize::MAX {
-                    return 0;
-                }
-                if grown * PAGE == self.end.get() {
-                    self.end.set(self.end.get() + pages * PAGE);
-                } else {
-                    let fresh = grown * PAGE;
-                    self.base.set(fresh);
-                    self.end.set(fresh + pages * PAGE);
-                    self.live.set(0);
-                    start = fresh.next_multiple_of(align);
-                }
             }
+            self.end.set(fresh + pages * PAGE);
         }
         self.top.set(start + size);
         self.live.set(self.live.get() + 1);
