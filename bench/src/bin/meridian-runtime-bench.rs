@@ -94,12 +94,8 @@ async fn main() -> anyhow::Result<()> {
     let plugin = runtime.load("bank-account", 1, "bench", &bytes, SandboxLimits::default())?;
     let compile = started.elapsed();
 
-    let samples = 200;
-    let started = Instant::now();
-    for _ in 0..samples {
-        plugin.cold_instantiate().await?;
-    }
-    let instantiate = started.elapsed() / samples;
+    let plugin = &plugin;
+    let instantiate = time(200, |_| async move { Ok(plugin.cold_instantiate().await?) }).await?;
 
     let work = workload();
     for (state, command) in &work {
@@ -124,20 +120,20 @@ async fn main() -> anyhow::Result<()> {
     // Warm both paths (allocators, instance pool, caches).
     for (state, command) in work.iter().cycle().take(10_000) {
         native_command(state, command);
-        wasm_command(&plugin, state, command).await?;
+        wasm_command(plugin, state, command).await?;
     }
 
     let native = time(args.commands, |i| {
         let (state, command) = &work[i % work.len()];
         native_command(state, command);
-        Ok(())
-    })?;
-    let started = Instant::now();
-    for i in 0..args.commands {
+        std::future::ready(Ok(()))
+    })
+    .await?;
+    let wasm = time(args.commands, |i| {
         let (state, command) = &work[i % work.len()];
-        wasm_command(&plugin, state, command).await?;
-    }
-    let wasm = started.elapsed() / args.commands as u32;
+        wasm_command(plugin, state, command)
+    })
+    .await?;
 
     // Replay: fold `replay_events` Deposited events into one state through WASM apply.
     let payload = br#"{"amount":1}"#;
@@ -163,11 +159,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The bare cost of crossing into the guest and back: `describe` takes no input and
     // returns a small record, so this is almost all boundary.
-    let started = Instant::now();
-    for _ in 0..args.commands {
-        plugin.session().describe_call().await?;
-    }
-    let boundary = started.elapsed() / args.commands as u32;
+    let boundary = time(args.commands, |_| describe_call(plugin)).await?;
 
     let ratio = wasm.as_secs_f64() / native.as_secs_f64();
     println!("component size         {:>10} bytes", bytes.len());
@@ -218,12 +210,22 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Mean time per iteration.
-fn time(n: usize, mut f: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<Duration> {
+async fn time<F, Fut>(n: usize, mut f: F) -> anyhow::Result<Duration>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let started = Instant::now();
     for i in 0..n {
-        f(i)?;
+        f(i).await?;
     }
     Ok(started.elapsed() / n as u32)
+}
+
+/// One call of the cheapest export, `describe`, on a pooled instance.
+async fn describe_call(plugin: &meridian::runtime::Plugin) -> anyhow::Result<()> {
+    plugin.session().describe_call().await?;
+    Ok(())
 }
 
 fn native_command(state: &[u8], command: &[u8]) {
@@ -307,27 +309,18 @@ async fn compare_languages(args: &Args) -> anyhow::Result<()> {
             .sum();
         let _ = std::fs::remove_dir_all(&cache);
 
-        let samples = 20;
-        let started = Instant::now();
-        for _ in 0..samples {
-            plugin.cold_instantiate().await?;
-        }
-        let instantiate = started.elapsed() / samples;
+        let plugin = &plugin;
+        let instantiate = time(20, |_| async move { Ok(plugin.cold_instantiate().await?) }).await?;
 
         for (state, command) in work.iter().cycle().take(args.commands.min(2_000)) {
-            wasm_command(&plugin, state, command).await?;
+            wasm_command(plugin, state, command).await?;
         }
-        let started = Instant::now();
-        for i in 0..args.commands {
+        let per_command = time(args.commands, |i| {
             let (state, command) = &work[i % work.len()];
-            wasm_command(&plugin, state, command).await?;
-        }
-        let per_command = started.elapsed() / args.commands as u32;
-        let started = Instant::now();
-        for _ in 0..args.commands {
-            plugin.session().describe_call().await?;
-        }
-        let empty_call = started.elapsed() / args.commands as u32;
+            wasm_command(plugin, state, command)
+        })
+        .await?;
+        let empty_call = time(args.commands, |_| describe_call(plugin)).await?;
 
         let payload = br#"{"amount":1}"#;
         let opened = br#"{"owner":"r"}"#;
