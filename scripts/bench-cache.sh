@@ -16,6 +16,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
+source scripts/bench-lib.sh
 
 out="${1:?usage: bench-cache.sh OUT_DIR [--quick]}"
 aggregates=1000000
@@ -34,18 +35,13 @@ cleanup() {
 trap cleanup EXIT
 
 psql "$PG/postgres" -qc "CREATE DATABASE $db" >/dev/null
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 # Room for the warm-up, the measured accounts and a few more: nothing may be evicted.
 MERIDIAN_DATABASE_URL="$PG/$db" MERIDIAN_HTTP_ADDR="127.0.0.1:$port" MERIDIAN_NODE_ID=bench-cache \
 MERIDIAN_CACHE_CAPACITY=$((aggregates + warmup + 10000)) \
 MERIDIAN_LOG=warn target/release/meridian host >"$out/cache-host.log" 2>&1 &
 host_pid=$!
-ready=""
-for _ in $(seq 1 300); do
-    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && ready=1 && break
-    sleep 0.1
-done
-[ -n "$ready" ] || { echo "the host did not become ready; see $out/cache-host.log" >&2; exit 1; }
+wait_ready "http://127.0.0.1:$port" "$out/cache-host.log"
 target/release/meridian plugin upload bank-account target/wasm32-wasip2/release/bank_account.wasm \
     --url "http://127.0.0.1:$port" >/dev/null
 # No time limit on the run: 1,000,000 accounts take a few minutes to insert and as many

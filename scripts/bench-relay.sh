@@ -15,6 +15,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
+source scripts/bench-lib.sh
 
 out="${1:?usage: bench-relay.sh OUT_DIR [--quick]}"
 if [ "${2:-}" = "--quick" ]; then
@@ -37,8 +38,6 @@ cleanup() {
     done
 }
 trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # One nats-server per region, each its own JetStream domain; west is a leafnode of east.
 leaf_port=$(free_port)
@@ -73,12 +72,7 @@ for region in east west; do
     pids+=($!)
 done
 for region in east west; do
-    ready=""
-    for _ in $(seq 1 300); do
-        curl -sf "http://127.0.0.1:${http_port[$region]}/readyz" >/dev/null && ready=1 && break
-        sleep 0.1
-    done
-    [ -n "$ready" ] || { echo "the $region host did not start; see $out/relay/host-$region.log" >&2; exit 1; }
+    wait_ready "http://127.0.0.1:${http_port[$region]}" "$out/relay/host-$region.log"
 done
 
 target/release/meridian plugin upload bank-account target/wasm32-wasip2/release/bank_account.wasm \

@@ -12,6 +12,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
+source scripts/bench-lib.sh
 
 quick=""
 [ "${1:-}" = "--quick" ] && quick=1
@@ -60,14 +61,11 @@ target/release/meridian-raw-insert --database-url "$PG/$db" --clients 8 --batch 
     --duration "$raw_duration" --json "$out/raw.json"
 
 echo "==> one Meridian host"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 MERIDIAN_DATABASE_URL="$PG/$db" MERIDIAN_HTTP_ADDR="127.0.0.1:$port" MERIDIAN_NODE_ID=bench-1 \
 MERIDIAN_LOG=warn target/release/meridian host >"$out/host-1.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 300); do
-    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
-    sleep 0.1
-done
+wait_ready "http://127.0.0.1:$port" "$out/host-1.log"
 target/release/meridian plugin upload bank-account target/wasm32-wasip2/release/bank_account.wasm \
     --url "http://127.0.0.1:$port" >/dev/null
 target/release/meridian-load --url "http://127.0.0.1:$port" --accounts "$accounts" \
@@ -80,15 +78,12 @@ run_peer() {
     local title=$1 bin=$2 name=$3
     echo "==> peer: $title"
     local peer_port peer_pid
-    peer_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    peer_port=$(free_port)
     "target/release/$bin" --database-url "$PG/$db" --http-addr "127.0.0.1:$peer_port" --reset \
         >"$out/$name.log" 2>&1 &
     peer_pid=$!
     pids+=("$peer_pid")
-    for _ in $(seq 1 300); do
-        curl -sf "http://127.0.0.1:$peer_port/readyz" >/dev/null && break
-        sleep 0.1
-    done
+    wait_ready "http://127.0.0.1:$peer_port" "$out/$name.log"
     target/release/meridian-load --url "http://127.0.0.1:$peer_port" --accounts "$accounts" \
         --concurrency "$levels" --duration "$duration" --warmup "$warmup" --json "$out/$name.json"
     peak=$(awk '/VmHWM/ {print $2}' "/proc/$peer_pid/status" 2>/dev/null || echo 0)
@@ -104,18 +99,16 @@ echo "{\"host_peak_rss_kb\": $peak_kb, \"lockpeer_peak_rss_kb\": $peer_peak_kb, 
 
 echo "==> a three-host region (same machine, same database)"
 for n in 2 3; do
-    p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    p=$(free_port)
     MERIDIAN_DATABASE_URL="$PG/$db" MERIDIAN_HTTP_ADDR="127.0.0.1:$p" MERIDIAN_NODE_ID="bench-$n" \
     MERIDIAN_LOG=warn target/release/meridian host >"$out/host-$n.log" 2>&1 &
     pids+=($!)
     ports+=("$p")
 done
 urls=(--url "http://127.0.0.1:$port")
-for p in "${ports[@]}"; do
-    for _ in $(seq 1 300); do
-        curl -sf "http://127.0.0.1:$p/readyz" >/dev/null && break
-        sleep 0.1
-    done
+for n in 2 3; do
+    p=${ports[$((n - 2))]}
+    wait_ready "http://127.0.0.1:$p" "$out/host-$n.log"
     urls+=(--url "http://127.0.0.1:$p")
 done
 # Let the partitions settle on their new owners before measuring.
