@@ -248,6 +248,26 @@ mod tests {
     }
 
     #[test]
+    fn memory_grown_by_someone_else_in_between_is_not_overrun() {
+        let arena = Arena::new();
+        unsafe {
+            // The first allocation gets a region of 16 pages and uses half of it.
+            let first = arena.alloc(layout(8 * PAGE));
+            // Something else (wasi-libc's malloc, say) grows memory meanwhile, so the
+            // arena's next pages cannot continue its region.
+            assert_ne!(memory_grow(1), usize::MAX);
+            let big = arena.alloc(layout(20 * PAGE));
+            assert!(!big.is_null());
+            assert!(
+                arena.top.get() <= arena.end.get(),
+                "the arena handed out memory past the pages it owns"
+            );
+            arena.dealloc(big, layout(20 * PAGE));
+            arena.dealloc(first, layout(8 * PAGE));
+        }
+    }
+
+    #[test]
     fn running_out_of_memory_is_a_null_pointer() {
         let arena = Arena::new();
         let huge = unsafe { arena.alloc(layout((MEMORY_PAGES + 1) * PAGE)) };
