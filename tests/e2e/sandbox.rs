@@ -86,7 +86,17 @@ async fn hostile_plugins_are_contained() {
     assert_eq!(r.status(), 200);
     fails_with(&api, "spin-loop", "s1", "plugin_deadline_exceeded", "20 ms").await;
 
-    // Sleeping runs no code, so no epoch tick stops it; the call is bounded in time too.
+    // Time never passes in the sandbox: an hour's sleep ends at once (a real one would
+    // hold the aggregate, since a sleeping guest runs no code for the deadline to stop)...
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(60),
+        api.command("sleeper", "z0", json!({"command": {"type": "Nap"}})),
+    )
+    .await
+    .expect("a plugin's sleep waited on a real timer");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"][0]["type"], "Woke", "{body}");
+    // ...so sleeping forever is a busy loop, and the deadline stops it.
     fails_with(
         &api,
         "sleeper",
@@ -194,8 +204,15 @@ async fn hostile_plugins_are_contained() {
             "bank-account",
             "clock-reader",
             "file-reader",
+            "sleeper",
             "socket-opener"
         ]
     );
+    let slept: Vec<String> =
+        sqlx::query_scalar("SELECT aggregate_id FROM events WHERE aggregate_type = 'sleeper'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(slept, ["z0"], "only the nap that ended decided an event");
     still_serves(&api, "a4").await;
 }

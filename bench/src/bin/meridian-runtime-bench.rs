@@ -45,6 +45,9 @@ struct Args {
     /// Commands per measurement.
     #[arg(long, default_value_t = 200_000)]
     commands: usize,
+    /// Rounds the commands are split into; each side's median round is reported.
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
     /// Events replayed through `apply` for the replay measurement.
     #[arg(long, default_value_t = 100_000)]
     replay_events: usize,
@@ -123,17 +126,31 @@ async fn main() -> anyhow::Result<()> {
         wasm_command(plugin, state, command).await?;
     }
 
-    let native = time(args.commands, |i| {
-        let (state, command) = &work[i % work.len()];
-        native_command(state, command);
-        std::future::ready(Ok(()))
-    })
-    .await?;
-    let wasm = time(args.commands, |i| {
-        let (state, command) = &work[i % work.len()];
-        wasm_command(plugin, state, command)
-    })
-    .await?;
+    // Rounds alternate the two sides, so a burst of load from elsewhere on the machine
+    // lands on both rather than on one; the median round is what is reported.
+    let rounds = usize::from(args.rounds);
+    let per_round = (args.commands / rounds).max(1);
+    let mut native_rounds = Vec::with_capacity(rounds);
+    let mut wasm_rounds = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        native_rounds.push(
+            time(per_round, |i| {
+                let (state, command) = &work[i % work.len()];
+                native_command(state, command);
+                std::future::ready(Ok(()))
+            })
+            .await?,
+        );
+        wasm_rounds.push(
+            time(per_round, |i| {
+                let (state, command) = &work[i % work.len()];
+                wasm_command(plugin, state, command)
+            })
+            .await?,
+        );
+    }
+    let native = median(native_rounds);
+    let wasm = median(wasm_rounds);
 
     // Replay: fold `replay_events` Deposited events into one state through WASM apply.
     let payload = br#"{"amount":1}"#;
@@ -159,7 +176,11 @@ async fn main() -> anyhow::Result<()> {
 
     // The bare cost of crossing into the guest and back: `describe` takes no input and
     // returns a small record, so this is almost all boundary.
-    let boundary = time(args.commands, |_| describe_call(plugin)).await?;
+    let mut boundary_rounds = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        boundary_rounds.push(time(per_round, |_| describe_call(plugin)).await?);
+    }
+    let boundary = median(boundary_rounds);
 
     let ratio = wasm.as_secs_f64() / native.as_secs_f64();
     println!("component size         {:>10} bytes", bytes.len());
@@ -220,6 +241,12 @@ where
         f(i).await?;
     }
     Ok(started.elapsed() / n as u32)
+}
+
+/// The middle value.
+fn median(mut rounds: Vec<Duration>) -> Duration {
+    rounds.sort();
+    rounds[rounds.len() / 2]
 }
 
 /// One call of the cheapest export, `describe`, on a pooled instance.

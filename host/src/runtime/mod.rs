@@ -21,7 +21,6 @@ mod sandbox;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, types::ComponentItem};
@@ -214,6 +213,7 @@ impl Runtime {
         let engine = Engine::new(&wasm_config).map_err(|e| PluginError::Internal(e.to_string()))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .and_then(|()| sandbox::link_timeless_clock(&mut linker))
             .map_err(|e| PluginError::Internal(e.to_string()))?;
 
         let engine_hash = {
@@ -792,12 +792,6 @@ impl Plugin {
     pub async fn cold_instantiate(&self) -> Result<(), PluginError> {
         self.instantiate().await.map(drop)
     }
-
-    /// How long a call may take at most, in wall-clock time: the deadline and one epoch
-    /// tick of slack, after which [`bounded`] cuts it off.
-    pub fn deadline(&self) -> Duration {
-        self.inner.limits.deadline() + EPOCH_TICK
-    }
 }
 
 /// One borrowed instance; see [`Plugin::session`].
@@ -845,11 +839,7 @@ impl Session<'_> {
     #[doc(hidden)]
     pub async fn describe_call(&mut self) -> Result<(String, u32), PluginError> {
         let mut instance = self.begin().await?;
-        let result = bounded(
-            self.plugin.deadline(),
-            instance.bindings.describe(&mut instance.store),
-        )
-        .await;
+        let result = instance.bindings.describe(&mut instance.store).await;
         self.end("describe", instance, result)
     }
 
@@ -860,13 +850,10 @@ impl Session<'_> {
         command: &[u8],
     ) -> Result<Result<Vec<DecidedEvent>, String>, PluginError> {
         let mut instance = self.begin().await?;
-        let result = bounded(
-            self.plugin.deadline(),
-            instance
-                .bindings
-                .handle(&mut instance.store, state, command),
-        )
-        .await;
+        let result = instance
+            .bindings
+            .handle(&mut instance.store, state, command)
+            .await;
         match self.end("handle", instance, result)? {
             Ok(events) => self.plugin.check_decided("handle", events).map(Ok),
             Err(rejection) => Ok(Err(rejection)),
@@ -900,11 +887,9 @@ impl Session<'_> {
         let Bindings::Current(guest) = &instance.bindings else {
             unreachable!("checked above: a 0.2.0 component")
         };
-        let result = bounded(
-            self.plugin.deadline(),
-            guest.call_execute(&mut instance.store, state, command),
-        )
-        .await;
+        let result = guest
+            .call_execute(&mut instance.store, state, command)
+            .await;
         let decision = match self.end("execute", instance, result)? {
             Ok(decision) => decision,
             Err(rejection) => return Ok(Err(rejection.message)),
@@ -927,30 +912,12 @@ impl Session<'_> {
         payload: &[u8],
     ) -> Result<Vec<u8>, PluginError> {
         let mut instance = self.begin().await?;
-        let result = bounded(
-            self.plugin.deadline(),
-            instance
-                .bindings
-                .apply(&mut instance.store, state, event_type, payload),
-        )
-        .await;
+        let result = instance
+            .bindings
+            .apply(&mut instance.store, state, event_type, payload)
+            .await;
         let result = self.end("apply", instance, result)?;
         self.plugin.check_applied(event_type, result)
-    }
-}
-
-/// Bounds a call in wall-clock time as well. The epoch deadline stops running code; a
-/// guest waiting on a WASI timer (`std::thread::sleep`) runs no code, so without this it
-/// would hold its aggregate for as long as it likes. One tick of slack lets the epoch
-/// trap fire first for code that is running. A call stopped here is dropped mid-flight,
-/// and with it (see `Session::end`) its instance.
-async fn bounded<R>(
-    limit: Duration,
-    call: impl std::future::Future<Output = wasmtime::Result<R>>,
-) -> wasmtime::Result<R> {
-    match tokio::time::timeout(limit, call).await {
-        Ok(result) => result,
-        Err(_) => Err(Trap::Interrupt.into()),
     }
 }
 

@@ -17,8 +17,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use wasmtime::ResourceLimiter;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
+use wasmtime_wasi::p2::{DynPollable, Pollable, subscribe};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
 /// Import namespaces a plugin may use: the WASI 0.2 interfaces that `wasm32-wasip2`,
@@ -273,6 +278,73 @@ impl HostMonotonicClock for FixedMonotonicClock {
 
     fn now(&self) -> u64 {
         0
+    }
+}
+
+/// `wasi:clocks/monotonic-clock` as the sandbox serves it: time never passes.
+///
+/// `now` is always 0 (as [`FixedMonotonicClock`] tells the rest of WASI), and every
+/// timer a plugin subscribes to has already fired, so `std::thread::sleep` and a poll
+/// with a timeout return at once. Sleeping for real would let a plugin hold its
+/// aggregate for as long as it liked without running code, which is the only thing the
+/// epoch deadline can stop; with this clock nothing a plugin can import waits on the
+/// world outside, so the deadline bounds every call, and a retried or replayed call
+/// sees the same clock.
+pub(crate) struct Timeless<'a> {
+    table: &'a mut ResourceTable,
+}
+
+impl HasData for Timeless<'static> {
+    type Data<'a> = Timeless<'a>;
+}
+
+impl monotonic_clock::Host for Timeless<'_> {
+    fn now(&mut self) -> wasmtime::Result<monotonic_clock::Instant> {
+        Ok(FixedMonotonicClock.now())
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<monotonic_clock::Duration> {
+        Ok(FixedMonotonicClock.resolution())
+    }
+
+    fn subscribe_instant(
+        &mut self,
+        _when: monotonic_clock::Instant,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        let fired = self.table.push(Fired)?;
+        subscribe(self.table, fired)
+    }
+
+    fn subscribe_duration(
+        &mut self,
+        _duration: monotonic_clock::Duration,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        let fired = self.table.push(Fired)?;
+        subscribe(self.table, fired)
+    }
+}
+
+/// Replaces wasmtime-wasi's `wasi:clocks/monotonic-clock` in `linker` with [`Timeless`].
+pub(crate) fn link_timeless_clock(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let linked =
+        monotonic_clock::add_to_linker::<GuestState, Timeless<'static>>(linker, |state| Timeless {
+            table: &mut state.table,
+        });
+    linker.allow_shadowing(false);
+    linked
+}
+
+/// A timer that has already fired.
+struct Fired;
+
+impl Pollable for Fired {
+    fn ready<'a, 'b>(&'a mut self) -> Pin<Box<dyn Future<Output = ()> + Send + 'b>>
+    where
+        'a: 'b,
+        Self: 'b,
+    {
+        Box::pin(std::future::ready(()))
     }
 }
 
