@@ -806,7 +806,9 @@ impl Session<'_> {
     async fn begin(&mut self) -> Result<Instance, PluginError> {
         let mut instance = match self.instance.take() {
             Some(instance) => instance,
-            None => self.plugin.instantiate().await?,
+            // Boxed: creating an instance is rare, and its future is large; inline, every
+            // call would carry (and move) it.
+            None => Box::pin(self.plugin.instantiate()).await?,
         };
         instance.store.data_mut().reset_for_call();
         arm_deadline(
