@@ -406,6 +406,31 @@ async fn west_nats_down_for_20s_loses_nothing_and_east_never_fails() {
 #[tokio::test(flavor = "multi_thread")]
 async fn move_home_to_west_then_commands_through_either_region_run_in_west() {
     let r = TwoRegions::start("move").await;
+    // Moving an aggregate that does not exist is a 404 and leaves no trace: the
+    // region asked does not become its home, so it is created where it is first sent.
+    let (status, body) = r.east[0]
+        .client()
+        .post_raw(
+            "/v1/aggregates/bank-account/mv-0/move-home",
+            json!({"region": WEST}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("has no events"),
+        "{body}"
+    );
+    let (status, body, ran_in) =
+        send(&r.west[0], "mv-0", json!({"type":"Open","owner":"dan"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(
+        ran_in.as_deref(),
+        Some(EAST),
+        "the failed move claimed east as its home"
+    );
     let (status, body, _) = send(&r.east[0], "mv-1", json!({"type":"Open","owner":"carol"})).await;
     assert_eq!(status, 200, "{body}");
     let (status, _, _) = send(&r.east[0], "mv-1", json!({"type":"Deposit","amount":100})).await;

@@ -184,7 +184,12 @@ pub(super) async fn move_home(
         )));
     }
     if !request.force {
-        let home = state.regions.home(&key).await?;
+        // Not `home()`: that would claim a home for an aggregate that does not exist.
+        let Some(home) = state.regions.existing_home(&key).await? else {
+            return Err(ApiError::not_found(
+                store::regions::MoveError::NotFound(key.to_string()).to_string(),
+            ));
+        };
         if home != local {
             let path = format!(
                 "/v1/aggregates/{}/{}/move-home",

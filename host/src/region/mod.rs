@@ -381,6 +381,31 @@ impl Regions {
         Ok(home)
     }
 
+    /// The aggregate's home if it has one — remembered, this region's stream row, or
+    /// the directory — without claiming one for a new aggregate: for requests that must
+    /// not create an aggregate's home as a side effect (moving a home that does not
+    /// exist).
+    pub async fn existing_home(&self, key: &AggregateKey) -> Result<Option<String>, RegionError> {
+        if let Some(home) = self.inner.homes.lock().expect("homes lock").get(key) {
+            return Ok(Some(home.clone()));
+        }
+        if let Some(home) = store::regions::home_of(&self.inner.pool, key).await? {
+            self.remember(key, &home);
+            return Ok(Some(home));
+        }
+        let entry = self
+            .directory_kv(HOMES_BUCKET)
+            .await?
+            .get(home_key(key))
+            .await
+            .map_err(|e| RegionError::Nats(format!("directory {HOMES_BUCKET}: {e}")))?;
+        let home = entry.map(|value| String::from_utf8_lossy(&value).into_owned());
+        if let Some(home) = &home {
+            self.remember(key, home);
+        }
+        Ok(home)
+    }
+
     async fn claim_home(&self, key: &AggregateKey) -> Result<String, RegionError> {
         let local = self.local().to_string();
         let answer = self
