@@ -369,11 +369,7 @@ impl Regions {
     /// directory — where a new aggregate's home is claimed for this region by an atomic
     /// create (the first region to create the key wins).
     pub async fn home(&self, key: &AggregateKey) -> Result<String, RegionError> {
-        if let Some(home) = self.inner.homes.lock().expect("homes lock").get(key) {
-            return Ok(home.clone());
-        }
-        if let Some(home) = store::regions::home_of(&self.inner.pool, key).await? {
-            self.remember(key, &home);
+        if let Some(home) = self.known_home(key).await? {
             return Ok(home);
         }
         let home = self.claim_home(key).await?;
@@ -386,11 +382,7 @@ impl Regions {
     /// not create an aggregate's home as a side effect (moving a home that does not
     /// exist).
     pub async fn existing_home(&self, key: &AggregateKey) -> Result<Option<String>, RegionError> {
-        if let Some(home) = self.inner.homes.lock().expect("homes lock").get(key) {
-            return Ok(Some(home.clone()));
-        }
-        if let Some(home) = store::regions::home_of(&self.inner.pool, key).await? {
-            self.remember(key, &home);
+        if let Some(home) = self.known_home(key).await? {
             return Ok(Some(home));
         }
         let entry = self
@@ -400,6 +392,18 @@ impl Regions {
             .await
             .map_err(|e| RegionError::Nats(format!("directory {HOMES_BUCKET}: {e}")))?;
         let home = entry.map(|value| String::from_utf8_lossy(&value).into_owned());
+        if let Some(home) = &home {
+            self.remember(key, home);
+        }
+        Ok(home)
+    }
+
+    /// The home this host remembers, else the one in this region's stream row.
+    async fn known_home(&self, key: &AggregateKey) -> Result<Option<String>, RegionError> {
+        if let Some(home) = self.inner.homes.lock().expect("homes lock").get(key) {
+            return Ok(Some(home.clone()));
+        }
+        let home = store::regions::home_of(&self.inner.pool, key).await?;
         if let Some(home) = &home {
             self.remember(key, home);
         }
