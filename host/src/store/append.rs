@@ -144,6 +144,7 @@ impl Committer {
                         tracing::debug!(worker, "committer worker stopping");
                         return;
                     };
+                    in_flight.fetch_add(1, Ordering::SeqCst);
                     commit(&pool, &config, batch, &in_flight).await;
                 }
             });
@@ -165,8 +166,7 @@ impl Committer {
 /// Waits for at least one request, then takes what else is queued, up to `max_batch`;
 /// while another batch is in flight, lingers for up to `min_batch` (see the module
 /// docs). A request whose command id is already in the batch waits for the next one,
-/// so the SQL never sees the same id twice in a statement. The batch returned counts as
-/// in flight until [`commit`] is done with it.
+/// so the SQL never sees the same id twice in a statement.
 async fn next_batch(
     rx: &Mutex<mpsc::Receiver<Pending>>,
     carry: &mut Vec<Pending>,
@@ -202,9 +202,6 @@ async fn next_batch(
         }
         metrics::counter!("meridian_append_lingered_total").increment(1);
     }
-    // Counted before the queue is released, so the next worker to take it already sees
-    // this batch in flight and lingers rather than committing a handful at once.
-    in_flight.fetch_add(1, Ordering::SeqCst);
     drop(rx);
     let mut seen_commands = HashSet::new();
     let mut seen_aggregates = HashSet::new();
