@@ -13,12 +13,11 @@
 //! retried and evolve the same state when events are replayed.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-
-use std::future::Future;
-use std::pin::Pin;
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
@@ -285,11 +284,10 @@ impl HostMonotonicClock for FixedMonotonicClock {
 ///
 /// `now` is always 0 (as [`FixedMonotonicClock`] tells the rest of WASI), and every
 /// timer a plugin subscribes to has already fired, so `std::thread::sleep` and a poll
-/// with a timeout return at once. Sleeping for real would let a plugin hold its
-/// aggregate for as long as it liked without running code, which is the only thing the
-/// epoch deadline can stop; with this clock nothing a plugin can import waits on the
-/// world outside, so the deadline bounds every call, and a retried or replayed call
-/// sees the same clock.
+/// with a timeout return at once. The epoch deadline only stops running code, and a
+/// plugin sleeping for real runs none, so it could hold its aggregate for as long as it
+/// liked. With this clock nothing a plugin can import waits on the world outside, so
+/// the deadline bounds every call; and a retried or replayed call sees the same clock.
 pub(crate) struct Timeless<'a> {
     table: &'a mut ResourceTable,
 }
@@ -311,14 +309,20 @@ impl monotonic_clock::Host for Timeless<'_> {
         &mut self,
         _when: monotonic_clock::Instant,
     ) -> wasmtime::Result<Resource<DynPollable>> {
-        let fired = self.table.push(Fired)?;
-        subscribe(self.table, fired)
+        self.fired()
     }
 
     fn subscribe_duration(
         &mut self,
         _duration: monotonic_clock::Duration,
     ) -> wasmtime::Result<Resource<DynPollable>> {
+        self.fired()
+    }
+}
+
+impl Timeless<'_> {
+    /// A pollable that is ready at once.
+    fn fired(&mut self) -> wasmtime::Result<Resource<DynPollable>> {
         let fired = self.table.push(Fired)?;
         subscribe(self.table, fired)
     }
