@@ -1,6 +1,44 @@
 //! Argument parsing shared by the benchmark binaries.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::workload::is_valid_prefix;
+
+/// Options of the benchmarks that drive bank-account load: where the results go, and
+/// which accounts and random choices a run uses.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// Run id put into account ids (`acc-<prefix>-<n>`); random by default, so reruns
+    /// against the same database open fresh accounts.
+    #[arg(long)]
+    pub prefix: Option<String>,
+
+    /// Seed for the random choice of accounts, commands and amounts.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl RunArgs {
+    /// The run id: `--prefix` once checked, or a random one.
+    ///
+    /// # Errors
+    ///
+    /// `--prefix` holds something other than letters, digits, `-` and `_`.
+    pub fn prefix(&self) -> Result<String, String> {
+        match &self.prefix {
+            Some(prefix) if is_valid_prefix(prefix) => Ok(prefix.clone()),
+            Some(prefix) => Err(format!(
+                "--prefix {prefix:?} may only contain letters, digits, - and _"
+            )),
+            None => Ok(uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()),
+        }
+    }
+}
 
 /// Parses a duration such as `10s`, `500ms`, `2m`, `1.5s` or a bare number of seconds.
 ///

@@ -6,18 +6,15 @@
 //!     --concurrency 1,16,64,256 --duration 10s --warmup 2s --json out.json
 //! ```
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use meridian_bench::cli::parse_duration;
+use meridian_bench::cli::{RunArgs, parse_duration};
 use meridian_bench::load::{LevelConfig, Targets, build_client, run_level, send_all};
 use meridian_bench::stats::LevelResult;
-use meridian_bench::workload::{
-    BankAccountMix, account_id, is_valid_prefix, open_account_requests,
-};
+use meridian_bench::workload::{BankAccountMix, account_id, open_account_requests};
 
 /// Closed-loop load generator for the bank-account command mix.
 #[derive(Debug, Parser)]
@@ -43,18 +40,8 @@ struct Args {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     warmup: Duration,
 
-    /// Write the results as a JSON array here (rewritten after every level).
-    #[arg(long)]
-    json: Option<PathBuf>,
-
-    /// Run id put into account ids (`acc-<prefix>-<n>`); random by default, so reruns
-    /// against the same database open fresh accounts.
-    #[arg(long)]
-    prefix: Option<String>,
-
-    /// Seed for the random choice of accounts, commands and amounts.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    #[command(flatten)]
+    run: RunArgs,
 
     /// Concurrent requests while opening accounts.
     #[arg(long, default_value_t = 64)]
@@ -78,11 +65,7 @@ async fn main() -> anyhow::Result<()> {
     if args.concurrency.is_empty() || args.concurrency.contains(&0) {
         bail!("--concurrency needs one or more levels, each at least 1");
     }
-    let prefix = match &args.prefix {
-        Some(prefix) if is_valid_prefix(prefix) => prefix.clone(),
-        Some(prefix) => bail!("--prefix {prefix:?} may only contain letters, digits, - and _"),
-        None => uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
-    };
+    let prefix = args.run.prefix().map_err(anyhow::Error::msg)?;
     let targets = Targets::new(&args.urls)?;
     let max_concurrency = args
         .concurrency
@@ -102,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
         args.concurrency,
         args.warmup,
         args.duration,
-        args.seed,
+        args.run.seed,
     );
 
     if !args.skip_setup {
@@ -134,12 +117,12 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             warmup: args.warmup,
             duration: args.duration,
-            seed: args.seed,
+            seed: args.run.seed,
         };
         let result = run_level(&client, &targets, workload.clone(), config).await;
         println!("{}", result.table_row());
         results.push(result);
-        if let Some(path) = &args.json {
+        if let Some(path) = &args.run.json {
             let json = serde_json::to_vec_pretty(&results)?;
             std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
         }

@@ -19,21 +19,18 @@
 //!     --accounts 2000 --duration 30s --json relay.json
 //! ```
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
-use meridian_bench::cli::parse_duration;
+use meridian_bench::cli::{RunArgs, parse_duration};
 use meridian_bench::load::{LevelConfig, Targets, build_client, run_level, send, send_all};
 use meridian_bench::stats::{
     Counts, LatencySummary, LevelResult, Outcome, new_histogram, record_us,
 };
-use meridian_bench::workload::{
-    BankAccountMix, Workload, account_id, is_valid_prefix, open_account_requests,
-};
+use meridian_bench::workload::{BankAccountMix, Workload, account_id, open_account_requests};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::Serialize;
@@ -95,17 +92,8 @@ struct Args {
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     catch_up_timeout: Duration,
 
-    /// Write the result as a JSON object here.
-    #[arg(long)]
-    json: Option<PathBuf>,
-
-    /// Run id put into account ids; random by default.
-    #[arg(long)]
-    prefix: Option<String>,
-
-    /// Seed for the random choice of accounts, commands and amounts.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    #[command(flatten)]
+    run: RunArgs,
 
     /// Per-request timeout; a request that takes longer counts as failed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -156,11 +144,7 @@ async fn main() -> anyhow::Result<()> {
     if !(args.fraction > 0.0 && args.fraction.is_finite()) {
         bail!("--fraction must be positive");
     }
-    let prefix = match &args.prefix {
-        Some(prefix) if is_valid_prefix(prefix) => prefix.clone(),
-        Some(prefix) => bail!("--prefix {prefix:?} may only contain letters, digits, - and _"),
-        None => uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
-    };
+    let prefix = args.run.prefix().map_err(anyhow::Error::msg)?;
     let like = format!("acc-{prefix}-%");
     let origin = connect(&args.origin_database_url).await?;
     let receiver = connect(&args.receiver_database_url).await?;
@@ -196,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
                 concurrency: args.max_concurrency,
                 warmup: args.max_warmup,
                 duration: args.max_duration,
-                seed: args.seed,
+                seed: args.run.seed,
             };
             let level = run_level(&client, &targets, workload.clone(), config).await;
             println!("maximum (closed loop):\n{}", LevelResult::table_header());
@@ -289,7 +273,7 @@ async fn main() -> anyhow::Result<()> {
         "relay lag over {committed} events (all arrived): p50 {p50:.1} ms, p90 {p90:.1} ms, \
          p99 {p99:.1} ms, max {max_lag:.1} ms, mean {mean:.1} ms; drained {drain_s:.2}s after the window"
     );
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.run.json {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
@@ -381,7 +365,7 @@ async fn open_loop(
     args: &Args,
     rate: f64,
 ) -> Steady {
-    let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
+    let mut rng = StdRng::seed_from_u64(args.run.seed ^ 0x5eed);
     let slots = Arc::new(Semaphore::new(args.max_in_flight));
     let start = Instant::now();
     let end = start + args.duration;
