@@ -436,6 +436,57 @@ async fn state_and_idempotency_survive_kill_9() {
     assert_eq!((status, next["version"].as_i64()), (200, Some(8)));
 }
 
+/// The server closing every connection the host holds (a PostgreSQL restart or
+/// failover, an operator's `pg_terminate_backend`) costs no command: the committer keeps
+/// its connections from batch to batch without testing them, so an append may go out on
+/// a dead one, and the host must then send it again on a fresh connection rather than
+/// fail it.
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_keep_succeeding_when_the_database_drops_the_hosts_connections() {
+    let (db, host) = host_with_bank_account("dropconn").await;
+    let api = host.client();
+    let (status, body) = api
+        .command(
+            "bank-account",
+            "acc-d",
+            json!({"command": {"type": "Open", "owner": "dana"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let admin = db.pool().await;
+    let mut balance = 0;
+    for round in 0..5 {
+        // Warm the pool so there are idle connections that were just released.
+        for _ in 0..5 {
+            let (status, body) = deposit(&api, "acc-d", 1).await;
+            assert_eq!(status, 200, "round {round}, before: {body}");
+            balance += 1;
+        }
+        let terminated: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'meridian') t",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        assert!(terminated > 0, "the host held no connections to terminate");
+        for i in 0..5 {
+            let (status, body) = deposit(&api, "acc-d", 1).await;
+            assert_eq!(
+                status, 200,
+                "round {round}, command {i} after the connections were dropped: {body}"
+            );
+            balance += 1;
+        }
+    }
+    let (status, state) = api.get("/v1/aggregates/bank-account/acc-d").await;
+    assert_eq!(status, 200, "{state}");
+    assert_eq!(state["state"]["balance"], balance);
+    assert_eq!(state["version"], balance + 1);
+    admin.close().await;
+    assert_eq!(event_count(&db).await, balance + 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshots_shorten_loads_and_other_plugin_versions_ignore_them() {
     let options = HostOptions {

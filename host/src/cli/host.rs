@@ -51,7 +51,7 @@ pub struct HostArgs {
     /// Milliseconds a command forwarded to its home region may take.
     #[arg(long, env = "MERIDIAN_FORWARD_TIMEOUT_MS", default_value_t = 10_000)]
     pub forward_timeout_ms: u64,
-    /// Database connections (the committer uses up to its worker count).
+    /// Database connections (each committer worker keeps one; the rest are shared).
     #[arg(long, env = "MERIDIAN_DB_CONNECTIONS", default_value_t = 16)]
     pub db_connections: u32,
     /// Append batches in flight at once.

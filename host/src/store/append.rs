@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::value::RawValue;
-use sqlx::{PgPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres, Row};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -139,13 +140,14 @@ impl Committer {
             let in_flight = in_flight.clone();
             tokio::spawn(async move {
                 let mut carry: Vec<Pending> = Vec::new();
+                let mut link = Link::new(pool);
                 loop {
                     let Some(batch) = next_batch(&rx, &mut carry, &config, &in_flight).await else {
                         tracing::debug!(worker, "committer worker stopping");
                         return;
                     };
                     in_flight.fetch_add(1, Ordering::SeqCst);
-                    commit(&pool, &config, batch, &in_flight).await;
+                    commit(&mut link, &config, batch, &in_flight).await;
                 }
             });
         }
@@ -224,14 +226,14 @@ async fn next_batch(
 /// out: a caller that sends its next request at once must not see this batch as still
 /// in flight and linger for nothing.
 async fn commit(
-    pool: &PgPool,
+    link: &mut Link,
     config: &CommitterConfig,
     batch: Vec<Pending>,
     in_flight: &AtomicUsize,
 ) {
     metrics::histogram!("meridian_append_batch_size").record(batch.len() as f64);
     let requests: Vec<&AppendRequest> = batch.iter().map(|p| &p.request).collect();
-    let outcome = append_batch(pool, config, &requests).await;
+    let outcome = link.append(config, &requests).await;
     drop(requests);
     in_flight.fetch_sub(1, Ordering::SeqCst);
     match outcome {
@@ -243,7 +245,7 @@ async fn commit(
         Err(error) if batch.len() > 1 && !error.is_unavailable() => {
             tracing::warn!(%error, size = batch.len(), "batch append failed; retrying its requests one by one");
             for pending in batch {
-                let result = match append_batch(pool, config, &[&pending.request]).await {
+                let result = match link.append(config, &[&pending.request]).await {
                     Ok(mut results) => results.pop().expect("one result per request"),
                     Err(error) => Err(error),
                 };
@@ -260,6 +262,81 @@ async fn commit(
                     ))));
             }
         }
+    }
+}
+
+/// A committer worker's own database connection, kept from batch to batch.
+///
+/// Taking a connection from the pool for every batch costs two extra round trips: sqlx
+/// tests a connection when it is taken out and again when it goes back. A worker that
+/// keeps its connection pays neither. The price is noticing a dead connection (the
+/// server restarted, or an operator terminated the session) only when a batch fails on
+/// it; then the batch is sent again once, on a connection the pool has just tested.
+struct Link {
+    pool: PgPool,
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+impl Link {
+    fn new(pool: PgPool) -> Self {
+        Self { pool, conn: None }
+    }
+
+    /// One `meridian_append` call (see [`append_batch`]), sent again on a fresh
+    /// connection if the kept one turns out to be dead.
+    ///
+    /// Sending again is safe even when the first attempt committed and only its answer
+    /// was lost: every request the API makes carries a command id, so the second
+    /// attempt finds the ids claimed and answers each as a duplicate of the first.
+    async fn append(
+        &mut self,
+        config: &CommitterConfig,
+        requests: &[&AppendRequest],
+    ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+        let reused = self.conn.is_some();
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(self.pool.acquire().await?),
+        };
+        match append_batch(&mut **conn, config, requests).await {
+            Err(StoreError::Database(error)) if reused && connection_lost(&error) => {
+                tracing::warn!(%error, "the committer's database connection was lost; sending the batch again on a new one");
+                metrics::counter!("meridian_append_reconnects_total").increment(1);
+                self.conn = None;
+                let conn = self.conn.insert(self.pool.acquire().await?);
+                let outcome = append_batch(&mut **conn, config, requests).await;
+                self.forget_if_lost(&outcome);
+                outcome
+            }
+            outcome => {
+                self.forget_if_lost(&outcome);
+                outcome
+            }
+        }
+    }
+
+    /// Drops the kept connection after a failure that may have broken it; the pool
+    /// then tests it before anyone uses it again.
+    fn forget_if_lost<T>(&mut self, outcome: &Result<T, StoreError>) {
+        if let Err(StoreError::Database(error)) = outcome
+            && connection_lost(error)
+        {
+            self.conn = None;
+        }
+    }
+}
+
+/// Whether an error means the connection itself is gone (rather than the statement
+/// failing on a working connection).
+fn connection_lost(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        // Class 08: connection exceptions; 57P01-57P03: the server is shutting down,
+        // was restarted or terminated this session.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
     }
 }
 

@@ -89,7 +89,7 @@ impl StoreError {
 pub struct DatabaseConfig {
     /// `postgres://` URL.
     pub url: String,
-    /// Pool size. The committer uses up to its worker count; readers share the rest.
+    /// Pool size. Each committer worker keeps one connection; readers share the rest.
     pub max_connections: u32,
 }
 
