@@ -50,10 +50,10 @@ pub struct AppState {
     pub pool: PgPool,
     /// Set once the host has caught up and may take work.
     pub ready: Arc<AtomicBool>,
-    /// This node's id.
-    pub node_id: String,
+    /// This node's id. (`Arc<str>`: axum clones the state for every request.)
+    pub node_id: Arc<str>,
     /// This node's region.
-    pub region: String,
+    pub region: Arc<str>,
     /// Cap on command bodies.
     pub max_command_bytes: usize,
     /// Cap on plugin uploads (the per-type cap applies too).
