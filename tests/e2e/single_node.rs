@@ -21,6 +21,16 @@ async fn host_with(label: &str, options: HostOptions) -> (TestDb, Host) {
     (db, host)
 }
 
+/// Opens account `id` for `owner`.
+async fn open(api: &crate::harness::Api, id: &str, owner: &str) -> (u16, Value) {
+    api.command(
+        "bank-account",
+        id,
+        json!({"command": {"type": "Open", "owner": owner}}),
+    )
+    .await
+}
+
 /// Sends a Deposit of `amount` to `id`.
 async fn deposit(api: &crate::harness::Api, id: &str, amount: i64) -> (u16, Value) {
     api.command(
@@ -65,13 +75,7 @@ async fn commands_run_through_the_plugin_and_are_stored() {
     assert_eq!(detail["active_version"], 1);
     assert_eq!(detail["limits"]["deadline_ms"], 100);
 
-    let (status, opened) = api
-        .command(
-            "bank-account",
-            "acc-1",
-            json!({"command": {"type": "Open", "owner": "alice"}}),
-        )
-        .await;
+    let (status, opened) = open(&api, "acc-1", "alice").await;
     assert_eq!(status, 200, "{opened}");
     assert_eq!(opened["aggregate_type"], "bank-account");
     assert_eq!(opened["aggregate_id"], "acc-1");
@@ -145,13 +149,7 @@ async fn commands_run_through_the_plugin_and_are_stored() {
 async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     let (db, host) = host_with_bank_account("bad").await;
     let api = host.client();
-    let (status, _) = api
-        .command(
-            "bank-account",
-            "acc-1",
-            json!({"command": {"type": "Open", "owner": "bob"}}),
-        )
-        .await;
+    let (status, _) = open(&api, "acc-1", "bob").await;
     assert_eq!(status, 200);
     let before = event_count(&db).await;
 
@@ -331,12 +329,7 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
 async fn a_retried_command_id_returns_the_first_result_and_writes_nothing() {
     let (db, host) = host_with_bank_account("idem").await;
     let api = host.client();
-    api.command(
-        "bank-account",
-        "acc-1",
-        json!({"command": {"type": "Open", "owner": "carol"}}),
-    )
-    .await;
+    open(&api, "acc-1", "carol").await;
     let id = uuid::Uuid::new_v4();
     let body = json!({"command": {"type": "Deposit", "amount": 7}, "command_id": id});
     let (status, first) = api.command("bank-account", "acc-1", body.clone()).await;
@@ -370,12 +363,7 @@ async fn a_retried_command_id_returns_the_first_result_and_writes_nothing() {
     assert_eq!(status, 200, "{result}");
     assert_eq!(result["version"], 3);
     // The same id for another aggregate is refused.
-    api.command(
-        "bank-account",
-        "acc-2",
-        json!({"command": {"type": "Open", "owner": "dan"}}),
-    )
-    .await;
+    open(&api, "acc-2", "dan").await;
     let (status, result) = api
         .command(
             "bank-account",
@@ -398,12 +386,7 @@ async fn a_retried_command_id_returns_the_first_result_and_writes_nothing() {
 async fn state_and_idempotency_survive_kill_9() {
     let (db, mut host) = host_with_bank_account("kill").await;
     let api = host.client();
-    api.command(
-        "bank-account",
-        "acc-9",
-        json!({"command": {"type": "Open", "owner": "erin"}}),
-    )
-    .await;
+    open(&api, "acc-9", "erin").await;
     let id = uuid::Uuid::new_v4();
     let body = json!({"command": {"type": "Deposit", "amount": 42}, "command_id": id});
     let (_, first) = api.command("bank-account", "acc-9", body.clone()).await;
@@ -445,13 +428,7 @@ async fn state_and_idempotency_survive_kill_9() {
 async fn commands_keep_succeeding_when_the_database_drops_the_hosts_connections() {
     let (db, host) = host_with_bank_account("dropconn").await;
     let api = host.client();
-    let (status, body) = api
-        .command(
-            "bank-account",
-            "acc-d",
-            json!({"command": {"type": "Open", "owner": "dana"}}),
-        )
-        .await;
+    let (status, body) = open(&api, "acc-d", "dana").await;
     assert_eq!(status, 200, "{body}");
     let admin = db.pool().await;
     let mut balance = 0;
@@ -495,12 +472,7 @@ async fn snapshots_shorten_loads_and_other_plugin_versions_ignore_them() {
     };
     let (db, mut host) = host_with("snap", options).await;
     let api = host.client();
-    api.command(
-        "bank-account",
-        "acc-s",
-        json!({"command": {"type": "Open", "owner": "fay"}}),
-    )
-    .await;
+    open(&api, "acc-s", "fay").await;
     for _ in 0..11 {
         let (status, _) = deposit(&api, "acc-s", 1).await;
         assert_eq!(status, 200);
