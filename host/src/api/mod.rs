@@ -250,7 +250,7 @@ fn key(aggregate_type: String, aggregate_id: String) -> Result<AggregateKey, Api
 }
 
 /// The body of a command request.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandBody {
     /// The command, passed to the plugin as is, e.g. `{"type":"Deposit","amount":10}`.
@@ -313,12 +313,9 @@ async fn execute(
         .map(str::to_string)
         .or_else(|| Some(command_id.to_string()));
     let forwarded = headers.contains_key(FORWARDED_HEADER);
-    let forward_body = serde_json::to_vec(&serde_json::json!({
-        "command": body.command,
-        "command_id": command_id,
-        "expected_version": body.expected_version,
-    }))
-    .expect("command body serialises");
+    // What another host or region gets if the command is forwarded: the body with its
+    // id filled in, the command's own bytes unchanged.
+    let forward_body = serde_json::to_vec(&body).expect("command body serialises");
     // Written only in its home region: anywhere else, the home region answers.
     if let Some(answer) = regions::route_command(&state, &key, &headers, &forward_body).await? {
         return Ok(answer);

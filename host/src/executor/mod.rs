@@ -211,6 +211,23 @@ async fn replay(
     Ok(state)
 }
 
+/// The metadata stored with every event a command appends.
+///
+/// A struct rather than a `json!` map: it is built for every command, and a map costs
+/// an allocation per key. The fields are in alphabetical order, the order the map
+/// wrote them in, so the stored text is unchanged.
+#[derive(Serialize)]
+struct EventMetadata<'a> {
+    causation_id: Option<Uuid>,
+    command_id: Option<Uuid>,
+    correlation_id: Option<&'a str>,
+    node_id: &'a str,
+    origin_region: &'a str,
+    partition: Option<i32>,
+    partition_epoch: Option<i64>,
+    plugin_version: i32,
+}
+
 /// Executes commands. Cheap to clone.
 #[derive(Clone)]
 pub struct Executor {
@@ -363,16 +380,16 @@ impl Executor {
         metrics::histogram!("meridian_plugin_seconds", "aggregate_type" => command.key.aggregate_type.clone())
             .record(started.elapsed().as_secs_f64());
 
-        let metadata = serde_json::json!({
-            "command_id": command.command_id,
-            "plugin_version": plugin.version(),
-            "origin_region": self.inner.config.region,
-            "node_id": self.inner.config.node_id,
-            "causation_id": command.command_id,
-            "correlation_id": command.correlation_id,
-            "partition": command.fence.map(|f| f.partition),
-            "partition_epoch": command.fence.map(|f| f.epoch),
-        });
+        let metadata = EventMetadata {
+            causation_id: command.command_id,
+            command_id: command.command_id,
+            correlation_id: command.correlation_id.as_deref(),
+            node_id: &self.inner.config.node_id,
+            origin_region: &self.inner.config.region,
+            partition: command.fence.map(|f| f.partition),
+            partition_epoch: command.fence.map(|f| f.epoch),
+            plugin_version: plugin.version(),
+        };
         let metadata = serde_json::value::to_raw_value(&metadata).expect("metadata serialises");
         let events: Vec<NewEvent> = decided
             .into_iter()
