@@ -298,31 +298,24 @@ impl Link {
             Some(conn) => conn,
             None => self.conn.insert(self.pool.acquire().await?),
         };
-        match append_batch(&mut **conn, config, requests).await {
+        let outcome = match append_batch(&mut **conn, config, requests).await {
             Err(StoreError::Database(error)) if reused && connection_lost(&error) => {
                 tracing::warn!(%error, "the committer's database connection was lost; sending the batch again on a new one");
                 metrics::counter!("meridian_append_reconnects_total").increment(1);
                 self.conn = None;
                 let conn = self.conn.insert(self.pool.acquire().await?);
-                let outcome = append_batch(&mut **conn, config, requests).await;
-                self.forget_if_lost(&outcome);
-                outcome
+                append_batch(&mut **conn, config, requests).await
             }
-            outcome => {
-                self.forget_if_lost(&outcome);
-                outcome
-            }
-        }
-    }
-
-    /// Drops the kept connection after a failure that may have broken it; the pool
-    /// then tests it before anyone uses it again.
-    fn forget_if_lost<T>(&mut self, outcome: &Result<T, StoreError>) {
-        if let Err(StoreError::Database(error)) = outcome
+            outcome => outcome,
+        };
+        // A connection a failure may have broken goes back to the pool, which tests
+        // it before anyone uses it again.
+        if let Err(StoreError::Database(error)) = &outcome
             && connection_lost(error)
         {
             self.conn = None;
         }
+        outcome
     }
 }
 
