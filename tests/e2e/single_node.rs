@@ -433,7 +433,8 @@ async fn commands_keep_succeeding_when_the_database_drops_the_hosts_connections(
     let admin = db.pool().await;
     let mut balance = 0;
     for round in 0..5 {
-        // Warm the pool so there are idle connections that were just released.
+        // Commands first, so a commit worker holds its kept connection when the
+        // sessions are dropped.
         for _ in 0..5 {
             let (status, body) = deposit(&api, "acc-d", 1).await;
             assert_eq!(status, 200, "round {round}, before: {body}");
