@@ -185,3 +185,64 @@ async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
         .unwrap();
     assert_eq!(third["version"], 3);
 }
+
+/// Index and table scans of `events` so far, as PostgreSQL counts them. (Backends
+/// report these at most once a second, so this lags by about that much.)
+async fn events_scans(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(idx_scan, 0) + coalesce(seq_scan, 0) FROM pg_stat_user_tables \
+         WHERE relname = 'events'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Open live streams that have nothing new to send do not each read the database: the
+/// host reads the commit order once for all of them. Forty idle streams that each looked
+/// for new events every 100 ms would scan `events` thousands of times in the five
+/// seconds measured here; one shared reader, about fifty times.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_streams_share_one_reader_of_the_database() {
+    const STREAMS: usize = 40;
+    let db = TestDb::new("sse_idle").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    api.upload("bank-account", wasm_bytes("bank-account")).await;
+    api.command(
+        "bank-account",
+        "idle-1",
+        json!({"command": {"type": "Open", "owner": "a"}}),
+    )
+    .await;
+    let url = format!("{}/v1/events?after=0", host.url);
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut stream = SseReader::open(&url, None).await;
+        assert_eq!(stream.next().await.1["type"], "Opened");
+        streams.push(stream);
+    }
+    let pool = db.pool().await;
+    // Let the catch-up reads' counts reach the statistics first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = events_scans(&pool).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let scans = events_scans(&pool).await - before;
+    eprintln!("{STREAMS} idle streams: {scans} scans of `events` in 5 s");
+    assert!(
+        scans < 5 * STREAMS as i64,
+        "{STREAMS} idle streams scanned `events` {scans} times in 5 s: more than one read \
+         per stream per second"
+    );
+    // Still live: the next commit reaches every stream.
+    api.command(
+        "bank-account",
+        "idle-1",
+        json!({"command": {"type": "Deposit", "amount": 3}}),
+    )
+    .await;
+    for stream in &mut streams {
+        let (_, event) = stream.next().await;
+        assert_eq!(event["type"], "Deposited");
+    }
+}

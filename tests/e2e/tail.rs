@@ -9,7 +9,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use meridian::store::{self, AppendRequest, CommitterConfig, EventFilter, NewEvent};
+use meridian::store::{
+    self, AppendRequest, CommitterConfig, EventFilter, NewEvent, OrderKey, Tail, TailConfig,
+};
 use rand::Rng;
 use serde_json::value::RawValue;
 
@@ -24,46 +26,7 @@ async fn tail_sees_every_event_once_despite_late_commits() {
     let pool = db.pool().await;
     store::migrate(&pool).await.unwrap();
 
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let config = CommitterConfig::default();
-                let mut version = 0i64;
-                for _ in 0..COMMITS_PER_WRITER {
-                    let (events, delay) = {
-                        let mut rng = rand::rng();
-                        (rng.random_range(1..4usize), rng.random_range(0..30u64))
-                    };
-                    let request = AppendRequest {
-                        aggregate_type: "t".into(),
-                        aggregate_id: format!("w{w}"),
-                        expected_version: version,
-                        events: (0..events)
-                            .map(|_| NewEvent {
-                                event_id: uuid::Uuid::now_v7(),
-                                event_type: "E".into(),
-                                payload: RawValue::from_string("{}".into()).unwrap(),
-                                metadata: RawValue::from_string("{}".into()).unwrap(),
-                            })
-                            .collect(),
-                        command_id: None,
-                        fence: None,
-                    };
-                    let mut tx = pool.begin().await.unwrap();
-                    let result = store::append::append_batch(&mut *tx, &config, &[&request])
-                        .await
-                        .unwrap();
-                    assert!(result[0].is_ok(), "{:?}", result[0]);
-                    // Hold the transaction open: its positions are taken, its commit is late.
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                    tx.commit().await.unwrap();
-                    version += events as i64;
-                }
-                version
-            })
-        })
-        .collect();
+    let writers = spawn_late_committing_writers(&pool);
 
     let mut after = 0i64;
     let mut seen: HashSet<i64> = HashSet::new();
@@ -125,6 +88,157 @@ async fn tail_sees_every_event_once_despite_late_commits() {
         (naive_seen.len() as i64) < total,
         "the naive position reader missed nothing; the schedule did not produce late commits"
     );
+}
+
+/// Starts the writers: each appends to its own aggregate (`w0`, `w1`, ...) and holds
+/// every transaction open for a random time before committing, so commits land out of
+/// position order. Each returns the version its aggregate reached.
+fn spawn_late_committing_writers(pool: &sqlx::PgPool) -> Vec<tokio::task::JoinHandle<i64>> {
+    (0..WRITERS)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let config = CommitterConfig::default();
+                let mut version = 0i64;
+                for _ in 0..COMMITS_PER_WRITER {
+                    let (events, delay) = {
+                        let mut rng = rand::rng();
+                        (rng.random_range(1..4usize), rng.random_range(0..30u64))
+                    };
+                    let request = AppendRequest {
+                        aggregate_type: "t".into(),
+                        aggregate_id: format!("w{w}"),
+                        expected_version: version,
+                        events: (0..events)
+                            .map(|_| NewEvent {
+                                event_id: uuid::Uuid::now_v7(),
+                                event_type: "E".into(),
+                                payload: RawValue::from_string("{}".into()).unwrap(),
+                                metadata: RawValue::from_string("{}".into()).unwrap(),
+                            })
+                            .collect(),
+                        command_id: None,
+                        fence: None,
+                    };
+                    let mut tx = pool.begin().await.unwrap();
+                    let result = store::append::append_batch(&mut *tx, &config, &[&request])
+                        .await
+                        .unwrap();
+                    assert!(result[0].is_ok(), "{:?}", result[0]);
+                    // Hold the transaction open: its positions are taken, its commit is late.
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    tx.commit().await.unwrap();
+                    version += events as i64;
+                }
+                version
+            })
+        })
+        .collect()
+}
+
+/// Live subscriptions sharing one [`Tail`] see every event once, in commit order, while
+/// commits land late, with a filter, and when they fall behind the broadcast. The tail
+/// here keeps two pages of seven events, so a subscriber that pauses misses pages and
+/// must read the gap from the database; one that took the next page as if it followed
+/// on would lose events.
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_tail_subscribers_see_every_event_once() {
+    let db = TestDb::new("shared_tail").await;
+    let pool = db.pool().await;
+    store::migrate(&pool).await.unwrap();
+    let tail = Tail::start(
+        pool.clone(),
+        TailConfig {
+            page: 7,
+            capacity: 2,
+            poll: Duration::from_millis(5),
+            min_interval: Duration::from_millis(1),
+        },
+        None,
+    );
+    let writers = spawn_late_committing_writers(&pool);
+    // Subscribers: (filter, pause every N events), collecting positions until they reach
+    // the last one they should see, which they are told once every writer is done.
+    let only_w3 = EventFilter {
+        aggregate_id: Some("w3".into()),
+        ..EventFilter::default()
+    };
+    let subscribers: Vec<_> = [
+        (EventFilter::default(), None),
+        (EventFilter::default(), Some(5)),
+        (only_w3.clone(), None),
+        (only_w3.clone(), Some(3)),
+    ]
+    .into_iter()
+    .map(|(filter, pause_every)| {
+        let mut subscription = tail.subscribe(OrderKey::START, filter);
+        let (last_tx, mut last_rx) = tokio::sync::watch::channel(None::<i64>);
+        let task = tokio::spawn(async move {
+            let mut positions = Vec::new();
+            loop {
+                if let Some(last) = *last_rx.borrow_and_update()
+                    && positions.last() == Some(&last)
+                {
+                    return positions;
+                }
+                tokio::select! {
+                    event = subscription.next() => {
+                        positions.push(event.unwrap().position);
+                        if pause_every.is_some_and(|n| positions.len() % n == 0) {
+                            tokio::time::sleep(Duration::from_millis(40)).await;
+                        }
+                    }
+                    _ = last_rx.changed() => {}
+                }
+            }
+        });
+        (last_tx, task)
+    })
+    .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    // Every writer has committed: the full order is now final.
+    let mut all = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |e: &store::StoredEvent| e.position);
+        let page = store::read::read_all(&pool, after, 1000, &EventFilter::default())
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        all.extend(page);
+    }
+    let every: Vec<i64> = all.iter().map(|e| e.position).collect();
+    let of_w3: Vec<i64> = all
+        .iter()
+        .filter(|e| e.aggregate_id == "w3")
+        .map(|e| e.position)
+        .collect();
+    for (i, (last, task)) in subscribers.into_iter().enumerate() {
+        let expected = if i < 2 { &every } else { &of_w3 };
+        last.send(expected.last().copied()).unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .unwrap_or_else(|_| panic!("subscriber {i} stalled"))
+            .unwrap();
+        if &seen != expected {
+            let at = seen
+                .iter()
+                .zip(expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(seen.len().min(expected.len()));
+            panic!(
+                "subscriber {i} saw {} events where {} were expected; first difference at \
+                 index {at}: saw {:?}, expected {:?}",
+                seen.len(),
+                expected.len(),
+                &seen[at..(at + 5).min(seen.len())],
+                &expected[at..(at + 5).min(expected.len())],
+            );
+        }
+    }
 }
 
 /// One request's conflict in a batch fails only that request; a duplicate command id

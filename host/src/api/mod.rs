@@ -64,6 +64,8 @@ pub struct AppState {
     pub tokens: Tokens,
     /// Home regions and forwarding between regions.
     pub regions: crate::region::Regions,
+    /// The shared reader behind every live event stream.
+    pub tail: store::Tail,
 }
 
 /// Builds the router.
@@ -660,8 +662,8 @@ async fn status_page() -> Response {
         .into_response()
 }
 
-/// How often a live event stream looks for new events.
-const STREAM_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long a live event stream waits before reading again after a database error.
+const STREAM_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `GET /v1/events` as Server-Sent Events: everything after the resume point (the
 /// `after` parameter, or the `Last-Event-ID` header a browser's `EventSource` sends
@@ -696,43 +698,34 @@ async fn stream_events(
         aggregate_id: query.aggregate_id,
         origin_region: None,
     };
-    // Check the resume point now, so a bad one is a 400 rather than a stream that ends.
-    store::read::read_all(&state.pool, after, 1, &filter).await?;
-    let pool = state.pool.clone();
-    let stream = futures::stream::unfold(
-        (after, std::collections::VecDeque::new()),
-        move |(mut after, mut buffer)| {
-            let pool = pool.clone();
-            let filter = filter.clone();
-            let group = group.clone();
-            async move {
-                loop {
-                    if let Some(event) = buffer.pop_front() {
-                        let event: StoredEvent = event;
-                        after = event.position;
-                        // Another member's event: move past it without sending it.
-                        if group.as_ref().is_some_and(|g| !groups::keeps(g, &event)) {
-                            continue;
-                        }
-                        let data = serde_json::to_string(&event).unwrap_or_default();
-                        let sse = Event::default()
-                            .id(event.position.to_string())
-                            .event("event")
-                            .data(data);
-                        return Some((Ok::<_, std::convert::Infallible>(sse), (after, buffer)));
+    // Resolve the resume point now, so a bad one is a 400 rather than a stream that ends.
+    let after = store::read::order_key(&state.pool, after).await?;
+    let subscription = state.tail.subscribe(after, filter);
+    let stream = futures::stream::unfold(subscription, move |mut subscription| {
+        let group = group.clone();
+        async move {
+            loop {
+                let event = match subscription.next().await {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::warn!(%error, "event stream read failed; retrying");
+                        tokio::time::sleep(STREAM_RETRY).await;
+                        continue;
                     }
-                    match store::read::read_all(&pool, after, 500, &filter).await {
-                        Ok(page) if !page.is_empty() => buffer.extend(page),
-                        Ok(_) => tokio::time::sleep(STREAM_POLL).await,
-                        Err(error) => {
-                            tracing::warn!(%error, "event stream read failed; retrying");
-                            tokio::time::sleep(STREAM_POLL * 10).await;
-                        }
-                    }
+                };
+                // Another member's event: move past it without sending it.
+                if group.as_ref().is_some_and(|g| !groups::keeps(g, &event)) {
+                    continue;
                 }
+                let data = serde_json::to_string(&event).unwrap_or_default();
+                let sse = Event::default()
+                    .id(event.position.to_string())
+                    .event("event")
+                    .data(data);
+                return Some((Ok::<_, std::convert::Infallible>(sse), subscription));
             }
-        },
-    );
+        }
+    });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())

@@ -200,6 +200,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
             ..CommitterConfig::default()
         },
     );
+    let committer_commits = committer.commits();
     let executor = Executor::new(
         pool.clone(),
         committer,
@@ -250,6 +251,11 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         max_command_bytes: args.max_command_bytes,
         max_upload_bytes: args.max_upload_bytes,
         regions: regions.clone(),
+        tail: store::Tail::start(
+            pool.clone(),
+            store::TailConfig::default(),
+            Some(committer_commits),
+        ),
     };
     spawn_signal_handler(shutdown.clone());
 
@@ -259,6 +265,13 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     // The HTTP server keeps serving (and forwarding) while partitions are handed away.
     let server_shutdown = CancellationToken::new();
     let server_stop = server_shutdown.clone();
+    // No Nagle: a live stream writes one small event at a time, and with Nagle each
+    // write after the first waits for the client's delayed ACK (≈ 40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
+        }
+    });
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { server_shutdown.cancelled().await })

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde_json::value::RawValue;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres, Row};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -124,6 +124,7 @@ struct Pending {
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<Pending>,
+    committed: Arc<Notify>,
 }
 
 impl Committer {
@@ -133,7 +134,9 @@ impl Committer {
         let rx = Arc::new(Mutex::new(rx));
         let config = Arc::new(config);
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let committed = Arc::new(Notify::new());
         for worker in 0..config.workers.max(1) {
+            let committed = committed.clone();
             let rx = rx.clone();
             let pool = pool.clone();
             let config = config.clone();
@@ -148,10 +151,18 @@ impl Committer {
                     };
                     in_flight.fetch_add(1, Ordering::SeqCst);
                     commit(&mut link, &config, batch, &in_flight).await;
+                    committed.notify_waiters();
                 }
             });
         }
-        Self { tx }
+        Self { tx, committed }
+    }
+
+    /// Notified after each batch this committer wrote (or tried to): what the shared
+    /// event tail waits on, besides its poll, so live streams see this host's commits
+    /// at once.
+    pub fn commits(&self) -> Arc<Notify> {
+        self.committed.clone()
     }
 
     /// Appends one command's events; resolves when they are durable (or refused).

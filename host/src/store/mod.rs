@@ -12,6 +12,8 @@
 //! - [`regions`]: home regions and moves, events received from other regions, relay
 //!   status.
 //! - [`groups`]: consumer groups' acknowledged positions.
+//! - [`tail`]: one reader of the commit order per host, whose pages every live stream
+//!   shares (catch-up and gaps read on their own).
 
 pub mod append;
 pub mod cluster;
@@ -19,6 +21,7 @@ pub mod groups;
 pub mod plugins;
 pub mod read;
 pub mod regions;
+pub mod tail;
 
 use std::time::Duration;
 
@@ -26,7 +29,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub use append::{AppendOutcome, AppendRequest, Committer, CommitterConfig, Fence, NewEvent};
-pub use read::{AggregateKey, EventFilter, StoredEvent};
+pub use read::{AggregateKey, EventFilter, OrderKey, StoredEvent};
+pub use tail::{Subscription, Tail, TailConfig};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

@@ -177,6 +177,64 @@ pub struct EventFilter {
     pub origin_region: Option<String>,
 }
 
+impl EventFilter {
+    /// Whether `event` passes this filter: the same test `read_all` makes in SQL, for
+    /// events that arrive some other way (a live stream's shared pages).
+    pub fn matches(&self, event: &StoredEvent) -> bool {
+        if self
+            .aggregate_type
+            .as_deref()
+            .is_some_and(|t| t != event.aggregate_type)
+            || self
+                .aggregate_id
+                .as_deref()
+                .is_some_and(|id| id != event.aggregate_id)
+        {
+            return false;
+        }
+        let Some(region) = self.origin_region.as_deref() else {
+            return true;
+        };
+        #[derive(serde::Deserialize)]
+        struct Origin<'a> {
+            #[serde(borrow)]
+            origin_region: Option<std::borrow::Cow<'a, str>>,
+        }
+        serde_json::from_str::<Origin>(event.metadata.get())
+            .is_ok_and(|m| m.origin_region.as_deref() == Some(region))
+    }
+}
+
+/// A place in the region's commit order: the writing transaction's id, then the
+/// position. Global reads walk these keys; clients only ever see positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OrderKey {
+    /// The writing transaction's `xid8`.
+    pub tx: i64,
+    /// The event's position.
+    pub position: i64,
+}
+
+impl OrderKey {
+    /// Before every event.
+    pub const START: OrderKey = OrderKey { tx: 0, position: 0 };
+}
+
+/// The key of the event at `position` (0 or less: the start), or
+/// [`StoreError::UnknownPosition`] when no event has that position.
+pub async fn order_key(pool: &PgPool, position: i64) -> Result<OrderKey, StoreError> {
+    if position <= 0 {
+        return Ok(OrderKey::START);
+    }
+    let tx: Option<i64> =
+        sqlx::query_scalar("SELECT tx_id::text::bigint FROM events WHERE position = $1")
+            .bind(position)
+            .fetch_optional(pool)
+            .await?;
+    tx.map(|tx| OrderKey { tx, position })
+        .ok_or(StoreError::UnknownPosition(position))
+}
+
 /// Events after `after` (a position received earlier, or 0 for the beginning) in the
 /// region's commit order, never past a transaction that may still commit.
 pub async fn read_all(
@@ -185,37 +243,63 @@ pub async fn read_all(
     limit: i64,
     filter: &EventFilter,
 ) -> Result<Vec<StoredEvent>, StoreError> {
-    let after_tx: Option<i64> = if after <= 0 {
-        Some(0)
+    let after = order_key(pool, after).await?;
+    Ok(read_after(pool, after, None, limit, filter)
+        .await?
+        .into_iter()
+        .map(|(_, event)| event)
+        .collect())
+}
+
+/// Up to `limit` events after `after` in the region's commit order, with their keys,
+/// never past a transaction that may still commit, and with `until` none past that key.
+///
+/// A read bounded by `until` is complete and final once `until` was itself read: the
+/// events up to it belong to transactions that had finished by then.
+pub async fn read_after(
+    pool: &PgPool,
+    after: OrderKey,
+    until: Option<OrderKey>,
+    limit: i64,
+    filter: &EventFilter,
+) -> Result<Vec<(OrderKey, StoredEvent)>, StoreError> {
+    let bound = if until.is_some() {
+        "AND (tx_id, position) <= ($7::text::xid8, $8) "
     } else {
-        sqlx::query_scalar("SELECT tx_id::text::bigint FROM events WHERE position = $1")
-            .bind(after)
-            .fetch_optional(pool)
-            .await?
-    };
-    let Some(after_tx) = after_tx else {
-        return Err(StoreError::UnknownPosition(after));
+        ""
     };
     let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM events \
+        "SELECT tx_id::text::bigint AS tx, {EVENT_COLUMNS} FROM events \
          WHERE (tx_id, position) > ($1::text::xid8, $2) \
            AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
            AND ($3::text IS NULL OR aggregate_type = $3) \
            AND ($4::text IS NULL OR aggregate_id = $4) \
            AND ($6::text IS NULL OR metadata->>'origin_region' = $6) \
+           {bound}\
          ORDER BY tx_id, position LIMIT $5"
     );
-    sqlx::query(&sql)
-        .bind(after_tx.to_string())
-        .bind(after.max(0))
+    let mut query = sqlx::query(&sql)
+        .bind(after.tx.to_string())
+        .bind(after.position.max(0))
         .bind(filter.aggregate_type.as_deref())
         .bind(filter.aggregate_id.as_deref())
         .bind(limit)
-        .bind(filter.origin_region.as_deref())
+        .bind(filter.origin_region.as_deref());
+    if let Some(until) = until {
+        query = query.bind(until.tx.to_string()).bind(until.position);
+    }
+    query
         .fetch_all(pool)
         .await?
         .iter()
-        .map(StoredEvent::from_row)
+        .map(|row| {
+            let event = StoredEvent::from_row(row)?;
+            let key = OrderKey {
+                tx: row.try_get("tx")?,
+                position: event.position,
+            };
+            Ok((key, event))
+        })
         .collect()
 }
 
@@ -259,12 +343,17 @@ pub async fn command_result(
 /// is none yet): reading after it gives exactly the events that commit from now on,
 /// with no gap, because every transaction before it in that order has finished.
 pub async fn head(pool: &PgPool) -> Result<i64, StoreError> {
-    let position: Option<i64> = sqlx::query_scalar(
-        "SELECT position FROM events \
+    Ok(head_key(pool).await?.position)
+}
+
+/// [`head`] with its key ([`OrderKey::START`] when there is no event yet).
+pub async fn head_key(pool: &PgPool) -> Result<OrderKey, StoreError> {
+    let key: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT tx_id::text::bigint, position FROM events \
          WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
          ORDER BY tx_id DESC, position DESC LIMIT 1",
     )
     .fetch_optional(pool)
     .await?;
-    Ok(position.unwrap_or(0))
+    Ok(key.map_or(OrderKey::START, |(tx, position)| OrderKey { tx, position }))
 }

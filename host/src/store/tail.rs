@@ -1,0 +1,298 @@
+//! One reader of the region's commit order per host, shared by every live stream.
+//!
+//! A live stream (SSE, a group member's stream, the status page) used to poll
+//! PostgreSQL on its own every 100 ms: two queries and two pooled-connection checks
+//! each time, whether or not anything had committed. A few hundred idle subscribers
+//! then cost the database thousands of queries a second and took the connections the
+//! command path reads through. Instead, one task per host ([`Tail`]) reads the order
+//! and broadcasts each page it reads; a [`Subscription`] catches up from the database
+//! on its own, then takes the shared pages, filtering them itself. It reads the
+//! database again only to bridge a gap: when it fell behind the broadcast, or when its
+//! own catch-up ended before the page it received begins.
+//!
+//! Pages chain: each says which key it was read after and holds every event up to its
+//! last key (the events up to a key the tail has read belong to finished transactions,
+//! see [`read::read_after`]). So a subscriber whose key lies inside or at the start of
+//! a page takes the rest of the page and is exactly where the tail is; one whose key is
+//! before the page reads the events in between from the database, bounded by the
+//! page's start, and then takes the page.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::futures::Notified;
+use tokio::sync::{Notify, broadcast};
+
+use super::StoreError;
+use super::read::{self, EventFilter, OrderKey, StoredEvent};
+
+/// How the shared tail reads and fans out.
+#[derive(Debug, Clone)]
+pub struct TailConfig {
+    /// Events per read, for the tail and for subscribers catching up.
+    pub page: i64,
+    /// Pages the broadcast keeps for slow subscribers; one that falls further behind
+    /// reads the gap from the database.
+    pub capacity: usize,
+    /// How long the tail waits after a read that found nothing new, unless this host
+    /// commits something first (commits on other hosts are found by this poll).
+    pub poll: Duration,
+    /// Shortest time between two reads when commits wake the tail, so a busy host
+    /// reads in batches rather than once per commit.
+    pub min_interval: Duration,
+}
+
+impl Default for TailConfig {
+    fn default() -> Self {
+        Self {
+            page: 500,
+            capacity: 64,
+            poll: Duration::from_millis(100),
+            min_interval: Duration::from_millis(5),
+        }
+    }
+}
+
+/// A page the tail read: every event after `after` up to the last one's key.
+#[derive(Debug)]
+pub struct Page {
+    /// The key the page was read after.
+    pub after: OrderKey,
+    /// The events, in commit order (never empty).
+    pub events: Vec<(OrderKey, StoredEvent)>,
+}
+
+impl Page {
+    fn last(&self) -> OrderKey {
+        self.events.last().map_or(self.after, |(key, _)| *key)
+    }
+}
+
+/// The host's shared reader of the commit order. Cheap to clone; the reading task runs
+/// while anything subscribes and stops reading when nothing does.
+#[derive(Clone)]
+pub struct Tail {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    config: TailConfig,
+    sender: broadcast::Sender<Arc<Page>>,
+    /// Woken when a subscriber arrives at an idle tail. (Its own `Arc`: the parked task
+    /// holds it without keeping the rest alive.)
+    subscribed: Arc<Notify>,
+}
+
+impl Tail {
+    /// Starts the tail's task on the current tokio runtime. With `commits` (see
+    /// [`Committer::commits`](super::Committer::commits)) it also reads right after this
+    /// host commits, instead of on the next poll.
+    pub fn start(pool: PgPool, config: TailConfig, commits: Option<Arc<Notify>>) -> Tail {
+        let (sender, _) = broadcast::channel(config.capacity.max(1));
+        let inner = Arc::new(Inner {
+            pool,
+            config,
+            sender,
+            subscribed: Arc::new(Notify::new()),
+        });
+        tokio::spawn(run(
+            Arc::downgrade(&inner),
+            inner.subscribed.clone(),
+            commits,
+        ));
+        Tail { inner }
+    }
+
+    /// A live stream of the events after `after` that pass `filter`.
+    pub fn subscribe(&self, after: OrderKey, filter: EventFilter) -> Subscription {
+        // Receive before the first read, so no page published after it is missed.
+        let pages = self.inner.sender.subscribe();
+        self.inner.subscribed.notify_one();
+        metrics::gauge!("meridian_event_streams_open").increment(1.0);
+        Subscription {
+            pool: self.inner.pool.clone(),
+            page: self.inner.config.page,
+            poll: self.inner.config.poll,
+            filter,
+            key: after,
+            pages,
+            caught_up: false,
+            bridging: None,
+            buffer: VecDeque::new(),
+        }
+    }
+}
+
+/// The tail's task: reads while anyone listens, from the head the first listener
+/// found, and ends when the [`Tail`] is dropped.
+async fn run(inner: std::sync::Weak<Inner>, subscribed: Arc<Notify>, commits: Option<Arc<Notify>>) {
+    let mut cursor: Option<OrderKey> = None;
+    loop {
+        let Some(tail) = inner.upgrade() else { return };
+        if tail.sender.receiver_count() == 0 {
+            // Nobody listens: stop reading, and start from the head again later rather
+            // than read what nobody will take.
+            cursor = None;
+            let notified = subscribed.notified();
+            drop(tail);
+            // A Tail dropped while nobody listens leaves this task parked, holding only
+            // the `Notify`: a few bytes until the process exits.
+            notified.await;
+            continue;
+        }
+        let after = match cursor {
+            Some(key) => key,
+            None => match read::head_key(&tail.pool).await {
+                Ok(key) => key,
+                Err(error) => {
+                    tracing::warn!(%error, "event tail: reading the head failed; retrying");
+                    tokio::time::sleep(tail.config.poll * 10).await;
+                    continue;
+                }
+            },
+        };
+        cursor = Some(after);
+        // Listen for this host's next commit before reading, so one that lands during
+        // the read still wakes the wait after it.
+        let committed = commits.as_ref().map(|c| c.notified());
+        let started = tokio::time::Instant::now();
+        match read::read_after(
+            &tail.pool,
+            after,
+            None,
+            tail.config.page,
+            &EventFilter::default(),
+        )
+        .await
+        {
+            Ok(events) if !events.is_empty() => {
+                let full = events.len() as i64 >= tail.config.page;
+                let page = Page { after, events };
+                cursor = Some(page.last());
+                // No receiver left is fine: the next turn parks.
+                let _ = tail.sender.send(Arc::new(page));
+                if !full {
+                    wait(&tail.config, started, committed).await;
+                }
+            }
+            Ok(_) => wait(&tail.config, started, committed).await,
+            Err(error) => {
+                tracing::warn!(%error, "event tail: read failed; retrying");
+                tokio::time::sleep(tail.config.poll * 10).await;
+            }
+        }
+    }
+}
+
+/// Waits for the poll interval or, sooner, for a commit on this host, but never less
+/// than `min_interval` after the read that `started`.
+async fn wait(config: &TailConfig, started: tokio::time::Instant, committed: Option<Notified<'_>>) {
+    match committed {
+        Some(committed) => {
+            tokio::select! {
+                _ = tokio::time::sleep(config.poll) => return,
+                _ = committed => {}
+            }
+            tokio::time::sleep_until(started + config.min_interval).await;
+        }
+        None => tokio::time::sleep(config.poll).await,
+    }
+}
+
+/// One live stream: the events after its starting key that pass its filter, in commit
+/// order, each once. Catches up from the database, then follows the shared [`Tail`].
+pub struct Subscription {
+    pool: PgPool,
+    page: i64,
+    poll: Duration,
+    filter: EventFilter,
+    /// Everything up to this key has been delivered or was filtered out.
+    key: OrderKey,
+    pages: broadcast::Receiver<Arc<Page>>,
+    /// Still reading the database page by page (at the start, or after the tail ended).
+    caught_up: bool,
+    /// A page that begins after `key`: the events in between are read first.
+    bridging: Option<Arc<Page>>,
+    buffer: VecDeque<StoredEvent>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        metrics::gauge!("meridian_event_streams_open").decrement(1.0);
+    }
+}
+
+impl Subscription {
+    /// The next event, waiting for one to commit if need be. After an error (the
+    /// database was unreachable) the subscription is unchanged and may be called again.
+    pub async fn next(&mut self) -> Result<StoredEvent, StoreError> {
+        loop {
+            if let Some(event) = self.buffer.pop_front() {
+                return Ok(event);
+            }
+            if let Some(page) = self.bridging.clone() {
+                let gap = read::read_after(
+                    &self.pool,
+                    self.key,
+                    Some(page.after),
+                    self.page,
+                    &self.filter,
+                )
+                .await?;
+                let done = (gap.len() as i64) < self.page;
+                if let Some((key, _)) = gap.last() {
+                    self.key = *key;
+                }
+                self.buffer.extend(gap.into_iter().map(|(_, event)| event));
+                if done {
+                    // Everything up to the page's start is in: the page follows on.
+                    self.key = page.after;
+                    self.bridging = None;
+                    self.take(&page);
+                }
+                continue;
+            }
+            if !self.caught_up {
+                let events =
+                    read::read_after(&self.pool, self.key, None, self.page, &self.filter).await?;
+                match events.last() {
+                    Some((key, _)) => self.key = *key,
+                    None => self.caught_up = true,
+                }
+                self.buffer
+                    .extend(events.into_iter().map(|(_, event)| event));
+                continue;
+            }
+            match self.pages.recv().await {
+                Ok(page) if page.last() <= self.key => {}
+                Ok(page) if page.after <= self.key => self.take(&page),
+                Ok(page) => self.bridging = Some(page),
+                // The pages missed are a gap before the next page, bridged then.
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "event stream fell behind the tail");
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    // The tail is gone (the host is stopping): read on our own.
+                    self.caught_up = false;
+                    tokio::time::sleep(self.poll).await;
+                }
+            }
+        }
+    }
+
+    /// Takes a page that starts at or before `key`: its events after `key` that pass
+    /// the filter.
+    fn take(&mut self, page: &Page) {
+        let key = self.key;
+        self.buffer.extend(
+            page.events
+                .iter()
+                .filter(|(k, event)| *k > key && self.filter.matches(event))
+                .map(|(_, event)| event.clone()),
+        );
+        self.key = page.last();
+    }
+}
