@@ -133,6 +133,24 @@ def relay_table(relay, command):
     return "\n".join(lines) + "\n"
 
 
+def streams_table(same, other, command):
+    """Live streams: send-to-arrival on open SSE streams, on the commands' host and another."""
+    lines = [
+        "| streams opened on | streams | deposits/s | command p50 / p99 ms | send → stream p50 / p99 / max ms | deliveries |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, run in (("the host the commands go to", same), ("another host of the region", other)):
+        if not run:
+            continue
+        cmd, lag = run["command_latency"], run["stream_lag"]
+        lines.append(
+            f"| {label} | {run['streams']} | {run['rate']:,.0f} | {cmd['p50_ms']:.1f} / {cmd['p99_ms']:.1f} | "
+            f"{lag['p50_ms']:.1f} / {lag['p99_ms']:.1f} / {lag['max_ms']:.1f} | {run['delivered']:,} |"
+        )
+    lines += ["", f"Measured on {datetime.date.today().isoformat()} with `{command}`."]
+    return "\n".join(lines) + "\n"
+
+
 def cache_table(cache, command):
     """Memory per cached aggregate: the host's RSS before and after caching N accounts."""
     mib = lambda kb: f"{kb / 1024:,.0f} MiB"
@@ -233,6 +251,10 @@ def main():
     relay = load(directory, "relay.json")
     if relay:
         text = replace(text, "relay", relay_table(relay, command))
+
+    same, other = load(directory, "stream-same.json"), load(directory, "stream-other.json")
+    if same or other:
+        text = replace(text, "streams", streams_table(same, other, command))
 
     cache = load(directory, "cache.json")
     if cache:

@@ -116,6 +116,14 @@ sleep 3
 target/release/meridian-load "${urls[@]}" --accounts "$accounts" \
     --concurrency 64,256 --duration "$duration" --warmup "$warmup" --json "$out/region3.json"
 
+echo "==> live streams: 100 SSE streams, 200 deposits/s, streams on the commands' host and on another one"
+stream_duration=10s
+[ -n "$quick" ] && stream_duration=2s
+target/release/meridian-stream-lag --url "http://127.0.0.1:$port" --streams 100 --rate 200 \
+    --duration "$stream_duration" --json "$out/stream-same.json"
+target/release/meridian-stream-lag --url "http://127.0.0.1:$port" --stream-url "http://127.0.0.1:${ports[0]}" \
+    --streams 100 --rate 200 --duration "$stream_duration" --json "$out/stream-other.json"
+
 echo "==> two regions: relay lag at half of east's maximum rate"
 # The earlier hosts stop first so they don't compete for the cores.
 for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done

@@ -152,6 +152,7 @@ async fn shared_tail_subscribers_see_every_event_once() {
             page: 7,
             capacity: 2,
             poll: Duration::from_millis(5),
+            busy_poll: Duration::from_millis(5),
             min_interval: Duration::from_millis(1),
         },
         None,

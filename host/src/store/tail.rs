@@ -39,6 +39,10 @@ pub struct TailConfig {
     /// How long the tail waits after a read that found nothing new, unless this host
     /// commits something first (commits on other hosts are found by this poll).
     pub poll: Duration,
+    /// How long it waits after a read that found events: while the region is busy
+    /// the other hosts' commits are found this soon, and an idle region costs one read
+    /// per `poll`.
+    pub busy_poll: Duration,
     /// Shortest time between two reads when commits wake the tail, so a busy host
     /// reads in batches rather than once per commit.
     pub min_interval: Duration,
@@ -50,6 +54,7 @@ impl Default for TailConfig {
             page: 500,
             capacity: 64,
             poll: Duration::from_millis(100),
+            busy_poll: Duration::from_millis(10),
             min_interval: Duration::from_millis(5),
         }
     }
@@ -175,10 +180,10 @@ async fn run(inner: std::sync::Weak<Inner>, subscribed: Arc<Notify>, commits: Op
                 // No receiver left is fine: the next turn parks.
                 let _ = tail.sender.send(Arc::new(page));
                 if !full {
-                    wait(&tail.config, started, committed).await;
+                    wait(&tail.config, tail.config.busy_poll, started, committed).await;
                 }
             }
-            Ok(_) => wait(&tail.config, started, committed).await,
+            Ok(_) => wait(&tail.config, tail.config.poll, started, committed).await,
             Err(error) => {
                 tracing::warn!(%error, "event tail: read failed; retrying");
                 tokio::time::sleep(tail.config.poll * 10).await;
@@ -187,18 +192,23 @@ async fn run(inner: std::sync::Weak<Inner>, subscribed: Arc<Notify>, commits: Op
     }
 }
 
-/// Waits for the poll interval or, sooner, for a commit on this host, but never less
-/// than `min_interval` after the read that `started`.
-async fn wait(config: &TailConfig, started: tokio::time::Instant, committed: Option<Notified<'_>>) {
+/// Waits `poll` or, sooner, for a commit on this host, but never less than
+/// `min_interval` after the read that `started`.
+async fn wait(
+    config: &TailConfig,
+    poll: Duration,
+    started: tokio::time::Instant,
+    committed: Option<Notified<'_>>,
+) {
     match committed {
         Some(committed) => {
             tokio::select! {
-                _ = tokio::time::sleep(config.poll) => return,
+                _ = tokio::time::sleep(poll) => return,
                 _ = committed => {}
             }
             tokio::time::sleep_until(started + config.min_interval).await;
         }
-        None => tokio::time::sleep(config.poll).await,
+        None => tokio::time::sleep(poll).await,
     }
 }
 
