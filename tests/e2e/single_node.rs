@@ -377,9 +377,40 @@ async fn a_retried_command_id_returns_the_first_result_and_writes_nothing() {
         "{result}"
     );
 
+    // A retry the aggregate would now refuse because of its own first run (an Open
+    // again: "already open"; withdrawing the whole balance again) still gets its first
+    // result.
+    let id = uuid::Uuid::new_v4();
+    let body = json!({"command": {"type": "Open", "owner": "erin"}, "command_id": id});
+    let (status, first) = api.command("bank-account", "acc-3", body.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, again) = api.command("bank-account", "acc-3", body).await;
+    assert_eq!(
+        status, 200,
+        "a retried Open was refused by its own effect: {again}"
+    );
+    assert_eq!(again["events"], first["events"]);
+    assert_eq!(again["duplicate"], true);
+    let id = uuid::Uuid::new_v4();
+    let body = json!({"command": {"type": "Withdraw", "amount": 8}, "command_id": id});
+    let (status, first) = api.command("bank-account", "acc-1", body.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, again) = api.command("bank-account", "acc-1", body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["events"], first["events"]);
+    // A new id is judged on its own: the account is empty now.
+    let (status, refused) = api
+        .command(
+            "bank-account",
+            "acc-1",
+            json!({"command": {"type": "Withdraw", "amount": 8}, "command_id": uuid::Uuid::new_v4()}),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+
     let (_, state) = api.get("/v1/aggregates/bank-account/acc-1").await;
-    assert_eq!(state["state"]["balance"], 8);
-    assert_eq!(event_count(&db).await, 4);
+    assert_eq!(state["state"]["balance"], 0);
+    assert_eq!(event_count(&db).await, 6);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -733,4 +764,94 @@ async fn the_cli_uploads_commands_and_pages_events() {
     .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach a Meridian host"));
+}
+
+/// A host already working on its limit of commands (`MERIDIAN_MAX_COMMANDS_IN_FLIGHT`)
+/// answers the next one at once with 503 `overloaded` and `Retry-After`, and writes
+/// nothing for it; sent again with the same command id once there is room, it runs
+/// once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_at_its_command_limit_turns_commands_away_and_writes_nothing() {
+    let options = HostOptions {
+        env: vec![("MERIDIAN_MAX_COMMANDS_IN_FLIGHT".into(), "2".into())],
+        ..HostOptions::default()
+    };
+    let (db, host) = host_with("overload", options).await;
+    let api = host.client();
+    let (status, body) = api.upload("spin-loop", wasm_bytes("spin-loop")).await;
+    assert_eq!(status, 201, "{body}");
+    let r = api
+        .http
+        .put(format!("{}/v1/plugins/spin-loop/limits", api.base))
+        .json(&json!({"deadline_ms": 3000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Two commands that spin until their 3 s deadline take both places.
+    let busy: Vec<_> = (0..2)
+        .map(|i| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                api.command(
+                    "spin-loop",
+                    &format!("busy-{i}"),
+                    json!({"command": {"type": "Go"}}),
+                )
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let id = uuid::Uuid::new_v4();
+    let open = json!({"command": {"type": "Open", "owner": "o"}, "command_id": id});
+    let turned_away = api
+        .http
+        .post(format!("{}/v1/aggregates/bank-account/over-1", api.base))
+        .json(&open)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(turned_away.status(), 503);
+    assert_eq!(
+        turned_away
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let body: Value = turned_away.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MERIDIAN_MAX_COMMANDS_IN_FLIGHT"),
+        "{body}"
+    );
+    assert_eq!(
+        event_count(&db).await,
+        0,
+        "a command turned away wrote events"
+    );
+
+    for task in busy {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(
+            body["error"]["code"], "plugin_deadline_exceeded",
+            "{status} {body}"
+        );
+    }
+    let (status, body) = api.command("bank-account", "over-1", open.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 1, "{body}");
+    let (status, again) = api.command("bank-account", "over-1", open).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        again["version"], 1,
+        "the retried command id ran twice: {again}"
+    );
+    assert_eq!(event_count(&db).await, 1);
 }

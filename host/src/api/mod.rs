@@ -36,6 +36,9 @@ use crate::store::{self, AggregateKey, EventFilter, StoredEvent};
 /// Default cap on a command request body.
 pub const DEFAULT_MAX_COMMAND_BYTES: usize = 1024 * 1024;
 
+/// Default cap on the commands one host runs or forwards at once.
+pub const DEFAULT_MAX_COMMANDS_IN_FLIGHT: usize = 2048;
+
 /// Most events one page of `GET /v1/events` returns.
 pub const MAX_PAGE: i64 = 10_000;
 
@@ -66,6 +69,54 @@ pub struct AppState {
     pub regions: crate::region::Regions,
     /// The shared reader behind every live event stream.
     pub tail: store::Tail,
+    /// Admission: one permit per command this host is running or forwarding.
+    pub commands_in_flight: Admission,
+}
+
+/// Bounds the commands one host works on at once. Past the bound a command is answered
+/// 503 `overloaded` with `Retry-After` straight away, before anything is decided or
+/// written, instead of queueing: under overload a queue only makes every command late,
+/// and a client that gave up would still have its command run after it left.
+#[derive(Clone)]
+pub struct Admission {
+    permits: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+impl Admission {
+    /// Admits at most `limit` commands at once (at least one).
+    pub fn new(limit: usize) -> Self {
+        let limit = limit.max(1);
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// A permit for one command, held until it is answered; or the response for a
+    /// command turned away.
+    fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Response> {
+        self.permits.try_acquire().map_err(|_| {
+            metrics::counter!("meridian_commands_overloaded_total").increment(1);
+            tracing::debug!(limit = self.limit, "command turned away: host overloaded");
+            let body = ErrorBody {
+                error: ErrorDetail {
+                    code: "overloaded".into(),
+                    message: format!(
+                        "this host is already working on {} commands (MERIDIAN_MAX_COMMANDS_IN_FLIGHT); \
+                         nothing was written: retry after a moment, with the same command_id",
+                        self.limit
+                    ),
+                },
+            };
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(axum::http::header::RETRY_AFTER, "1")],
+                Json(body),
+            )
+                .into_response()
+        })
+    }
 }
 
 /// Builds the router.
@@ -295,7 +346,7 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
         (status = 413, body = ErrorBody, description = "body too large"),
         (status = 422, body = ErrorBody, description = "the plugin rejected the command"),
         (status = 500, body = ErrorBody, description = "the plugin failed"),
-        (status = 503, body = ErrorBody, description = "store unavailable or partition moving; retry"),
+        (status = 503, body = ErrorBody, description = "store unavailable, partition moving, or the host overloaded (`overloaded`, with `Retry-After`); retry"),
     )
 )]
 async fn execute(
@@ -306,6 +357,10 @@ async fn execute(
 ) -> Result<Response, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
     let mut body = parse_command_body(&body)?;
+    let _permit = match state.commands_in_flight.admit() {
+        Ok(permit) => permit,
+        Err(overloaded) => return Ok(overloaded),
+    };
     // Every command gets an id at the host that first takes it, so a retry after a
     // lost answer (between hosts, or during a partition move) cannot apply it twice.
     let command_id = *body.command_id.get_or_insert_with(Uuid::now_v7);

@@ -76,6 +76,12 @@ pub struct HostArgs {
     /// Largest command request body, in bytes.
     #[arg(long, env = "MERIDIAN_MAX_COMMAND_BYTES", default_value_t = api::DEFAULT_MAX_COMMAND_BYTES)]
     pub max_command_bytes: usize,
+    /// Commands this host runs or forwards at once; past it, a command is answered 503
+    /// `overloaded` with `Retry-After: 1` at once, with nothing written.
+    #[arg(long, env = "MERIDIAN_MAX_COMMANDS_IN_FLIGHT",
+          default_value_t = api::DEFAULT_MAX_COMMANDS_IN_FLIGHT as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_commands_in_flight: u32,
     /// Largest plugin upload accepted by this host, in bytes (per-type limits apply too).
     #[arg(long, env = "MERIDIAN_MAX_UPLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_upload_bytes: usize,
@@ -250,6 +256,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         region: args.region.as_str().into(),
         max_command_bytes: args.max_command_bytes,
         max_upload_bytes: args.max_upload_bytes,
+        commands_in_flight: api::Admission::new(args.max_commands_in_flight as usize),
         regions: regions.clone(),
         tail: store::Tail::start(
             pool.clone(),

@@ -362,7 +362,20 @@ impl Executor {
 
         let started = std::time::Instant::now();
         let (decided, state) = decide(plugin, loaded.state.clone(), command.body.clone()).await?;
-        let decided = decided.map_err(CommandError::Rejected)?;
+        let decided = match decided {
+            Ok(decided) => decided,
+            Err(rejection) => {
+                // A retry is decided against the state its own first run produced, which
+                // often refuses it ("already open", "insufficient funds"): a command id
+                // that already ran gets its first result, not that refusal.
+                if let Some(id) = command.command_id
+                    && let Some(result) = self.stored_result(id, &command.key).await?
+                {
+                    return Ok((result, None));
+                }
+                return Err(CommandError::Rejected(rejection));
+            }
+        };
         if let Some(event) = decided
             .iter()
             .find(|e| store::regions::is_system_event(&e.event_type))
