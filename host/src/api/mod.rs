@@ -93,29 +93,32 @@ impl Admission {
         }
     }
 
-    /// A permit for one command, held until it is answered; or the response for a
-    /// command turned away.
-    fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Response> {
-        self.permits.try_acquire().map_err(|_| {
-            metrics::counter!("meridian_commands_overloaded_total").increment(1);
-            tracing::debug!(limit = self.limit, "command turned away: host overloaded");
-            let body = ErrorBody {
-                error: ErrorDetail {
-                    code: "overloaded".into(),
-                    message: format!(
-                        "this host is already working on {} commands (MERIDIAN_MAX_COMMANDS_IN_FLIGHT); \
-                         nothing was written: retry after a moment, with the same command_id",
-                        self.limit
-                    ),
-                },
-            };
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(axum::http::header::RETRY_AFTER, "1")],
-                Json(body),
-            )
-                .into_response()
-        })
+    /// A permit for one command, held until it is answered; `None` when the host is
+    /// full.
+    fn admit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.permits.try_acquire().ok()
+    }
+
+    /// The answer to a command turned away.
+    fn overloaded(&self) -> Response {
+        metrics::counter!("meridian_commands_overloaded_total").increment(1);
+        tracing::debug!(limit = self.limit, "command turned away: host overloaded");
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: "overloaded".into(),
+                message: format!(
+                    "this host is already working on {} commands (MERIDIAN_MAX_COMMANDS_IN_FLIGHT); \
+                     nothing was written: retry after a moment, with the same command_id",
+                    self.limit
+                ),
+            },
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            Json(body),
+        )
+            .into_response()
     }
 }
 
@@ -357,9 +360,8 @@ async fn execute(
 ) -> Result<Response, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
     let mut body = parse_command_body(&body)?;
-    let _permit = match state.commands_in_flight.admit() {
-        Ok(permit) => permit,
-        Err(overloaded) => return Ok(overloaded),
+    let Some(_permit) = state.commands_in_flight.admit() else {
+        return Ok(state.commands_in_flight.overloaded());
     };
     // Every command gets an id at the host that first takes it, so a retry after a
     // lost answer (between hosts, or during a partition move) cannot apply it twice.
