@@ -62,6 +62,22 @@ impl SseReader {
     }
 }
 
+impl SseReader {
+    /// Whether the server ends the stream within `timeout` (events still arriving are
+    /// read and dropped).
+    pub(crate) async fn ends_within(&mut self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, async {
+            while let Some(chunk) = self.body.next().await {
+                if chunk.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
     let db = TestDb::new("sse").await;
@@ -245,4 +261,41 @@ async fn idle_streams_share_one_reader_of_the_database() {
         let (_, event) = stream.next().await;
         assert_eq!(event["type"], "Deposited");
     }
+}
+
+/// SIGTERM ends the host's open event streams, so draining does not wait on them until
+/// its timeout: the host exits 0 soon after, and a client (the CLI's `events tail`,
+/// the status page) reconnects from its last position to another host.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_open_streams_and_the_host_exits() {
+    let db = TestDb::new("sse_drain").await;
+    let options = HostOptions {
+        env: vec![("MERIDIAN_DRAIN_TIMEOUT_SECS".into(), "120".into())],
+        ..HostOptions::default()
+    };
+    let mut host = Host::start(&db, options).await;
+    let api = host.client();
+    api.upload("bank-account", wasm_bytes("bank-account")).await;
+    api.command(
+        "bank-account",
+        "drain-1",
+        json!({"command": {"type": "Open", "owner": "a"}}),
+    )
+    .await;
+    let mut stream = SseReader::open(&format!("{}/v1/events?after=0", host.url), None).await;
+    assert_eq!(stream.next().await.1["type"], "Opened");
+
+    host.signal("TERM");
+    assert!(
+        stream.ends_within(Duration::from_secs(30)).await,
+        "the stream stayed open after SIGTERM"
+    );
+    let code = tokio::task::spawn_blocking(move || host.wait_exit(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(
+        code,
+        Some(0),
+        "the host had not exited 30 s after SIGTERM (drain timeout: 120 s)"
+    );
 }

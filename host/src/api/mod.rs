@@ -71,6 +71,8 @@ pub struct AppState {
     pub tail: store::Tail,
     /// Admission: one permit per command this host is running or forwarding.
     pub commands_in_flight: Admission,
+    /// Cancelled when the host starts draining (SIGTERM): live streams end then.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// Bounds the commands one host works on at once. Past the bound a command is answered
@@ -758,16 +760,27 @@ async fn stream_events(
     // Resolve the resume point now, so a bad one is a 400 rather than a stream that ends.
     let after = store::read::order_key(&state.pool, after).await?;
     let subscription = state.tail.subscribe(after, filter);
+    let draining = state.draining.clone();
     let stream = futures::stream::unfold(subscription, move |mut subscription| {
         let group = group.clone();
+        let draining = draining.clone();
         async move {
             loop {
-                let event = match subscription.next().await {
+                // A draining host ends its streams: the server waits for every open
+                // response before it exits, and a stream would otherwise hold it until
+                // the drain timeout. Clients resume from their last id on another host.
+                let next = tokio::select! {
+                    _ = draining.cancelled() => return None,
+                    next = subscription.next() => next,
+                };
+                let event = match next {
                     Ok(event) => event,
                     Err(error) => {
                         tracing::warn!(%error, "event stream read failed; retrying");
-                        tokio::time::sleep(STREAM_RETRY).await;
-                        continue;
+                        tokio::select! {
+                            _ = draining.cancelled() => return None,
+                            _ = tokio::time::sleep(STREAM_RETRY) => continue,
+                        }
                     }
                 };
                 // Another member's event: move past it without sending it.

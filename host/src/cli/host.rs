@@ -257,6 +257,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         max_command_bytes: args.max_command_bytes,
         max_upload_bytes: args.max_upload_bytes,
         commands_in_flight: api::Admission::new(args.max_commands_in_flight as usize),
+        draining: shutdown.clone(),
         regions: regions.clone(),
         tail: store::Tail::start(
             pool.clone(),
