@@ -783,13 +783,13 @@ async fn a_host_at_its_command_limit_turns_commands_away_and_writes_nothing() {
     let r = api
         .http
         .put(format!("{}/v1/plugins/spin-loop/limits", api.base))
-        .json(&json!({"deadline_ms": 3000}))
+        .json(&json!({"deadline_ms": 5000}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
 
-    // Two commands that spin until their 3 s deadline take both places.
+    // Two commands that spin until their 5 s deadline take both places.
     let busy: Vec<_> = (0..2)
         .map(|i| {
             let api = api.clone();
@@ -803,7 +803,19 @@ async fn a_host_at_its_command_limit_turns_commands_away_and_writes_nothing() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both are running once the host says so.
+    crate::harness::eventually(|| async {
+        let text = reqwest::get(format!("{}/metrics", api.base))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .any(|l| l == "meridian_commands_in_flight 2")
+            .then_some(())
+    })
+    .await;
 
     let id = uuid::Uuid::new_v4();
     let open = json!({"command": {"type": "Open", "owner": "o"}, "command_id": id});

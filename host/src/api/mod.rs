@@ -101,6 +101,11 @@ impl Admission {
         self.permits.try_acquire().ok()
     }
 
+    /// Commands admitted and not yet answered.
+    pub fn in_use(&self) -> usize {
+        self.limit - self.permits.available_permits()
+    }
+
     /// The answer to a command turned away.
     fn overloaded(&self) -> Response {
         metrics::counter!("meridian_commands_overloaded_total").increment(1);
@@ -239,6 +244,9 @@ async fn openapi() -> Response {
 /// Prometheus metrics: commands by type and outcome, command latency, append batch
 /// sizes, cache hits and loads, partitions owned, plugin time.
 async fn render_metrics(State(state): State<AppState>) -> Response {
+    // Read at scrape time rather than counted per command: exact, and free between
+    // scrapes.
+    metrics::gauge!("meridian_commands_in_flight").set(state.commands_in_flight.in_use() as f64);
     match &state.metrics {
         Some(handle) => (
             [("content-type", "text/plain; version=0.0.4")],
