@@ -357,3 +357,57 @@ pub async fn head_key(pool: &PgPool) -> Result<OrderKey, StoreError> {
     .await?;
     Ok(key.map_or(OrderKey::START, |(tx, position)| OrderKey { tx, position }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(aggregate_type: &str, aggregate_id: &str, metadata: &str) -> StoredEvent {
+        StoredEvent {
+            position: 1,
+            event_id: Uuid::nil(),
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            version: 1,
+            event_type: "E".into(),
+            payload: RawValue::from_string("{}".into()).unwrap(),
+            metadata: RawValue::from_string(metadata.into()).unwrap(),
+            recorded_at: Utc::now(),
+        }
+    }
+
+    /// The filter a live stream applies to shared pages keeps what the SQL of
+    /// `read_all` keeps.
+    #[test]
+    fn filter_matches_like_the_sql() {
+        let east = event(
+            "account",
+            "a-1",
+            r#"{"origin_region":"east","node_id":"n"}"#,
+        );
+        let west = event(
+            "account",
+            "a-2",
+            r#"{"node_id":"n","origin_region":"west"}"#,
+        );
+        let none = event("order", "a-1", "{}");
+        let all = EventFilter::default();
+        assert!(all.matches(&east) && all.matches(&west) && all.matches(&none));
+        let accounts = EventFilter {
+            aggregate_type: Some("account".into()),
+            ..EventFilter::default()
+        };
+        assert!(accounts.matches(&east) && !accounts.matches(&none));
+        let one = EventFilter {
+            aggregate_type: Some("account".into()),
+            aggregate_id: Some("a-1".into()),
+            ..EventFilter::default()
+        };
+        assert!(one.matches(&east) && !one.matches(&west) && !one.matches(&none));
+        let from_east = EventFilter {
+            origin_region: Some("east".into()),
+            ..EventFilter::default()
+        };
+        assert!(from_east.matches(&east) && !from_east.matches(&west) && !from_east.matches(&none));
+    }
+}
