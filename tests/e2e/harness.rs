@@ -321,6 +321,18 @@ impl Api {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// `PUT /v1/plugins/{aggregate_type}/limits`: the status.
+    pub async fn put_limits(&self, aggregate_type: &str, limits: Value) -> u16 {
+        self.http
+            .put(format!("{}/v1/plugins/{aggregate_type}/limits", self.base))
+            .json(&limits)
+            .send()
+            .await
+            .expect("put limits")
+            .status()
+            .as_u16()
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let r = self
             .http

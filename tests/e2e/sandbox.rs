@@ -76,14 +76,11 @@ async fn hostile_plugins_are_contained() {
     still_serves(&api, "a1").await;
 
     // Lower the deadline for that type: limits are per aggregate type.
-    let r = api
-        .http
-        .put(format!("{}/v1/plugins/spin-loop/limits", api.base))
-        .json(&json!({"deadline_ms": 20}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        api.put_limits("spin-loop", json!({"deadline_ms": 20}))
+            .await,
+        200
+    );
     fails_with(&api, "spin-loop", "s1", "plugin_deadline_exceeded", "20 ms").await;
 
     // Time never passes in the sandbox: an hour's sleep ends at once (a real one would

@@ -288,28 +288,22 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     let (status, error) = api.upload("tiny", wasm_bytes("bank-account")).await;
     assert_eq!(status, 400, "{error}");
     // A per-type size cap smaller than the component: 413.
-    let r = api
-        .http
-        .put(format!("{}/v1/plugins/bank-account/limits", api.base))
-        .json(&json!({"max_component_bytes": 1000}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        api.put_limits("bank-account", json!({"max_component_bytes": 1000}))
+            .await,
+        200
+    );
     let (status, error) = api.upload("bank-account", wasm_bytes("bank-account")).await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
         (413, Some("component_too_large")),
         "{error}"
     );
-    let r = api
-        .http
-        .put(format!("{}/v1/plugins/bank-account/limits", api.base))
-        .json(&json!({"deadline_ms": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
+    assert_eq!(
+        api.put_limits("bank-account", json!({"deadline_ms": 0}))
+            .await,
+        400
+    );
 
     assert_eq!(event_count(&db).await, before, "bad input wrote events");
     let (status, plugins) = api.get("/v1/plugins").await;
@@ -780,14 +774,11 @@ async fn a_host_at_its_command_limit_turns_commands_away_and_writes_nothing() {
     let api = host.client();
     let (status, body) = api.upload("spin-loop", wasm_bytes("spin-loop")).await;
     assert_eq!(status, 201, "{body}");
-    let r = api
-        .http
-        .put(format!("{}/v1/plugins/spin-loop/limits", api.base))
-        .json(&json!({"deadline_ms": 5000}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        api.put_limits("spin-loop", json!({"deadline_ms": 5000}))
+            .await,
+        200
+    );
 
     // Two commands that spin until their 5 s deadline take both places.
     let busy: Vec<_> = (0..2)
