@@ -700,6 +700,14 @@ async fn a_forced_move_takes_an_aggregate_over_from_a_lost_region_which_then_def
     // Unforced, the move must run at the home, which is gone.
     let response = move_home(false).await.unwrap();
     assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1"),
+        "a 503 says when to retry"
+    );
     let response = move_home(true).await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
     let moved: Value = response.json().await.unwrap();
