@@ -840,6 +840,21 @@ async fn a_host_at_its_command_limit_turns_commands_away_and_writes_nothing() {
         "a command turned away wrote events"
     );
 
+    // The CLI waits as Retry-After says and sends the command again until it runs.
+    let url = api.base.clone();
+    let cli = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::harness::meridian_bin())
+            .args([
+                "command",
+                "bank-account",
+                "over-2",
+                r#"{"type":"Open","owner":"p"}"#,
+            ])
+            .args(["--retries", "30", "--url", &url])
+            .output()
+            .unwrap()
+    });
+
     for task in busy {
         let (status, body) = task.await.unwrap();
         assert_eq!(
@@ -856,5 +871,17 @@ async fn a_host_at_its_command_limit_turns_commands_away_and_writes_nothing() {
         again["version"], 1,
         "the retried command id ran twice: {again}"
     );
-    assert_eq!(event_count(&db).await, 1);
+
+    let out = cli.await.unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout} {stderr}");
+    assert!(stdout.contains("version 1"), "{stdout}");
+    assert!(
+        stderr.contains("503 overloaded; sending the command again in 1 s"),
+        "the CLI did not meet the full host: {stderr}"
+    );
+    assert_eq!(event_count(&db).await, 2);
 }

@@ -52,9 +52,14 @@ pub struct CommandArgs {
     pub aggregate_id: String,
     /// The command as JSON, e.g. `{"type":"Deposit","amount":10}`.
     pub command: String,
-    /// Idempotency key (a UUID); sending it again returns the first result.
+    /// Idempotency key (a UUID); sending it again returns the first result. Without
+    /// it the CLI makes one up, so its own retries (below) never run the command twice.
     #[arg(long)]
     pub command_id: Option<uuid::Uuid>,
+    /// How many times to send the command again after a 503 (a host overloaded or
+    /// draining, a partition moving), waiting as `Retry-After` says.
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
     /// Refuse unless the aggregate is at this version.
     #[arg(long)]
     pub expected_version: Option<i64>,
@@ -259,10 +264,8 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
 pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
     let command: Value = serde_json::from_str(&args.command)
         .with_context(|| format!("the command is not valid JSON: {}", args.command))?;
-    let mut body = serde_json::json!({ "command": command });
-    if let Some(id) = args.command_id {
-        body["command_id"] = Value::String(id.to_string());
-    }
+    let command_id = args.command_id.unwrap_or_else(uuid::Uuid::now_v7);
+    let mut body = serde_json::json!({ "command": command, "command_id": command_id });
     if let Some(v) = args.expected_version {
         body["expected_version"] = v.into();
     }
@@ -272,17 +275,40 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
         args.aggregate_type,
         args.aggregate_id
     );
-    let response = client(&args.target)
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .with_context(|| {
+    let client = client(&args.target);
+    let mut attempt = 0;
+    let response = loop {
+        let response = client.post(&url).json(&body).send().await.with_context(|| {
             format!(
                 "cannot reach a Meridian host at {}; is it running? (set --url or MERIDIAN_URL)",
                 args.target.url
             )
         })?;
+        if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || attempt >= args.retries
+        {
+            break response;
+        }
+        attempt += 1;
+        // Safe to send again: the command id makes a second run return the first result.
+        let wait = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(1)
+            .clamp(1, 30);
+        let code = response
+            .json::<Value>()
+            .await
+            .ok()
+            .and_then(|b| b["error"]["code"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "unavailable".into());
+        eprintln!(
+            "503 {code}; sending the command again in {wait} s (attempt {} of {})",
+            attempt + 1,
+            args.retries + 1
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+    };
     // Set when the host forwarded the command to the aggregate's home region.
     let ran_in = response
         .headers()
