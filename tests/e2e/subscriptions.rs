@@ -78,18 +78,25 @@ impl SseReader {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
-    let db = TestDb::new("sse").await;
-    let host = Host::start(&db, HostOptions::default()).await;
+/// A host on a database of its own with bank-account uploaded and account `id` opened.
+async fn host_with_account(label: &str, options: HostOptions, id: &str) -> (TestDb, Host) {
+    let db = TestDb::new(label).await;
+    let host = Host::start(&db, options).await;
     let api = host.client();
     api.upload("bank-account", wasm_bytes("bank-account")).await;
     api.command(
         "bank-account",
-        "s-1",
+        id,
         json!({"command": {"type": "Open", "owner": "a"}}),
     )
     .await;
+    (db, host)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
+    let (_db, host) = host_with_account("sse", HostOptions::default(), "s-1").await;
+    let api = host.client();
     api.command(
         "bank-account",
         "s-2",
@@ -221,16 +228,8 @@ async fn events_scans(pool: &sqlx::PgPool) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_streams_share_one_reader_of_the_database() {
     const STREAMS: usize = 40;
-    let db = TestDb::new("sse_idle").await;
-    let host = Host::start(&db, HostOptions::default()).await;
+    let (db, host) = host_with_account("sse_idle", HostOptions::default(), "idle-1").await;
     let api = host.client();
-    api.upload("bank-account", wasm_bytes("bank-account")).await;
-    api.command(
-        "bank-account",
-        "idle-1",
-        json!({"command": {"type": "Open", "owner": "a"}}),
-    )
-    .await;
     let url = format!("{}/v1/events?after=0", host.url);
     let mut streams = Vec::new();
     for _ in 0..STREAMS {
@@ -268,20 +267,11 @@ async fn idle_streams_share_one_reader_of_the_database() {
 /// the status page) reconnects from its last position to another host.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_open_streams_and_the_host_exits() {
-    let db = TestDb::new("sse_drain").await;
     let options = HostOptions {
         env: vec![("MERIDIAN_DRAIN_TIMEOUT_SECS".into(), "120".into())],
         ..HostOptions::default()
     };
-    let mut host = Host::start(&db, options).await;
-    let api = host.client();
-    api.upload("bank-account", wasm_bytes("bank-account")).await;
-    api.command(
-        "bank-account",
-        "drain-1",
-        json!({"command": {"type": "Open", "owner": "a"}}),
-    )
-    .await;
+    let (_db, mut host) = host_with_account("sse_drain", options, "drain-1").await;
     let mut stream = SseReader::open(&format!("{}/v1/events?after=0", host.url), None).await;
     assert_eq!(stream.next().await.1["type"], "Opened");
 
