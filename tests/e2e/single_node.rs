@@ -142,7 +142,12 @@ async fn commands_run_through_the_plugin_and_are_stored() {
     assert_eq!(status, 404, "{missing}");
     let (status, openapi) = api.get("/openapi.json").await;
     assert_eq!(status, 200);
-    assert!(openapi["paths"]["/v1/aggregates/{aggregate_type}/{aggregate_id}"].is_object());
+    let execute = &openapi["paths"]["/v1/aggregates/{aggregate_type}/{aggregate_id}"]["post"];
+    assert!(execute.is_object(), "{openapi}");
+    assert!(
+        execute["responses"]["503"]["headers"]["Retry-After"].is_object(),
+        "the 503's Retry-After is documented: {execute}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -359,7 +359,8 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
         (status = 413, body = ErrorBody, description = "body too large"),
         (status = 422, body = ErrorBody, description = "the plugin rejected the command"),
         (status = 500, body = ErrorBody, description = "the plugin failed"),
-        (status = 503, body = ErrorBody, description = "store unavailable, partition moving, or the host overloaded (`overloaded`, with `Retry-After`); retry"),
+        (status = 503, body = ErrorBody, description = "store unavailable, partition moving, or the host overloaded (`overloaded`); send again with the same `command_id`",
+            headers(("Retry-After" = u32, description = "seconds to wait before sending again"))),
     )
 )]
 async fn execute(
