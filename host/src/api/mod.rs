@@ -55,8 +55,6 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// This node's id. (`Arc<str>`: axum clones the state for every request.)
     pub node_id: Arc<str>,
-    /// This node's region.
-    pub region: Arc<str>,
     /// Cap on command bodies.
     pub max_command_bytes: usize,
     /// Cap on plugin uploads (the per-type cap applies too).

@@ -253,7 +253,6 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         pool: pool.clone(),
         ready: ready.clone(),
         node_id: node_id.as_str().into(),
-        region: args.region.as_str().into(),
         max_command_bytes: args.max_command_bytes,
         max_upload_bytes: args.max_upload_bytes,
         commands_in_flight: api::Admission::new(args.max_commands_in_flight as usize),
