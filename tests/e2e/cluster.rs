@@ -135,6 +135,10 @@ async fn any_node_accepts_commands_and_the_owner_executes_them() {
         assert!(text.contains(&host.node_id), "{text}");
     }
     assert!(text.contains("partition map"), "{text}");
+    assert!(
+        text.contains("0 of 2048 commands in flight, 0 event streams open"),
+        "{text}"
+    );
     let url = hosts[1].url.clone();
     let json = tokio::task::spawn_blocking(move || {
         std::process::Command::new(crate::harness::meridian_bin())

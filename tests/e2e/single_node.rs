@@ -799,7 +799,7 @@ async fn a_host_at_its_command_limit_turns_commands_away_and_writes_nothing() {
             })
         })
         .collect();
-    // Both are running once the host says so.
+    // Both are running once the host says so, in its metrics and in its status.
     crate::harness::eventually(|| async {
         let text = reqwest::get(format!("{}/metrics", api.base))
             .await
@@ -812,6 +812,15 @@ async fn a_host_at_its_command_limit_turns_commands_away_and_writes_nothing() {
             .then_some(())
     })
     .await;
+    let (_, cluster) = api.get("/v1/cluster").await;
+    assert_eq!(
+        (
+            &cluster["load"]["commands_in_flight"],
+            &cluster["load"]["max_commands_in_flight"]
+        ),
+        (&json!(2), &json!(2)),
+        "{cluster}"
+    );
 
     let id = uuid::Uuid::new_v4();
     let open = json!({"command": {"type": "Open", "owner": "o"}, "command_id": id});

@@ -249,6 +249,9 @@ async fn idle_streams_share_one_reader_of_the_database() {
         "{STREAMS} idle streams scanned `events` {scans} times in 5 s: more than one read \
          per stream per second"
     );
+    // The host counts them where an operator looks.
+    let (_, cluster) = api.get("/v1/cluster").await;
+    assert_eq!(cluster["load"]["event_streams_open"], STREAMS, "{cluster}");
     // Still live: the next commit reaches every stream.
     api.command(
         "bank-account",

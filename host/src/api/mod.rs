@@ -222,6 +222,7 @@ pub fn router(state: AppState) -> axum::Router {
         regions::MoveHomeResult,
         regions::HomeView,
         store::regions::RelayStatus,
+        HostLoad,
         EventsHead,
         groups::AckBody,
         groups::AckResult,
@@ -503,7 +504,23 @@ async fn cluster_status(State(state): State<AppState>) -> Result<Json<RegionalSt
         cluster: state.cluster.status(),
         region: state.regions.local().to_string(),
         regions,
+        load: HostLoad {
+            commands_in_flight: state.commands_in_flight.in_use(),
+            max_commands_in_flight: state.commands_in_flight.limit,
+            event_streams_open: state.tail.open_streams(),
+        },
     }))
+}
+
+/// What the answering host is working on right now.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct HostLoad {
+    /// Commands it is running or forwarding.
+    pub commands_in_flight: usize,
+    /// Past this many it answers 503 `overloaded` (`MERIDIAN_MAX_COMMANDS_IN_FLIGHT`).
+    pub max_commands_in_flight: usize,
+    /// Live event streams (SSE) open on it.
+    pub event_streams_open: usize,
 }
 
 /// `GET /v1/cluster`: this region's cluster, and the relay from every other region.
@@ -516,6 +533,8 @@ pub struct RegionalStatus {
     pub region: String,
     /// The relay from each other region (empty for a single region).
     pub regions: Vec<store::regions::RelayStatus>,
+    /// The answering host's load.
+    pub load: HostLoad,
 }
 
 /// An aggregate's current state.

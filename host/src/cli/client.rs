@@ -548,6 +548,11 @@ pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
         status["membership_epoch"],
         status["node_id"].as_str().unwrap_or("?")
     );
+    let load = &status["load"];
+    println!(
+        "that host: {} of {} commands in flight, {} event streams open",
+        load["commands_in_flight"], load["max_commands_in_flight"], load["event_streams_open"]
+    );
     println!();
     println!(
         "   {:<24} {:<9} {:<6} {:>10}  {:<32} last heartbeat",

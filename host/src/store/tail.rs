@@ -111,6 +111,11 @@ impl Tail {
         Tail { inner }
     }
 
+    /// Live streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.inner.sender.receiver_count()
+    }
+
     /// A live stream of the events after `after` that pass `filter`.
     pub fn subscribe(&self, after: OrderKey, filter: EventFilter) -> Subscription {
         // Receive before the first read, so no page published after it is missed.
