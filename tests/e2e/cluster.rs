@@ -342,6 +342,27 @@ async fn kill_9_of_a_host_under_load_loses_nothing() {
     assert!(victim_row.is_none_or(|m| m["alive"] == false));
 }
 
+/// A host's database sessions end a transaction left idle for 10 s. A host paused
+/// between two statements of its heartbeat held its member row locked until it resumed,
+/// so the other hosts' liveness check waited on it and no one was ever declared dead
+/// (seen once in `a_paused_host_is_fenced_and_rejoins`, when the pause landed inside
+/// that transaction); the server now ends such a session.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hosts_sessions_end_transactions_left_idle() {
+    let db = TestDb::new("c_idle").await;
+    let pool = meridian::store::connect(&meridian::store::DatabaseConfig {
+        url: db.url.clone(),
+        max_connections: 2,
+    })
+    .await
+    .unwrap();
+    let timeout: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(timeout, "10s");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_host_is_fenced_and_rejoins() {
     let db = TestDb::new("c_pause").await;
