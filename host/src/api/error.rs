@@ -63,6 +63,15 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(status = self.status.as_u16(), code = self.code, message = %self.message, "request failed");
         }
+        self.render()
+    }
+}
+
+impl ApiError {
+    /// The response, without the warning [`IntoResponse`] logs for a server error: for
+    /// answers given so often that a line each would flood the log (a host turning
+    /// commands away under overload).
+    pub fn render(self) -> Response {
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code.to_string(),

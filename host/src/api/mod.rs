@@ -104,26 +104,21 @@ impl Admission {
         self.limit - self.permits.available_permits()
     }
 
-    /// The answer to a command turned away.
+    /// The answer to a command turned away (a 503, so with `Retry-After`; logged at
+    /// debug level only, since under overload there is one per command).
     fn overloaded(&self) -> Response {
         metrics::counter!("meridian_commands_overloaded_total").increment(1);
         tracing::debug!(limit = self.limit, "command turned away: host overloaded");
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: "overloaded".into(),
-                message: format!(
-                    "this host is already working on {} commands (MERIDIAN_MAX_COMMANDS_IN_FLIGHT); \
-                     nothing was written: retry after a moment, with the same command_id",
-                    self.limit
-                ),
-            },
-        };
-        (
+        ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            [(axum::http::header::RETRY_AFTER, "1")],
-            Json(body),
+            "overloaded",
+            format!(
+                "this host is already working on {} commands (MERIDIAN_MAX_COMMANDS_IN_FLIGHT); \
+                 nothing was written: retry after a moment, with the same command_id",
+                self.limit
+            ),
         )
-            .into_response()
+        .render()
     }
 }
 
