@@ -348,9 +348,7 @@ impl Executor {
         {
             // A retry of a command that already ran gets its first result, not a
             // conflict caused by itself.
-            if let Some(id) = command.command_id
-                && let Some(result) = self.stored_result(id, &command.key).await?
-            {
+            if let Some(result) = self.first_result(command).await? {
                 return Ok((result, None));
             }
             return Err(CommandError::WrongVersion {
@@ -368,9 +366,7 @@ impl Executor {
                 // A retry is decided against the state its own first run produced, which
                 // often refuses it ("already open", "insufficient funds"): a command id
                 // that already ran gets its first result, not that refusal.
-                if let Some(id) = command.command_id
-                    && let Some(result) = self.stored_result(id, &command.key).await?
-                {
+                if let Some(result) = self.first_result(command).await? {
                     return Ok((result, None));
                 }
                 return Err(CommandError::Rejected(rejection));
@@ -471,11 +467,13 @@ impl Executor {
         }
     }
 
-    async fn stored_result(
-        &self,
-        command_id: Uuid,
-        key: &AggregateKey,
-    ) -> Result<Option<CommandResult>, CommandError> {
+    /// The stored result of this command's id, when it already ran (a retry); `None`
+    /// for a command without an id or one that has not run.
+    async fn first_result(&self, command: &Command) -> Result<Option<CommandResult>, CommandError> {
+        let Some(command_id) = command.command_id else {
+            return Ok(None);
+        };
+        let key = &command.key;
         match store::read::command_result(&self.inner.pool, command_id).await? {
             Some((stored_key, first, last)) if &stored_key == key => {
                 Ok(Some(self.result_from_store(key, first, last).await?))
