@@ -109,16 +109,16 @@ pub(super) async fn page(
     filter: &EventFilter,
 ) -> Result<(Vec<StoredEvent>, i64), ApiError> {
     let mut events = Vec::new();
-    let mut next = after;
+    let mut next = store::read::order_key(&state.pool, after).await?;
     let mut scanned = 0;
     'scan: while scanned < SCAN_BUDGET {
-        let batch = store::read::read_all(&state.pool, next, SCAN_PAGE, filter).await?;
+        let batch = store::read::read_after(&state.pool, next, None, SCAN_PAGE, filter).await?;
         if batch.is_empty() {
             break;
         }
-        for event in batch {
+        for (key, event) in batch {
             scanned += 1;
-            next = event.position;
+            next = key;
             if keeps(slot, &event) {
                 events.push(event);
                 if events.len() as i64 >= limit {
@@ -127,7 +127,7 @@ pub(super) async fn page(
             }
         }
     }
-    Ok((events, next))
+    Ok((events, next.position))
 }
 
 /// The body of an acknowledgement.
