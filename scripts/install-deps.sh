@@ -6,7 +6,9 @@
 # componentize-js in plugins/bank-account-js/node_modules). Safe to run repeatedly: each
 # step checks before it changes anything.
 #
-#   bash scripts/install-deps.sh                     everything
+#   bash scripts/install-deps.sh                     what the demo and benchmarks need
+#   bash scripts/install-deps.sh --tests             that, and the test-only tools
+#                                                    (schemathesis in .tools/schemathesis)
 #   bash scripts/install-deps.sh --plugin-toolchains only the plugin toolchains
 set -euo pipefail
 
@@ -32,6 +34,7 @@ NATS_BIN="$BIN_DIR/nats-server"
 # and package-lock.json.
 COMPONENTIZE_PY_VERSION=0.25.1
 COMPONENTIZE_PY_VENV="$TOOLS_DIR/componentize-py"
+SCHEMATHESIS_VENV="$TOOLS_DIR/schemathesis"
 JS_PLUGIN_DIR="$REPO/plugins/bank-account-js"
 
 log() { printf '[install-deps] %s\n' "$*"; }
@@ -194,6 +197,28 @@ ensure_nats_py() {
         || die "could not install nats-py $NATS_PY_VERSION with pip"
 }
 
+# Schemathesis checks every answer of a real host against its OpenAPI document
+# (tests/e2e/conformance.rs); a venv of its own keeps its many dependencies apart.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+    local bin="$SCHEMATHESIS_VENV/bin/st"
+    if [ -x "$bin" ] && [ "$("$SCHEMATHESIS_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null)" = "$SCHEMATHESIS_VERSION" ]; then
+        log "schemathesis $SCHEMATHESIS_VERSION: $bin"
+        return
+    fi
+    if ! python3 -m venv --help >/dev/null 2>&1; then
+        log "installing python3-venv (for the schemathesis venv)"
+        apt_install python3-venv python3-pip
+    fi
+    log "installing schemathesis==$SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV"
+    rm -rf "$SCHEMATHESIS_VENV"
+    python3 -m venv "$SCHEMATHESIS_VENV"
+    "$SCHEMATHESIS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "schemathesis==$SCHEMATHESIS_VERSION"
+    [ -x "$bin" ] || die "schemathesis $SCHEMATHESIS_VERSION did not install into $SCHEMATHESIS_VENV"
+    log "schemathesis $SCHEMATHESIS_VERSION: $bin"
+}
+
 ensure_componentize_py() {
     local bin="$COMPONENTIZE_PY_VENV/bin/componentize-py"
     if [ -x "$bin" ] && [ "$("$bin" --version 2>/dev/null)" = "componentize-py $COMPONENTIZE_PY_VERSION" ]; then
@@ -252,4 +277,7 @@ ensure_chromium
 ensure_componentize_py
 ensure_componentize_js
 ensure_nats_py
+if [ "${1:-}" = "--tests" ]; then
+    ensure_schemathesis
+fi
 log "done. MERIDIAN_NATS_SERVER_BIN=$NATS_BIN"

@@ -18,7 +18,7 @@ fail() {
 }
 
 step "installing dependencies"
-bash scripts/install-deps.sh || fail "scripts/install-deps.sh"
+bash scripts/install-deps.sh --tests || fail "scripts/install-deps.sh --tests"
 export MERIDIAN_NATS_SERVER_BIN="${MERIDIAN_NATS_SERVER_BIN:-$REPO/.tools/bin/nats-server}"
 [ -x "$MERIDIAN_NATS_SERVER_BIN" ] || fail "no executable nats-server at $MERIDIAN_NATS_SERVER_BIN"
 

@@ -5,6 +5,7 @@
 
 mod auth;
 mod cluster;
+mod conformance;
 mod dev;
 mod groups;
 mod harness;
@@ -17,3 +18,4 @@ mod single_node;
 mod status_page;
 mod subscriptions;
 mod tail;
+mod unstorable;

@@ -124,6 +124,13 @@ impl From<StoreError> for ApiError {
                 "shutting_down",
                 error.to_string(),
             ),
+            StoreError::Unstorable(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unstorable",
+                format!(
+                    "{error}; nothing was written, and sending the same command again will fail the same way"
+                ),
+            ),
         }
     }
 }

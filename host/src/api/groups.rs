@@ -11,10 +11,11 @@
 //! `advanced: false`), because acks may be retried or reordered on the way.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use super::extract::Path;
 use super::{ApiError, AppState, EventsQuery};
 use crate::store::groups::{self as store_groups, AckOutcome, GroupMember, GroupPosition};
 use crate::store::{self, EventFilter, StoredEvent};
@@ -136,8 +137,10 @@ pub(super) async fn page(
 pub struct AckBody {
     /// The position to resume after: the last event this member has processed (or the
     /// `next` of a page it has processed).
+    #[schema(minimum = 1)]
     pub position: i64,
     /// How many members the group has (the layout this member belongs to).
+    #[schema(minimum = 1, maximum = 1024)]
     pub members: u32,
 }
 
@@ -161,7 +164,7 @@ pub struct AckResult {
 #[utoipa::path(
     post, path = "/v1/groups/{group}/members/{member}/ack",
     request_body = AckBody,
-    params(("group" = String, Path), ("member" = u32, Path, description = "this member, from 0")),
+    params(("group" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$"), ("member" = u32, Path, maximum = 1023, description = "this member, from 0, below `members`")),
     responses(
         (status = 200, body = AckResult, description = "stored, or ignored (`advanced: false`) because the stored position is already at or past it"),
         (status = 400, body = super::ErrorBody, description = "bad group, member or members, or a position the tail has not delivered"),
@@ -219,7 +222,7 @@ pub struct GroupStatus {
 /// Show a group's acknowledged positions.
 #[utoipa::path(
     get, path = "/v1/groups/{group}",
-    params(("group" = String, Path)),
+    params(("group" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses((status = 200, body = GroupStatus), (status = 400, body = super::ErrorBody))
 )]
 pub(super) async fn status(

@@ -6,6 +6,7 @@
 
 mod auth;
 mod error;
+mod extract;
 mod groups;
 mod regions;
 
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -26,6 +27,8 @@ use uuid::Uuid;
 
 pub use auth::{Scope, Tokens};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
+
+use extract::{Path, Query};
 
 use crate::cluster::{Cluster, ClusterStatus, Dispatched, FORWARDED_HEADER, RouteError};
 use crate::executor::{Command, CommandResult, Executor};
@@ -168,6 +171,13 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/groups/{group}/members/{member}/ack", post(groups::ack))
         .route("/v1/cluster", get(cluster_status))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("this route does not take {method}; the Allow header lists what it takes"),
+            )
+        })
         .layer(axum::middleware::from_fn_with_state(
             tokens,
             auth::authenticate,
@@ -198,7 +208,8 @@ pub fn router(state: AppState) -> axum::Router {
         list_events,
         events_head,
         groups::ack,
-        groups::status
+        groups::status,
+        cluster_status
     ),
     components(schemas(
         ErrorBody,
@@ -223,9 +234,68 @@ pub fn router(state: AppState) -> axum::Router {
         groups::AckResult,
         groups::GroupStatus,
         store::groups::GroupPosition
-    ))
+    )),
+    modifiers(&SharedAnswers)
 )]
 pub struct ApiDoc;
+
+/// Adds to the document what every `/v1` route shares rather than repeating it on each:
+/// the bearer scheme of [`auth`] and its 401 and 403 answers.
+struct SharedAnswers;
+
+impl utoipa::Modify for SharedAnswers {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+
+        openapi.components.get_or_insert_with(Default::default).add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "a token from MERIDIAN_TOKENS, needed only when the host has tokens configured",
+                    ))
+                    .build(),
+            ),
+        );
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            for operation in [&mut item.get, &mut item.put, &mut item.post]
+                .into_iter()
+                .flatten()
+            {
+                // Optional: a host without tokens serves every route without one.
+                operation.security = Some(vec![
+                    SecurityRequirement::new("bearer", Vec::<String>::new()),
+                    SecurityRequirement::default(),
+                ]);
+                let responses = &mut operation.responses.responses;
+                responses.entry("401".into()).or_insert_with(|| {
+                    error("no token, or an unknown one (hosts with tokens only)").into()
+                });
+                responses
+                    .entry("403".into())
+                    .or_insert_with(|| error("the token lacks the scope this route needs").into());
+            }
+        }
+    }
+}
 
 async fn openapi() -> Response {
     (
@@ -266,6 +336,32 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
     }
+}
+
+/// The path of an aggregate's routes, for the OpenAPI document only: handlers take the
+/// raw strings and check them with [`validate_type`] and [`validate_id`], whose messages
+/// say what to fix. Keep the patterns and those checks in step.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct AggregatePath {
+    /// The aggregate type, as its plugin was uploaded.
+    #[param(pattern = "^[a-z0-9_-]{1,64}$")]
+    aggregate_type: String,
+    /// The aggregate id, chosen by the caller.
+    #[param(pattern = "^[A-Za-z0-9._:@+=-]{1,200}$")]
+    aggregate_id: String,
+}
+
+/// The path of an aggregate type's routes, for the OpenAPI document only (see
+/// [`AggregatePath`]).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct TypePath {
+    /// The aggregate type.
+    #[param(pattern = "^[a-z0-9_-]{1,64}$")]
+    aggregate_type: String,
 }
 
 /// Checks an aggregate type name: it becomes part of URLs and NATS subjects.
@@ -318,7 +414,8 @@ pub struct CommandBody {
     pub command: Box<RawValue>,
     /// Idempotency key: sending the same id again returns the first result.
     pub command_id: Option<Uuid>,
-    /// Refuse with 409 unless the aggregate is at this version.
+    /// Refuse with 409 unless the aggregate is at this version (0: it has no events).
+    #[schema(minimum = 0)]
     pub expected_version: Option<i64>,
 }
 
@@ -330,6 +427,13 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
     if !parsed.command.get().trim_start().starts_with('{') {
         return Err(ApiError::bad_request(format!(
             "`command` must be a JSON object; {SHAPE}"
+        )));
+    }
+    // The plugin may copy the command's strings and numbers into its events, which are
+    // stored as `jsonb`: what `jsonb` refuses is refused here, with what to change.
+    if let Err(e) = store::jsonb::check(parsed.command.get()) {
+        return Err(ApiError::bad_request(format!(
+            "`command` cannot be stored: {e}; remove or change that value"
         )));
     }
     if parsed.expected_version.is_some_and(|v| v < 0) {
@@ -344,7 +448,7 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
 #[utoipa::path(
     post, path = "/v1/aggregates/{aggregate_type}/{aggregate_id}",
     request_body = CommandBody,
-    params(("aggregate_type" = String, Path), ("aggregate_id" = String, Path)),
+    params(AggregatePath),
     responses(
         (status = 200, body = CommandResult, description = "events appended (or the stored result of a retried command id)"),
         (status = 400, body = ErrorBody, description = "malformed request"),
@@ -551,8 +655,12 @@ pub struct StateBody {
 /// Read an aggregate's current state.
 #[utoipa::path(
     get, path = "/v1/aggregates/{aggregate_type}/{aggregate_id}",
-    params(("aggregate_type" = String, Path), ("aggregate_id" = String, Path)),
-    responses((status = 200, body = StateBody), (status = 404, body = ErrorBody, description = "no such type, or the aggregate has no events"))
+    params(AggregatePath),
+    responses(
+        (status = 200, body = StateBody),
+        (status = 400, body = ErrorBody, description = "malformed type or id"),
+        (status = 404, body = ErrorBody, description = "no such type, or the aggregate has no events"),
+    )
 )]
 async fn get_aggregate(
     State(state): State<AppState>,
@@ -593,11 +701,14 @@ async fn get_aggregate(
 
 /// Query of an aggregate's events.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AggregateEventsQuery {
     /// Only events with a version above this.
     #[serde(default)]
+    #[param(required = false, minimum = 0)]
     pub after_version: i64,
     /// Most events to return (default 1000, at most 10000).
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<i64>,
 }
 
@@ -613,8 +724,11 @@ pub struct EventsPage {
 /// Read one aggregate's events in version order.
 #[utoipa::path(
     get, path = "/v1/aggregates/{aggregate_type}/{aggregate_id}/events",
-    params(("aggregate_type" = String, Path), ("aggregate_id" = String, Path), AggregateEventsQuery),
-    responses((status = 200, body = EventsPage))
+    params(AggregatePath, AggregateEventsQuery),
+    responses(
+        (status = 200, body = EventsPage),
+        (status = 400, body = ErrorBody, description = "malformed type or id, bad limit or `after_version`"),
+    )
 )]
 async fn aggregate_events(
     State(state): State<AppState>,
@@ -623,10 +737,22 @@ async fn aggregate_events(
 ) -> Result<Json<EventsPage>, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
     let limit = page_limit(query.limit)?;
-    let after = query.after_version.max(0);
+    non_negative("after_version", Some(query.after_version))?;
+    let after = query.after_version;
     let events = store::read::aggregate_events(&state.pool, &key, after + 1, after + limit).await?;
     let next = events.last().map_or(after, |e| e.version);
     Ok(Json(EventsPage { events, next }))
+}
+
+/// Positions and versions start at 1, so a resume point below 0 is a client bug (an
+/// unset variable, an overflow) better reported than read as "from the start".
+fn non_negative(name: &str, value: Option<i64>) -> Result<(), ApiError> {
+    match value {
+        Some(v) if v < 0 => Err(ApiError::bad_request(format!(
+            "`{name}` must be 0 or more, got {v}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
@@ -641,11 +767,14 @@ fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 
 /// Query of the region's events.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Resume after the event at this position (0: from the beginning; absent: from the
     /// beginning, or for a group member from its acknowledged position).
+    #[param(minimum = 0)]
     pub after: Option<i64>,
     /// Most events to return (default 1000, at most 10000).
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<i64>,
     /// Only this aggregate type.
     pub aggregate_type: Option<String>,
@@ -654,12 +783,13 @@ pub struct EventsQuery {
     /// Consumer group: only the events of the aggregates that hash to `member` of
     /// `members`, starting after the member's acknowledged position unless `after` (or
     /// `Last-Event-ID`) is given.
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub group: Option<String>,
-    /// This group member, from 0 (with `group`).
-    #[param(value_type = Option<u32>)]
+    /// This group member, from 0 (with `group`), below `members`.
+    #[param(value_type = Option<u32>, maximum = 1023)]
     pub member: Option<String>,
     /// How many members the group has (with `group`).
-    #[param(value_type = Option<u32>)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1024)]
     pub members: Option<String>,
 }
 
@@ -687,6 +817,7 @@ async fn list_events(
         .get("accept")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
+    non_negative("after", query.after)?;
     let group = groups::from_query(&query)?;
     if wants_stream {
         return stream_events(state, &headers, query, group).await;
@@ -699,7 +830,7 @@ async fn list_events(
     };
     if let Some(group) = group {
         let after = match query.after {
-            Some(after) => after.max(0),
+            Some(after) => after,
             None => store::groups::start(&state.pool, &group).await?.0,
         };
         let (events, next) = groups::page(&state, &group, after, limit, &filter).await?;
@@ -707,7 +838,7 @@ async fn list_events(
     }
     let after = query.after.unwrap_or(0);
     let events = store::read::read_all(&state.pool, after, limit, &filter).await?;
-    let next = events.last().map_or(after.max(0), |e| e.position);
+    let next = events.last().map_or(after, |e| e.position);
     Ok(Json(EventsPage { events, next }).into_response())
 }
 
@@ -844,7 +975,7 @@ pub struct UploadResult {
 #[utoipa::path(
     put, path = "/v1/plugins/{aggregate_type}",
     request_body(content = Vec<u8>, content_type = "application/wasm"),
-    params(("aggregate_type" = String, Path)),
+    params(TypePath),
     responses(
         (status = 201, body = UploadResult, description = "stored as a new version"),
         (status = 200, body = UploadResult, description = "the same bytes as the newest version"),
@@ -954,8 +1085,12 @@ pub struct PluginDetail {
 /// Show an aggregate type's plugin versions and limits.
 #[utoipa::path(
     get, path = "/v1/plugins/{aggregate_type}",
-    params(("aggregate_type" = String, Path)),
-    responses((status = 200, body = PluginDetail), (status = 404, body = ErrorBody))
+    params(TypePath),
+    responses(
+        (status = 200, body = PluginDetail),
+        (status = 400, body = ErrorBody, description = "malformed type"),
+        (status = 404, body = ErrorBody, description = "no plugin uploaded for the type"),
+    )
 )]
 async fn get_plugin(
     State(state): State<AppState>,
@@ -981,7 +1116,14 @@ async fn get_plugin(
 }
 
 /// Show the sandbox limits of an aggregate type.
-#[utoipa::path(get, path = "/v1/plugins/{aggregate_type}/limits", params(("aggregate_type" = String, Path)), responses((status = 200, body = SandboxLimits)))]
+#[utoipa::path(
+    get, path = "/v1/plugins/{aggregate_type}/limits",
+    params(TypePath),
+    responses(
+        (status = 200, body = SandboxLimits),
+        (status = 400, body = ErrorBody, description = "malformed type"),
+    )
+)]
 async fn get_limits(
     State(state): State<AppState>,
     Path(aggregate_type): Path<String>,
@@ -996,7 +1138,7 @@ async fn get_limits(
 #[utoipa::path(
     put, path = "/v1/plugins/{aggregate_type}/limits",
     request_body = SandboxLimits,
-    params(("aggregate_type" = String, Path)),
+    params(TypePath),
     responses((status = 200, body = SandboxLimits), (status = 400, body = ErrorBody))
 )]
 async fn set_limits(

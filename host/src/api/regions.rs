@@ -3,11 +3,12 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::extract::Path;
 use super::{ApiError, AppState, ErrorBody, key};
 use crate::region::{self, HOME_HEADER, HOPS_HEADER, MAX_HOPS, RegionError, Route};
 use crate::store::{self, AggregateKey};
@@ -109,6 +110,7 @@ async fn forward(
 #[serde(deny_unknown_fields)]
 pub struct MoveHomeBody {
     /// The region that becomes the home.
+    #[schema(min_length = 1)]
     pub region: String,
     /// Take the aggregate over in this region although its home cannot be reached.
     /// Events the old home committed but never relayed are lost (see the README).
@@ -142,7 +144,7 @@ pub struct MoveHomeResult {
 #[utoipa::path(
     post, path = "/v1/aggregates/{aggregate_type}/{aggregate_id}/move-home",
     request_body = MoveHomeBody,
-    params(("aggregate_type" = String, Path), ("aggregate_id" = String, Path)),
+    params(super::AggregatePath),
     responses(
         (status = 200, body = MoveHomeResult),
         (status = 400, body = ErrorBody, description = "unknown region, or a forced move outside the target region"),
@@ -275,8 +277,11 @@ pub struct HomeView {
 /// Where an aggregate is homed, according to this region's copy of its events.
 #[utoipa::path(
     get, path = "/v1/aggregates/{aggregate_type}/{aggregate_id}/home",
-    params(("aggregate_type" = String, Path), ("aggregate_id" = String, Path)),
-    responses((status = 200, body = HomeView))
+    params(super::AggregatePath),
+    responses(
+        (status = 200, body = HomeView),
+        (status = 400, body = ErrorBody, description = "malformed type or id"),
+    )
 )]
 pub(super) async fn get_home(
     State(state): State<AppState>,

@@ -27,6 +27,13 @@ pub const DEFAULT_MAX_EVENTS_PER_CALL: u32 = 1_000;
 /// Default cap on the bytes one call may return (all event payloads, or one state).
 pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 1024 * 1024;
 
+/// Highest `max_events_per_call` an operator may set.
+pub const MAX_EVENTS_PER_CALL: u32 = 100_000;
+
+/// Highest `max_output_bytes` an operator may set: the host holds a call's output in
+/// memory and writes each event as one `jsonb` value, so this also bounds a row.
+pub const MAX_OUTPUT_BYTES: u64 = 64 * 1024 * 1024;
+
 /// How often the epoch ticker advances: the resolution of every deadline.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -36,14 +43,19 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 #[serde(default, deny_unknown_fields)]
 pub struct SandboxLimits {
     /// CPU deadline per call, in milliseconds.
+    #[schema(minimum = 1, maximum = 60_000)]
     pub deadline_ms: u64,
     /// Linear-memory cap per instance, in bytes.
+    #[schema(minimum = 1_048_576, maximum = 4_294_967_296_u64)]
     pub memory_bytes: u64,
     /// Largest component accepted at upload, in bytes.
+    #[schema(minimum = 1, maximum = 268_435_456)]
     pub max_component_bytes: u64,
     /// Most events one `execute` or `handle` call may return.
+    #[schema(minimum = 1, maximum = 100_000)]
     pub max_events_per_call: u32,
     /// Most bytes one call may return.
+    #[schema(minimum = 1024, maximum = 67_108_864)]
     pub max_output_bytes: u64,
 }
 
@@ -92,12 +104,15 @@ impl SandboxLimits {
                 self.max_component_bytes
             ));
         }
-        if self.max_events_per_call == 0 {
-            return Err("max_events_per_call must be at least 1".into());
-        }
-        if self.max_output_bytes < 1024 {
+        if self.max_events_per_call == 0 || self.max_events_per_call > MAX_EVENTS_PER_CALL {
             return Err(format!(
-                "max_output_bytes must be at least 1024, got {}",
+                "max_events_per_call must be between 1 and {MAX_EVENTS_PER_CALL}, got {}",
+                self.max_events_per_call
+            ));
+        }
+        if !(1024..=MAX_OUTPUT_BYTES).contains(&self.max_output_bytes) {
+            return Err(format!(
+                "max_output_bytes must be between 1024 and 64 MiB, got {}",
                 self.max_output_bytes
             ));
         }

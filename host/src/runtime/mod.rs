@@ -633,6 +633,11 @@ impl Plugin {
                         format!("event `{event_type}` payload is not JSON: {e}"),
                     )
                 })?;
+                // Caught here, it fails this command alone; at the append it would fail
+                // the batch it shares with other commands.
+                crate::store::jsonb::check(payload.get()).map_err(|e| {
+                    self.invalid(call, format!("event `{event_type}` payload: {e}"))
+                })?;
                 Ok(DecidedEvent {
                     event_type,
                     payload,

@@ -326,7 +326,21 @@ impl Link {
         {
             self.conn = None;
         }
-        outcome
+        outcome.map_err(refused_data)
+    }
+}
+
+/// Tells a statement refused for its data (SQLSTATE class 22: data exceptions, such as
+/// JSON `jsonb` cannot hold) from a database that failed. The first is no outage: the
+/// batch is then retried request by request, so the request at fault fails alone.
+fn refused_data(error: StoreError) -> StoreError {
+    match error {
+        StoreError::Database(sqlx::Error::Database(db))
+            if db.code().is_some_and(|code| code.starts_with("22")) =>
+        {
+            StoreError::Unstorable(db.message().to_string())
+        }
+        other => other,
     }
 }
 

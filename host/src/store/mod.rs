@@ -12,12 +12,14 @@
 //! - [`regions`]: home regions and moves, events received from other regions, relay
 //!   status.
 //! - [`groups`]: consumer groups' acknowledged positions.
+//! - [`jsonb`]: the JSON that `jsonb` refuses, caught before it reaches an append.
 //! - [`tail`]: one reader of the commit order per host, whose pages every live stream
 //!   shares (catch-up and gaps read on their own).
 
 pub mod append;
 pub mod cluster;
 pub mod groups;
+pub mod jsonb;
 pub mod plugins;
 pub mod read;
 pub mod regions;
@@ -79,6 +81,10 @@ pub enum StoreError {
     /// The committer has shut down.
     #[error("the event store is shutting down")]
     Closed,
+    /// PostgreSQL refused the request's data (SQLSTATE class 22, e.g. JSON `jsonb`
+    /// cannot hold): sending it again cannot help, and it fails only its own request.
+    #[error("PostgreSQL refused the events: {0}")]
+    Unstorable(String),
 }
 
 impl StoreError {

@@ -1,0 +1,200 @@
+//! What PostgreSQL's `jsonb` refuses although JSON allows it.
+//!
+//! Event payloads and metadata are stored as `jsonb`, which refuses three things valid
+//! JSON may hold: U+0000 in a string, an unpaired UTF-16 surrogate escape, and a number
+//! outside `numeric`'s range. One such event in a group-commit batch would fail the
+//! whole batch's transaction, so they are caught before the committer sees them: at
+//! the API for commands (a 400 saying what to remove) and after every plugin call for
+//! the events it decided.
+
+/// Why `jsonb` would refuse a JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unstorable {
+    /// `\u0000` in a string.
+    #[error("a string holds U+0000 (`\\u0000`), which PostgreSQL cannot store")]
+    Nul,
+    /// A `\uD800`–`\uDFFF` escape that is not half of a pair.
+    #[error("a string holds an unpaired surrogate escape `\\u{0:04x}`, which is not a character")]
+    LoneSurrogate(u16),
+    /// A number with more digits than `numeric` holds.
+    #[error(
+        "the number `{0}` is out of PostgreSQL's range (at most 131072 digits before the decimal point and 16383 after)"
+    )]
+    NumberOutOfRange(String),
+}
+
+/// Most digits `numeric` holds before the decimal point.
+const MAX_DIGITS_BEFORE_POINT: i64 = 131_072;
+
+/// Most digits `numeric` holds after the decimal point.
+const MAX_DIGITS_AFTER_POINT: i64 = 16_383;
+
+/// Checks a text that is already known to be valid JSON.
+pub fn check(json: &str) -> Result<(), Unstorable> {
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        i = match bytes[i] {
+            b'"' => string_end(bytes, i + 1)?,
+            b'-' | b'0'..=b'9' => number_end(json, i)?,
+            _ => i + 1,
+        };
+    }
+    Ok(())
+}
+
+/// Scans a string body from just after its opening quote; returns the index just past
+/// its closing quote.
+fn string_end(bytes: &[u8], mut i: usize) -> Result<usize, Unstorable> {
+    // A high surrogate escape waiting for the low one that must follow it at once.
+    let mut high: Option<u16> = None;
+    while i < bytes.len() {
+        let unit = match (bytes[i], bytes.get(i + 1)) {
+            (b'\\', Some(b'u')) => bytes
+                .get(i + 2..i + 6)
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok()),
+            _ => None,
+        };
+        match unit {
+            Some(0xDC00..=0xDFFF) if high.is_some() => high = None,
+            Some(unit) => {
+                if let Some(high) = high {
+                    return Err(Unstorable::LoneSurrogate(high));
+                }
+                match unit {
+                    0 => return Err(Unstorable::Nul),
+                    0xD800..=0xDBFF => high = Some(unit),
+                    0xDC00..=0xDFFF => return Err(Unstorable::LoneSurrogate(unit)),
+                    _ => {}
+                }
+            }
+            None => {
+                if let Some(high) = high {
+                    return Err(Unstorable::LoneSurrogate(high));
+                }
+            }
+        }
+        i += match (unit, bytes[i]) {
+            (Some(_), _) => 6,
+            (None, b'\\') => 2,
+            (None, b'"') => return Ok(i + 1),
+            (None, _) => 1,
+        };
+    }
+    Ok(i)
+}
+
+/// Scans a number from its first character; returns the index just past it.
+fn number_end(json: &str, start: usize) -> Result<usize, Unstorable> {
+    let bytes = json.as_bytes();
+    let digits = |mut i: usize| {
+        while bytes.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        i
+    };
+    let int_start = if bytes[start] == b'-' {
+        start + 1
+    } else {
+        start
+    };
+    let int_end = digits(int_start);
+    // Leading zeros take no digit of `numeric`.
+    let int_digits = bytes[int_start..int_end]
+        .iter()
+        .skip_while(|&&d| d == b'0')
+        .count() as i64;
+    let mut end = int_end;
+    let mut frac_digits = 0;
+    if bytes.get(end) == Some(&b'.') {
+        let frac_end = digits(end + 1);
+        frac_digits = (frac_end - end - 1) as i64;
+        end = frac_end;
+    }
+    let mut exponent: i64 = 0;
+    if matches!(bytes.get(end), Some(b'e' | b'E')) {
+        end += 1;
+        let negative = bytes.get(end) == Some(&b'-');
+        if matches!(bytes.get(end), Some(b'-' | b'+')) {
+            end += 1;
+        }
+        let exp_end = digits(end);
+        for &d in &bytes[end..exp_end] {
+            exponent = exponent
+                .saturating_mul(10)
+                .saturating_add(i64::from(d - b'0'));
+        }
+        if negative {
+            exponent = -exponent;
+        }
+        end = exp_end;
+    }
+    if int_digits.saturating_add(exponent) > MAX_DIGITS_BEFORE_POINT
+        || frac_digits.saturating_sub(exponent) > MAX_DIGITS_AFTER_POINT
+    {
+        let text = &json[start..end];
+        let shown = match text.char_indices().nth(24) {
+            Some((cut, _)) => format!("{}…", &text[..cut]),
+            None => text.to_string(),
+        };
+        return Err(Unstorable::NumberOutOfRange(shown));
+    }
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_jsonb_stores_passes() {
+        for ok in [
+            r#"{"owner":"alice","balance":5,"open":true,"x":null}"#,
+            r#"{"smile":"\ud83d\ude00","tab":"\t","escaped":"\\u0000","quote":"\"\\"}"#,
+            r#"[-0.5e-16382, 1e131071, 1e-16383, 0.0001e131072, 123456789012345678901234567890]"#,
+            r#"{"\u0001":"\u00e9\u2028"}"#,
+            "\"ends in a backslash pair \\\\\"",
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn what_jsonb_refuses_is_named() {
+        // Each of these PostgreSQL 15 refuses as `jsonb` (checked with psql).
+        assert_eq!(check(r#"{"a":"x\u0000y"}"#), Err(Unstorable::Nul));
+        assert_eq!(check(r#"{"a\u0000":1}"#), Err(Unstorable::Nul));
+        assert_eq!(
+            check(r#"["\ud800"]"#),
+            Err(Unstorable::LoneSurrogate(0xd800))
+        );
+        assert_eq!(
+            check(r#"["\ud800x"]"#),
+            Err(Unstorable::LoneSurrogate(0xd800))
+        );
+        assert_eq!(
+            check(r#"["\ude00\ud83d"]"#),
+            Err(Unstorable::LoneSurrogate(0xde00))
+        );
+        assert_eq!(
+            check(r#"["\ud83d\ud83d\ude00"]"#),
+            Err(Unstorable::LoneSurrogate(0xd83d))
+        );
+        for number in [
+            "1e131072",
+            "10e131071",
+            "0.5e-16383",
+            "-1e-16384",
+            "1e99999999999999999999999",
+        ] {
+            assert!(
+                matches!(
+                    check(&format!("[{number}]")),
+                    Err(Unstorable::NumberOutOfRange(_))
+                ),
+                "{number}"
+            );
+        }
+    }
+}
