@@ -18,7 +18,7 @@ async fn json_postgres_cannot_store_fails_only_its_own_command() {
     let db = TestDb::new("unstorable").await;
     let host = Host::start(&db, HostOptions::default()).await;
     let api = host.client();
-    for name in ["bank-account", "nul-writer"] {
+    for name in ["bank-account", "bad-output"] {
         let (status, body) = api.upload(name, wasm_bytes(name)).await;
         assert_eq!(status, 201, "{name}: {body}");
     }
@@ -65,7 +65,7 @@ async fn json_postgres_cannot_store_fails_only_its_own_command() {
             (
                 i,
                 nul,
-                api.command("nul-writer", &format!("n{i}"), command).await,
+                api.command("bad-output", &format!("n{i}"), command).await,
             )
         }
     }))
@@ -79,14 +79,14 @@ async fn json_postgres_cannot_store_fails_only_its_own_command() {
             );
             let message = body["error"]["message"].as_str().unwrap_or_default();
             assert!(
-                message.contains("nul-writer@v1") && message.contains("U+0000"),
+                message.contains("bad-output@v1") && message.contains("U+0000"),
                 "n{i}: {body}"
             );
-            let (status, _) = api.get(&format!("/v1/aggregates/nul-writer/n{i}")).await;
+            let (status, _) = api.get(&format!("/v1/aggregates/bad-output/n{i}")).await;
             assert_eq!(status, 404, "n{i}: a failed command wrote something");
         } else {
             assert_eq!(status, 200, "n{i} failed beside a bad command: {body}");
-            let (status, state) = api.get(&format!("/v1/aggregates/nul-writer/n{i}")).await;
+            let (status, state) = api.get(&format!("/v1/aggregates/bad-output/n{i}")).await;
             assert_eq!(
                 (status, state["version"].as_i64()),
                 (200, Some(1)),
@@ -94,6 +94,38 @@ async fn json_postgres_cannot_store_fails_only_its_own_command() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_type_with_a_line_break_fails_its_command_and_nothing_else() {
+    let db = TestDb::new("event_type").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("bad-output", wasm_bytes("bad-output")).await;
+    assert_eq!(status, 201, "{body}");
+
+    let (status, body) = api
+        .command(
+            "bad-output",
+            "lb",
+            json!({"command": {"type": "BreakLine"}}),
+        )
+        .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "plugin_invalid_output", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("control character"), "{body}");
+    let (status, _) = api.get("/v1/aggregates/bad-output/lb").await;
+    assert_eq!(status, 404, "the refused event was written");
+
+    let (status, body) = api
+        .command(
+            "bad-output",
+            "lb",
+            json!({"command": {"type": "Write", "text": "fine"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
 }
 
 /// The committer's own guard, for what no check before it knows of: a batch PostgreSQL

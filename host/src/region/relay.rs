@@ -217,7 +217,12 @@ fn message(
     headers.insert("Meridian-Aggregate-Type", event.aggregate_type.as_str());
     headers.insert("Meridian-Aggregate-Id", event.aggregate_id.as_str());
     headers.insert("Meridian-Version", event.version.to_string().as_str());
-    headers.insert("Meridian-Event-Type", event.event_type.as_str());
+    // Plugins choose event types; the runtime refuses line breaks in them, but one
+    // stored before that rule would make the header panic and stop the relay. The
+    // type is in the body as well, so such a header is left out instead.
+    if let Ok(event_type) = event.event_type.parse::<async_nats::HeaderValue>() {
+        headers.insert("Meridian-Event-Type", event_type);
+    }
     let relayed = RelayedEvent {
         region: region.to_string(),
         position: event.position,
@@ -333,5 +338,38 @@ fn events_stream_config(region: &str) -> stream::Config {
         duplicate_window: DUPLICATE_WINDOW,
         storage: stream::StorageType::File,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(event_type: &str) -> StoredEvent {
+        StoredEvent {
+            position: 7,
+            event_id: uuid::Uuid::now_v7(),
+            aggregate_type: "t".into(),
+            aggregate_id: "a.b".into(),
+            version: 1,
+            event_type: event_type.into(),
+            payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            metadata: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            recorded_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn an_event_type_no_header_can_carry_is_relayed_in_the_body_only() {
+        let (headers, body) = message("east", &event("Line\r\nBreak")).unwrap();
+        assert!(headers.get("Meridian-Event-Type").is_none());
+        let relayed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(relayed["type"], "Line\r\nBreak");
+
+        let (headers, _) = message("east", &event("Deposited")).unwrap();
+        assert_eq!(
+            headers.get("Meridian-Event-Type").map(|v| v.as_str()),
+            Some("Deposited")
+        );
     }
 }

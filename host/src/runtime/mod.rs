@@ -621,9 +621,7 @@ impl Plugin {
         events
             .into_iter()
             .map(|(event_type, payload)| {
-                if event_type.is_empty() {
-                    return Err(self.invalid(call, "an event with an empty type".into()));
-                }
+                check_event_type(&event_type).map_err(|e| self.invalid(call, e))?;
                 let payload = String::from_utf8(payload).map_err(|_| {
                     self.invalid(call, format!("event `{event_type}` payload is not UTF-8"))
                 })?;
@@ -949,6 +947,46 @@ impl Drop for Session<'_> {
             if idle.len() < MAX_IDLE_INSTANCES {
                 idle.push(instance);
             }
+        }
+    }
+}
+
+/// Most bytes of an event type.
+pub const MAX_EVENT_TYPE_BYTES: usize = 256;
+
+/// Checks an event type a plugin decided. It travels in NATS headers
+/// (`Meridian-Event-Type`, where a line break would end the header block) and into
+/// a `TEXT` column (which refuses U+0000), so control characters are refused here,
+/// where they fail one call, rather than wherever they would break.
+fn check_event_type(event_type: &str) -> Result<(), String> {
+    if event_type.is_empty() {
+        return Err("an event with an empty type".into());
+    }
+    if event_type.len() > MAX_EVENT_TYPE_BYTES {
+        return Err(format!(
+            "an event type of {} bytes, over the limit of {MAX_EVENT_TYPE_BYTES}",
+            event_type.len()
+        ));
+    }
+    if let Some(c) = event_type.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "event type {event_type:?} holds the control character {:?}",
+            c
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_that_cannot_travel_are_refused() {
+        assert_eq!(check_event_type("Deposited"), Ok(()));
+        assert_eq!(check_event_type("Konto eröffnet ✓"), Ok(()));
+        for bad in ["", "Line\nBreak", "Car\rriage", "Nul\0", &"x".repeat(257)] {
+            assert!(check_event_type(bad).is_err(), "{bad:?}");
         }
     }
 }
