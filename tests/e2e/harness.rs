@@ -289,13 +289,18 @@ pub struct Api {
 
 impl Api {
     pub async fn upload(&self, aggregate_type: &str, bytes: Vec<u8>) -> (u16, Value) {
+        self.put_raw(&format!("/v1/plugins/{aggregate_type}"), bytes)
+            .await
+    }
+
+    pub async fn put_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
         let r = self
             .http
-            .put(format!("{}/v1/plugins/{aggregate_type}", self.base))
-            .body(bytes)
+            .put(format!("{}{path}", self.base))
+            .body(body)
             .send()
             .await
-            .expect("upload");
+            .expect("put");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }

@@ -19,3 +19,4 @@ mod status_page;
 mod subscriptions;
 mod tail;
 mod unstorable;
+mod upgrades;

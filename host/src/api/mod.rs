@@ -31,6 +31,7 @@ pub use error::{ApiError, ErrorBody, ErrorDetail};
 use extract::{Path, Query};
 
 use crate::cluster::{Cluster, ClusterStatus, Dispatched, FORWARDED_HEADER, RouteError};
+use crate::executor::history::{self, HistoryCheck, HistoryError};
 use crate::executor::{Command, CommandResult, Executor};
 use crate::runtime::SandboxLimits;
 use crate::store::plugins::PluginInfo;
@@ -222,6 +223,7 @@ pub fn router(state: AppState) -> axum::Router {
         StoredEvent,
         PluginInfo,
         UploadResult,
+        HistoryCheck,
         PluginDetail,
         SandboxLimits,
         regions::MoveHomeBody,
@@ -969,23 +971,39 @@ pub struct UploadResult {
     /// The contract version the component implements, e.g. `meridian:aggregate@0.2.0`
     /// (0.1.0 components run too, with one more call per event).
     pub contract: String,
+    /// The stored histories the component replayed before it was accepted; absent
+    /// when the upload was forced or repeated the newest version's bytes.
+    pub history_checked: Option<HistoryCheck>,
+}
+
+/// Query of an upload.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UploadQuery {
+    /// Accept the component without replaying stored histories through it first (for
+    /// a fix that must go out although some old aggregate no longer replays).
+    #[serde(default)]
+    #[param(required = false)]
+    pub force: bool,
 }
 
 /// Upload a plugin component (the raw `.wasm` bytes as the body).
 #[utoipa::path(
     put, path = "/v1/plugins/{aggregate_type}",
     request_body(content = Vec<u8>, content_type = "application/wasm"),
-    params(TypePath),
+    params(TypePath, UploadQuery),
     responses(
         (status = 201, body = UploadResult, description = "stored as a new version"),
         (status = 200, body = UploadResult, description = "the same bytes as the newest version"),
         (status = 400, body = ErrorBody, description = "not a component, forbidden import, wrong world or type"),
+        (status = 409, body = ErrorBody, description = "`incompatible_with_history`: a stored aggregate of the type does not replay through the component (names it and the event); nothing was stored"),
         (status = 413, body = ErrorBody, description = "over the size cap"),
     )
 )]
 async fn upload_plugin(
     State(state): State<AppState>,
     Path(aggregate_type): Path<String>,
+    Query(query): Query<UploadQuery>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<UploadResult>), ApiError> {
     validate_type(&aggregate_type)?;
@@ -1025,6 +1043,27 @@ async fn upload_plugin(
             ),
         ));
     }
+    // Every command runs the newest version, replaying older aggregates through it:
+    // one that cannot read their events would fail all of them from now on.
+    let newest = store::plugins::versions(&state.pool, &aggregate_type).await?;
+    let repeated = newest.first().is_some_and(|v| v.sha256 == validated.sha256);
+    let history_checked = if query.force || repeated {
+        None
+    } else {
+        let checked = history::check(&state.pool, &validated.plugin, &aggregate_type)
+            .await
+            .map_err(|e| match e {
+                HistoryError::Incompatible { .. } => ApiError::new(
+                    StatusCode::CONFLICT,
+                    "incompatible_with_history",
+                    format!(
+                        "this component cannot replay the stored events of `{aggregate_type}`: {e}. Nothing was stored. Stored events are facts: keep old event names and fields readable (e.g. `#[serde(alias = \"OldName\")]`, `#[serde(default)]`), or upload with ?force=true to make it the active version anyway"
+                    ),
+                ),
+                HistoryError::Store(e) => e.into(),
+            })?;
+        Some(checked)
+    };
     let (info, created) = state
         .regions
         .register_plugin(
@@ -1058,6 +1097,7 @@ async fn upload_plugin(
             size_bytes: info.size_bytes,
             schema_version: info.schema_version,
             contract: validated.contract.to_string(),
+            history_checked,
         }),
     ))
 }

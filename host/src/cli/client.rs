@@ -33,6 +33,9 @@ pub enum PluginCommand {
         aggregate_type: String,
         /// The component, e.g. `target/wasm32-wasip2/release/bank_account.wasm`.
         file: PathBuf,
+        /// Accept it without first replaying stored aggregates of the type through it.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -187,6 +190,7 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::Upload {
             aggregate_type,
             file,
+            force,
             target,
         } => {
             let bytes =
@@ -200,8 +204,9 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                 );
             }
             let url = format!(
-                "{}/v1/plugins/{aggregate_type}",
-                target.url.trim_end_matches('/')
+                "{}/v1/plugins/{aggregate_type}{}",
+                target.url.trim_end_matches('/'),
+                if force { "?force=true" } else { "" }
             );
             let (status, body) = send(
                 client(&target)
@@ -225,6 +230,19 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                     body["size_bytes"],
                     body["sha256"].as_str().unwrap_or("")
                 );
+                let checked = &body["history_checked"];
+                if checked.is_object() {
+                    println!(
+                        "  replays {} stored aggregates ({} events{})",
+                        checked["aggregates"],
+                        checked["events"],
+                        if checked["complete"] == false {
+                            ", stopped at the event budget"
+                        } else {
+                            ""
+                        }
+                    );
+                }
             }
         }
         PluginCommand::List { target } => {

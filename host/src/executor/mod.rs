@@ -11,6 +11,7 @@
 //! again on a fresh load, up to [`MAX_CONFLICT_RETRIES`] times.
 
 mod cache;
+pub mod history;
 pub mod plugins;
 
 use std::sync::Arc;

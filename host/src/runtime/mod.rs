@@ -166,7 +166,7 @@ struct RuntimeInner {
 }
 
 /// What an uploaded component says about itself, after validation.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Validated {
     /// Hex sha256 of the component bytes.
     pub sha256: String,
@@ -176,6 +176,8 @@ pub struct Validated {
     pub schema_version: u32,
     /// The contract version it implements (one of [`WIT_PACKAGES_SUPPORTED`]).
     pub contract: &'static str,
+    /// The compiled component, ready to call (to check it against stored histories).
+    pub plugin: Plugin,
 }
 
 /// What a command did: the events it decided and the state after them.
@@ -281,6 +283,7 @@ impl Runtime {
             aggregate_type: description.0,
             schema_version: description.1,
             contract: plugin.contract(),
+            plugin,
         })
     }
 

@@ -166,6 +166,32 @@ pub async fn aggregate_events(
         .collect()
 }
 
+/// The ids of up to `each_end` of the oldest and of the newest aggregates of a type
+/// that have events, oldest first. Scans the type's `streams` rows (no index orders
+/// them by age), which suits what it serves: a check run when a plugin is uploaded.
+pub async fn oldest_and_newest(
+    pool: &PgPool,
+    aggregate_type: &str,
+    each_end: i64,
+) -> Result<Vec<String>, StoreError> {
+    let ids = sqlx::query_scalar(
+        "SELECT aggregate_id FROM ( \
+             (SELECT aggregate_id, created_at FROM streams \
+              WHERE aggregate_type = $1 AND version > 0 \
+              ORDER BY created_at, aggregate_id LIMIT $2) \
+             UNION \
+             (SELECT aggregate_id, created_at FROM streams \
+              WHERE aggregate_type = $1 AND version > 0 \
+              ORDER BY created_at DESC, aggregate_id DESC LIMIT $2) \
+         ) sample ORDER BY created_at, aggregate_id",
+    )
+    .bind(aggregate_type)
+    .bind(each_end)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids)
+}
+
 /// Which events a global read returns.
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {
