@@ -233,6 +233,24 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         assert_eq!(error["error"]["code"], want_code, "{path} {shown}: {error}");
         assert!(!error["error"]["message"].as_str().unwrap().is_empty());
     }
+    // A correlation id is an identifier, copied into every event: not a payload.
+    let answer = api
+        .http
+        .post(format!("{}/v1/aggregates/bank-account/acc-1", api.base))
+        .header("x-correlation-id", "c".repeat(129))
+        .json(&json!({"command": {"type": "Deposit", "amount": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    let error: serde_json::Value = answer.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("x-correlation-id"),
+        "{error}"
+    );
     let (_, rejected) = api
         .command(
             "bank-account",

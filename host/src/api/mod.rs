@@ -43,6 +43,10 @@ pub const DEFAULT_MAX_COMMAND_BYTES: usize = 1024 * 1024;
 /// Default cap on the commands one host runs or forwards at once.
 pub const DEFAULT_MAX_COMMANDS_IN_FLIGHT: usize = 2048;
 
+/// Longest `x-correlation-id` a command may carry: it is an identifier, copied into
+/// the metadata of every event the command decides.
+pub const MAX_CORRELATION_ID_BYTES: usize = 128;
+
 /// Most events one page of `GET /v1/events` returns.
 pub const MAX_PAGE: i64 = 10_000;
 
@@ -471,6 +475,14 @@ async fn execute(
 ) -> Result<Response, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
     let mut body = parse_command_body(&body)?;
+    if let Some(id) = headers.get("x-correlation-id")
+        && id.len() > MAX_CORRELATION_ID_BYTES
+    {
+        return Err(ApiError::bad_request(format!(
+            "`x-correlation-id` is {} bytes; use at most {MAX_CORRELATION_ID_BYTES} (it is stored with every event the command decides)",
+            id.len()
+        )));
+    }
     let Some(_permit) = state.commands_in_flight.admit() else {
         return Ok(state.commands_in_flight.overloaded());
     };
