@@ -197,6 +197,20 @@ ensure_nats_py() {
         || die "could not install nats-py $NATS_PY_VERSION with pip"
 }
 
+# Creates the venv $1 afresh, holding the pinned requirement $2 (`name==version`) and
+# what it depends on, apart from the system's Python.
+install_into_venv() {
+    local venv="$1" requirement="$2"
+    if ! python3 -m venv --help >/dev/null 2>&1; then
+        log "installing python3-venv (for $requirement)"
+        apt_install python3-venv python3-pip
+    fi
+    log "installing $requirement into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$requirement"
+}
+
 # Schemathesis checks every answer of a real host against its OpenAPI document
 # (tests/e2e/conformance.rs); a venv of its own keeps its many dependencies apart.
 SCHEMATHESIS_VERSION=4.32.5
@@ -206,15 +220,7 @@ ensure_schemathesis() {
         log "schemathesis $SCHEMATHESIS_VERSION: $bin"
         return
     fi
-    if ! python3 -m venv --help >/dev/null 2>&1; then
-        log "installing python3-venv (for the schemathesis venv)"
-        apt_install python3-venv python3-pip
-    fi
-    log "installing schemathesis==$SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV"
-    rm -rf "$SCHEMATHESIS_VENV"
-    python3 -m venv "$SCHEMATHESIS_VENV"
-    "$SCHEMATHESIS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "schemathesis==$SCHEMATHESIS_VERSION"
+    install_into_venv "$SCHEMATHESIS_VENV" "schemathesis==$SCHEMATHESIS_VERSION"
     [ -x "$bin" ] || die "schemathesis $SCHEMATHESIS_VERSION did not install into $SCHEMATHESIS_VENV"
     log "schemathesis $SCHEMATHESIS_VERSION: $bin"
 }
@@ -225,15 +231,7 @@ ensure_componentize_py() {
         log "componentize-py $COMPONENTIZE_PY_VERSION: $bin"
         return
     fi
-    if ! python3 -m venv --help >/dev/null 2>&1; then
-        log "installing python3-venv (for the componentize-py venv)"
-        apt_install python3-venv python3-pip
-    fi
-    log "installing componentize-py==$COMPONENTIZE_PY_VERSION into $COMPONENTIZE_PY_VENV"
-    rm -rf "$COMPONENTIZE_PY_VENV"
-    python3 -m venv "$COMPONENTIZE_PY_VENV"
-    "$COMPONENTIZE_PY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "componentize-py==$COMPONENTIZE_PY_VERSION"
+    install_into_venv "$COMPONENTIZE_PY_VENV" "componentize-py==$COMPONENTIZE_PY_VERSION"
     [ "$("$bin" --version)" = "componentize-py $COMPONENTIZE_PY_VERSION" ] \
         || die "componentize-py $COMPONENTIZE_PY_VERSION did not install into $COMPONENTIZE_PY_VENV"
     log "componentize-py $COMPONENTIZE_PY_VERSION: $bin"
