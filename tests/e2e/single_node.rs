@@ -177,6 +177,13 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             400,
             "bad_request",
         ),
+        // The body's fields as an array, which serde alone would take in order.
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            br#"[{"type": "Deposit", "amount": 1}, null, null]"#.to_vec(),
+            400,
+            "bad_request",
+        ),
         (
             "/v1/aggregates/bank-account/acc-1",
             br#"{"command": {"type": "Deposit", "amount": 1}, "command_id": "nope"}"#.to_vec(),

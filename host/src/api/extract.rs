@@ -47,3 +47,40 @@ where
         }
     }
 }
+
+/// Parses a request body that must be a JSON object. serde also builds a struct from an
+/// array of its fields in order (`[5, 2]`), which the API does not document and which
+/// would quietly assign values by position; only an object is accepted.
+pub fn json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err("the body must be a JSON object".into());
+    }
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Ack {
+        position: i64,
+        members: u32,
+    }
+
+    #[test]
+    fn only_an_object_makes_a_body() {
+        assert_eq!(
+            json_object::<Ack>(br#" {"position": 5, "members": 2}"#),
+            Ok(Ack {
+                position: 5,
+                members: 2
+            })
+        );
+        // serde_json alone takes the array, field by field.
+        assert!(serde_json::from_slice::<Ack>(b"[5, 2]").is_ok());
+        for bad in [&b"[5, 2]"[..], b"", b"null", b"5"] {
+            assert!(json_object::<Ack>(bad).is_err(), "{bad:?}");
+        }
+    }
+}

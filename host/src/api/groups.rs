@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::extract::Path;
+use super::extract::{Path, json_object};
 use super::{ApiError, AppState, EventsQuery};
 use crate::store::groups::{self as store_groups, AckOutcome, GroupMember, GroupPosition};
 use crate::store::{self, EventFilter, StoredEvent};
@@ -176,7 +176,7 @@ pub(super) async fn ack(
     body: axum::body::Bytes,
 ) -> Result<Json<AckResult>, ApiError> {
     let member = parse_count("member", &member)?;
-    let body: AckBody = serde_json::from_slice(&body).map_err(|e| {
+    let body: AckBody = json_object(&body).map_err(|e| {
         ApiError::bad_request(format!(
             r#"malformed acknowledgement: {e}; send {{"position": <position>, "members": <n>}}"#
         ))

@@ -28,7 +28,7 @@ use uuid::Uuid;
 pub use auth::{Scope, Tokens};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
-use extract::{Path, Query};
+use extract::{Path, Query, json_object};
 
 use crate::cluster::{Cluster, ClusterStatus, Dispatched, FORWARDED_HEADER, RouteError};
 use crate::executor::history::{self, HistoryCheck, HistoryError};
@@ -428,7 +428,7 @@ pub struct CommandBody {
 /// Parses a command body with messages that say what to fix.
 pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
     const SHAPE: &str = r#"send {"command": {...}, "command_id": "<uuid>" (optional), "expected_version": n (optional)}"#;
-    let parsed: CommandBody = serde_json::from_slice(body)
+    let parsed: CommandBody = json_object(body)
         .map_err(|e| ApiError::bad_request(format!("malformed command request: {e}; {SHAPE}")))?;
     if !parsed.command.get().trim_start().starts_with('{') {
         return Err(ApiError::bad_request(format!(
@@ -1199,8 +1199,8 @@ async fn set_limits(
     body: Bytes,
 ) -> Result<Json<SandboxLimits>, ApiError> {
     validate_type(&aggregate_type)?;
-    let limits: SandboxLimits = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("malformed limits: {e}")))?;
+    let limits: SandboxLimits =
+        json_object(&body).map_err(|e| ApiError::bad_request(format!("malformed limits: {e}")))?;
     limits.validate().map_err(ApiError::bad_request)?;
     store::plugins::set_limits(&state.pool, &aggregate_type, &limits).await?;
     state.executor.plugins().invalidate(&aggregate_type);

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::extract::Path;
+use super::extract::{Path, json_object};
 use super::{ApiError, AppState, ErrorBody, key};
 use crate::region::{self, HOME_HEADER, HOPS_HEADER, MAX_HOPS, RegionError, Route};
 use crate::store::{self, AggregateKey};
@@ -160,7 +160,7 @@ pub(super) async fn move_home(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
-    let request: MoveHomeBody = serde_json::from_slice(&body).map_err(|e| {
+    let request: MoveHomeBody = json_object(&body).map_err(|e| {
         ApiError::bad_request(format!(
             r#"malformed move request: {e}; send {{"region": "<target region>", "force": false}}"#
         ))
