@@ -4,7 +4,7 @@
 //! answer against the document: no 5xx, only documented status codes, content types
 //! and headers, bodies that match their schemas, and every request the document rules
 //! out refused. Its settings, and why each is there: `schemathesis.toml` beside this
-//! file.
+//! file. The same run against a host of a two-region cluster is in `regions.rs`.
 
 use std::path::{Path, PathBuf};
 
@@ -27,9 +27,47 @@ fn schemathesis() -> PathBuf {
     path
 }
 
+/// Runs Schemathesis against the host at `url` (with the bank-account plugin uploaded)
+/// and fails, with every finding and `logs()`, unless every answer matches the
+/// document.
+pub async fn assert_conforms(url: &str, token: Option<&str>, logs: impl Fn() -> String) {
+    let st = schemathesis();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/schemathesis.toml");
+    // Schemathesis keeps a cache in its working directory: not in the source tree.
+    let scratch = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(&st);
+    command
+        .current_dir(scratch.path())
+        .arg("--config-file")
+        .arg(&config)
+        .args(["--no-color", "run", &format!("{url}/openapi.json")])
+        .args([
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+        ])
+        // One worker: Python 3.11's parser is not thread-safe enough for Hypothesis'
+        // source inspection across threads ("AST constructor recursion depth mismatch").
+        // A fixed seed makes a failure repeat with the same requests.
+        .args(["--workers", "1", "--max-examples", "200", "--seed", "1"]);
+    if let Some(token) = token {
+        command.args(["--header", &format!("Authorization: Bearer {token}")]);
+    }
+    let output = command.output().await.expect("run schemathesis");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "answers that break the OpenAPI document (reproduce with the curl lines):\n{stdout}\n{}\nlogs:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        logs()
+    );
+    // It really ran: every operation but the upload (see schemathesis.toml).
+    assert!(stdout.contains("Tested: 16"), "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_answer_matches_the_openapi_document() {
-    let st = schemathesis();
     let db = TestDb::new("conformance").await;
     let host = Host::start(
         &db,
@@ -48,37 +86,7 @@ async fn every_answer_matches_the_openapi_document() {
         .unwrap();
     assert_eq!(upload.status(), 201);
 
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/schemathesis.toml");
-    // Schemathesis keeps a cache in its working directory: not in the source tree.
-    let scratch = tempfile::tempdir().unwrap();
-    let output = tokio::process::Command::new(&st)
-        .current_dir(scratch.path())
-        .arg("--config-file")
-        .arg(&config)
-        .args(["--no-color", "run", &format!("{}/openapi.json", host.url)])
-        .args(["--header", &format!("Authorization: Bearer {ADMIN}")])
-        .args([
-            "--checks",
-            "all",
-            "--exclude-checks",
-            "positive_data_acceptance",
-        ])
-        // One worker: Python 3.11's parser is not thread-safe enough for Hypothesis'
-        // source inspection across threads ("AST constructor recursion depth mismatch").
-        // A fixed seed makes a failure repeat with the same requests.
-        .args(["--workers", "1", "--max-examples", "100", "--seed", "1"])
-        .output()
-        .await
-        .expect("run schemathesis");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "answers that break the OpenAPI document (reproduce with the curl lines):\n{stdout}\n{}\nhost log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        host.log_tail()
-    );
-    // It really ran: every operation but the upload (see schemathesis.toml).
-    assert!(stdout.contains("Tested: 16"), "{stdout}");
+    assert_conforms(&host.url, Some(ADMIN), || host.log_tail()).await;
 
     // A few thousand requests later the host still serves, and every 5xx would have
     // failed the run above.

@@ -165,6 +165,17 @@ fn origin(event: &Value) -> &str {
     event["metadata"]["origin_region"].as_str().unwrap_or("")
 }
 
+/// The OpenAPI conformance run of `conformance.rs` against a `west` host: commands
+/// forwarded to their home region, moves between real regions, homes, relay status.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_answer_of_a_two_region_host_matches_the_openapi_document() {
+    let regions = TwoRegions::start("conformance").await;
+    let west = &regions.west[0];
+    super::conformance::assert_conforms(&west.url, None, || regions.logs()).await;
+    let (status, _) = west.client().get("/v1/cluster").await;
+    assert_eq!(status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_in_east_is_visible_in_west() {
     let r = TwoRegions::start("vis").await;
