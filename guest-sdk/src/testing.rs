@@ -154,6 +154,9 @@ impl<A: Aggregate> AggregateTest<A> {
     #[track_caller]
     fn record(&mut self, (event_type, payload): EncodedEvent, stage: &str) {
         let event = tagged(&event_type, &payload);
+        if let Err(why) = storable(&event_type, &event) {
+            panic!("{stage} event {event} would be refused by the host: {why}");
+        }
         match codec::apply::<A>(&self.state, &event_type, &payload) {
             Ok(state) => self.state = state,
             Err(error) => panic!(
@@ -281,6 +284,37 @@ fn tagged(event_type: &str, payload: &[u8]) -> Value {
     Value::Object(map)
 }
 
+/// What the host refuses in a decided event (it fails the call as
+/// `plugin_invalid_output`): an event type that is empty, over 256 bytes or holds a
+/// control character (it travels in NATS headers), and U+0000 in a string of the
+/// payload (PostgreSQL's `jsonb` cannot store it). Caught here, it fails `cargo test`
+/// rather than a command in production.
+fn storable(event_type: &str, event: &Value) -> Result<(), String> {
+    if event_type.is_empty() || event_type.len() > 256 {
+        return Err(format!(
+            "an event type must be 1 to 256 bytes, this one is {}",
+            event_type.len()
+        ));
+    }
+    if event_type.chars().any(char::is_control) {
+        return Err(format!(
+            "the event type {event_type:?} holds a control character"
+        ));
+    }
+    fn has_nul(value: &Value) -> bool {
+        match value {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(has_nul),
+            Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    if has_nul(event) {
+        return Err("a string holds U+0000, which PostgreSQL cannot store".into());
+    }
+    Ok(())
+}
+
 /// Unwraps `result`, blaming the caller's test line rather than this module.
 #[track_caller]
 fn or_panic<T>(result: Result<T, String>, what: &str) -> T {
@@ -367,6 +401,23 @@ mod tests {
         AggregateTest::<Switch>::new()
             .when(Command::Flip)
             .then_expect_rejection("nope");
+    }
+
+    #[test]
+    #[should_panic(expected = "would be refused by the host: a string holds U+0000")]
+    fn an_event_the_host_cannot_store_fails_the_test() {
+        AggregateTest::<Switch>::given(vec![Event::Off {
+            reason: "nul\0".into(),
+        }]);
+    }
+
+    #[test]
+    fn event_types_that_cannot_travel_are_named() {
+        let event = serde_json::json!("x");
+        assert_eq!(storable("Deposited", &event), Ok(()));
+        for bad in ["", "Line\nBreak", &"x".repeat(257)] {
+            assert!(storable(bad, &event).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
