@@ -986,6 +986,9 @@ pub struct UploadResult {
     /// The stored histories the component replayed before it was accepted; absent
     /// when the upload was forced or repeated the newest version's bytes.
     pub history_checked: Option<HistoryCheck>,
+    /// True for `?dry_run=true`: everything was checked and nothing stored; `version`
+    /// is the one the component would get in this region.
+    pub dry_run: bool,
 }
 
 /// Query of an upload.
@@ -997,6 +1000,11 @@ pub struct UploadQuery {
     #[serde(default)]
     #[param(required = false)]
     pub force: bool,
+    /// Check the component (validation and stored histories) and store nothing: what
+    /// a plugin's own pipeline runs before it uploads for real.
+    #[serde(default)]
+    #[param(required = false)]
+    pub dry_run: bool,
 }
 
 /// Upload a plugin component (the raw `.wasm` bytes as the body).
@@ -1006,7 +1014,7 @@ pub struct UploadQuery {
     params(TypePath, UploadQuery),
     responses(
         (status = 201, body = UploadResult, description = "stored as a new version"),
-        (status = 200, body = UploadResult, description = "the same bytes as the newest version"),
+        (status = 200, body = UploadResult, description = "the same bytes as the newest version, or a dry run that passed (`dry_run: true`, nothing stored)"),
         (status = 400, body = ErrorBody, description = "not a component, forbidden import, wrong world or type"),
         (status = 409, body = ErrorBody, description = "`incompatible_with_history`: a stored aggregate of the type does not replay through the component (names it and the event); nothing was stored"),
         (status = 413, body = ErrorBody, description = "over the size cap"),
@@ -1076,6 +1084,32 @@ async fn upload_plugin(
             })?;
         Some(checked)
     };
+    if query.dry_run {
+        let version = match newest.first() {
+            Some(newest) if repeated => newest.version,
+            Some(newest) => newest.version + 1,
+            None => 1,
+        };
+        tracing::info!(
+            aggregate_type,
+            version,
+            ?history_checked,
+            "plugin checked, not stored (dry run)"
+        );
+        return Ok((
+            StatusCode::OK,
+            Json(UploadResult {
+                aggregate_type,
+                version,
+                sha256: validated.sha256,
+                size_bytes: body.len() as i64,
+                schema_version: validated.schema_version as i32,
+                contract: validated.contract.to_string(),
+                history_checked,
+                dry_run: true,
+            }),
+        ));
+    }
     let (info, created) = state
         .regions
         .register_plugin(
@@ -1110,6 +1144,7 @@ async fn upload_plugin(
             schema_version: info.schema_version,
             contract: validated.contract.to_string(),
             history_checked,
+            dry_run: false,
         }),
     ))
 }

@@ -36,6 +36,9 @@ pub enum PluginCommand {
         /// Accept it without first replaying stored aggregates of the type through it.
         #[arg(long)]
         force: bool,
+        /// Check it (validation, stored histories) and store nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -191,6 +194,7 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             aggregate_type,
             file,
             force,
+            dry_run,
             target,
         } => {
             let bytes =
@@ -204,9 +208,8 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                 );
             }
             let url = format!(
-                "{}/v1/plugins/{aggregate_type}{}",
+                "{}/v1/plugins/{aggregate_type}?force={force}&dry_run={dry_run}",
                 target.url.trim_end_matches('/'),
-                if force { "?force=true" } else { "" }
             );
             let (status, body) = send(
                 client(&target)
@@ -219,7 +222,9 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             if target.json {
                 print_json(&body);
             } else {
-                let verb = if status == 201 {
+                let verb = if body["dry_run"] == true {
+                    "checked, nothing stored; it would be"
+                } else if status == 201 {
                     "stored as"
                 } else {
                     "unchanged, already"
