@@ -52,10 +52,15 @@ where
 /// array of its fields in order (`[5, 2]`), which the API does not document and which
 /// would quietly assign values by position; only an object is accepted.
 pub fn json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if !is_object(body) {
         return Err("the body must be a JSON object".into());
     }
     serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// Whether JSON text is an object: whether its first non-blank byte opens one.
+pub fn is_object(json: &[u8]) -> bool {
+    json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use uuid::Uuid;
 pub use auth::{Scope, Tokens};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
-use extract::{Path, Query, json_object};
+use extract::{Path, Query, is_object, json_object};
 
 use crate::cluster::{Cluster, ClusterStatus, Dispatched, FORWARDED_HEADER, RouteError};
 use crate::executor::history::{self, HistoryCheck, HistoryError};
@@ -430,7 +430,7 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
     const SHAPE: &str = r#"send {"command": {...}, "command_id": "<uuid>" (optional), "expected_version": n (optional)}"#;
     let parsed: CommandBody = json_object(body)
         .map_err(|e| ApiError::bad_request(format!("malformed command request: {e}; {SHAPE}")))?;
-    if !parsed.command.get().trim_start().starts_with('{') {
+    if !is_object(parsed.command.get().as_bytes()) {
         return Err(ApiError::bad_request(format!(
             "`command` must be a JSON object; {SHAPE}"
         )));
@@ -442,11 +442,7 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
             "`command` cannot be stored: {e}; remove or change that value"
         )));
     }
-    if parsed.expected_version.is_some_and(|v| v < 0) {
-        return Err(ApiError::bad_request(
-            "`expected_version` must be 0 or more",
-        ));
-    }
+    non_negative("expected_version", parsed.expected_version)?;
     Ok(parsed)
 }
 
@@ -758,8 +754,8 @@ async fn aggregate_events(
     Ok(Json(EventsPage { events, next }))
 }
 
-/// Positions and versions start at 1, so a resume point below 0 is a client bug (an
-/// unset variable, an overflow) better reported than read as "from the start".
+/// Positions and versions start at 1, so a resume point or expected version below 0 is
+/// a client bug (an unset variable, an overflow) better reported than read as 0.
 fn non_negative(name: &str, value: Option<i64>) -> Result<(), ApiError> {
     match value {
         Some(v) if v < 0 => Err(ApiError::bad_request(format!(
