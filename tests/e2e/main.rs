@@ -18,5 +18,6 @@ mod single_node;
 mod status_page;
 mod subscriptions;
 mod tail;
+mod three_regions;
 mod unstorable;
 mod upgrades;

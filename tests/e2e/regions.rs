@@ -685,6 +685,28 @@ async fn a_command_forwarded_between_regions_is_authenticated_again_at_home() {
         state["version"], 2,
         "the refused command wrote nothing: {state}"
     );
+    // A move sent to west runs in east (the home), which then asks west whether it has
+    // every event: that question carries the caller's token too. Without it west
+    // refused the question, the move waited out its confirmation, and west answered
+    // the caller that east timed out although the move had happened.
+    let (status, moved) = admin(&r.west[0], true)
+        .post_raw(
+            "/v1/aggregates/bank-account/au-1/move-home",
+            json!({"region": WEST}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 200, "{moved}{}", r.logs());
+    assert_eq!(moved["from"], EAST, "{moved}");
+    assert_eq!(moved["target_has_all_events"], true, "{moved}");
+    let (status, body, ran_in) = send_command(
+        &r.east[0].url,
+        "au-1",
+        Some(ADMIN),
+        json!({"type":"Deposit","amount":4}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ran_in.as_deref(), Some(WEST), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -555,7 +555,7 @@ async fn execute(
             )
         }),
         Dispatched::Forwarded { status, .. } => {
-            span.in_scope(|| tracing::debug!(status, "answered by the owner"))
+            span.in_scope(|| tracing::debug!(status = status.as_u16(), "answered by the owner"))
         }
         _ => {}
     }
@@ -568,12 +568,21 @@ async fn execute(
             ApiError::from(crate::executor::CommandError::Rejected(m)).into_response(),
         ),
         Dispatched::Local(Err(error)) => ("error", ApiError::from(error).into_response()),
-        Dispatched::Forwarded { status, body } => {
-            let response = Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(axum::body::Body::from(body))
-                .expect("valid response");
+        Dispatched::Forwarded {
+            status,
+            region,
+            body,
+        } => {
+            let content_type = [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )];
+            let mut response = (status, content_type, body).into_response();
+            if let Some(region) = region {
+                response
+                    .headers_mut()
+                    .insert(crate::region::SERVED_BY_HEADER, region);
+            }
             return Ok(response);
         }
         Dispatched::Refused(error @ RouteError::NotOwner { .. }) => (
@@ -679,7 +688,13 @@ async fn get_aggregate(
     let key = key(aggregate_type, aggregate_id)?;
     // The owner answers from its cache; any other host reads the store, uncached.
     let current = if state.cluster.owns(&key.aggregate_type, &key.aggregate_id) {
-        state.executor.state(&key).await?
+        if state.regions.enabled() {
+            // Relayed events and home moves reach the store around the cache.
+            let stored = store::read::stream_version(&state.pool, &key).await?;
+            state.executor.state_as_stored(&key, stored).await?
+        } else {
+            state.executor.state(&key).await?
+        }
     } else {
         state.executor.read_state(&key).await?
     };

@@ -4,7 +4,8 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
@@ -55,13 +56,28 @@ pub(super) async fn route_command(
     body: &[u8],
 ) -> Result<Option<Response>, ApiError> {
     let claimed = headers.get(HOME_HEADER).and_then(|v| v.to_str().ok());
-    match state.regions.route(key, claimed).await? {
+    let from = headers
+        .get(region::FROM_REGION_HEADER)
+        .and_then(|v| v.to_str().ok());
+    match state.regions.route(key, claimed, from).await? {
         Route::Local => Ok(None),
         Route::Remote(home) => {
             let path = format!("/v1/aggregates/{}/{}", key.aggregate_type, key.aggregate_id);
-            forward(state, key, &home, "POST", &path, headers, body)
-                .await
-                .map(Some)
+            let answer = forward(state, key, &home, "POST", &path, headers, body).await?;
+            // The region asked passed the command on: the home moved since this host
+            // looked. Only a command that ran says for sure where the home is now.
+            let ran_in = answer
+                .headers()
+                .get(region::SERVED_BY_HEADER)
+                .and_then(|v| v.to_str().ok());
+            if answer.status().is_success()
+                && let Some(ran_in) = ran_in
+                && ran_in != home
+            {
+                tracing::debug!(aggregate = %key, stale = home, home = ran_in, "learned a new home");
+                state.regions.learned_home(key, ran_in);
+            }
+            Ok(Some(answer))
         }
     }
 }
@@ -85,11 +101,7 @@ async fn forward(
         .into());
     }
     let mut pass = vec![(HOPS_HEADER, hops.to_string())];
-    for name in ["authorization", "x-correlation-id"] {
-        if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()) {
-            pass.push((name, value.to_string()));
-        }
-    }
+    pass.extend(passed_headers(headers));
     tracing::debug!(aggregate = %key, home, hops, "forwarding to the home region");
     let answer = state
         .regions
@@ -97,12 +109,20 @@ async fn forward(
         .await?;
     metrics::counter!("meridian_region_forwards_total", "region" => answer.region.clone())
         .increment(1);
-    Ok(Response::builder()
-        .status(answer.status)
-        .header("content-type", "application/json")
-        .header(region::SERVED_BY_HEADER, answer.region)
-        .body(axum::body::Body::from(answer.body))
-        .expect("valid response"))
+    let mut response = (
+        answer.status,
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        answer.body,
+    )
+        .into_response();
+    // Region names are checked at start, so this is always set; a name that is not a
+    // header value would only lose the header, never the answer.
+    if let Ok(region) = HeaderValue::from_str(&answer.region) {
+        response
+            .headers_mut()
+            .insert(region::SERVED_BY_HEADER, region);
+    }
+    Ok(response)
 }
 
 /// A request to move an aggregate's home.
@@ -132,8 +152,8 @@ pub struct MoveHomeResult {
     /// The version of the move event.
     pub version: i64,
     /// True when the target region confirmed it holds every event up to the move
-    /// (commands there run at once); false when it did not within 10 s (they wait for
-    /// the events to arrive).
+    /// (commands there run at once); false when it did not within half the forward
+    /// timeout, 5 s by default (commands there wait for the events to arrive).
     pub target_has_all_events: bool,
 }
 
@@ -227,7 +247,7 @@ pub(super) async fn move_home(
     let target_has_all_events = if request.region == local {
         true
     } else {
-        wait_for_target(&state, &key, &request.region, version).await
+        wait_for_target(&state, &key, &request.region, version, &headers).await
     };
     Ok(Json(MoveHomeResult {
         aggregate_type: key.aggregate_type,
@@ -241,16 +261,29 @@ pub(super) async fn move_home(
 }
 
 /// Asks the target region until it reports the aggregate homed there at `version`.
-async fn wait_for_target(state: &AppState, key: &AggregateKey, target: &str, version: i64) -> bool {
+///
+/// The target authenticates the question like any request, so it carries the caller's
+/// token (a move is an admin request, and the target's token list decides). It waits at
+/// most half the forward timeout: a move forwarded here from another region must be
+/// answered before that region gives up on it, or the caller is told the home did not
+/// answer about a move that happened.
+async fn wait_for_target(
+    state: &AppState,
+    key: &AggregateKey,
+    target: &str,
+    version: i64,
+    headers: &HeaderMap,
+) -> bool {
     let path = format!(
         "/v1/aggregates/{}/{}/home",
         key.aggregate_type, key.aggregate_id
     );
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let pass = passed_headers(headers);
+    let deadline = tokio::time::Instant::now() + confirmation_wait(state);
     while tokio::time::Instant::now() < deadline {
         if let Ok(answer) = state
             .regions
-            .forward(target, key, "GET", &path, &[], Bytes::new())
+            .forward(target, key, "GET", &path, &pass, Bytes::new())
             .await
             && let Ok(home) = serde_json::from_slice::<HomeView>(&answer.body)
             && home.home_region.as_deref() == Some(target)
@@ -261,6 +294,23 @@ async fn wait_for_target(state: &AppState, key: &AggregateKey, target: &str, ver
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     false
+}
+
+/// How long a move waits for its target to confirm: half the forward timeout.
+fn confirmation_wait(state: &AppState) -> std::time::Duration {
+    state.regions.config().forward_timeout / 2
+}
+
+/// The caller's headers a request to another region carries: its token (the other
+/// region checks it again) and its correlation id.
+fn passed_headers(headers: &HeaderMap) -> Vec<(&'static str, String)> {
+    ["authorization", "x-correlation-id"]
+        .into_iter()
+        .filter_map(|name| {
+            let value = headers.get(name)?.to_str().ok()?;
+            Some((name, value.to_string()))
+        })
+        .collect()
 }
 
 /// An aggregate's home as this region knows it.

@@ -89,7 +89,10 @@ pub enum Dispatched {
     /// The owner's HTTP answer, to be returned unchanged.
     Forwarded {
         /// Its status.
-        status: u16,
+        status: axum::http::StatusCode,
+        /// The region that ran it, when the owner passed it on to another region
+        /// (its `x-meridian-region` header).
+        region: Option<axum::http::HeaderValue>,
         /// Its body.
         body: Bytes,
     },
@@ -525,13 +528,23 @@ impl Cluster {
         }
         match request.send().await {
             Ok(response) => {
-                let status = response.status().as_u16();
+                let status = response.status();
+                let region = response
+                    .headers()
+                    .get(crate::region::SERVED_BY_HEADER)
+                    .cloned();
                 let body = response.bytes().await.ok()?;
-                if status == 503 && body.windows(9).any(|w| w == b"not_owner") {
+                if status == axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    && body.windows(9).any(|w| w == b"not_owner")
+                {
                     return None;
                 }
                 metrics::counter!("meridian_commands_forwarded_total").increment(1);
-                Some(Dispatched::Forwarded { status, body })
+                Some(Dispatched::Forwarded {
+                    status,
+                    region,
+                    body,
+                })
             }
             Err(error) => {
                 tracing::debug!(address, %error, "forward failed; routing again");

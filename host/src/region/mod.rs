@@ -55,6 +55,9 @@ pub const HOME_HEADER: &str = "x-meridian-home";
 pub const FROM_REGION_HEADER: &str = "x-meridian-from-region";
 /// Header on answers: the region that executed (the aggregate's home).
 pub const SERVED_BY_HEADER: &str = "x-meridian-region";
+/// NATS header on answers to forwarded requests: the region that executed, when the
+/// region asked passed the request on.
+const SERVED_BY_NATS_HEADER: &str = "Meridian-Served-By";
 
 /// A request is forwarded between regions at most this often (a home that moved
 /// while caches were stale costs one extra hop).
@@ -253,10 +256,11 @@ struct Inner {
 #[derive(Debug)]
 pub struct Forwarded {
     /// HTTP status.
-    pub status: u16,
+    pub status: axum::http::StatusCode,
     /// Body (JSON).
     pub body: Bytes,
-    /// The region that answered.
+    /// The region that answered: the one asked, or the one it passed the request on
+    /// to (its home as far as the region asked knew).
     pub region: String,
 }
 
@@ -319,6 +323,14 @@ impl Regions {
         self.inner.homes.lock().expect("homes lock").pop(key);
     }
 
+    /// Remembers a home that a forwarded command's answer named (it ran there), if
+    /// it is a region this host knows.
+    pub fn learned_home(&self, key: &AggregateKey, home: &str) {
+        if self.known().any(|r| r == home) {
+            self.remember(key, home);
+        }
+    }
+
     fn remember(&self, key: &AggregateKey, home: &str) {
         self.inner
             .homes
@@ -328,13 +340,21 @@ impl Regions {
     }
 
     /// Decides where a command for `key` runs. `claimed` is the home named by the
-    /// region that forwarded the command, if any: when that is this region but this
-    /// region does not know it yet (a home move whose events are still on their way),
-    /// it waits up to [`MOVE_WAIT`] for them rather than bouncing the command back.
+    /// region that forwarded the command and `from` that region, if any.
+    ///
+    /// A forwarder that names this region as the home while this region believes the
+    /// home is elsewhere is one of two things. If it *is* the region this one believes
+    /// is the home, it has moved the aggregate here and the move's events are still on
+    /// their way: this region waits up to [`MOVE_WAIT`] for them rather than bouncing
+    /// the command back. Any other forwarder may just remember an old home (a region
+    /// that took no part in a move learns of it only from the answers it gets), so the
+    /// command goes on to the home this region knows, which is the authority on where
+    /// the aggregate went from there.
     pub async fn route(
         &self,
         key: &AggregateKey,
         claimed: Option<&str>,
+        from: Option<&str>,
     ) -> Result<Route, RegionError> {
         if !self.enabled() {
             return Ok(Route::Local);
@@ -344,7 +364,7 @@ impl Regions {
         if home == local {
             return Ok(Route::Local);
         }
-        if claimed == Some(local) {
+        if claimed == Some(local) && from == Some(home.as_str()) {
             let deadline = tokio::time::Instant::now() + MOVE_WAIT;
             while tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -631,11 +651,23 @@ impl Regions {
             .as_ref()
             .and_then(|h| h.get("Meridian-Status"))
             .and_then(|v| v.as_str().parse::<u16>().ok())
-            .ok_or_else(|| RegionError::Nats("answer without Meridian-Status".into()))?;
+            .and_then(|v| axum::http::StatusCode::from_u16(v).ok())
+            .ok_or_else(|| {
+                RegionError::Nats(format!(
+                    "region {home} answered without a valid Meridian-Status"
+                ))
+            })?;
+        // Older hosts do not say who served: the region asked did.
+        let region = answer
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(SERVED_BY_NATS_HEADER))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_else(|| home.to_string());
         Ok(Forwarded {
             status,
             body: answer.payload,
-            region: home.to_string(),
+            region,
         })
     }
 
@@ -648,16 +680,19 @@ impl Regions {
         stop: tokio_util::sync::CancellationToken,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let nats = self.inner.nats.clone()?;
+        let local = self.local().to_string();
         Some(serve_queue(
             nats,
             rpc_subject(self.local()),
             stop,
             move |message| {
                 let router = router.clone();
+                let local = local.clone();
                 async move {
-                    let (status, body) = answer(router, message).await;
+                    let (status, served_by, body) = answer(router, message).await;
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert("Meridian-Status", status.to_string().as_str());
+                    headers.insert(SERVED_BY_NATS_HEADER, served_by.unwrap_or(local).as_str());
                     (headers, body)
                 }
             },
@@ -711,8 +746,12 @@ where
     })
 }
 
-/// Runs one forwarded request through the router.
-async fn answer(router: axum::Router, message: async_nats::Message) -> (u16, Bytes) {
+/// Runs one forwarded request through the router. Answers the status, the region the
+/// router passed the request on to (`None`: answered here) and the body.
+async fn answer(
+    router: axum::Router,
+    message: async_nats::Message,
+) -> (u16, Option<String>, Bytes) {
     use tower::ServiceExt;
     let headers = message.headers.unwrap_or_default();
     let method = headers
@@ -741,6 +780,7 @@ async fn answer(router: axum::Router, message: async_nats::Message) -> (u16, Byt
         Err(error) => {
             return (
                 400,
+                None,
                 Bytes::from(
                     serde_json::json!({"error": {"code": "bad_request", "message": error.to_string()}})
                         .to_string(),
@@ -753,10 +793,16 @@ async fn answer(router: axum::Router, message: async_nats::Message) -> (u16, Byt
         Err(never) => match never {},
     };
     let status = response.status().as_u16();
+    // Region names are header-safe (checked at start), so this survives into NATS.
+    let served_by = response
+        .headers()
+        .get(SERVED_BY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = axum::body::to_bytes(response.into_body(), 64 * 1024 * 1024)
         .await
         .unwrap_or_default();
-    (status, body)
+    (status, served_by, body)
 }
 
 /// The directory key of an aggregate: `type.<base64url(id)>` (KV keys allow fewer

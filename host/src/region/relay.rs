@@ -238,6 +238,47 @@ fn message(
     Ok((headers, serde_json::to_vec(&relayed)?.into()))
 }
 
+/// Waits until the peer region's events stream answers through this region's NATS
+/// (false: stopped first).
+///
+/// A stream sourcing one that does not exist yet, or behind a leafnode link still
+/// connecting, is left to nats-server's own retry, which waits 10–30 s between
+/// attempts; regions started together would relay nothing for that long. So the
+/// inbound stream is created once its source can be found.
+async fn peer_stream_reachable(regions: &Regions, peer: &str, stop: &CancellationToken) -> bool {
+    let peer_js = regions.js_of(peer).expect("enabled");
+    let started = std::time::Instant::now();
+    let mut logged = false;
+    loop {
+        match peer_js.get_stream(events_stream(peer)).await {
+            Ok(_) => {
+                if logged {
+                    tracing::info!(
+                        from = peer,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "the region's events stream is reachable"
+                    );
+                }
+                return true;
+            }
+            Err(error) if !logged && started.elapsed() > PEER_WAIT_LOG_AFTER => {
+                tracing::info!(from = peer, %error, "waiting for the region's events stream");
+                logged = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(PEER_WAIT_POLL) => {}
+        }
+    }
+}
+
+/// How often a relay waiting for a peer's events stream asks again.
+const PEER_WAIT_POLL: Duration = Duration::from_millis(250);
+/// How long a relay waits for a peer's events stream before it says so in the log.
+const PEER_WAIT_LOG_AFTER: Duration = Duration::from_secs(2);
+
 /// Stores a peer region's events, read from the local stream that sources them.
 async fn receive(
     regions: Regions,
@@ -247,6 +288,11 @@ async fn receive(
 ) -> anyhow::Result<()> {
     let js = regions.local_js().expect("enabled");
     let local = regions.local().to_string();
+    if js.get_stream(inbound_stream(&peer)).await.is_err()
+        && !peer_stream_reachable(&regions, &peer, &stop).await
+    {
+        return Ok(());
+    }
     let stream = js
         .get_or_create_stream(stream::Config {
             name: inbound_stream(&peer),

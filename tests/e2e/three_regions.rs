@@ -1,0 +1,196 @@
+//! Three regions: `east` is the NATS hub and holds the directory; `west` and `south` are
+//! leafnodes of it and reach each other only through it. What two regions cannot show:
+//! traffic between two leaves (forwarded commands, JetStream sources, plugin bytes) and
+//! a home move that neither starts nor ends in the directory's region.
+
+use serde_json::{Value, json};
+
+use super::harness::{Host, HostOptions, TestDb, eventually, send_command, wasm_bytes};
+use super::nats::NatsServer;
+
+const EAST: &str = "east";
+const WEST: &str = "west";
+const SOUTH: &str = "south";
+const REGIONS: [&str; 3] = [EAST, WEST, SOUTH];
+
+fn options(region: &str, nats: &NatsServer) -> HostOptions {
+    let peers: Vec<&str> = REGIONS.into_iter().filter(|r| *r != region).collect();
+    HostOptions {
+        region: Some(region.into()),
+        nats_url: Some(nats.url()),
+        env: vec![
+            ("MERIDIAN_PEER_REGIONS".into(), peers.join(",")),
+            ("MERIDIAN_DIRECTORY_REGION".into(), EAST.into()),
+            ("MERIDIAN_PARTITIONS".into(), "16".into()),
+        ],
+        ..Default::default()
+    }
+}
+
+/// One aggregate's events as a region's global feed shows them: (version, type,
+/// origin region, event id).
+async fn history(host: &Host, id: &str) -> Vec<(i64, String, String, String)> {
+    let (status, page) = host
+        .client()
+        .get(&format!(
+            "/v1/events?aggregate_type=bank-account&aggregate_id={id}&limit=10000"
+        ))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    page["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            (
+                e["version"].as_i64().unwrap_or(-1),
+                text(&e["type"]),
+                text(&e["metadata"]["origin_region"]),
+                text(&e["event_id"]),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_regions_share_plugins_commands_and_events_through_one_hub() {
+    let east_nats = NatsServer::hub(EAST);
+    let west_nats = NatsServer::leaf(WEST, &east_nats);
+    let south_nats = NatsServer::leaf(SOUTH, &east_nats);
+    let (east_db, west_db, south_db) = (
+        TestDb::new("three_e").await,
+        TestDb::new("three_w").await,
+        TestDb::new("three_s").await,
+    );
+    let east = Host::start(&east_db, options(EAST, &east_nats)).await;
+    let west = Host::start(&west_db, options(WEST, &west_nats)).await;
+    let south = Host::start(&south_db, options(SOUTH, &south_nats)).await;
+    let hosts = [&east, &west, &south];
+    let logs = || {
+        let mut out = String::new();
+        for (host, nats) in hosts.iter().zip([&east_nats, &west_nats, &south_nats]) {
+            out.push_str(&format!(
+                "\n--- {} ---\n{}\n--- its nats ---\n{}",
+                host.node_id,
+                host.log_tail(),
+                nats.log_tail()
+            ));
+        }
+        out
+    };
+
+    // Uploaded in a leaf: the version number comes from the directory (east), the
+    // bytes stay in west's object store, and south fetches them from there.
+    let (status, body) = west
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "upload in west: {body}");
+    for host in [&east, &south] {
+        eventually(|| async {
+            let (_, plugins) = host.client().get("/v1/plugins").await;
+            plugins["plugins"]
+                .as_array()?
+                .iter()
+                .any(|p| p["aggregate_type"] == "bank-account" && p["version"] == 1)
+                .then_some(())
+        })
+        .await;
+    }
+
+    // Created in south, so homed there; west's command reaches it through the hub.
+    let (status, body, _) = send_command(
+        &south.url,
+        "tri-1",
+        None,
+        json!({"type":"Open","owner":"sam"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}{}", logs());
+    let (status, body, ran_in) = send_command(
+        &west.url,
+        "tri-1",
+        None,
+        json!({"type":"Deposit","amount":30}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}{}", logs());
+    assert_eq!(ran_in.as_deref(), Some(SOUTH), "{body}");
+
+    // Asked in east, the move runs in south and is confirmed by west: three regions,
+    // none of them both ends of the move.
+    let (status, moved) = east
+        .client()
+        .post_raw(
+            "/v1/aggregates/bank-account/tri-1/move-home",
+            json!({"region": WEST}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 200, "{moved}{}", logs());
+    assert_eq!(
+        (&moved["from"], &moved["to"]),
+        (&json!(SOUTH), &json!(WEST))
+    );
+    assert_eq!(moved["target_has_all_events"], true, "{moved}");
+    for (host, amount) in [(&south, 5), (&east, 7), (&west, 11)] {
+        let (status, body, ran_in) = send_command(
+            &host.url,
+            "tri-1",
+            None,
+            json!({"type":"Deposit","amount":amount}),
+        )
+        .await;
+        assert_eq!(status, 200, "via {}: {body}{}", host.node_id, logs());
+        // West answers its own commands without the header; the others forward there.
+        if host.node_id != west.node_id {
+            assert_eq!(
+                ran_in.as_deref(),
+                Some(WEST),
+                "via {}: {body}",
+                host.node_id
+            );
+        }
+    }
+
+    // Every region ends with the same history: each event once, in version order,
+    // with the same ids, written by south before the move and by west after it.
+    let expected: Vec<(i64, &str, &str)> = vec![
+        (1, "Opened", SOUTH),
+        (2, "Deposited", SOUTH),
+        (3, "$meridian.HomeMoved", SOUTH),
+        (4, "Deposited", WEST),
+        (5, "Deposited", WEST),
+        (6, "Deposited", WEST),
+    ];
+    let mut histories = Vec::new();
+    for host in hosts {
+        let seen = eventually(|| async {
+            let seen = history(host, "tri-1").await;
+            (seen.len() >= expected.len()).then_some(seen)
+        })
+        .await;
+        let shape: Vec<(i64, &str, &str)> = seen
+            .iter()
+            .map(|(v, t, o, _)| (*v, t.as_str(), o.as_str()))
+            .collect();
+        assert_eq!(shape, expected, "history in {}{}", host.node_id, logs());
+        histories.push(seen);
+    }
+    assert_eq!(histories[0], histories[1], "east and west differ");
+    assert_eq!(histories[0], histories[2], "east and south differ");
+    for host in hosts {
+        let (_, state) = host.client().get("/v1/aggregates/bank-account/tri-1").await;
+        assert_eq!(
+            state["state"]["balance"], 53,
+            "in {}: {state}",
+            host.node_id
+        );
+        let (_, home) = host
+            .client()
+            .get("/v1/aggregates/bank-account/tri-1/home")
+            .await;
+        assert_eq!(home["home_region"], WEST, "in {}: {home}", host.node_id);
+    }
+}
