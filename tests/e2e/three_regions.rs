@@ -54,23 +54,44 @@ async fn history(host: &Host, id: &str) -> Vec<(i64, String, String, String)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn three_regions_share_plugins_commands_and_events_through_one_hub() {
-    let east_nats = NatsServer::hub(EAST);
-    let west_nats = NatsServer::leaf(WEST, &east_nats);
-    let south_nats = NatsServer::leaf(SOUTH, &east_nats);
-    let (east_db, west_db, south_db) = (
-        TestDb::new("three_e").await,
-        TestDb::new("three_w").await,
-        TestDb::new("three_s").await,
-    );
-    let east = Host::start(&east_db, options(EAST, &east_nats)).await;
-    let west = Host::start(&west_db, options(WEST, &west_nats)).await;
-    let south = Host::start(&south_db, options(SOUTH, &south_nats)).await;
-    let hosts = [&east, &west, &south];
-    let logs = || {
+/// The three regions, one host each; nothing uploaded.
+struct ThreeRegions {
+    east: Host,
+    west: Host,
+    south: Host,
+    nats: [NatsServer; 3],
+    _dbs: [TestDb; 3],
+}
+
+impl ThreeRegions {
+    async fn start(label: &str) -> Self {
+        let east_nats = NatsServer::hub(EAST);
+        let west_nats = NatsServer::leaf(WEST, &east_nats);
+        let south_nats = NatsServer::leaf(SOUTH, &east_nats);
+        let dbs = [
+            TestDb::new(&format!("{label}_e")).await,
+            TestDb::new(&format!("{label}_w")).await,
+            TestDb::new(&format!("{label}_s")).await,
+        ];
+        let east = Host::start(&dbs[0], options(EAST, &east_nats)).await;
+        let west = Host::start(&dbs[1], options(WEST, &west_nats)).await;
+        let south = Host::start(&dbs[2], options(SOUTH, &south_nats)).await;
+        Self {
+            east,
+            west,
+            south,
+            nats: [east_nats, west_nats, south_nats],
+            _dbs: dbs,
+        }
+    }
+
+    fn hosts(&self) -> [&Host; 3] {
+        [&self.east, &self.west, &self.south]
+    }
+
+    fn logs(&self) -> String {
         let mut out = String::new();
-        for (host, nats) in hosts.iter().zip([&east_nats, &west_nats, &south_nats]) {
+        for (host, nats) in self.hosts().iter().zip(&self.nats) {
             out.push_str(&format!(
                 "\n--- {} ---\n{}\n--- its nats ---\n{}",
                 host.node_id,
@@ -79,7 +100,15 @@ async fn three_regions_share_plugins_commands_and_events_through_one_hub() {
             ));
         }
         out
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_regions_share_plugins_commands_and_events_through_one_hub() {
+    let r = ThreeRegions::start("three").await;
+    let (east, west, south) = (&r.east, &r.west, &r.south);
+    let hosts = r.hosts();
+    let logs = || r.logs();
 
     // Uploaded in a leaf: the version number comes from the directory (east), the
     // bytes stay in west's object store, and south fetches them from there.
@@ -88,7 +117,7 @@ async fn three_regions_share_plugins_commands_and_events_through_one_hub() {
         .upload("bank-account", wasm_bytes("bank-account"))
         .await;
     assert_eq!(status, 201, "upload in west: {body}");
-    for host in [&east, &south] {
+    for host in [east, south] {
         eventually(|| async {
             let (_, plugins) = host.client().get("/v1/plugins").await;
             plugins["plugins"]
@@ -134,7 +163,7 @@ async fn three_regions_share_plugins_commands_and_events_through_one_hub() {
         (&json!(SOUTH), &json!(WEST))
     );
     assert_eq!(moved["target_has_all_events"], true, "{moved}");
-    for (host, amount) in [(&south, 5), (&east, 7), (&west, 11)] {
+    for (host, amount) in [(south, 5), (east, 7), (west, 11)] {
         let (status, body, ran_in) = send_command(
             &host.url,
             "tri-1",
@@ -193,4 +222,119 @@ async fn three_regions_share_plugins_commands_and_events_through_one_hub() {
             .await;
         assert_eq!(home["home_region"], WEST, "in {}: {home}", host.node_id);
     }
+}
+
+/// Publishes a relayed event into `region`'s events stream, as that region's relay
+/// would: the test decides which stream brings which version first.
+async fn publish_as(nats: &NatsServer, region: &str, id: &str, version: i64, payload: Value) {
+    let client = async_nats::connect(nats.url())
+        .await
+        .expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let body = json!({
+        "region": region,
+        "position": 1_000_000 + version,
+        "event_id": event_id,
+        "aggregate_type": "bank-account",
+        "aggregate_id": id,
+        "version": version,
+        "type": "Deposited",
+        "payload": payload,
+        "metadata": {"origin_region": region},
+        "recorded_at": chrono::Utc::now(),
+    });
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event_id.as_str());
+    js.publish_with_headers(
+        format!("meridian.events.{region}.bank-account.{id}"),
+        headers,
+        body.to_string().into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stream ack");
+}
+
+/// How often `host`'s relay has held an event from `peer` for its predecessor.
+async fn gap_waits(host: &Host, peer: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", host.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    let prefix = format!("meridian_relay_gap_waits_total{{region=\"{peer}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// After a move, an aggregate's events reach a third region through two streams, and
+/// the new home's can come first. The third region must still store (and so show in
+/// its feed) versions in order: here west's version 3 arrives before east's version 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_third_region_stores_an_aggregates_events_in_version_order_whichever_stream_is_first() {
+    let r = ThreeRegions::start("gap").await;
+    let (status, body) = r
+        .east
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // Version 1 is real: committed in east (its home) and relayed everywhere.
+    let (status, body, _) = send_command(
+        &r.east.url,
+        "gap-1",
+        None,
+        json!({"type":"Open","owner":"ann"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    eventually(|| async { (history(&r.south, "gap-1").await.len() == 1).then_some(()) }).await;
+
+    publish_as(&r.nats[1], WEST, "gap-1", 3, json!({"amount": 30})).await;
+    eventually(|| async { (gap_waits(&r.south, WEST).await > 0).then_some(()) }).await;
+    assert_eq!(
+        history(&r.south, "gap-1").await.len(),
+        1,
+        "version 3 was stored without version 2{}",
+        r.logs()
+    );
+    publish_as(&r.nats[0], EAST, "gap-1", 2, json!({"amount": 20})).await;
+
+    let seen = eventually(|| async {
+        let seen = history(&r.south, "gap-1").await;
+        (seen.len() == 3).then_some(seen)
+    })
+    .await;
+    let order: Vec<(i64, &str)> = seen.iter().map(|(v, _, o, _)| (*v, o.as_str())).collect();
+    assert_eq!(
+        order,
+        [(1, EAST), (2, EAST), (3, WEST)],
+        "south's feed order"
+    );
+    // (Once south has imported the plugin from east.)
+    let state = eventually(|| async {
+        let (status, state) = r
+            .south
+            .client()
+            .get("/v1/aggregates/bank-account/gap-1")
+            .await;
+        (status == 200).then_some(state)
+    })
+    .await;
+    assert_eq!(state["state"]["balance"], 50, "{state}");
+    // South's relays carry on after the held event (and east took west's version 3,
+    // which contradicts its own history, as divergent rather than holding it).
+    let (_, more, _) = send_command(
+        &r.east.url,
+        "gap-2",
+        None,
+        json!({"type":"Open","owner":"bob"}),
+    )
+    .await;
+    assert_eq!(more["version"], 1, "{more}");
+    eventually(|| async { (history(&r.south, "gap-2").await.len() == 1).then_some(()) }).await;
 }

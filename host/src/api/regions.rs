@@ -55,15 +55,21 @@ pub(super) async fn route_command(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Option<Response>, ApiError> {
-    let claimed = headers.get(HOME_HEADER).and_then(|v| v.to_str().ok());
-    let from = headers
-        .get(region::FROM_REGION_HEADER)
-        .and_then(|v| v.to_str().ok());
-    match state.regions.route(key, claimed, from).await? {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let claimed = header(HOME_HEADER).map(|home| {
+        let known_at = header(region::HOME_VERSION_HEADER)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        (home, known_at)
+    });
+    match state.regions.route(key, claimed).await? {
         Route::Local => Ok(None),
         Route::Remote(home) => {
             let path = format!("/v1/aggregates/{}/{}", key.aggregate_type, key.aggregate_id);
-            let answer = forward(state, key, &home, "POST", &path, headers, body).await?;
+            let mut headers = headers.clone();
+            headers.insert(region::HOME_VERSION_HEADER, home.known_at.into());
+            let home = home.region;
+            let answer = forward(state, key, &home, "POST", &path, &headers, body).await?;
             // The region asked passed the command on: the home moved since this host
             // looked. Only a command that ran says for sure where the home is now.
             let ran_in = answer
@@ -102,6 +108,11 @@ async fn forward(
     }
     let mut pass = vec![(HOPS_HEADER, hops.to_string())];
     pass.extend(passed_headers(headers));
+    if let Some(known_at) = headers.get(region::HOME_VERSION_HEADER)
+        && let Ok(known_at) = known_at.to_str()
+    {
+        pass.push((region::HOME_VERSION_HEADER, known_at.to_string()));
+    }
     tracing::debug!(aggregate = %key, home, hops, "forwarding to the home region");
     let answer = state
         .regions
@@ -242,7 +253,10 @@ pub(super) async fn move_home(
         }
         store::regions::MoveError::Store(e) => e.into(),
     })?;
-    state.regions.publish_home(&key, &request.region).await;
+    state
+        .regions
+        .publish_home(&key, &request.region, version)
+        .await;
     tracing::info!(aggregate = %key, from, to = request.region, version, forced = request.force, "home moved");
     let target_has_all_events = if request.region == local {
         true

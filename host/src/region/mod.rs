@@ -51,6 +51,8 @@ pub const PLUGIN_OBJECTS: &str = "meridian_plugins";
 pub const HOPS_HEADER: &str = "x-meridian-region-hops";
 /// Header: the region the sender believes is the aggregate's home.
 pub const HOME_HEADER: &str = "x-meridian-home";
+/// Header: the aggregate version at which the sender knew that home ([`Home::known_at`]).
+pub const HOME_VERSION_HEADER: &str = "x-meridian-home-version";
 /// Header: the region a forwarded request came from.
 pub const FROM_REGION_HEADER: &str = "x-meridian-from-region";
 /// Header on answers: the region that executed (the aggregate's home).
@@ -222,7 +224,47 @@ pub enum Route {
     /// In this region.
     Local,
     /// In this other region.
-    Remote(String),
+    Remote(Home),
+}
+
+/// An aggregate's home as a region knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Home {
+    /// The home region.
+    pub region: String,
+    /// The aggregate version at which a stream row named it (0: a new aggregate's
+    /// claim, or a home learned from an answer). Versions only grow along one
+    /// history, so of two views the one with the larger version is the newer.
+    pub known_at: i64,
+}
+
+impl Home {
+    fn new(region: &str, known_at: i64) -> Self {
+        Self {
+            region: region.to_string(),
+            known_at,
+        }
+    }
+
+    /// Reads a directory entry: `<region>` for a new aggregate's claim,
+    /// `<region>@<version>` after a move (region names have no `@`).
+    fn parse(entry: &str) -> Self {
+        match entry.split_once('@') {
+            Some((region, version)) => Self::new(region, version.parse().unwrap_or(0)),
+            None => Self::new(entry, 0),
+        }
+    }
+}
+
+impl std::fmt::Display for Home {
+    /// The directory entry [`Home::parse`] reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.known_at > 0 {
+            write!(f, "{}@{}", self.region, self.known_at)
+        } else {
+            f.write_str(&self.region)
+        }
+    }
 }
 
 /// Region settings of a host.
@@ -249,7 +291,7 @@ struct Inner {
     config: RegionConfig,
     pool: PgPool,
     nats: Option<async_nats::Client>,
-    homes: Mutex<LruCache<AggregateKey, String>>,
+    homes: Mutex<LruCache<AggregateKey, Home>>,
 }
 
 /// An answer from another region: status and body, passed to the caller unchanged.
@@ -327,73 +369,100 @@ impl Regions {
     /// it is a region this host knows.
     pub fn learned_home(&self, key: &AggregateKey, home: &str) {
         if self.known().any(|r| r == home) {
-            self.remember(key, home);
+            self.remember(key, Home::new(home, 0));
         }
     }
 
-    fn remember(&self, key: &AggregateKey, home: &str) {
+    fn remember(&self, key: &AggregateKey, home: Home) {
         self.inner
             .homes
             .lock()
             .expect("homes lock")
-            .put(key.clone(), home.to_string());
+            .put(key.clone(), home);
     }
 
-    /// Decides where a command for `key` runs. `claimed` is the home named by the
-    /// region that forwarded the command and `from` that region, if any.
+    /// Decides where a command for `key` runs. `claimed` is what the region that
+    /// forwarded the command said: the home it sent the command to, and the version
+    /// at which it knew that (0: it only remembered it).
     ///
-    /// A forwarder that names this region as the home while this region believes the
-    /// home is elsewhere is one of two things. If it *is* the region this one believes
-    /// is the home, it has moved the aggregate here and the move's events are still on
-    /// their way: this region waits up to [`MOVE_WAIT`] for them rather than bouncing
-    /// the command back. Any other forwarder may just remember an old home (a region
-    /// that took no part in a move learns of it only from the answers it gets), so the
-    /// command goes on to the home this region knows, which is the authority on where
-    /// the aggregate went from there.
+    /// Named home while this host remembers another home, this region asks its stream
+    /// row, whose version says whose knowledge is newer. If the forwarder knew of a
+    /// later version than this region holds, a move here is on its way: this region
+    /// waits up to [`MOVE_WAIT`] for it rather than bouncing the command back. Otherwise
+    /// the command goes on to the home the row names (the forwarder only remembered an
+    /// old home: a region that took no part in a move learns of it from the answers).
+    /// Each hop carries knowledge at least as new as the one before, so a command ends
+    /// at the home, or waits where the home's events are still arriving.
     pub async fn route(
         &self,
         key: &AggregateKey,
-        claimed: Option<&str>,
-        from: Option<&str>,
+        claimed: Option<(&str, i64)>,
     ) -> Result<Route, RegionError> {
         if !self.enabled() {
             return Ok(Route::Local);
         }
         let local = self.local();
         let home = self.home(key).await?;
-        if home == local {
+        if home.region == local {
             return Ok(Route::Local);
         }
-        if claimed == Some(local) && from == Some(home.as_str()) {
-            let deadline = tokio::time::Instant::now() + MOVE_WAIT;
-            while tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                if store::regions::home_of(&self.inner.pool, key)
-                    .await?
-                    .as_deref()
-                    == Some(local)
-                {
-                    self.remember(key, local);
-                    return Ok(Route::Local);
-                }
+        let Some((_, known_at)) = claimed.filter(|(region, _)| *region == local) else {
+            return Ok(Route::Remote(home));
+        };
+        self.forget(key);
+        let home = match store::regions::home_and_version(&self.inner.pool, key).await? {
+            Some((region, version)) if region == local || version >= known_at => {
+                Home::new(&region, version)
             }
-            return Err(RegionError::MoveInProgress {
-                aggregate: key.to_string(),
-                local: local.to_string(),
-            });
+            _ if known_at > 0 => self.await_move(key, known_at).await?,
+            // Neither this region nor the forwarder has a stream row: the directory.
+            _ => self.home(key).await?,
+        };
+        self.remember(key, home.clone());
+        Ok(if home.region == local {
+            Route::Local
+        } else {
+            Route::Remote(home)
+        })
+    }
+
+    /// Waits up to [`MOVE_WAIT`] for this region's stream row to reach `version`, the
+    /// version at which another region named this one the home: the move's event is
+    /// on its way here. Answers the home the row then names.
+    async fn await_move(&self, key: &AggregateKey, version: i64) -> Result<Home, RegionError> {
+        let local = self.local();
+        let deadline = tokio::time::Instant::now() + MOVE_WAIT;
+        loop {
+            match store::regions::home_and_version(&self.inner.pool, key).await? {
+                Some((region, at)) if region == local || at >= version => {
+                    return Ok(Home::new(&region, at));
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RegionError::MoveInProgress {
+                    aggregate: key.to_string(),
+                    local: local.to_string(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Route::Remote(home))
     }
 
     /// The aggregate's home: remembered, else this region's stream row, else the
     /// directory — where a new aggregate's home is claimed for this region by an atomic
-    /// create (the first region to create the key wins).
-    pub async fn home(&self, key: &AggregateKey) -> Result<String, RegionError> {
+    /// create (the first region to create the key wins). A directory entry that names
+    /// this region after a move, while none of the aggregate's events arrived here
+    /// yet, waits for them: writing without them would start a second history.
+    async fn home(&self, key: &AggregateKey) -> Result<Home, RegionError> {
         if let Some(home) = self.known_home(key).await? {
             return Ok(home);
         }
-        let home = self.claim_home(key).await?;
-        self.remember(key, &home);
+        let mut home = self.claim_home(key).await?;
+        if home.region == self.local() && home.known_at > 0 {
+            home = self.await_move(key, home.known_at).await?;
+        }
+        self.remember(key, home.clone());
         Ok(home)
     }
 
@@ -403,7 +472,7 @@ impl Regions {
     /// exist).
     pub async fn existing_home(&self, key: &AggregateKey) -> Result<Option<String>, RegionError> {
         if let Some(home) = self.known_home(key).await? {
-            return Ok(Some(home));
+            return Ok(Some(home.region));
         }
         let entry = self
             .directory_kv(HOMES_BUCKET)
@@ -411,26 +480,27 @@ impl Regions {
             .get(home_key(key))
             .await
             .map_err(|e| RegionError::Nats(format!("directory {HOMES_BUCKET}: {e}")))?;
-        let home = entry.map(|value| String::from_utf8_lossy(&value).into_owned());
+        let home = entry.map(|value| Home::parse(&String::from_utf8_lossy(&value)));
         if let Some(home) = &home {
-            self.remember(key, home);
+            self.remember(key, home.clone());
         }
-        Ok(home)
+        Ok(home.map(|home| home.region))
     }
 
     /// The home this host remembers, else the one in this region's stream row.
-    async fn known_home(&self, key: &AggregateKey) -> Result<Option<String>, RegionError> {
+    async fn known_home(&self, key: &AggregateKey) -> Result<Option<Home>, RegionError> {
         if let Some(home) = self.inner.homes.lock().expect("homes lock").get(key) {
             return Ok(Some(home.clone()));
         }
-        let home = store::regions::home_of(&self.inner.pool, key).await?;
+        let row = store::regions::home_and_version(&self.inner.pool, key).await?;
+        let home = row.map(|(region, version)| Home::new(&region, version));
         if let Some(home) = &home {
-            self.remember(key, home);
+            self.remember(key, home.clone());
         }
         Ok(home)
     }
 
-    async fn claim_home(&self, key: &AggregateKey) -> Result<String, RegionError> {
+    async fn claim_home(&self, key: &AggregateKey) -> Result<Home, RegionError> {
         let local = self.local().to_string();
         let answer = self
             .directory(DirectoryOp::Claim, HOMES_BUCKET, &home_key(key), &local)
@@ -444,18 +514,26 @@ impl Regions {
         if answer.created {
             tracing::debug!(aggregate = %key, "claimed the home of a new aggregate");
         }
-        Ok(answer.value)
+        Ok(Home::parse(&answer.value))
     }
 
-    /// Records a new home in the directory after a move (best effort: regions that
-    /// ask the directory are sent to the old home, which forwards once more).
-    pub async fn publish_home(&self, key: &AggregateKey, home: &str) {
-        self.remember(key, home);
+    /// Records a new home in the directory after a move at `version` (best effort:
+    /// regions that ask the directory are sent to the old home, which forwards once
+    /// more). The entry names the version too, so the target knows to wait for the
+    /// events it has not received.
+    pub async fn publish_home(&self, key: &AggregateKey, home: &str, version: i64) {
+        let home = Home::new(home, version);
+        self.remember(key, home.clone());
         if let Err(error) = self
-            .directory(DirectoryOp::Put, HOMES_BUCKET, &home_key(key), home)
+            .directory(
+                DirectoryOp::Put,
+                HOMES_BUCKET,
+                &home_key(key),
+                &home.to_string(),
+            )
             .await
         {
-            tracing::warn!(aggregate = %key, home, %error, "home move not recorded in the directory");
+            tracing::warn!(aggregate = %key, home = home.region, %error, "home move not recorded in the directory");
         }
     }
 

@@ -12,7 +12,10 @@
 //! events stream across the leafnode link ([`super::inbound_stream`]); JetStream keeps
 //! copying after the link comes back. The leader reads it with a durable consumer and
 //! stores the events with `meridian_store_remote`, idempotent on event id and in the
-//! peer's commit order (so per-aggregate order holds), acknowledging after the commit.
+//! peer's commit order, acknowledging after the commit. An aggregate that moved home
+//! arrives through two streams; an event whose previous version is still in the other
+//! one waits for it ([`store_in_order`]), so every region stores each aggregate's
+//! events in version order.
 //!
 //! **Leader.** Whoever holds a session-level PostgreSQL advisory lock on a dedicated
 //! connection. If that host dies, its connection closes, the lock is released, and
@@ -27,7 +30,7 @@ use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::{Regions, event_subject, events_stream, inbound_stream};
-use crate::store::regions::RelayedEvent;
+use crate::store::regions::{RelayedEvent, RemoteOutcome};
 use crate::store::{self, EventFilter, StoredEvent};
 
 /// How often a host that is not the leader tries to become it.
@@ -279,6 +282,67 @@ const PEER_WAIT_POLL: Duration = Duration::from_millis(250);
 /// How long a relay waits for a peer's events stream before it says so in the log.
 const PEER_WAIT_LOG_AFTER: Duration = Duration::from_secs(2);
 
+/// Stores a batch of a peer's events (`carriers[i]` is the message of `events[i]`).
+///
+/// An aggregate that moved home reaches this region through two streams, the old
+/// home's and the new one's, and the new home's events can arrive first. They wait
+/// (the store takes events only in version order) until the other stream's relay has
+/// stored the ones before: this stream pauses behind them, acknowledging what is
+/// stored. No two streams can wait on each other, since a region writes an aggregate
+/// only after receiving its earlier events. `None` when stopped while waiting.
+async fn store_in_order(
+    pool: &PgPool,
+    local: &str,
+    peer: &str,
+    events: &[RelayedEvent],
+    carriers: &[&async_nats::jetstream::Message],
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<RemoteOutcome>> {
+    let mut total = RemoteOutcome::default();
+    let mut from = 0;
+    let started = std::time::Instant::now();
+    let mut said = Duration::ZERO;
+    loop {
+        let outcome = store::regions::store_remote(pool, local, &events[from..]).await?;
+        total.stored += outcome.stored;
+        total.duplicates += outcome.duplicates;
+        total.divergent += outcome.divergent;
+        let Some(early) = outcome.early else {
+            return Ok(Some(total));
+        };
+        if early > 0 {
+            carriers[from + early - 1]
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+        }
+        from += early;
+        let waiting = &events[from];
+        if started.elapsed() >= said + GAP_REPORT_EVERY {
+            said = started.elapsed();
+            tracing::warn!(
+                from = peer,
+                aggregate_type = waiting.aggregate_type,
+                aggregate_id = waiting.aggregate_id,
+                version = waiting.version,
+                waited_ms = said.as_millis() as u64,
+                "holding an event until the aggregate's previous version arrives from another region"
+            );
+        }
+        metrics::counter!("meridian_relay_gap_waits_total", "region" => peer.to_string())
+            .increment(1);
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(GAP_RETRY) => {}
+        }
+    }
+}
+
+/// How often a relay holding an event for its predecessor tries again.
+const GAP_RETRY: Duration = Duration::from_millis(20);
+/// How often a relay still holding an event says so in the log.
+const GAP_REPORT_EVERY: Duration = Duration::from_secs(5);
+
 /// Stores a peer region's events, read from the local stream that sources them.
 async fn receive(
     regions: Regions,
@@ -334,20 +398,25 @@ async fn receive(
                 None => anyhow::bail!("inbound message stream ended"),
             },
         };
+        let batch = batch.into_iter().collect::<Result<Vec<_>, _>>()?;
         let mut events = Vec::with_capacity(batch.len());
-        let mut last = None;
-        for message in batch {
-            let message = message?;
+        let mut carriers = Vec::with_capacity(batch.len());
+        for message in &batch {
             match serde_json::from_slice::<RelayedEvent>(&message.payload) {
-                Ok(event) => events.push(event),
+                Ok(event) => {
+                    events.push(event);
+                    carriers.push(message);
+                }
                 Err(error) => {
                     tracing::error!(%error, subject = %message.subject, "skipping a message that is not a relayed event");
                 }
             }
-            last = Some(message);
         }
-        let Some(last) = last else { continue };
-        let outcome = store::regions::store_remote(&pool, &local, &events).await?;
+        let Some(last) = batch.last() else { continue };
+        let Some(outcome) = store_in_order(&pool, &local, &peer, &events, &carriers, &stop).await?
+        else {
+            return Ok(());
+        };
         last.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
         let pending = last.info().map(|i| i.pending).unwrap_or(0) as i64;
         received += outcome.stored as i64;

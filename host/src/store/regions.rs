@@ -46,6 +46,21 @@ pub async fn home_of(pool: &PgPool, key: &AggregateKey) -> Result<Option<String>
     .await?)
 }
 
+/// The home an aggregate's stream names and the stream's version, if this region has
+/// the stream.
+pub async fn home_and_version(
+    pool: &PgPool,
+    key: &AggregateKey,
+) -> Result<Option<(String, i64)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT home_region, version FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2",
+    )
+    .bind(&key.aggregate_type)
+    .bind(&key.aggregate_id)
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// Why a home move was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
@@ -194,9 +209,16 @@ pub struct RemoteOutcome {
     /// Events skipped because this region's history of the aggregate differs (only
     /// after a forced home move).
     pub divergent: i32,
+    /// The index of the first event not looked at because its aggregate's previous
+    /// version is not here yet (it travels in another region's stream); `None` when
+    /// the whole batch was taken. Send the rest again once the gap is filled.
+    pub early: Option<usize>,
 }
 
-/// Stores a batch of another region's events in order, in one transaction.
+/// Stores a batch of another region's events in order, in one transaction, up to the
+/// first event whose aggregate's previous version is not here yet
+/// ([`RemoteOutcome::early`]): a region stores each aggregate's events in version
+/// order, whichever region's stream brings them.
 pub async fn store_remote(
     pool: &PgPool,
     local_region: &str,
@@ -228,7 +250,7 @@ pub async fn store_remote(
         recorded.push(e.recorded_at);
     }
     let row = sqlx::query(
-        "SELECT stored, duplicates, divergent FROM meridian_store_remote($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "SELECT stored, duplicates, divergent, early FROM meridian_store_remote($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(local_region)
     .bind(&ids)
@@ -247,6 +269,10 @@ pub async fn store_remote(
         stored: row.try_get("stored")?,
         duplicates: row.try_get("duplicates")?,
         divergent: row.try_get("divergent")?,
+        // 1-based in SQL, 0 for none.
+        early: usize::try_from(row.try_get::<i32, _>("early")?)
+            .ok()
+            .and_then(|i| i.checked_sub(1)),
     })
 }
 
