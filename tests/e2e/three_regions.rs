@@ -338,3 +338,103 @@ async fn a_third_region_stores_an_aggregates_events_in_version_order_whichever_s
     assert_eq!(more["version"], 1, "{more}");
     eventually(|| async { (history(&r.south, "gap-2").await.len() == 1).then_some(()) }).await;
 }
+
+/// Pauses (`until` = Some) or resumes `region`'s relay consumer of `peer`'s events:
+/// the link stays up, but nothing from `peer` is stored there meanwhile.
+async fn pause_relay(nats: &NatsServer, peer: &str, until: Option<chrono::DateTime<chrono::Utc>>) {
+    let client = async_nats::connect(nats.url())
+        .await
+        .expect("connect to NATS");
+    let subject = format!("$JS.API.CONSUMER.PAUSE.meridian-from-{peer}.meridian-inbound");
+    let body = match until {
+        Some(until) => json!({ "pause_until": until }),
+        None => json!({}),
+    };
+    eventually(|| {
+        let (client, subject, body) = (client.clone(), subject.clone(), body.to_string());
+        async move {
+            let answer = client.request(subject, body.into()).await.ok()?;
+            let answer: Value = serde_json::from_slice(&answer.payload).ok()?;
+            answer.get("error").is_none().then_some(())
+        }
+    })
+    .await;
+}
+
+/// A move names its target in the directory before the target has the aggregate's
+/// events. A command reaching the target then must wait for them, not run on an empty
+/// history (which would give the aggregate a second version 1).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_without_the_aggregates_events_waits_for_them_instead_of_starting_over() {
+    let r = ThreeRegions::start("nohist").await;
+    let (status, body) = r
+        .east
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    eventually(|| async {
+        let (_, plugins) = r.west.client().get("/v1/plugins").await;
+        (plugins["plugins"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    // West receives nothing from east from here on.
+    pause_relay(
+        &r.nats[1],
+        EAST,
+        Some(chrono::Utc::now() + chrono::Duration::minutes(5)),
+    )
+    .await;
+    let (status, body, _) = send_command(
+        &r.east.url,
+        "nh-1",
+        None,
+        json!({"type":"Open","owner":"cy"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, moved) = r
+        .east
+        .client()
+        .post_raw(
+            "/v1/aggregates/bank-account/nh-1/move-home",
+            json!({"region": WEST}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 200, "{moved}{}", r.logs());
+    assert_eq!(moved["target_has_all_events"], false, "{moved}");
+
+    // West is the home now but has no event of nh-1: an Open would succeed on an
+    // empty history. It is refused as retryable, and nothing is written.
+    let (status, body, _) = send_command(
+        &r.west.url,
+        "nh-1",
+        None,
+        json!({"type":"Open","owner":"eve"}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}{}", r.logs());
+    assert_eq!(body["error"]["code"], "home_moving", "{body}");
+    assert!(history(&r.west, "nh-1").await.is_empty());
+
+    pause_relay(&r.nats[1], EAST, None).await;
+    let (status, body, _) = eventually(|| async {
+        let answer = send_command(
+            &r.west.url,
+            "nh-1",
+            None,
+            json!({"type":"Deposit","amount":9}),
+        )
+        .await;
+        (answer.0 != 503).then_some(answer)
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 3, "{body}");
+    let seen = history(&r.west, "nh-1").await;
+    let order: Vec<(i64, &str)> = seen.iter().map(|(v, t, _, _)| (*v, t.as_str())).collect();
+    assert_eq!(
+        order,
+        [(1, "Opened"), (2, "$meridian.HomeMoved"), (3, "Deposited")]
+    );
+}
