@@ -89,6 +89,26 @@ impl ThreeRegions {
         [&self.east, &self.west, &self.south]
     }
 
+    /// Uploads bank-account through `host` and waits until every region runs it.
+    async fn upload_in(&self, host: &Host) {
+        let (status, body) = host
+            .client()
+            .upload("bank-account", wasm_bytes("bank-account"))
+            .await;
+        assert_eq!(status, 201, "upload through {}: {body}", host.node_id);
+        for host in self.hosts() {
+            eventually(|| async {
+                let (_, plugins) = host.client().get("/v1/plugins").await;
+                plugins["plugins"]
+                    .as_array()?
+                    .iter()
+                    .any(|p| p["aggregate_type"] == "bank-account" && p["version"] == 1)
+                    .then_some(())
+            })
+            .await;
+        }
+    }
+
     fn logs(&self) -> String {
         let mut out = String::new();
         for (host, nats) in self.hosts().iter().zip(&self.nats) {
@@ -112,22 +132,7 @@ async fn three_regions_share_plugins_commands_and_events_through_one_hub() {
 
     // Uploaded in a leaf: the version number comes from the directory (east), the
     // bytes stay in west's object store, and south fetches them from there.
-    let (status, body) = west
-        .client()
-        .upload("bank-account", wasm_bytes("bank-account"))
-        .await;
-    assert_eq!(status, 201, "upload in west: {body}");
-    for host in [east, south] {
-        eventually(|| async {
-            let (_, plugins) = host.client().get("/v1/plugins").await;
-            plugins["plugins"]
-                .as_array()?
-                .iter()
-                .any(|p| p["aggregate_type"] == "bank-account" && p["version"] == 1)
-                .then_some(())
-        })
-        .await;
-    }
+    r.upload_in(west).await;
 
     // Created in south, so homed there; west's command reaches it through the hub.
     let (status, body, _) = send_command(
@@ -277,12 +282,7 @@ async fn gap_waits(host: &Host, peer: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_third_region_stores_an_aggregates_events_in_version_order_whichever_stream_is_first() {
     let r = ThreeRegions::start("gap").await;
-    let (status, body) = r
-        .east
-        .client()
-        .upload("bank-account", wasm_bytes("bank-account"))
-        .await;
-    assert_eq!(status, 201, "{body}");
+    r.upload_in(&r.east).await;
     // Version 1 is real: committed in east (its home) and relayed everywhere.
     let (status, body, _) = send_command(
         &r.east.url,
@@ -315,16 +315,11 @@ async fn a_third_region_stores_an_aggregates_events_in_version_order_whichever_s
         [(1, EAST), (2, EAST), (3, WEST)],
         "south's feed order"
     );
-    // (Once south has imported the plugin from east.)
-    let state = eventually(|| async {
-        let (status, state) = r
-            .south
-            .client()
-            .get("/v1/aggregates/bank-account/gap-1")
-            .await;
-        (status == 200).then_some(state)
-    })
-    .await;
+    let (_, state) = r
+        .south
+        .client()
+        .get("/v1/aggregates/bank-account/gap-1")
+        .await;
     assert_eq!(state["state"]["balance"], 50, "{state}");
     // South's relays carry on after the held event (and east took west's version 3,
     // which contradicts its own history, as divergent rather than holding it).
@@ -367,17 +362,7 @@ async fn pause_relay(nats: &NatsServer, peer: &str, until: Option<chrono::DateTi
 #[tokio::test(flavor = "multi_thread")]
 async fn a_target_without_the_aggregates_events_waits_for_them_instead_of_starting_over() {
     let r = ThreeRegions::start("nohist").await;
-    let (status, body) = r
-        .east
-        .client()
-        .upload("bank-account", wasm_bytes("bank-account"))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    eventually(|| async {
-        let (_, plugins) = r.west.client().get("/v1/plugins").await;
-        (plugins["plugins"].as_array()?.len() == 1).then_some(())
-    })
-    .await;
+    r.upload_in(&r.east).await;
     // West receives nothing from east from here on.
     pause_relay(
         &r.nats[1],

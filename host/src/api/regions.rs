@@ -352,8 +352,11 @@ pub(super) async fn get_home(
     Path((aggregate_type, aggregate_id)): Path<(String, String)>,
 ) -> Result<Json<HomeView>, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
-    let home_region = store::regions::home_of(&state.pool, &key).await?;
-    let version = store::read::stream_version(&state.pool, &key).await?;
+    let row = store::regions::home_and_version(&state.pool, &key).await?;
+    let (home_region, version) = match row {
+        Some((home, version)) => (Some(home), version),
+        None => (None, 0),
+    };
     Ok(Json(HomeView {
         region: state.regions.local().to_string(),
         home_region,

@@ -35,17 +35,6 @@ pub struct HomeMoved {
     pub forced: bool,
 }
 
-/// The region an aggregate's stream names as its home, if this region has the stream.
-pub async fn home_of(pool: &PgPool, key: &AggregateKey) -> Result<Option<String>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT home_region FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2",
-    )
-    .bind(&key.aggregate_type)
-    .bind(&key.aggregate_id)
-    .fetch_optional(pool)
-    .await?)
-}
-
 /// The home an aggregate's stream names and the stream's version, if this region has
 /// the stream.
 pub async fn home_and_version(
