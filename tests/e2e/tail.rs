@@ -33,7 +33,11 @@ async fn tail_sees_every_event_once_despite_late_commits() {
     let mut versions: HashMap<String, i64> = HashMap::new();
     let mut naive_after = 0i64;
     let mut naive_seen: HashSet<i64> = HashSet::new();
-    let mut done = false;
+    // The number of events the writers committed, once they all finished.
+    let mut written: Option<i64> = None;
+    let mut writers = writers;
+    let mut totals = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let page = store::read::read_all(&pool, after, 500, &EventFilter::default())
             .await
@@ -65,17 +69,27 @@ async fn tail_sees_every_event_once_despite_late_commits() {
             naive_seen.insert(p);
             naive_after = p;
         }
-        if done && page.is_empty() {
+        // The tail stops below the oldest transaction of the whole server, and other
+        // tests' transactions run beside this one: an empty page is not the end, the
+        // count of what was written is.
+        if page.is_empty() && written.is_some_and(|n| n == seen.len() as i64) {
             break;
         }
-        if !done && writers.iter().all(|w| w.is_finished()) {
-            done = true;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tail missed events: {} of {written:?} after 60 s",
+            seen.len()
+        );
+        if written.is_none() && writers.iter().all(|w| w.is_finished()) {
+            for writer in writers.drain(..) {
+                totals.push(writer.await.unwrap());
+            }
+            written = Some(totals.iter().sum());
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let mut total = 0;
-    for (w, writer) in writers.into_iter().enumerate() {
-        let version = writer.await.unwrap();
+    for (w, version) in totals.into_iter().enumerate() {
         assert_eq!(
             versions.get(&format!("w{w}")).copied().unwrap_or(0),
             version,
@@ -196,18 +210,27 @@ async fn shared_tail_subscribers_see_every_event_once() {
         (last_tx, task)
     })
     .collect();
+    let mut written = 0;
     for writer in writers {
-        writer.await.unwrap();
+        written += writer.await.unwrap();
     }
-    // Every writer has committed: the full order is now final.
+    // Every writer has committed: the full order is now final. It is readable once no
+    // older transaction anywhere on the server is open (other tests run beside this
+    // one), so read until it holds everything written.
     let mut all = Vec::new();
-    loop {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (all.len() as i64) < written {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {written} events readable",
+            all.len()
+        );
         let after = all.last().map_or(0, |e: &store::StoredEvent| e.position);
         let page = store::read::read_all(&pool, after, 1000, &EventFilter::default())
             .await
             .unwrap();
         if page.is_empty() {
-            break;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         all.extend(page);
     }
