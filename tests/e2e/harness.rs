@@ -391,3 +391,15 @@ pub async fn send_command(
         .map(str::to_string);
     (status, response.json().await.unwrap_or(Value::Null), region)
 }
+
+/// One aggregate's events as a region's global feed shows them.
+pub async fn events_of(host: &Host, id: &str) -> Vec<Value> {
+    let (status, page) = host
+        .client()
+        .get(&format!(
+            "/v1/events?aggregate_type=bank-account&aggregate_id={id}&limit=10000"
+        ))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    page["events"].as_array().cloned().unwrap_or_default()
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::harness::{
-    Host, HostOptions, TestDb, eventually, meridian_bin, send_command, wasm_bytes,
+    Host, HostOptions, TestDb, events_of, eventually, meridian_bin, send_command, wasm_bytes,
 };
 use super::nats::NatsServer;
 
@@ -147,18 +147,6 @@ fn admin(host: &Host, authed: bool) -> super::harness::Api {
 /// Sends a command and returns (status, body, the region header of the answer).
 async fn send(host: &Host, id: &str, command: Value) -> (u16, Value, Option<String>) {
     send_command(&host.url, id, None, command).await
-}
-
-/// One aggregate's events as a region's global feed shows them.
-async fn events_of(host: &Host, id: &str) -> Vec<Value> {
-    let (status, page) = host
-        .client()
-        .get(&format!(
-            "/v1/events?aggregate_type=bank-account&aggregate_id={id}&limit=10000"
-        ))
-        .await;
-    assert_eq!(status, 200, "{page}");
-    page["events"].as_array().cloned().unwrap_or_default()
 }
 
 fn origin(event: &Value) -> &str {

@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use super::harness::{Host, HostOptions, TestDb, eventually, send_command, wasm_bytes};
+use super::harness::{Host, HostOptions, TestDb, events_of, eventually, send_command, wasm_bytes};
 use super::nats::NatsServer;
 
 const EAST: &str = "east";
@@ -30,18 +30,9 @@ fn options(region: &str, nats: &NatsServer) -> HostOptions {
 /// One aggregate's events as a region's global feed shows them: (version, type,
 /// origin region, event id).
 async fn history(host: &Host, id: &str) -> Vec<(i64, String, String, String)> {
-    let (status, page) = host
-        .client()
-        .get(&format!(
-            "/v1/events?aggregate_type=bank-account&aggregate_id={id}&limit=10000"
-        ))
-        .await;
-    assert_eq!(status, 200, "{page}");
     let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
-    page["events"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    events_of(host, id)
+        .await
         .iter()
         .map(|e| {
             (

@@ -573,17 +573,7 @@ async fn execute(
             region,
             body,
         } => {
-            let content_type = [(
-                axum::http::header::CONTENT_TYPE,
-                axum::http::HeaderValue::from_static("application/json"),
-            )];
-            let mut response = (status, content_type, body).into_response();
-            if let Some(region) = region {
-                response
-                    .headers_mut()
-                    .insert(crate::region::SERVED_BY_HEADER, region);
-            }
-            return Ok(response);
+            return Ok(regions::passed_on(status, region, body));
         }
         Dispatched::Refused(error @ RouteError::NotOwner { .. }) => (
             "error",

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::extract::{Path, json_object};
 use super::{ApiError, AppState, ErrorBody, key};
-use crate::region::{self, HOME_HEADER, HOPS_HEADER, MAX_HOPS, RegionError, Route};
+use crate::region::{self, HOME_HEADER, HOPS_HEADER, Home, MAX_HOPS, RegionError, Route};
 use crate::store::{self, AggregateKey};
 
 impl From<RegionError> for ApiError {
@@ -66,10 +66,8 @@ pub(super) async fn route_command(
         Route::Local => Ok(None),
         Route::Remote(home) => {
             let path = format!("/v1/aggregates/{}/{}", key.aggregate_type, key.aggregate_id);
-            let mut headers = headers.clone();
-            headers.insert(region::HOME_VERSION_HEADER, home.known_at.into());
+            let answer = forward(state, key, &home, "POST", &path, headers, body).await?;
             let home = home.region;
-            let answer = forward(state, key, &home, "POST", &path, &headers, body).await?;
             // The region asked passed the command on: the home moved since this host
             // looked. Only a command that ran says for sure where the home is now.
             let ran_in = answer
@@ -88,11 +86,12 @@ pub(super) async fn route_command(
     }
 }
 
-/// Sends a request to another region and returns its answer unchanged.
+/// Sends a request to another region, named with the version at which this region
+/// knew it is the home, and returns its answer unchanged.
 async fn forward(
     state: &AppState,
     key: &AggregateKey,
-    home: &str,
+    home: &Home,
     method: &str,
     path: &str,
     headers: &HeaderMap,
@@ -106,13 +105,12 @@ async fn forward(
         }
         .into());
     }
-    let mut pass = vec![(HOPS_HEADER, hops.to_string())];
+    let mut pass = vec![
+        (HOPS_HEADER, hops.to_string()),
+        (region::HOME_VERSION_HEADER, home.known_at.to_string()),
+    ];
     pass.extend(passed_headers(headers));
-    if let Some(known_at) = headers.get(region::HOME_VERSION_HEADER)
-        && let Ok(known_at) = known_at.to_str()
-    {
-        pass.push((region::HOME_VERSION_HEADER, known_at.to_string()));
-    }
+    let home = home.region.as_str();
     tracing::debug!(aggregate = %key, home, hops, "forwarding to the home region");
     let answer = state
         .regions
@@ -120,20 +118,27 @@ async fn forward(
         .await?;
     metrics::counter!("meridian_region_forwards_total", "region" => answer.region.clone())
         .increment(1);
+    // Region names are checked at start, so the header is always set; a name that is
+    // not a header value would only lose the header, never the answer.
+    let region = HeaderValue::from_str(&answer.region).ok();
+    Ok(passed_on(answer.status, region, answer.body))
+}
+
+/// An answer another host or region gave, passed on unchanged: its status and JSON
+/// body, and `x-meridian-region` when it names the region that ran the request.
+pub(super) fn passed_on(status: StatusCode, region: Option<HeaderValue>, body: Bytes) -> Response {
     let mut response = (
-        answer.status,
+        status,
         [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        answer.body,
+        body,
     )
         .into_response();
-    // Region names are checked at start, so this is always set; a name that is not a
-    // header value would only lose the header, never the answer.
-    if let Ok(region) = HeaderValue::from_str(&answer.region) {
+    if let Some(region) = region {
         response
             .headers_mut()
             .insert(region::SERVED_BY_HEADER, region);
     }
-    Ok(response)
+    response
 }
 
 /// A request to move an aggregate's home.
@@ -228,6 +233,10 @@ pub(super) async fn move_home(
                 "/v1/aggregates/{}/{}/move-home",
                 key.aggregate_type, key.aggregate_id
             );
+            let home = Home {
+                region: home,
+                known_at: 0,
+            };
             return forward(&state, &key, &home, "POST", &path, &headers, &body).await;
         }
     }
