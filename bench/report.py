@@ -107,6 +107,22 @@ def languages_table(languages):
     return "\n".join(lines) + "\n"
 
 
+def relay_restart_table(run, command):
+    """East's nats-server restarted during a steady window: how long west waited."""
+    lines = [
+        "| measure | value |",
+        "|---|---:|",
+        f"| steady rate sent to east (open loop, {run['duration_s']:.0f} s, east's NATS restarted 5 s in) | {run['sent_rate']:,.0f} commands/s |",
+        f"| failed commands | {run['failed']} |",
+        f"| events committed in east / stored in west | {run['committed']:,} / {run['arrived']:,} |",
+        f"| relay lag p50 | {run['lag_p50_ms']:.1f} ms |",
+        f"| **relay lag max** (the recovery) | **{run['lag_max_ms'] / 1000:.1f} s** |",
+        "",
+        f"Measured on {datetime.date.today().isoformat()} with `{command}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def relay_table(relay, command):
     """The relay-lag run: the rate it held, the events it moved and their lag."""
     lines = ["| measure | value |", "|---|---:|"]
@@ -251,6 +267,10 @@ def main():
     relay = load(directory, "relay.json")
     if relay:
         text = replace(text, "relay", relay_table(relay, command))
+
+    restart = load(directory, "relay-restart.json")
+    if restart:
+        text = replace(text, "relay-restart", relay_restart_table(restart, command))
 
     same, other = load(directory, "stream-same.json"), load(directory, "stream-other.json")
     if same or other:

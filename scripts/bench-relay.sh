@@ -10,7 +10,11 @@
 #   bash scripts/bench-relay.sh target/bench-relay --quick    # ≈ 10 seconds
 #   python3 bench/report.py target/bench-relay BENCHMARKS.md "bash scripts/bench-relay.sh"
 #
-# Results in <out>/relay.json; logs under <out>/relay/.
+# Then east's nats-server is killed and started again 5 s into a steady 100 commands/s:
+# the largest lag of that window is how long the relay takes to recover from a NATS
+# restart in the region the events come from.
+#
+# Results in <out>/relay.json and <out>/relay-restart.json; logs under <out>/relay/.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,8 +24,10 @@ source scripts/bench-lib.sh
 out="${1:?usage: bench-relay.sh OUT_DIR [--quick]}"
 if [ "${2:-}" = "--quick" ]; then
     relay_args=(--accounts 500 --max-duration 2s --max-warmup 1s --duration 3s)
+    restart_args=(--accounts 50 --rate 100 --duration 10s)
 else
     relay_args=(--accounts 2000 --max-duration 5s --max-warmup 2s --duration 30s)
+    restart_args=(--accounts 200 --rate 100 --duration 40s)
 fi
 mkdir -p "$out"
 rm -rf "$out/relay"
@@ -41,7 +47,17 @@ trap cleanup EXIT
 
 # One nats-server per region, each its own JetStream domain; west is a leafnode of east.
 leaf_port=$(free_port)
-declare -A nats_port http_port
+declare -A nats_port http_port nats_pid
+start_nats() {
+    local region=$1
+    "$nats_bin" -c "$out/relay/$region/nats.conf" >>"$out/relay/$region/nats.log" 2>&1 &
+    nats_pid[$region]=$!
+    pids+=($!)
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/${nats_port[$region]}") 2>/dev/null && break
+        sleep 0.1
+    done
+}
 for region in east west; do
     nats_port[$region]=$(free_port)
     http_port[$region]=$(free_port)
@@ -54,12 +70,7 @@ for region in east west; do
     printf 'server_name: %s\nlisten: "127.0.0.1:%s"\njetstream { domain: %s, store_dir: "%s" }\n%s\n' \
         "$region" "${nats_port[$region]}" "$region" "$out/relay/$region/jetstream" "$leaf" \
         >"$out/relay/$region/nats.conf"
-    "$nats_bin" -c "$out/relay/$region/nats.conf" >"$out/relay/$region/nats.log" 2>&1 &
-    pids+=($!)
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/${nats_port[$region]}") 2>/dev/null && break
-        sleep 0.1
-    done
+    start_nats "$region"
 done
 
 for region in east west; do
@@ -88,3 +99,23 @@ done
 target/release/meridian-relay-lag --url "http://127.0.0.1:${http_port[east]}" \
     --origin-database-url "$PG/${db}_east" --receiver-database-url "$PG/${db}_west" \
     "${relay_args[@]}" --json "$out/relay.json"
+
+# Recovery from a NATS restart in the origin region: kill east's nats-server 5 s into the
+# steady window, start it again a second later (same store), and let the window run on.
+target/release/meridian-relay-lag --url "http://127.0.0.1:${http_port[east]}" \
+    --origin-database-url "$PG/${db}_east" --receiver-database-url "$PG/${db}_west" \
+    "${restart_args[@]}" --json "$out/relay-restart.json" >"$out/relay/restart.out" 2>&1 &
+lag_pid=$!
+for _ in $(seq 1 600); do
+    grep -q '^steady:' "$out/relay/restart.out" 2>/dev/null && break
+    kill -0 "$lag_pid" 2>/dev/null || break
+    sleep 0.1
+done
+sleep 5
+kill "${nats_pid[east]}" && wait "${nats_pid[east]}" 2>/dev/null || true
+sleep 1
+start_nats east
+status=0
+wait "$lag_pid" || status=$?
+cat "$out/relay/restart.out"
+exit "$status"

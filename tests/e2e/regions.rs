@@ -408,6 +408,126 @@ async fn west_nats_down_for_20s_loses_nothing_and_east_never_fails() {
     }
 }
 
+/// After the peer region's NATS restarts, nats-server leaves the source of the local
+/// copy silent for 10–30 s; the relay restarts it. And if the source is gone from the
+/// stream's configuration (a restart cut off half-way), the relay puts it back. Either
+/// way the local copy (`meridian-from-east`, part of the NATS interface) holds every
+/// one of east's events exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relay_restarts_a_stalled_source_and_the_local_copy_has_every_event_once() {
+    let mut r = TwoRegions::start("stall").await;
+    let west = &r.west[0];
+    let mut want = 0;
+    let deposit_all = async |r: &TwoRegions, want: &mut usize| {
+        for id in ["stall-1", "stall-2"] {
+            let command = if *want == 0 {
+                json!({"type":"Open","owner":"o"})
+            } else {
+                json!({"type":"Deposit","amount":1})
+            };
+            let (status, body, _) = send(&r.east[0], id, command).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        *want += 1;
+    };
+    let arrived = async |want: usize| {
+        eventually(|| async {
+            let a = events_of(west, "stall-1").await.len();
+            let b = events_of(west, "stall-2").await.len();
+            (a == want && b == want).then_some(())
+        })
+        .await
+    };
+    deposit_all(&r, &mut want).await;
+    arrived(want).await;
+
+    // East's NATS restarts: west's source goes silent while east answers again.
+    r.east_nats.restart();
+    for _ in 0..3 {
+        deposit_all(&r, &mut want).await;
+    }
+    arrived(want).await;
+    let restarts = relay_metric(west, "meridian_relay_source_restarts_total", EAST).await;
+    assert!(
+        restarts >= 1.0,
+        "west's relay never restarted the silent source{}",
+        r.logs()
+    );
+
+    // The source removed from the stream's configuration: the relay adds it back.
+    let west_js = async_nats::jetstream::new(
+        async_nats::connect(r.west_nats.url())
+            .await
+            .expect("connect"),
+    );
+    let mut config = west_js
+        .get_stream("meridian-from-east")
+        .await
+        .expect("west's copy of east's events")
+        .cached_info()
+        .config
+        .clone();
+    config.sources = None;
+    west_js
+        .update_stream(&config)
+        .await
+        .expect("remove the source");
+    deposit_all(&r, &mut want).await;
+    arrived(want).await;
+
+    // The local copy: each of east's events once, none missing.
+    let east_js = async_nats::jetstream::new(
+        async_nats::connect(r.east_nats.url())
+            .await
+            .expect("connect"),
+    );
+    let published = east_js
+        .get_stream("meridian-events-east")
+        .await
+        .expect("east's stream")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .messages;
+    let inbound = eventually(|| async {
+        let inbound = west_js.get_stream("meridian-from-east").await.ok()?;
+        (inbound.cached_info().state.messages >= published).then_some(inbound)
+    })
+    .await;
+    let state = inbound.cached_info().state.clone();
+    let mut ids = std::collections::HashSet::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        let message = inbound.get_raw_message(seq).await.expect("message");
+        let id = message
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.to_string())
+            .expect("every relayed message carries its event id");
+        assert!(ids.insert(id.clone()), "event {id} twice in west's copy");
+    }
+    assert_eq!(
+        ids.len() as u64,
+        published,
+        "west's copy holds every event of east"
+    );
+}
+
+/// A counter or gauge of `host`'s `/metrics` with the label `region="<region>"` (0 when
+/// absent).
+async fn relay_metric(host: &Host, name: &str, region: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", host.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    let prefix = format!("{name}{{region=\"{region}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn move_home_to_west_then_commands_through_either_region_run_in_west() {
     let r = TwoRegions::start("move").await;

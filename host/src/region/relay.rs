@@ -102,6 +102,12 @@ async fn lead(regions: &Regions, pool: &PgPool, stop: &CancellationToken) -> any
             move |stop| receive(regions.clone(), pool.clone(), peer.clone(), stop)
         }));
     }
+    for peer in regions.config().peers.clone() {
+        set.spawn(supervise("watch-source", tasks.clone(), {
+            let regions = regions.clone();
+            move |stop| watch_source(regions.clone(), peer.clone(), stop)
+        }));
+    }
     set.spawn(supervise("plugins", tasks.clone(), {
         let (regions, pool) = (regions.clone(), pool.clone());
         move |stop| super::plugins::sync(regions.clone(), pool.clone(), stop)
@@ -360,14 +366,7 @@ async fn receive(
     let stream = js
         .get_or_create_stream(stream::Config {
             name: inbound_stream(&peer),
-            sources: Some(vec![stream::Source {
-                name: events_stream(&peer),
-                external: Some(stream::External {
-                    api_prefix: format!("$JS.{peer}.API"),
-                    delivery_prefix: None,
-                }),
-                ..Default::default()
-            }]),
+            sources: Some(vec![peer_source(&peer)]),
             storage: stream::StorageType::File,
             ..Default::default()
         })
@@ -444,6 +443,91 @@ async fn receive(
         store::regions::set_relay_status(&pool, &peer, lag_ms, pending, received, newest).await?;
     }
 }
+
+/// The source of a peer's inbound stream: the peer's events stream, across the leafnode
+/// link into the peer's JetStream domain.
+fn peer_source(peer: &str) -> stream::Source {
+    stream::Source {
+        name: events_stream(peer),
+        external: Some(stream::External {
+            api_prefix: format!("$JS.{peer}.API"),
+            delivery_prefix: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Keeps the inbound stream of `peer` copying: restarts its source when nats-server
+/// leaves it stalled while the peer's stream answers.
+///
+/// A healthy source hears from the peer at least every second (the source consumer's
+/// heartbeat). When the peer region's NATS restarts, nats-server notices the silence
+/// only at its next 10 s check and then asks for a new source consumer; a request sent
+/// while the leafnode link is still down goes unanswered for 30 s before it tries
+/// again. Regions then relayed nothing for 10–30 s after a NATS restart. Removing the
+/// source and adding the same source back makes nats-server set it up at once, from
+/// the last message it sourced (it finds it by the source header every sourced message
+/// carries), so nothing is skipped or copied twice.
+async fn watch_source(
+    regions: Regions,
+    peer: String,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let js = regions.local_js().expect("enabled");
+    let peer_js = regions.js_of(&peer).expect("enabled");
+    let name = inbound_stream(&peer);
+    let mut last_restart: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(SOURCE_CHECK_EVERY) => {}
+        }
+        // Not created yet (`receive` creates it once the peer's stream answers), or this
+        // region's NATS is away (nothing to restart then).
+        let Ok(mut stream) = js.get_stream(&name).await else {
+            continue;
+        };
+        let Ok(info) = stream.info().await.cloned() else {
+            continue;
+        };
+        let configured = info.config.sources.as_ref().is_some_and(|s| !s.is_empty());
+        let silent = info.sources.first().and_then(|s| s.active);
+        let stalled = !configured || silent.is_none_or(|active| active > SOURCE_STALLED_AFTER);
+        let recently = last_restart.is_some_and(|at| at.elapsed() < SOURCE_RESTART_SPACING);
+        if !stalled || (configured && recently) {
+            continue;
+        }
+        // A silent source while the peer is unreachable is the outage itself; nothing
+        // to restart until the link is back.
+        if configured && peer_js.get_stream(events_stream(&peer)).await.is_err() {
+            continue;
+        }
+        let mut config = info.config;
+        if configured {
+            config.sources = None;
+            js.update_stream(&config).await?;
+        }
+        config.sources = Some(vec![peer_source(&peer)]);
+        js.update_stream(&config).await?;
+        last_restart = Some(std::time::Instant::now());
+        metrics::counter!("meridian_relay_source_restarts_total", "region" => peer.clone())
+            .increment(1);
+        tracing::warn!(
+            from = peer,
+            stream = name,
+            silent_ms = silent.map(|d| d.as_millis() as u64),
+            "restarted the stream's source: the region's stream answers but nothing arrived from it"
+        );
+    }
+}
+
+/// How often the relay leader checks that each inbound stream is copying.
+const SOURCE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Silence after which a source counts as stalled (heartbeats come every second).
+const SOURCE_STALLED_AFTER: Duration = Duration::from_secs(3);
+/// Least time between two restarts of one source: a new source consumer needs a moment
+/// before it is heard from.
+const SOURCE_RESTART_SPACING: Duration = Duration::from_secs(5);
 
 /// The stream with this region's own events, as the relay creates it.
 fn events_stream_config(region: &str) -> stream::Config {
