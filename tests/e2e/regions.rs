@@ -255,6 +255,34 @@ async fn a_command_sent_to_west_for_an_east_aggregate_runs_in_east() {
         .get("/v1/aggregates/bank-account/fwd-1")
         .await;
     assert_eq!(state["state"]["balance"], 21, "{state}");
+
+    // A request that already went round the regions three times (views of a moving home
+    // that disagree) is not forwarded again: a retryable 503 naming its path, and
+    // nothing is written.
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/aggregates/bank-account/fwd-1",
+            r.west[0].url
+        ))
+        .header("x-meridian-region-hops", "3")
+        .header("x-meridian-via", "west,east,west")
+        .json(&json!({"command": {"type":"Deposit","amount":1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let refused: Value = response.json().await.unwrap();
+    assert_eq!(refused["error"]["code"], "too_many_hops", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("west → east → west → west"),
+        "the refusal names the path: {message}"
+    );
+    let (_, state) = r.east[0]
+        .client()
+        .get("/v1/aggregates/bank-account/fwd-1")
+        .await;
+    assert_eq!(state["version"], 4, "{state}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

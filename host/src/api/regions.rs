@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::extract::{Path, json_object};
 use super::{ApiError, AppState, ErrorBody, key};
-use crate::region::{self, HOME_HEADER, HOPS_HEADER, Home, MAX_HOPS, RegionError, Route};
+use crate::region::{
+    self, HOME_HEADER, HOPS_HEADER, Home, MAX_HOPS, RegionError, Route, VIA_HEADER,
+};
 use crate::store::{self, AggregateKey};
 
 impl From<RegionError> for ApiError {
@@ -98,15 +100,21 @@ async fn forward(
     body: &[u8],
 ) -> Result<Response, ApiError> {
     let hops = hops(headers) + 1;
+    let via = match headers.get(VIA_HEADER).and_then(|v| v.to_str().ok()) {
+        Some(before) => format!("{before},{}", state.regions.local()),
+        None => state.regions.local().to_string(),
+    };
     if hops > MAX_HOPS {
         return Err(RegionError::TooManyHops {
             aggregate: key.to_string(),
             hops,
+            via: via.replace(',', " → "),
         }
         .into());
     }
     let mut pass = vec![
         (HOPS_HEADER, hops.to_string()),
+        (VIA_HEADER, via),
         (region::HOME_VERSION_HEADER, home.known_at.to_string()),
     ];
     pass.extend(passed_headers(headers));

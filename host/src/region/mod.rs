@@ -53,8 +53,9 @@ pub const HOPS_HEADER: &str = "x-meridian-region-hops";
 pub const HOME_HEADER: &str = "x-meridian-home";
 /// Header: the aggregate version at which the sender knew that home ([`Home::known_at`]).
 pub const HOME_VERSION_HEADER: &str = "x-meridian-home-version";
-/// Header: the region a forwarded request came from.
-pub const FROM_REGION_HEADER: &str = "x-meridian-from-region";
+/// Header: the regions a forwarded request passed through, in order, comma-separated;
+/// named in the `too_many_hops` refusal so a loop between stale views can be traced.
+pub const VIA_HEADER: &str = "x-meridian-via";
 /// Header on answers: the region that executed (the aggregate's home).
 pub const SERVED_BY_HEADER: &str = "x-meridian-region";
 /// NATS header on answers to forwarded requests: the region that executed, when the
@@ -200,12 +201,17 @@ pub enum RegionError {
         local: String,
     },
     /// Too many forwards between regions (caches disagree); the command did not run.
-    #[error("{aggregate}: forwarded between regions {hops} times without reaching its home; retry")]
+    #[error(
+        "{aggregate}: forwarded between regions {hops} times ({via}) without reaching its \
+         home: its home is moving and the regions' views of it differ; retry"
+    )]
     TooManyHops {
         /// `type/id`.
         aggregate: String,
         /// Forwards so far.
         hops: u32,
+        /// The regions the request passed through, `a → b → c`.
+        via: String,
     },
     /// Invalid configuration or request (unknown region, bad name).
     #[error("{0}")]
@@ -695,7 +701,6 @@ impl Regions {
         for (name, value) in headers {
             map.insert(*name, value.as_str());
         }
-        map.insert(FROM_REGION_HEADER, self.local());
         map.insert(HOME_HEADER, home);
         let timeout = self.inner.config.forward_timeout;
         let request = nats.request_with_headers(rpc_subject(home), map, body);
