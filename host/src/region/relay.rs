@@ -467,7 +467,11 @@ fn peer_source(peer: &str) -> stream::Source {
 /// again. Regions then relayed nothing for 10–30 s after a NATS restart. Removing the
 /// source and adding the same source back makes nats-server set it up at once, from
 /// the last message it sourced (it finds it by the source header every sourced message
-/// carries), so nothing is skipped or copied twice.
+/// carries), so nothing is skipped or copied twice. A request nats-server sent before
+/// the restart can still, when its 30 s run out, replace the new source consumer with
+/// one starting further back: what that one delivers again is dropped as a duplicate
+/// (`Nats-Msg-Id` is the event id, within the stream's two-minute window), and if it
+/// falls silent too, the next check restarts it.
 async fn watch_source(
     regions: Regions,
     peer: String,
