@@ -1121,7 +1121,7 @@ async fn upload_plugin(
             &body,
         )
         .await?;
-    state.executor.plugins().invalidate(&aggregate_type);
+    state.executor.plugins().invalidate(&aggregate_type).await;
     tracing::info!(
         aggregate_type,
         version = info.version,
@@ -1239,6 +1239,6 @@ async fn set_limits(
         json_object(&body).map_err(|e| ApiError::bad_request(format!("malformed limits: {e}")))?;
     limits.validate().map_err(ApiError::bad_request)?;
     store::plugins::set_limits(&state.pool, &aggregate_type, &limits).await?;
-    state.executor.plugins().invalidate(&aggregate_type);
+    state.executor.plugins().invalidate(&aggregate_type).await;
     Ok(Json(limits))
 }

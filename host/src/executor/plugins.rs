@@ -134,7 +134,12 @@ impl PluginRegistry {
 
     /// Forgets a type's compiled plugin, so the next command loads it again (after an
     /// upload or a change of limits).
-    pub fn invalidate(&self, aggregate_type: &str) {
+    ///
+    /// Waits for a load in flight: one that read the stored versions before the upload
+    /// would otherwise put the previous version back after this, and the host would run
+    /// it until its next refresh although the upload was answered.
+    pub async fn invalidate(&self, aggregate_type: &str) {
+        let _guard = self.inner.loading.lock().await;
         self.inner
             .loaded
             .lock()
@@ -154,5 +159,101 @@ impl PluginRegistry {
             .collect();
         list.sort();
         list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sha2::{Digest, Sha256};
+    use sqlx::{Connection, PgConnection};
+
+    use super::*;
+    use crate::runtime::RuntimeConfig;
+    use crate::store::DatabaseConfig;
+
+    /// The example component with a custom section naming `tag`: other bytes (so a
+    /// version of its own, compiled anew), the same code.
+    fn component(tag: u8) -> Vec<u8> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/wasm32-wasip2/release/bank_account.wasm"
+        );
+        let mut bytes = std::fs::read(path)
+            .unwrap_or_else(|e| panic!("{path}: {e}; build it with `bash plugins/build.sh`"));
+        let name = b"meridian-test";
+        bytes.extend_from_slice(&[0, (name.len() + 2) as u8, name.len() as u8]);
+        bytes.extend_from_slice(name);
+        bytes.push(tag);
+        bytes
+    }
+
+    async fn store(pool: &PgPool, bytes: &[u8]) -> i32 {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let (info, _) = store::plugins::store(pool, "bank-account", &sha256, 1, bytes)
+            .await
+            .expect("store a version");
+        info.version
+    }
+
+    /// An upload answered while the background refresh was loading the version before
+    /// it: the host must run the uploaded version from then on, not the one the refresh
+    /// was loading.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_load_in_flight_cannot_put_back_the_version_an_upload_replaced() {
+        // The tests' admin connection, as the end-to-end harness reads it.
+        let admin_url = std::env::var("MERIDIAN_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("meridian_registry_{}", std::process::id());
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .expect("PostgreSQL (MERIDIAN_TEST_PG)");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let pool = store::connect(&DatabaseConfig {
+            url: format!("{}/{name}", admin_url.rsplit_once('/').expect("a URL").0),
+            max_connections: 4,
+        })
+        .await
+        .unwrap();
+        store::migrate(&pool).await.unwrap();
+        let registry = PluginRegistry::new(
+            pool.clone(),
+            Runtime::new(RuntimeConfig::default()).unwrap(),
+        );
+
+        store(&pool, &component(0)).await;
+        for tag in 1..=4 {
+            // The refresh sees a version this host has not loaded and compiles it (tens
+            // of milliseconds: each version is other bytes) ...
+            registry.invalidate("bank-account").await;
+            let refresh = tokio::spawn({
+                let registry = registry.clone();
+                async move { registry.refresh().await }
+            });
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            // ... while an upload stores the next one and invalidates.
+            let stored = store(&pool, &component(tag)).await;
+            registry.invalidate("bank-account").await;
+            refresh.await.unwrap().unwrap();
+            let running = registry.get("bank-account").await.unwrap().version();
+            assert_eq!(
+                running, stored,
+                "the host runs version {running} after version {stored} was uploaded"
+            );
+        }
+
+        pool.close().await;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
     }
 }
