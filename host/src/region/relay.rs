@@ -481,6 +481,9 @@ async fn watch_source(
     let peer_js = regions.js_of(&peer).expect("enabled");
     let name = inbound_stream(&peer);
     let mut last_restart: Option<std::time::Instant> = None;
+    // A source nats-server has not heard from yet (just created, or this region's NATS
+    // just restarted and is setting it up) counts as silent from when it was seen so.
+    let mut unheard_since: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -495,8 +498,16 @@ async fn watch_source(
             continue;
         };
         let configured = info.config.sources.as_ref().is_some_and(|s| !s.is_empty());
-        let silent = info.sources.first().and_then(|s| s.active);
-        let stalled = !configured || silent.is_none_or(|active| active > SOURCE_STALLED_AFTER);
+        let silent = match info.sources.first().and_then(|s| s.active) {
+            Some(active) => {
+                unheard_since = None;
+                active
+            }
+            None => unheard_since
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed(),
+        };
+        let stalled = !configured || silent > SOURCE_STALLED_AFTER;
         let recently = last_restart.is_some_and(|at| at.elapsed() < SOURCE_RESTART_SPACING);
         if !stalled || (configured && recently) {
             continue;
@@ -519,7 +530,7 @@ async fn watch_source(
         tracing::warn!(
             from = peer,
             stream = name,
-            silent_ms = silent.map(|d| d.as_millis() as u64),
+            silent_ms = silent.as_millis() as u64,
             "restarted the stream's source: the region's stream answers but nothing arrived from it"
         );
     }
