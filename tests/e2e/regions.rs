@@ -661,6 +661,48 @@ async fn move_home_to_west_then_commands_through_either_region_run_in_west() {
     assert_eq!(home["home_region"], WEST);
 }
 
+/// Hosts remember homes. A move sent to a host that still remembers its own region as
+/// the home after another host moved the aggregate away is passed on to the home the
+/// stream names, which runs it; a move to the current home says it is there already.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_sent_to_a_host_with_a_stale_view_of_the_home_is_passed_on_to_the_home() {
+    let r = TwoRegions::start("stalemove").await;
+    let move_via = async |host: &Host, region: &str| {
+        host.client()
+            .post_raw(
+                "/v1/aggregates/bank-account/sm-1/move-home",
+                json!({ "region": region }).to_string().into_bytes(),
+            )
+            .await
+    };
+    let (status, body, _) = send(&r.east[0], "sm-1", json!({"type":"Open","owner":"eve"})).await;
+    assert_eq!(status, 200, "{body}");
+    // Both east hosts learn that east is the home.
+    let (status, body, _) = send(&r.east[1], "sm-1", json!({"type":"Deposit","amount":3})).await;
+    assert_eq!(status, 200, "{body}");
+
+    // East's first host moves it to west; the second still remembers east.
+    let (status, body) = move_via(&r.east[0], WEST).await;
+    assert_eq!(status, 200, "{body}{}", r.logs());
+    assert_eq!(body["to"], WEST, "{body}");
+    let (status, body) = move_via(&r.east[1], EAST).await;
+    assert_eq!(status, 200, "{body}{}", r.logs());
+    assert_eq!(
+        (&body["from"], &body["to"]),
+        (&json!(WEST), &json!(EAST)),
+        "{body}"
+    );
+    let (status, body, region) =
+        send(&r.west[0], "sm-1", json!({"type":"Deposit","amount":1})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(region.as_deref(), Some(EAST), "{body}");
+    assert_eq!(body["version"], 5, "{body}");
+
+    let (status, body) = move_via(&r.east[0], EAST).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "already_home", "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_uploaded_in_east_runs_in_west_and_an_unreachable_home_is_a_503() {
     let mut r = TwoRegions::start("plug").await;

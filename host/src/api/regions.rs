@@ -193,7 +193,7 @@ pub struct MoveHomeResult {
         (status = 200, body = MoveHomeResult),
         (status = 400, body = ErrorBody, description = "unknown region, or a forced move outside the target region"),
         (status = 404, body = ErrorBody, description = "the aggregate has no events"),
-        (status = 409, body = ErrorBody, description = "already homed there"),
+        (status = 409, body = ErrorBody, description = "already homed there (`already_home`)"),
         (status = 503, body = ErrorBody, description = "the home region is unreachable (use force to take over)"),
     )
 )]
@@ -237,15 +237,7 @@ pub(super) async fn move_home(
             ));
         };
         if home != local {
-            let path = format!(
-                "/v1/aggregates/{}/{}/move-home",
-                key.aggregate_type, key.aggregate_id
-            );
-            let home = Home {
-                region: home,
-                known_at: 0,
-            };
-            return forward(&state, &key, &home, "POST", &path, &headers, &body).await;
+            return forward_move(&state, &key, home, &headers, &body).await;
         }
     }
     let metadata = serde_json::json!({
@@ -253,7 +245,7 @@ pub(super) async fn move_home(
         "node_id": state.node_id,
         "correlation_id": headers.get("x-correlation-id").and_then(|v| v.to_str().ok()),
     });
-    let (version, from) = store::regions::move_home(
+    let moved = store::regions::move_home(
         &state.pool,
         &key,
         &local,
@@ -261,15 +253,28 @@ pub(super) async fn move_home(
         request.force,
         &metadata,
     )
-    .await
-    .map_err(|e| match e {
-        store::regions::MoveError::NotFound(_) => ApiError::not_found(e.to_string()),
-        store::regions::MoveError::NotHome { .. }
-        | store::regions::MoveError::AlreadyThere { .. } => {
-            ApiError::new(StatusCode::CONFLICT, "not_home", e.to_string())
+    .await;
+    let (version, from) = match moved {
+        Ok(moved) => moved,
+        // This host remembered itself as the home, but the home moved: the stream row
+        // names the home now, which runs the move (or passes it on again, within the
+        // hop limit).
+        Err(store::regions::MoveError::NotHome { home, .. }) => {
+            state.regions.forget(&key);
+            return forward_move(&state, &key, home, &headers, &body).await;
         }
-        store::regions::MoveError::Store(e) => e.into(),
-    })?;
+        Err(e @ store::regions::MoveError::NotFound(_)) => {
+            return Err(ApiError::not_found(e.to_string()));
+        }
+        Err(e @ store::regions::MoveError::AlreadyThere { .. }) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already_home",
+                e.to_string(),
+            ));
+        }
+        Err(store::regions::MoveError::Store(e)) => return Err(e.into()),
+    };
     state
         .regions
         .publish_home(&key, &request.region, version)
@@ -289,6 +294,25 @@ pub(super) async fn move_home(
         target_has_all_events,
     })
     .into_response())
+}
+
+/// Sends a move to the aggregate's home region, which runs it.
+async fn forward_move(
+    state: &AppState,
+    key: &AggregateKey,
+    home: String,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let path = format!(
+        "/v1/aggregates/{}/{}/move-home",
+        key.aggregate_type, key.aggregate_id
+    );
+    let home = Home {
+        region: home,
+        known_at: 0,
+    };
+    forward(state, key, &home, "POST", &path, headers, body).await
 }
 
 /// Asks the target region until it reports the aggregate homed there at `version`.
