@@ -98,11 +98,9 @@ async fn lead(regions: &Regions, pool: &PgPool, stop: &CancellationToken) -> any
     }));
     for peer in regions.config().peers.clone() {
         set.spawn(supervise("receive", tasks.clone(), {
-            let (regions, pool) = (regions.clone(), pool.clone());
+            let (regions, pool, peer) = (regions.clone(), pool.clone(), peer.clone());
             move |stop| receive(regions.clone(), pool.clone(), peer.clone(), stop)
         }));
-    }
-    for peer in regions.config().peers.clone() {
         set.spawn(supervise("watch-source", tasks.clone(), {
             let regions = regions.clone();
             move |stop| watch_source(regions.clone(), peer.clone(), stop)
@@ -491,12 +489,10 @@ async fn watch_source(
         }
         // Not created yet (`receive` creates it once the peer's stream answers), or this
         // region's NATS is away (nothing to restart then).
-        let Ok(mut stream) = js.get_stream(&name).await else {
+        let Ok(stream) = js.get_stream(&name).await else {
             continue;
         };
-        let Ok(info) = stream.info().await.cloned() else {
-            continue;
-        };
+        let info = stream.cached_info().clone();
         let configured = info.config.sources.as_ref().is_some_and(|s| !s.is_empty());
         let silent = match info.sources.first().and_then(|s| s.active) {
             Some(active) => {
