@@ -403,3 +403,17 @@ pub async fn events_of(host: &Host, id: &str) -> Vec<Value> {
     assert_eq!(status, 200, "{page}");
     page["events"].as_array().cloned().unwrap_or_default()
 }
+
+/// A metric of `host`'s `/metrics` labelled `region="<region>"` (0 when absent).
+pub async fn region_metric(host: &Host, name: &str, region: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", host.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    let prefix = format!("{name}{{region=\"{region}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::harness::{
-    Host, HostOptions, TestDb, events_of, eventually, meridian_bin, send_command, wasm_bytes,
+    Host, HostOptions, TestDb, events_of, eventually, meridian_bin, region_metric, send_command,
+    wasm_bytes,
 };
 use super::nats::NatsServer;
 
@@ -475,7 +476,7 @@ async fn the_relay_restarts_a_stalled_source_and_the_local_copy_has_every_event_
         deposit_all(&r, &mut want).await;
     }
     arrived(want).await;
-    let restarts = relay_metric(west, "meridian_relay_source_restarts_total", EAST).await;
+    let restarts = region_metric(west, "meridian_relay_source_restarts_total", EAST).await;
     assert!(
         restarts >= 1.0,
         "west's relay never restarted the silent source{}",
@@ -539,21 +540,6 @@ async fn the_relay_restarts_a_stalled_source_and_the_local_copy_has_every_event_
         published,
         "west's copy holds every event of east"
     );
-}
-
-/// A counter or gauge of `host`'s `/metrics` with the label `region="<region>"` (0 when
-/// absent).
-async fn relay_metric(host: &Host, name: &str, region: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", host.url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    let prefix = format!("{name}{{region=\"{region}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]

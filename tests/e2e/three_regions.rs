@@ -5,7 +5,9 @@
 
 use serde_json::{Value, json};
 
-use super::harness::{Host, HostOptions, TestDb, events_of, eventually, send_command, wasm_bytes};
+use super::harness::{
+    Host, HostOptions, TestDb, events_of, eventually, region_metric, send_command, wasm_bytes,
+};
 use super::nats::NatsServer;
 
 const EAST: &str = "east";
@@ -253,20 +255,6 @@ async fn publish_as(nats: &NatsServer, region: &str, id: &str, version: i64, pay
     .expect("stream ack");
 }
 
-/// How often `host`'s relay has held an event from `peer` for its predecessor.
-async fn gap_waits(host: &Host, peer: &str) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", host.url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    let prefix = format!("meridian_relay_gap_waits_total{{region=\"{peer}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// After a move, an aggregate's events reach a third region through two streams, and
 /// the new home's can come first. The third region must still store (and so show in
 /// its feed) versions in order: here west's version 3 arrives before east's version 2.
@@ -286,7 +274,10 @@ async fn a_third_region_stores_an_aggregates_events_in_version_order_whichever_s
     eventually(|| async { (history(&r.south, "gap-1").await.len() == 1).then_some(()) }).await;
 
     publish_as(&r.nats[1], WEST, "gap-1", 3, json!({"amount": 30})).await;
-    eventually(|| async { (gap_waits(&r.south, WEST).await > 0).then_some(()) }).await;
+    eventually(|| async {
+        (region_metric(&r.south, "meridian_relay_gap_waits_total", WEST).await > 0.0).then_some(())
+    })
+    .await;
     assert_eq!(
         history(&r.south, "gap-1").await.len(),
         1,
