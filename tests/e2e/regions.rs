@@ -470,7 +470,8 @@ async fn the_relay_restarts_a_stalled_source_and_the_local_copy_has_every_event_
     deposit_all(&r, &mut want).await;
     arrived(want).await;
 
-    // East's NATS restarts: west's source goes silent while east answers again.
+    // East's NATS restarts at once: west's source stays silent until nats-server's own
+    // check finds it silent for more than 10 s; the relay restarts it after 3 s.
     r.east_nats.restart();
     for _ in 0..3 {
         deposit_all(&r, &mut want).await;

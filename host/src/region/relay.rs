@@ -459,14 +459,14 @@ fn peer_source(peer: &str) -> stream::Source {
 /// leaves it stalled while the peer's stream answers.
 ///
 /// A healthy source hears from the peer at least every second (the source consumer's
-/// heartbeat). When the peer region's NATS restarts, nats-server notices the silence
-/// only at its next 10 s check and then asks for a new source consumer; a request sent
-/// while the leafnode link is still down goes unanswered for 30 s before it tries
-/// again. Regions then relayed nothing for 10–30 s after a NATS restart. Removing the
+/// heartbeat). nats-server checks its sources every 10 s and sets up again only one
+/// silent for more than 10 s, so after the peer region's NATS restarts the source stays
+/// silent for 10–20 s (and a request for a new source consumer that is lost on a link
+/// still down waits 30 s for its answer). Removing the
 /// source and adding the same source back makes nats-server set it up at once, from
 /// the last message it sourced (it finds it by the source header every sourced message
 /// carries), so nothing is skipped or copied twice. A request nats-server sent before
-/// the restart can still, when its 30 s run out, replace the new source consumer with
+/// the restart of the source can still, when its 30 s run out, replace the new source consumer with
 /// one starting further back: what that one delivers again is dropped as a duplicate
 /// (`Nats-Msg-Id` is the event id, within the stream's two-minute window), and if it
 /// falls silent too, the next check restarts it.
