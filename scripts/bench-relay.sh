@@ -6,8 +6,8 @@
 # from its commit in east to being stored in west. scripts/bench.sh runs it; alone:
 #
 #   bash plugins/build.sh && cargo build --release -p meridian-host -p meridian-bench
-#   bash scripts/bench-relay.sh target/bench-relay            # ≈ 1 minute
-#   bash scripts/bench-relay.sh target/bench-relay --quick    # ≈ 10 seconds
+#   bash scripts/bench-relay.sh target/bench-relay            # ≈ 2 minutes
+#   bash scripts/bench-relay.sh target/bench-relay --quick    # ≈ 30 seconds
 #   python3 bench/report.py target/bench-relay BENCHMARKS.md "bash scripts/bench-relay.sh"
 #
 # Then east's nats-server is killed and started again 5 s into a steady 100 commands/s:

@@ -124,7 +124,7 @@ target/release/meridian-stream-lag --url "http://127.0.0.1:$port" --streams 100 
 target/release/meridian-stream-lag --url "http://127.0.0.1:$port" --stream-url "http://127.0.0.1:${ports[0]}" \
     --streams 100 --rate 200 --duration "$stream_duration" --json "$out/stream-other.json"
 
-echo "==> two regions: relay lag at half of east's maximum rate"
+echo "==> two regions: relay lag at half of east's maximum rate, then through a NATS restart"
 # The earlier hosts stop first so they don't compete for the cores.
 for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 wait 2>/dev/null || true
