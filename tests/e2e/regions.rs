@@ -470,8 +470,18 @@ async fn the_relay_restarts_a_stalled_source_and_the_local_copy_has_every_event_
     deposit_all(&r, &mut want).await;
     arrived(want).await;
 
-    // East's NATS restarts at once: west's source stays silent until nats-server's own
-    // check finds it silent for more than 10 s; the relay restarts it after 3 s.
+    // West says how long it has not heard from east, idle or not: the gauge to alert on.
+    let silent = || region_metric(west, "meridian_relay_source_silent_seconds", EAST);
+    eventually(|| async {
+        let s = silent().await;
+        (s > 0.0 && s < 2.0).then_some(())
+    })
+    .await;
+    r.east_nats.stop();
+    eventually(|| async { (silent().await >= 2.0).then_some(()) }).await;
+
+    // East's NATS back: west's source stays silent until nats-server's own check finds
+    // it silent for more than 10 s; the relay restarts it after 3 s.
     r.east_nats.restart();
     for _ in 0..3 {
         deposit_all(&r, &mut want).await;

@@ -503,6 +503,10 @@ async fn watch_source(
                 .get_or_insert_with(std::time::Instant::now)
                 .elapsed(),
         };
+        // The lag gauge moves only when events arrive, so it shows nothing of an outage;
+        // this one grows while the peer is not heard from (what to alert on).
+        metrics::gauge!("meridian_relay_source_silent_seconds", "region" => peer.clone())
+            .set(silent.as_secs_f64());
         let stalled = !configured || silent > SOURCE_STALLED_AFTER;
         let recently = last_restart.is_some_and(|at| at.elapsed() < SOURCE_RESTART_SPACING);
         if !stalled || (configured && recently) {
