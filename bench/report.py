@@ -149,13 +149,18 @@ def relay_table(relay, command):
     return "\n".join(lines) + "\n"
 
 
-def streams_table(same, other, command):
-    """Live streams: send-to-arrival on open SSE streams, on the commands' host and another."""
+def streams_table(same, other, quiet, command):
+    """Live streams: send-to-arrival on open SSE streams, on the commands' host and another
+    (busy), and on another host while the region is quiet."""
     lines = [
         "| streams opened on | streams | deposits/s | command p50 / p99 ms | send → stream p50 / p99 / max ms | deliveries |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, run in (("the host the commands go to", same), ("another host of the region", other)):
+    for label, run in (
+        ("the host the commands go to", same),
+        ("another host of the region", other),
+        ("another host, a quiet region", quiet),
+    ):
         if not run:
             continue
         cmd, lag = run["command_latency"], run["stream_lag"]
@@ -273,8 +278,9 @@ def main():
         text = replace(text, "relay-restart", relay_restart_table(restart, command))
 
     same, other = load(directory, "stream-same.json"), load(directory, "stream-other.json")
-    if same or other:
-        text = replace(text, "streams", streams_table(same, other, command))
+    quiet = load(directory, "stream-quiet.json")
+    if same or other or quiet:
+        text = replace(text, "streams", streams_table(same, other, quiet, command))
 
     cache = load(directory, "cache.json")
     if cache:

@@ -116,13 +116,17 @@ sleep 3
 target/release/meridian-load "${urls[@]}" --accounts "$accounts" \
     --concurrency 64,256 --duration "$duration" --warmup "$warmup" --json "$out/region3.json"
 
-echo "==> live streams: 100 SSE streams, 200 deposits/s, streams on the commands' host and on another one"
+echo "==> live streams: 100 SSE streams, 200 deposits/s, streams on the commands' host and on another one; then 10 streams, 5 deposits/s"
 stream_duration=10s
 [ -n "$quick" ] && stream_duration=2s
 target/release/meridian-stream-lag --url "http://127.0.0.1:$port" --streams 100 --rate 200 \
     --duration "$stream_duration" --json "$out/stream-same.json"
 target/release/meridian-stream-lag --url "http://127.0.0.1:$port" --stream-url "http://127.0.0.1:${ports[0]}" \
     --streams 100 --rate 200 --duration "$stream_duration" --json "$out/stream-other.json"
+# A quiet region: each commit is alone, so a stream on another host learns of it only
+# from the committing host's announcement (or, without one, its own idle poll).
+target/release/meridian-stream-lag --url "http://127.0.0.1:$port" --stream-url "http://127.0.0.1:${ports[0]}" \
+    --streams 10 --rate 5 --duration "$stream_duration" --json "$out/stream-quiet.json"
 
 echo "==> two regions: relay lag at half of east's maximum rate, then through a NATS restart"
 # The earlier hosts stop first so they don't compete for the cores.

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use meridian::cluster::core::{assign, partition_of};
 use serde_json::{Value, json};
 
-use crate::harness::{Api, Host, HostOptions, TestDb, eventually, wasm_bytes};
+use crate::harness::{
+    Api, Host, HostOptions, TestDb, events_of, eventually, wasm_bytes, with_custom_section,
+};
+use crate::subscriptions::SseReader;
 
 const PARTITIONS: u32 = 256;
 
@@ -82,6 +85,85 @@ async fn open_accounts(hosts: &[Host], n: usize) -> Vec<String> {
     }))
     .await;
     ids
+}
+
+/// A host hears of the other hosts' commits and plugin uploads as they are made
+/// (PostgreSQL `NOTIFY`), not at its next poll. These hosts look for both only every
+/// ten minutes, so nothing but the announcements can bring a commit made on one host
+/// to a live stream on the other, or make the other run a version uploaded through
+/// the first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_hears_of_the_other_hosts_commits_and_uploads_without_polling() {
+    let db = TestDb::new("c_changes").await;
+    let mut options = options();
+    options.env.extend([
+        ("MERIDIAN_TAIL_POLL_MS".into(), "600000".into()),
+        ("MERIDIAN_PLUGIN_REFRESH_MS".into(), "600000".into()),
+    ]);
+    let (first, second) = (
+        Host::start(&db, options.clone()).await,
+        Host::start(&db, options).await,
+    );
+    let hosts = [first, second];
+    let (status, body) = hosts[0]
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let status = wait_balanced(&hosts).await;
+    let owned_by = |host: &Host| {
+        (0..)
+            .map(|i| format!("acct-{i}"))
+            .find(|id| owner_of(&status, id) == host.node_id)
+            .unwrap()
+    };
+    let (on_first, on_second) = (owned_by(&hosts[0]), owned_by(&hosts[1]));
+    let open = json!({"command": {"type": "Open", "owner": "o"}});
+
+    // A live stream on the second host, past its catch-up: it has delivered an event
+    // committed there, and its host has had time to read the commit order again and
+    // find nothing more.
+    let mut stream = SseReader::open(&format!("{}/v1/events", hosts[1].url), None).await;
+    let (code, body) = hosts[1]
+        .client()
+        .command("bank-account", &on_second, open.clone())
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(stream.next().await.1["aggregate_id"], on_second.as_str());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Committed by the first host: the second host's stream has it.
+    let (code, body) = hosts[0]
+        .client()
+        .command("bank-account", &on_first, open)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (_, event) = stream.next().await;
+    assert_eq!(event["aggregate_id"], on_first.as_str(), "{event}");
+
+    // Version 2 uploaded through the first host: the second runs it for the
+    // aggregates it owns.
+    let (status, body) = hosts[0]
+        .client()
+        .upload("bank-account", with_custom_section(b"v2"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["version"], 2, "{body}");
+    eventually(|| async {
+        let (code, body) = hosts[1]
+            .client()
+            .command(
+                "bank-account",
+                &on_second,
+                json!({"command": {"type": "Deposit", "amount": 1}}),
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+        let events = events_of(&hosts[1], &on_second).await;
+        let last = events.last().expect("events");
+        (last["metadata"]["plugin_version"] == 2).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -99,6 +99,20 @@ pub fn wasm_bytes(name: &str) -> Vec<u8> {
 }
 
 /// A free loopback port (bound then released; a race with another process is unlikely).
+/// The bank-account component with a custom section appended: other bytes (another
+/// sha256), the same behaviour.
+pub fn with_custom_section(tag: &[u8]) -> Vec<u8> {
+    let mut bytes = wasm_bytes("bank-account");
+    let name = b"meridian-test";
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.extend_from_slice(tag);
+    bytes.push(0); // custom section id
+    bytes.push(section.len() as u8); // LEB128 size (< 128)
+    bytes.extend_from_slice(&section);
+    bytes
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::harness::{
     Host, HostOptions, TestDb, events_of, eventually, meridian_bin, region_metric, send_command,
-    wasm_bytes,
+    wasm_bytes, with_custom_section,
 };
 use super::nats::NatsServer;
 
@@ -787,20 +787,6 @@ async fn a_plugin_uploaded_in_east_runs_in_west_and_an_unreachable_home_is_a_503
     .await
     .unwrap();
     assert_eq!(written, 0);
-}
-
-/// The bank-account component with a custom section appended: other bytes (another
-/// sha256), the same behaviour.
-fn with_custom_section(tag: &[u8]) -> Vec<u8> {
-    let mut bytes = wasm_bytes("bank-account");
-    let name = b"meridian-test";
-    let mut section = vec![name.len() as u8];
-    section.extend_from_slice(name);
-    section.extend_from_slice(tag);
-    bytes.push(0); // custom section id
-    bytes.push(section.len() as u8); // LEB128 size (< 128)
-    bytes.extend_from_slice(&section);
-    bytes
 }
 
 #[tokio::test(flavor = "multi_thread")]

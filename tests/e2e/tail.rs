@@ -10,7 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use meridian::store::{
-    self, AppendRequest, CommitterConfig, EventFilter, NewEvent, OrderKey, Tail, TailConfig,
+    self, AppendRequest, Changes, CommitterConfig, EventFilter, NewEvent, OrderKey, Tail,
+    TailConfig,
 };
 use rand::Rng;
 use serde_json::value::RawValue;
@@ -169,7 +170,7 @@ async fn shared_tail_subscribers_see_every_event_once() {
             busy_poll: Duration::from_millis(5),
             min_interval: Duration::from_millis(1),
         },
-        None,
+        Changes::default(),
     );
     let writers = spawn_late_committing_writers(&pool);
     // Subscribers: (filter, pause every N events), collecting positions until they reach

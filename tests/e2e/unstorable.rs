@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use meridian::store::{self, AppendRequest, Committer, CommitterConfig, NewEvent, StoreError};
+use meridian::store::{
+    self, AppendRequest, Changes, Committer, CommitterConfig, NewEvent, StoreError,
+};
 use serde_json::json;
 use serde_json::value::RawValue;
 
@@ -146,6 +148,7 @@ async fn a_batch_postgres_refuses_for_its_data_fails_only_the_request_at_fault()
             linger: Duration::from_millis(200),
             ..CommitterConfig::default()
         },
+        Changes::default(),
     );
     let raw = |text: &str| RawValue::from_string(text.to_string()).unwrap();
     let results = join_all((0..64).map(|i| {

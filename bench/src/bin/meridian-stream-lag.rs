@@ -10,8 +10,9 @@
 //!    arrival − send, so it includes the command's own latency (reported beside it).
 //!    The run fails if a stream misses an event that committed.
 //!
-//! With `--stream-url` on another host of the region, the events reach the streams by
-//! that host's poll of the database; on the same host, right after it commits.
+//! With `--stream-url` on another host of the region, the events reach the streams when
+//! the committing host announces its commit (or, while the region is busy, at that
+//! host's next read of the commit order); on the same host, right after it commits.
 //!
 //! ```text
 //! meridian-stream-lag --url http://127.0.0.1:8080 --streams 100 --rate 200 --duration 10s

@@ -255,7 +255,10 @@ pub(super) async fn move_home(
     )
     .await;
     let (version, from) = match moved {
-        Ok(moved) => moved,
+        Ok(moved) => {
+            state.regions.changes().events_committed();
+            moved
+        }
         // This host remembered itself as the home, but the home moved: the stream row
         // names the home now, which runs the move (or passes it on again, within the
         // hop limit).

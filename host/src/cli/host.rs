@@ -109,6 +109,19 @@ pub struct HostArgs {
     /// A file of tokens, one `token scope [scope...]` per line (`#` comments).
     #[arg(long, env = "MERIDIAN_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
+    /// Milliseconds between this host's reads of the region's commit order while
+    /// idle, for live streams. Other hosts announce their commits (PostgreSQL
+    /// `NOTIFY`), so this only bounds how late a commit whose announcement was lost
+    /// reaches a stream here.
+    #[arg(long, env = "MERIDIAN_TAIL_POLL_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub tail_poll_ms: u64,
+    /// Milliseconds between this host's checks for plugin versions and limits stored
+    /// through other hosts. They announce them too; this bounds how long a lost
+    /// announcement leaves the previous version running here.
+    #[arg(long, env = "MERIDIAN_PLUGIN_REFRESH_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub plugin_refresh_ms: u64,
     /// Milliseconds a command waits for its partition to get an owner before a 503.
     #[arg(long, env = "MERIDIAN_ROUTE_TIMEOUT_MS", default_value_t = cluster::driver::DEFAULT_ROUTE_TIMEOUT.as_millis() as u64)]
     pub route_timeout_ms: u64,
@@ -176,6 +189,10 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
             None
         }
     };
+    // This host's writes, told to the region's other hosts and theirs to this one.
+    let changes = store::Changes::new(node_id.clone());
+    let changes_stop = CancellationToken::new();
+    let changes_task = changes.spread(&pool, changes_stop.clone());
     let regions = Regions::new(
         RegionConfig {
             region: args.region.clone(),
@@ -188,13 +205,14 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         },
         pool.clone(),
         nats,
+        changes.clone(),
     );
 
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: args.cache_dir.clone(),
     })
     .context("starting the plugin runtime")?;
-    let plugins = PluginRegistry::new(pool.clone(), runtime);
+    let plugins = PluginRegistry::new(pool.clone(), runtime, changes.clone());
     let committer = Committer::start(
         pool.clone(),
         CommitterConfig {
@@ -205,8 +223,8 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
             node_id: node_id.clone(),
             ..CommitterConfig::default()
         },
+        changes.clone(),
     );
-    let committer_commits = committer.commits();
     let executor = Executor::new(
         pool.clone(),
         committer,
@@ -260,8 +278,11 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         regions: regions.clone(),
         tail: store::Tail::start(
             pool.clone(),
-            store::TailConfig::default(),
-            Some(committer_commits),
+            store::TailConfig {
+                poll: Duration::from_millis(args.tail_poll_ms),
+                ..store::TailConfig::default()
+            },
+            changes.clone(),
         ),
     };
     spawn_signal_handler(shutdown.clone());
@@ -309,15 +330,23 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         relay_stop.clone(),
     ));
 
-    // Uploads through other hosts of the region become visible here within seconds.
+    // Uploads through other hosts of the region take effect here as soon as they are
+    // announced, or at the next tick when the announcement was lost.
     let refresher = {
         let plugins = plugins.clone();
         let shutdown = shutdown.clone();
+        let changes = changes.clone();
+        let every = Duration::from_millis(args.plugin_refresh_ms);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    _ = changes.plugins() => {
+                        if let Err(error) = plugins.refresh().await {
+                            tracing::warn!(%error, "plugin refresh failed");
+                        }
+                    }
                     _ = tick.tick() => {
                         if let Err(error) = plugins.refresh().await {
                             tracing::warn!(%error, "plugin refresh failed");
@@ -358,6 +387,8 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         let _ = task.await;
     }
     let _ = relay.await;
+    changes_stop.cancel();
+    let _ = changes_task.await;
     match drained {
         Ok(Ok(Ok(()))) => tracing::info!("stopped"),
         Ok(Ok(Err(error))) => return Err(error).context("HTTP server"),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use sqlx::PgPool;
 
 use crate::runtime::{Plugin, PluginError, Runtime};
-use crate::store::{self, StoreError};
+use crate::store::{self, Changes, StoreError};
 
 /// Errors finding or loading a plugin.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,7 @@ pub struct PluginRegistry {
 struct Inner {
     pool: PgPool,
     runtime: Runtime,
+    changes: Changes,
     loaded: Mutex<HashMap<String, Plugin>>,
     /// One load at a time, so a burst of first commands compiles a plugin once.
     loading: tokio::sync::Mutex<()>,
@@ -44,11 +45,12 @@ struct Inner {
 
 impl PluginRegistry {
     /// An empty registry over the region's plugins table.
-    pub fn new(pool: PgPool, runtime: Runtime) -> Self {
+    pub fn new(pool: PgPool, runtime: Runtime, changes: Changes) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pool,
                 runtime,
+                changes,
                 loaded: Mutex::new(HashMap::new()),
                 loading: tokio::sync::Mutex::new(()),
             }),
@@ -133,7 +135,7 @@ impl PluginRegistry {
     }
 
     /// Forgets a type's compiled plugin, so the next command loads it again (after an
-    /// upload or a change of limits).
+    /// upload or a change of limits), and tells the region's other hosts to refresh.
     ///
     /// Waits for a load in flight: one that read the stored versions before the upload
     /// would otherwise put the previous version back after this, and the host would run
@@ -145,6 +147,7 @@ impl PluginRegistry {
             .lock()
             .expect("registry poisoned")
             .remove(aggregate_type);
+        self.inner.changes.plugins_changed();
     }
 
     /// The loaded plugins, for status pages.
@@ -227,6 +230,7 @@ mod tests {
         let registry = PluginRegistry::new(
             pool.clone(),
             Runtime::new(RuntimeConfig::default()).unwrap(),
+            Changes::default(),
         );
 
         store(&pool, &component(0)).await;

@@ -34,7 +34,7 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::store::{self, AggregateKey, StoreError};
+use crate::store::{self, AggregateKey, Changes, StoreError};
 
 /// KV bucket (in the directory region's domain) that maps `type.<base64url id>` to
 /// the aggregate's home region.
@@ -297,6 +297,7 @@ struct Inner {
     config: RegionConfig,
     pool: PgPool,
     nats: Option<async_nats::Client>,
+    changes: Changes,
     homes: Mutex<LruCache<AggregateKey, Home>>,
 }
 
@@ -314,12 +315,18 @@ pub struct Forwarded {
 
 impl Regions {
     /// Creates the view; `nats` is the region's NATS connection, if configured.
-    pub fn new(config: RegionConfig, pool: PgPool, nats: Option<async_nats::Client>) -> Self {
+    pub fn new(
+        config: RegionConfig,
+        pool: PgPool,
+        nats: Option<async_nats::Client>,
+        changes: Changes,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
                 pool,
                 nats,
+                changes,
                 homes: Mutex::new(LruCache::new(
                     NonZeroUsize::new(HOME_CACHE).expect("non-zero"),
                 )),
@@ -335,6 +342,13 @@ impl Regions {
     /// The configuration.
     pub fn config(&self) -> &RegionConfig {
         &self.inner.config
+    }
+
+    /// This host's announcements of writes to the region's other hosts: events
+    /// received from other regions and home moves are stored here, not by the
+    /// committer, and must be announced too.
+    pub fn changes(&self) -> &Changes {
+        &self.inner.changes
     }
 
     /// The NATS connection, when configured.

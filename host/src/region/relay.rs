@@ -45,7 +45,8 @@ const PUBLISH_BATCH: i64 = 500;
 /// Events per store transaction on the receiving side.
 const STORE_BATCH: usize = 500;
 
-/// Idle wait between reads of the event tail when caught up.
+/// Longest wait between reads of the event tail when caught up; a commit announced in
+/// the region (see [`store::Changes`]) ends it sooner.
 const TAIL_IDLE: Duration = Duration::from_millis(10);
 
 /// The durable consumer name on inbound streams.
@@ -188,9 +189,14 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
         if stop.is_cancelled() {
             return Ok(());
         }
+        // Created before the read, so a commit during it ends the wait below.
+        let committed = regions.changes().events();
         let page = store::read::read_after(&pool, cursor, None, PUBLISH_BATCH, &own).await?;
         let Some(&(last_key, _)) = page.last() else {
-            tokio::time::sleep(TAIL_IDLE).await;
+            tokio::select! {
+                _ = committed => {}
+                _ = tokio::time::sleep(TAIL_IDLE) => {}
+            }
             continue;
         };
         let mut acks = Vec::with_capacity(page.len());
@@ -296,7 +302,7 @@ const PEER_WAIT_LOG_AFTER: Duration = Duration::from_secs(2);
 /// only after receiving its earlier events. `None` when stopped while waiting.
 async fn store_in_order(
     pool: &PgPool,
-    local: &str,
+    regions: &Regions,
     peer: &str,
     events: &[RelayedEvent],
     carriers: &[&async_nats::jetstream::Message],
@@ -307,7 +313,10 @@ async fn store_in_order(
     let started = std::time::Instant::now();
     let mut said = Duration::ZERO;
     loop {
-        let outcome = store::regions::store_remote(pool, local, &events[from..]).await?;
+        let outcome = store::regions::store_remote(pool, regions.local(), &events[from..]).await?;
+        if outcome.stored > 0 {
+            regions.changes().events_committed();
+        }
         total.stored += outcome.stored;
         total.duplicates += outcome.duplicates;
         total.divergent += outcome.divergent;
@@ -355,7 +364,6 @@ async fn receive(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let js = regions.local_js().expect("enabled");
-    let local = regions.local().to_string();
     if js.get_stream(inbound_stream(&peer)).await.is_err()
         && !peer_stream_reachable(&regions, &peer, &stop).await
     {
@@ -410,7 +418,8 @@ async fn receive(
             }
         }
         let Some(last) = batch.last() else { continue };
-        let Some(outcome) = store_in_order(&pool, &local, &peer, &events, &carriers, &stop).await?
+        let Some(outcome) =
+            store_in_order(&pool, &regions, &peer, &events, &carriers, &stop).await?
         else {
             return Ok(());
         };

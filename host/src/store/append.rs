@@ -21,10 +21,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde_json::value::RawValue;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres, Row};
-use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::StoreError;
+use super::changes::Changes;
 
 /// Committer settings.
 #[derive(Debug, Clone)]
@@ -124,19 +125,19 @@ struct Pending {
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<Pending>,
-    committed: Arc<Notify>,
 }
 
 impl Committer {
-    /// Starts the workers. They stop when every `Committer` handle is dropped.
-    pub fn start(pool: PgPool, config: CommitterConfig) -> Self {
+    /// Starts the workers. They stop when every `Committer` handle is dropped. After
+    /// each batch they tell `changes`, so live streams here read at once and the other
+    /// hosts hear of it.
+    pub fn start(pool: PgPool, config: CommitterConfig, changes: Changes) -> Self {
         let (tx, rx) = mpsc::channel::<Pending>(config.max_batch * config.workers * 2);
         let rx = Arc::new(Mutex::new(rx));
         let config = Arc::new(config);
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let committed = Arc::new(Notify::new());
         for worker in 0..config.workers.max(1) {
-            let committed = committed.clone();
+            let changes = changes.clone();
             let rx = rx.clone();
             let pool = pool.clone();
             let config = config.clone();
@@ -151,18 +152,11 @@ impl Committer {
                     };
                     in_flight.fetch_add(1, Ordering::SeqCst);
                     commit(&mut link, &config, batch, &in_flight).await;
-                    committed.notify_waiters();
+                    changes.events_committed();
                 }
             });
         }
-        Self { tx, committed }
-    }
-
-    /// Notified after each batch this committer wrote (or tried to): what the shared
-    /// event tail waits on, besides its poll, so live streams see this host's commits
-    /// at once.
-    pub fn commits(&self) -> Arc<Notify> {
-        self.committed.clone()
+        Self { tx }
     }
 
     /// Appends one command's events; resolves when they are durable (or refused).

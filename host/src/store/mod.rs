@@ -13,10 +13,13 @@
 //!   status.
 //! - [`groups`]: consumer groups' acknowledged positions.
 //! - [`jsonb`]: the JSON that `jsonb` refuses, caught before it reaches an append.
+//! - [`changes`]: `LISTEN`/`NOTIFY` between the region's hosts, so they hear of each
+//!   other's commits and plugin uploads at once instead of at their next poll.
 //! - [`tail`]: one reader of the commit order per host, whose pages every live stream
 //!   shares (catch-up and gaps read on their own).
 
 pub mod append;
+pub mod changes;
 pub mod cluster;
 pub mod groups;
 pub mod jsonb;
@@ -31,6 +34,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub use append::{AppendOutcome, AppendRequest, Committer, CommitterConfig, Fence, NewEvent};
+pub use changes::Changes;
 pub use read::{AggregateKey, EventFilter, OrderKey, StoredEvent};
 pub use tail::{Subscription, Tail, TailConfig};
 

@@ -26,7 +26,12 @@ use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, broadcast};
 
 use super::StoreError;
+use super::changes::Changes;
 use super::read::{self, EventFilter, OrderKey, StoredEvent};
+
+/// How long the tail waits after a failed read (the database away) before it tries
+/// again.
+const READ_RETRY: Duration = Duration::from_secs(1);
 
 /// How the shared tail reads and fans out.
 #[derive(Debug, Clone)]
@@ -36,8 +41,9 @@ pub struct TailConfig {
     /// Pages the broadcast keeps for slow subscribers; one that falls further behind
     /// reads the gap from the database.
     pub capacity: usize,
-    /// How long the tail waits after a read that found nothing new, unless this host
-    /// commits something first (commits on other hosts are found by this poll).
+    /// How long the tail waits after a read that found nothing new, unless a host of
+    /// the region announces a commit first (see [`Changes`]); the poll finds commits
+    /// whose announcement was lost.
     pub poll: Duration,
     /// How long it waits after a read that found events: while the region is busy
     /// the other hosts' commits are found this soon, and an idle region costs one read
@@ -92,10 +98,10 @@ struct Inner {
 }
 
 impl Tail {
-    /// Starts the tail's task on the current tokio runtime. With `commits` (see
-    /// [`Committer::commits`](super::Committer::commits)) it also reads right after this
-    /// host commits, instead of on the next poll.
-    pub fn start(pool: PgPool, config: TailConfig, commits: Option<Arc<Notify>>) -> Tail {
+    /// Starts the tail's task on the current tokio runtime. It reads right after
+    /// `changes` tells of a commit in the region (at most every
+    /// [`min_interval`](TailConfig::min_interval)), and otherwise on its poll.
+    pub fn start(pool: PgPool, config: TailConfig, changes: Changes) -> Tail {
         let (sender, _) = broadcast::channel(config.capacity.max(1));
         let inner = Arc::new(Inner {
             pool,
@@ -106,7 +112,7 @@ impl Tail {
         tokio::spawn(run(
             Arc::downgrade(&inner),
             inner.subscribed.clone(),
-            commits,
+            changes,
         ));
         Tail { inner }
     }
@@ -138,8 +144,10 @@ impl Tail {
 
 /// The tail's task: reads while anyone listens, from the head the first listener
 /// found, and ends when the [`Tail`] is dropped.
-async fn run(inner: std::sync::Weak<Inner>, subscribed: Arc<Notify>, commits: Option<Arc<Notify>>) {
+async fn run(inner: std::sync::Weak<Inner>, subscribed: Arc<Notify>, changes: Changes) {
     let mut cursor: Option<OrderKey> = None;
+    // Since when a commit has been announced that no read has found yet.
+    let mut announced: Option<tokio::time::Instant> = None;
     loop {
         let Some(tail) = inner.upgrade() else { return };
         if tail.sender.receiver_count() == 0 {
@@ -159,15 +167,15 @@ async fn run(inner: std::sync::Weak<Inner>, subscribed: Arc<Notify>, commits: Op
                 Ok(key) => key,
                 Err(error) => {
                     tracing::warn!(%error, "event tail: reading the head failed; retrying");
-                    tokio::time::sleep(tail.config.poll * 10).await;
+                    tokio::time::sleep(READ_RETRY).await;
                     continue;
                 }
             },
         };
         cursor = Some(after);
-        // Listen for this host's next commit before reading, so one that lands during
-        // the read still wakes the wait after it.
-        let committed = commits.as_ref().map(|c| c.notified());
+        // Listen for the next commit before reading, so one that lands during the read
+        // still wakes the wait after it.
+        let committed = changes.events();
         let started = tokio::time::Instant::now();
         match read::read_after(
             &tail.pool,
@@ -184,37 +192,50 @@ async fn run(inner: std::sync::Weak<Inner>, subscribed: Arc<Notify>, commits: Op
                 cursor = Some(page.last());
                 // No receiver left is fine: the next turn parks.
                 let _ = tail.sender.send(Arc::new(page));
-                if !full {
-                    wait(&tail.config, tail.config.busy_poll, started, committed).await;
+                announced = None;
+                if !full && wait(&tail.config, tail.config.busy_poll, started, committed).await {
+                    announced = Some(tokio::time::Instant::now());
                 }
             }
-            Ok(_) => wait(&tail.config, tail.config.poll, started, committed).await,
+            Ok(_) => {
+                // A commit was announced but nothing new can be read: it is behind a
+                // transaction still running (the read stops below the oldest one, which
+                // may be any short transaction on the server), so look again soon
+                // rather than at the idle poll — until `poll` has passed, in case the
+                // announced commit had been read already.
+                let poll = match announced {
+                    Some(since) if since.elapsed() < tail.config.poll => tail.config.busy_poll,
+                    _ => {
+                        announced = None;
+                        tail.config.poll
+                    }
+                };
+                if wait(&tail.config, poll, started, committed).await && announced.is_none() {
+                    announced = Some(tokio::time::Instant::now());
+                }
+            }
             Err(error) => {
                 tracing::warn!(%error, "event tail: read failed; retrying");
-                tokio::time::sleep(tail.config.poll * 10).await;
+                tokio::time::sleep(READ_RETRY).await;
             }
         }
     }
 }
 
-/// Waits `poll` or, sooner, for a commit on this host, but never less than
-/// `min_interval` after the read that `started`.
+/// Waits `poll` or, sooner, for a commit in the region, but never less than
+/// `min_interval` after the read that `started`. True when a commit ended the wait.
 async fn wait(
     config: &TailConfig,
     poll: Duration,
     started: tokio::time::Instant,
-    committed: Option<Notified<'_>>,
-) {
-    match committed {
-        Some(committed) => {
-            tokio::select! {
-                _ = tokio::time::sleep(poll) => return,
-                _ = committed => {}
-            }
-            tokio::time::sleep_until(started + config.min_interval).await;
-        }
-        None => tokio::time::sleep(poll).await,
+    committed: Notified<'_>,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(poll) => return false,
+        _ = committed => {}
     }
+    tokio::time::sleep_until(started + config.min_interval).await;
+    true
 }
 
 /// One live stream: the events after its starting key that pass its filter, in commit
