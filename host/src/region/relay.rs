@@ -49,6 +49,9 @@ const STORE_BATCH: usize = 500;
 /// the region (see [`store::Changes`]) ends it sooner.
 const TAIL_IDLE: Duration = Duration::from_millis(10);
 
+/// Shortest time between two reads of the event tail when announced commits wake it.
+const TAIL_MIN_INTERVAL: Duration = Duration::from_millis(5);
+
 /// The durable consumer name on inbound streams.
 const INBOUND_CONSUMER: &str = "meridian-inbound";
 
@@ -191,10 +194,15 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
         }
         // Created before the read, so a commit during it ends the wait below.
         let committed = regions.changes().events();
+        let started = tokio::time::Instant::now();
         let page = store::read::read_after(&pool, cursor, None, PUBLISH_BATCH, &own).await?;
         let Some(&(last_key, _)) = page.last() else {
             tokio::select! {
-                _ = committed => {}
+                _ = committed => {
+                    // A host committing batch after batch would otherwise make this
+                    // read once per batch.
+                    tokio::time::sleep_until(started + TAIL_MIN_INTERVAL).await;
+                }
                 _ = tokio::time::sleep(TAIL_IDLE) => {}
             }
             continue;
