@@ -91,15 +91,21 @@ async fn open_accounts(hosts: &[Host], n: usize) -> Vec<String> {
 /// (PostgreSQL `NOTIFY`), not at its next poll. These hosts look for both only every
 /// ten minutes, so nothing but the announcements can bring a commit made on one host
 /// to a live stream on the other, or make the other run a version uploaded through
-/// the first.
+/// the first. An upload is answered once every live host runs the new version, or
+/// after the rollout timeout, naming the hosts that do not yet.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_hears_of_the_other_hosts_commits_and_uploads_without_polling() {
     let db = TestDb::new("c_changes").await;
-    let mut options = options();
-    options.env.extend([
-        ("MERIDIAN_TAIL_POLL_MS".into(), "600000".into()),
-        ("MERIDIAN_PLUGIN_REFRESH_MS".into(), "600000".into()),
-    ]);
+    let options = HostOptions {
+        env: vec![
+            ("MERIDIAN_TAIL_POLL_MS".into(), "600000".into()),
+            ("MERIDIAN_PLUGIN_REFRESH_MS".into(), "600000".into()),
+            // A paused host still counts as live (below) for 10 s.
+            ("MERIDIAN_DEAD_AFTER_MS".into(), "10000".into()),
+            ("MERIDIAN_PLUGIN_ROLLOUT_TIMEOUT_MS".into(), "2000".into()),
+        ],
+        ..HostOptions::default()
+    };
     let (first, second) = (
         Host::start(&db, options.clone()).await,
         Host::start(&db, options).await,
@@ -141,15 +147,9 @@ async fn a_host_hears_of_the_other_hosts_commits_and_uploads_without_polling() {
     let (_, event) = stream.next().await;
     assert_eq!(event["aggregate_id"], on_first.as_str(), "{event}");
 
-    // Version 2 uploaded through the first host: the second runs it for the
-    // aggregates it owns.
-    let (status, body) = hosts[0]
-        .client()
-        .upload("bank-account", with_custom_section(b"v2"))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    assert_eq!(body["version"], 2, "{body}");
-    eventually(|| async {
+    // Version 2 uploaded through the first host: answered once both hosts run it, so
+    // the next command on the second host's aggregate runs it.
+    let deposit = || async {
         let (code, body) = hosts[1]
             .client()
             .command(
@@ -160,10 +160,36 @@ async fn a_host_hears_of_the_other_hosts_commits_and_uploads_without_polling() {
             .await;
         assert_eq!(code, 200, "{body}");
         let events = events_of(&hosts[1], &on_second).await;
-        let last = events.last().expect("events");
-        (last["metadata"]["plugin_version"] == 2).then_some(())
-    })
-    .await;
+        events.last().expect("events")["metadata"]["plugin_version"].clone()
+    };
+    let (status, body) = hosts[0]
+        .client()
+        .upload("bank-account", with_custom_section(b"v2"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["version"], 2, "{body}");
+    assert_eq!(
+        body["rollout"],
+        json!({"hosts_running": 2, "hosts_pending": []}),
+        "{body}"
+    );
+    assert_eq!(deposit().await, 2);
+
+    // The second host paused: version 3 is answered after the rollout timeout, naming
+    // it; resumed, it hears of the version and runs it.
+    hosts[1].signal("STOP");
+    let (status, body) = hosts[0]
+        .client()
+        .upload("bank-account", with_custom_section(b"v3"))
+        .await;
+    hosts[1].signal("CONT");
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        body["rollout"],
+        json!({"hosts_running": 1, "hosts_pending": [hosts[1].node_id]}),
+        "{body}"
+    );
+    eventually(|| async { (deposit().await == 3).then_some(()) }).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

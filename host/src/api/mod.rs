@@ -79,6 +79,9 @@ pub struct AppState {
     pub commands_in_flight: Admission,
     /// Cancelled when the host starts draining (SIGTERM): live streams end then.
     pub draining: tokio_util::sync::CancellationToken,
+    /// How long an upload waits for every live host of the region to run the new
+    /// version before it is answered anyway.
+    pub plugin_rollout_timeout: std::time::Duration,
 }
 
 /// Bounds the commands one host works on at once. Past the bound a command is answered
@@ -227,6 +230,7 @@ pub fn router(state: AppState) -> axum::Router {
         StoredEvent,
         PluginInfo,
         UploadResult,
+        Rollout,
         HistoryCheck,
         PluginDetail,
         SandboxLimits,
@@ -990,6 +994,22 @@ pub struct UploadResult {
     /// True for `?dry_run=true`: everything was checked and nothing stored; `version`
     /// is the one the component would get in this region.
     pub dry_run: bool,
+    /// Which hosts of the region run the version when the upload is answered; absent
+    /// for a dry run.
+    pub rollout: Option<Rollout>,
+}
+
+/// How far a stored version has reached the region's hosts. An upload is answered
+/// once every live host runs it, so a command sent anywhere in the region after the
+/// answer runs it; if some host has not compiled it within the host's
+/// `MERIDIAN_PLUGIN_ROLLOUT_TIMEOUT_MS`, the answer names it (it runs the previous
+/// version until it has).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Rollout {
+    /// Live hosts of the region that run this version (or a newer one).
+    pub hosts_running: usize,
+    /// Live hosts that do not run it yet, by node id (empty when it runs everywhere).
+    pub hosts_pending: Vec<String>,
 }
 
 /// Query of an upload.
@@ -1108,6 +1128,7 @@ async fn upload_plugin(
                 contract: validated.contract.to_string(),
                 history_checked,
                 dry_run: true,
+                rollout: None,
             }),
         ));
     }
@@ -1130,6 +1151,10 @@ async fn upload_plugin(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "plugin stored"
     );
+    // This host first (its validation's compile is cached, so this is quick); the
+    // others load it when they hear of it.
+    state.executor.plugins().get(&aggregate_type).await?;
+    let rollout = wait_for_rollout(&state, &aggregate_type, info.version).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -1146,8 +1171,58 @@ async fn upload_plugin(
             contract: validated.contract.to_string(),
             history_checked,
             dry_run: false,
+            rollout: Some(rollout),
         }),
     ))
+}
+
+/// Waits until every live host of the region runs `version` of the type (or a newer
+/// one), at most the host's rollout timeout.
+async fn wait_for_rollout(
+    state: &AppState,
+    aggregate_type: &str,
+    version: i32,
+) -> Result<Rollout, ApiError> {
+    let started = std::time::Instant::now();
+    let mut said = std::time::Duration::ZERO;
+    loop {
+        let hosts = store::plugins::hosts_running(
+            &state.pool,
+            aggregate_type,
+            version,
+            state.cluster.dead_after(),
+        )
+        .await?;
+        let hosts_pending: Vec<String> = hosts
+            .iter()
+            .filter(|(_, running)| !running)
+            .map(|(node, _)| node.clone())
+            .collect();
+        let rollout = Rollout {
+            hosts_running: hosts.len() - hosts_pending.len(),
+            hosts_pending,
+        };
+        let waited = started.elapsed();
+        if rollout.hosts_pending.is_empty() {
+            tracing::info!(
+                aggregate_type,
+                version,
+                hosts = rollout.hosts_running,
+                waited_ms = waited.as_millis() as u64,
+                "every host runs the new plugin version"
+            );
+            return Ok(rollout);
+        }
+        if waited >= state.plugin_rollout_timeout {
+            tracing::warn!(aggregate_type, version, pending = ?rollout.hosts_pending, "answering the upload before every host runs the new version (they run the previous one until they have compiled it)");
+            return Ok(rollout);
+        }
+        if waited >= said + std::time::Duration::from_secs(2) {
+            said = waited;
+            tracing::info!(aggregate_type, version, running = rollout.hosts_running, pending = ?rollout.hosts_pending, "waiting for the region's hosts to run the new plugin version");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// List the newest plugin of every aggregate type.

@@ -235,6 +235,25 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                     body["size_bytes"],
                     body["sha256"].as_str().unwrap_or("")
                 );
+                let rollout = &body["rollout"];
+                if rollout.is_object() {
+                    let pending: Vec<&str> = rollout["hosts_pending"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
+                        .unwrap_or_default();
+                    if pending.is_empty() {
+                        println!(
+                            "  runs on every host of the region ({})",
+                            rollout["hosts_running"]
+                        );
+                    } else {
+                        println!(
+                            "  runs on {} hosts; not yet on {} (they run the previous version until they have compiled it)",
+                            rollout["hosts_running"],
+                            pending.join(", ")
+                        );
+                    }
+                }
                 let checked = &body["history_checked"];
                 if checked.is_object() {
                     println!(

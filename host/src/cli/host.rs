@@ -122,6 +122,14 @@ pub struct HostArgs {
     #[arg(long, env = "MERIDIAN_PLUGIN_REFRESH_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub plugin_refresh_ms: u64,
+    /// Milliseconds an upload waits for every live host of the region to run the new
+    /// version before it is answered anyway (the answer names the hosts that do not).
+    #[arg(
+        long,
+        env = "MERIDIAN_PLUGIN_ROLLOUT_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub plugin_rollout_timeout_ms: u64,
     /// Milliseconds a command waits for its partition to get an owner before a 503.
     #[arg(long, env = "MERIDIAN_ROUTE_TIMEOUT_MS", default_value_t = cluster::driver::DEFAULT_ROUTE_TIMEOUT.as_millis() as u64)]
     pub route_timeout_ms: u64,
@@ -275,6 +283,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         max_upload_bytes: args.max_upload_bytes,
         commands_in_flight: api::Admission::new(args.max_commands_in_flight as usize),
         draining: shutdown.clone(),
+        plugin_rollout_timeout: Duration::from_millis(args.plugin_rollout_timeout_ms),
         regions: regions.clone(),
         tail: store::Tail::start(
             pool.clone(),

@@ -176,6 +176,11 @@ impl Cluster {
         &self.inner.config.node_id
     }
 
+    /// How long without a heartbeat before a member counts as dead.
+    pub fn dead_after(&self) -> Duration {
+        self.inner.config.dead_after
+    }
+
     /// The partition count.
     pub fn partitions(&self) -> u32 {
         self.inner.config.partitions

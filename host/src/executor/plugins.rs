@@ -110,6 +110,18 @@ impl PluginRegistry {
             .lock()
             .expect("registry poisoned")
             .insert(aggregate_type.to_string(), plugin.clone());
+        // What an upload waits for on every host. Failing to say so only makes the
+        // upload wait until its timeout; the plugin runs all the same.
+        if let Err(error) = store::plugins::record_running(
+            &self.inner.pool,
+            self.inner.changes.node_id(),
+            aggregate_type,
+            plugin.version(),
+        )
+        .await
+        {
+            tracing::warn!(%error, aggregate_type, "cannot record the plugin version this host runs");
+        }
         Ok(plugin)
     }
 

@@ -72,6 +72,11 @@ impl Changes {
         }
     }
 
+    /// The host these changes are announced for.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
     /// Call after a transaction that stored events has committed.
     pub fn events_committed(&self) {
         self.inner.events_here.store(true, Ordering::Release);

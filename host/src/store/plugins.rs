@@ -194,3 +194,44 @@ pub async fn stored_versions(pool: &PgPool) -> Result<Vec<(String, i32)>, StoreE
             .await?,
     )
 }
+
+/// Records that `node` now runs `version` of `aggregate_type` (see [`hosts_running`]).
+pub async fn record_running(
+    pool: &PgPool,
+    node: &str,
+    aggregate_type: &str,
+    version: i32,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO plugins_running (node_id, aggregate_type, version) VALUES ($1, $2, $3) \
+         ON CONFLICT (node_id, aggregate_type) DO UPDATE SET version = EXCLUDED.version, since = now()",
+    )
+    .bind(node)
+    .bind(aggregate_type)
+    .bind(version)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The live hosts of the region (not found dead, a heartbeat within `live_within`), by
+/// node id, each with whether it runs `version` of `aggregate_type` or a newer one.
+pub async fn hosts_running(
+    pool: &PgPool,
+    aggregate_type: &str,
+    version: i32,
+    live_within: std::time::Duration,
+) -> Result<Vec<(String, bool)>, StoreError> {
+    let rows: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT m.node_id, coalesce(r.version >= $2, false) FROM members m \
+         LEFT JOIN plugins_running r ON r.node_id = m.node_id AND r.aggregate_type = $1 \
+         WHERE NOT m.dead AND m.last_heartbeat > now() - make_interval(secs => $3) \
+         ORDER BY m.node_id",
+    )
+    .bind(aggregate_type)
+    .bind(version)
+    .bind(live_within.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
