@@ -213,6 +213,8 @@ async fn sync_once(regions: &Regions, pool: &PgPool) -> anyhow::Result<()> {
         )
         .await?;
         tracing::info!(aggregate_type, version, sha256 = sha, "plugin imported");
+        // Every host of the region runs it as soon as it has compiled it.
+        regions.changes().plugins_changed();
     }
     Ok(())
 }

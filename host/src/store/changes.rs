@@ -56,7 +56,7 @@ struct Inner {
     announce: Notify,
     /// Events committed on any host of the region (this one included).
     events: Notify,
-    /// Plugins changed through another host.
+    /// Plugins changed through any host of the region (this one included).
     plugins: Notify,
 }
 
@@ -88,6 +88,7 @@ impl Changes {
     pub fn plugins_changed(&self) {
         self.inner.plugins_here.store(true, Ordering::Release);
         self.inner.announce.notify_one();
+        self.inner.plugins.notify_waiters();
     }
 
     /// Resolves when events are committed on any host of the region. Like every
@@ -97,7 +98,8 @@ impl Changes {
         self.inner.events.notified()
     }
 
-    /// Resolves when another host of the region announces a plugin change.
+    /// Resolves when a plugin change is stored by any host of the region (this one
+    /// included).
     pub fn plugins(&self) -> Notified<'_> {
         self.inner.plugins.notified()
     }
