@@ -230,6 +230,13 @@ pub(super) async fn move_home(
         )));
     }
     if !request.force {
+        // Another region sent the move here as to the home: what this host remembers
+        // may be older than what that region knew (a move back here that another host
+        // of this region passed on), and trusting it would send the move back, again
+        // and again until the hop limit. The stream row decides.
+        if headers.get(HOME_HEADER).and_then(|v| v.to_str().ok()) == Some(local.as_str()) {
+            state.regions.forget(&key);
+        }
         // Not `home()`: that would claim a home for an aggregate that does not exist.
         let Some(home) = state.regions.existing_home(&key).await? else {
             return Err(ApiError::not_found(
