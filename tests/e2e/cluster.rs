@@ -612,6 +612,17 @@ async fn joining_and_draining_under_load_fail_no_command() {
     .await
     .unwrap();
     assert_eq!(code.0, Some(0), "drained host did not exit 0");
+    // It left no trace in the membership, nor in what uploads wait for.
+    let pool = db.pool().await;
+    let (members, running): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM members WHERE node_id = $1), \
+                (SELECT count(*) FROM plugins_running WHERE node_id = $1)",
+    )
+    .bind(&code.1.node_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((members, running), (0, 0));
     wait_balanced(&hosts).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (acked, failures) = load.stop().await;

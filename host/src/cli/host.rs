@@ -381,7 +381,10 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     )
     .await
     .is_ok_and(|r| r.is_ok());
-    if !handed_over {
+    if handed_over {
+        // Out of the membership now: the process may end before the driver's next turn.
+        cluster.leave_if_exited().await;
+    } else {
         tracing::warn!(
             "drain timed out with partitions still held; they move when this host's heartbeat expires"
         );

@@ -120,6 +120,9 @@ struct Inner {
     membership_epoch: AtomicI64,
     /// Set once the drained node removed its member row.
     left: std::sync::atomic::AtomicBool,
+    /// Held while the member row is written or removed: a heartbeat in flight when
+    /// the node leaves would otherwise put the row back after its removal.
+    member_row: tokio::sync::Mutex<()>,
     inputs: mpsc::UnboundedSender<Input>,
     nudge: tokio::sync::Notify,
     phase: watch::Sender<Phase>,
@@ -153,6 +156,7 @@ impl Cluster {
                 status: Mutex::new(None),
                 membership_epoch: AtomicI64::new(0),
                 left: std::sync::atomic::AtomicBool::new(false),
+                member_row: tokio::sync::Mutex::new(()),
                 inputs,
                 nudge: tokio::sync::Notify::new(),
                 phase,
@@ -217,21 +221,37 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    // The host may stop this loop before a tick noticed the exit (the
+                    // phase can change outside it); the row must go all the same.
+                    self.leave_if_exited().await;
+                    return;
+                }
                 _ = tick.tick() => self.poll().await,
                 _ = self.inner.nudge.notified() => self.poll().await,
                 Some(input) = rx.recv() => self.feed(input).await,
             }
-            let exited = *self.inner.phase.borrow() == Phase::Exited;
-            if exited && !self.inner.left.swap(true, Ordering::Relaxed) {
-                // Gone from the membership, but keep observing: this host still
-                // forwards what reaches it until its listener closes.
-                if let Err(error) =
-                    store::cluster::leave(&self.inner.pool, &self.inner.config.node_id).await
-                {
-                    tracing::warn!(%error, "could not remove the member row; it will expire");
-                }
-            }
+            // Gone from the membership, but keep observing: this host still forwards
+            // what reaches it until its listener closes.
+            self.leave_if_exited().await;
+        }
+    }
+
+    /// Removes the member row once the node has handed everything over (once; a
+    /// no-op before). The driver does it on its next turn after the exit, and the host
+    /// once more before it stops, so the row is gone whichever comes first.
+    pub async fn leave_if_exited(&self) {
+        if *self.inner.phase.borrow() != Phase::Exited {
+            return;
+        }
+        let _row = self.inner.member_row.lock().await;
+        if self.inner.left.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Err(error) =
+            store::cluster::leave(&self.inner.pool, &self.inner.config.node_id).await
+        {
+            tracing::warn!(%error, "could not remove the member row; it will expire");
         }
     }
 
@@ -276,8 +296,13 @@ impl Cluster {
         }
     }
 
-    /// Writes this node's member row (a heartbeat, with the state to announce).
+    /// Writes this node's member row (a heartbeat, with the state to announce), unless
+    /// the node has left.
     async fn write_member(&self, state: MemberState) -> Result<(), StoreError> {
+        let _row = self.inner.member_row.lock().await;
+        if self.inner.left.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let config = &self.inner.config;
         store::cluster::heartbeat(&self.inner.pool, &config.node_id, &config.address, state).await
     }

@@ -95,6 +95,12 @@ pub async fn leave(pool: &PgPool, node: &str) -> Result<(), StoreError> {
         .bind(node)
         .execute(&mut *tx)
         .await?;
+    // Read only for live members; without this, hosts with a fresh name per start
+    // (containers) would leave a row per plugin each.
+    sqlx::query("DELETE FROM plugins_running WHERE node_id = $1")
+        .bind(node)
+        .execute(&mut *tx)
+        .await?;
     bump_membership_epoch(&mut tx).await?;
     tx.commit().await?;
     Ok(())
