@@ -166,7 +166,12 @@ impl Changes {
         let inner = &self.inner;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let mut listener = match PgListener::connect_with(&pool).await {
+            let listening = async {
+                let mut listener = PgListener::connect_with(&pool).await?;
+                listener.listen(CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            let mut listener = match listening.await {
                 Ok(listener) => listener,
                 Err(error) => {
                     tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "cannot listen for the other hosts' changes; polling only");
@@ -175,12 +180,6 @@ impl Changes {
                     continue;
                 }
             };
-            if let Err(error) = listener.listen(CHANNEL).await {
-                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "cannot listen for the other hosts' changes; polling only");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
             backoff = Duration::from_millis(100);
             // Whatever was announced before this point was missed: read again now.
             inner.events.notify_waiters();
