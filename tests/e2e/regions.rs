@@ -228,18 +228,22 @@ async fn a_command_sent_to_west_for_an_east_aggregate_runs_in_east() {
     assert!(east_events.iter().all(|e| origin(e) == EAST));
     let west = &r.west[0];
     eventually(|| async { (events_of(west, "fwd-1").await.len() == 3).then_some(()) }).await;
+    // A deposit through west, with these request headers.
+    let deposit_with = async |headers: &[(&str, &str)]| {
+        let mut request = reqwest::Client::new()
+            .post(format!(
+                "{}/v1/aggregates/bank-account/fwd-1",
+                r.west[0].url
+            ))
+            .json(&json!({"command": {"type":"Deposit","amount":1}}));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    };
     // The caller's correlation id crosses the region boundary (NATS headers) into the
     // events written at home.
-    let response = reqwest::Client::new()
-        .post(format!(
-            "{}/v1/aggregates/bank-account/fwd-1",
-            r.west[0].url
-        ))
-        .header("x-correlation-id", "trace-across-regions")
-        .json(&json!({"command": {"type":"Deposit","amount":1}}))
-        .send()
-        .await
-        .unwrap();
+    let response = deposit_with(&[("x-correlation-id", "trace-across-regions")]).await;
     assert_eq!(response.status().as_u16(), 200);
     let east = &r.east[0];
     let traced = eventually(|| async {
@@ -260,17 +264,11 @@ async fn a_command_sent_to_west_for_an_east_aggregate_runs_in_east() {
     // A request that already went round the regions three times (views of a moving home
     // that disagree) is not forwarded again: a retryable 503 naming its path, and
     // nothing is written.
-    let response = reqwest::Client::new()
-        .post(format!(
-            "{}/v1/aggregates/bank-account/fwd-1",
-            r.west[0].url
-        ))
-        .header("x-meridian-region-hops", "3")
-        .header("x-meridian-via", "west,east,west")
-        .json(&json!({"command": {"type":"Deposit","amount":1}}))
-        .send()
-        .await
-        .unwrap();
+    let response = deposit_with(&[
+        ("x-meridian-region-hops", "3"),
+        ("x-meridian-via", "west,east,west"),
+    ])
+    .await;
     assert_eq!(response.status().as_u16(), 503);
     let refused: Value = response.json().await.unwrap();
     assert_eq!(refused["error"]["code"], "too_many_hops", "{refused}");

@@ -351,16 +351,11 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = changes.plugins() => {
-                        if let Err(error) = plugins.refresh().await {
-                            tracing::warn!(%error, "plugin refresh failed");
-                        }
-                    }
-                    _ = tick.tick() => {
-                        if let Err(error) = plugins.refresh().await {
-                            tracing::warn!(%error, "plugin refresh failed");
-                        }
-                    }
+                    _ = changes.plugins() => {}
+                    _ = tick.tick() => {}
+                }
+                if let Err(error) = plugins.refresh().await {
+                    tracing::warn!(%error, "plugin refresh failed");
                 }
             }
         })
