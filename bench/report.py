@@ -260,6 +260,16 @@ def main():
             f"| WASM, per command (one `execute` call) | {rt['wasm_us_per_command']:.2f} µs |",
             f"| WASM ÷ native | {rt['wasm_over_native']:.2f}× |",
             f"| one empty guest call (`describe`) | {rt.get('empty_call_us', 0):.2f} µs |",
+        ]
+        if "bare_async_us_per_command" in rt:
+            # Reference points (bench/src/bare_call.rs): the same export on bare instances.
+            lines += [
+                f"| *reference:* bare instance, async call, per command | {rt['bare_async_us_per_command']:.2f} µs |",
+                f"| *reference:* bare instance, sync call (no fiber) | {rt['bare_sync_us_per_command']:.2f} µs |",
+                f"| *reference:* sync call, no epoch checks (no deadline) | {rt['bare_sync_no_epoch_us_per_command']:.2f} µs |",
+                f"| *reference:* one empty sync call | {rt['bare_sync_empty_call_us']:.2f} µs |",
+            ]
+        lines += [
             f"| replay through WASM `apply` | {rt['replay_events_per_s']:,.0f} events/s |",
             f"| replay natively | {rt['native_replay_events_per_s']:,.0f} events/s |",
         ]

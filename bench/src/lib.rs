@@ -1,5 +1,7 @@
 //! Benchmark tooling for Meridian.
 //!
+//! - [`bare_call`]: the bank-account component called without Meridian's runtime, the
+//!   reference points of the WASM-vs-native benchmark.
 //! - [`load`]: a closed-loop HTTP load generator for any service exposing the command
 //!   endpoint `POST /v1/aggregates/{type}/{id}`, so the same client and measurements can
 //!   be pointed at Meridian and at comparison implementations alike.
@@ -8,6 +10,7 @@
 //! - [`cli`]: argument parsing shared by the binaries.
 //! - [`peer`]: what the comparison services share (flags, Meridian's HTTP shape).
 
+pub mod bare_call;
 pub mod cli;
 pub mod load;
 pub mod peer;

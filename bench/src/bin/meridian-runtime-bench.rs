@@ -8,6 +8,11 @@
 //! export, as the host's executor makes it. The two must agree on every command of the
 //! workload, or the run fails.
 //!
+//! For reference it also times the same export on bare instances, through wasmtime's
+//! async API as the host calls, synchronously, and synchronously without epoch checks
+//! ([`meridian_bench::bare_call`]), which splits the gap to native code into Meridian's
+//! call path, the async API, the deadline checks and the guest code itself.
+//!
 //! ```text
 //! bash plugins/build.sh
 //! cargo run --release -p meridian-bench --bin meridian-runtime-bench -- \
@@ -34,6 +39,7 @@ use anyhow::Context;
 use bank_account::BankAccount;
 use clap::Parser;
 use meridian::runtime::{Runtime, RuntimeConfig, SandboxLimits};
+use meridian_bench::bare_call::{BareCalls, Round};
 use meridian_guest::codec;
 
 /// Command-line options.
@@ -46,7 +52,7 @@ struct Args {
     #[arg(long, default_value_t = 200_000)]
     commands: usize,
     /// Rounds the commands are split into; each side's median round is reported.
-    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, default_value_t = 21, value_parser = clap::value_parser!(u16).range(1..))]
     rounds: u16,
     /// Events replayed through `apply` for the replay measurement.
     #[arg(long, default_value_t = 100_000)]
@@ -120,11 +126,23 @@ async fn main() -> anyhow::Result<()> {
             "WASM and native disagree: {native:?} vs {wasm:?}"
         );
     }
-    // Warm both paths (allocators, instance pool, caches).
+    let mut bare = BareCalls::new(&bytes).await?;
+    for outcomes in bare.outcomes(&work).await? {
+        for ((state, command), bare) in work.iter().zip(outcomes) {
+            let native =
+                codec::execute::<BankAccount>(state, command).map_err(|r| r.into_message());
+            anyhow::ensure!(
+                native == bare,
+                "a bare WASM call and native disagree: {native:?} vs {bare:?}"
+            );
+        }
+    }
+    // Warm every path (allocators, instance pool, caches).
     for (state, command) in work.iter().cycle().take(10_000) {
         native_command(state, command);
         wasm_command(plugin, state, command).await?;
     }
+    bare.round(&work, 10_000).await?;
 
     // Rounds alternate the two sides, so a burst of load from elsewhere on the machine
     // lands on both rather than on one; the median round is what is reported.
@@ -132,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
     let per_round = (args.commands / rounds).max(1);
     let mut native_rounds = Vec::with_capacity(rounds);
     let mut wasm_rounds = Vec::with_capacity(rounds);
+    let mut bare_rounds = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         native_rounds.push(
             time(per_round, |i| {
@@ -148,9 +167,16 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?,
         );
+        bare_rounds.push(bare.round(&work, per_round).await?);
     }
+    drop(bare);
     let native = median(native_rounds);
     let wasm = median(wasm_rounds);
+    let bare = |of: fn(&Round) -> Duration| median(bare_rounds.iter().map(of).collect());
+    let bare_async = bare(|r| r.execute_async);
+    let bare_sync = bare(|r| r.execute_sync);
+    let bare_sync_without_epoch = bare(|r| r.execute_sync_without_epoch);
+    let bare_describe = bare(|r| r.describe_sync);
 
     // Replay: fold `replay_events` Deposited events into one state through WASM apply.
     let payload = br#"{"amount":1}"#;
@@ -205,6 +231,23 @@ async fn main() -> anyhow::Result<()> {
         "one empty guest call   {:>10.2} µs",
         boundary.as_secs_f64() * 1e6
     );
+    println!("for reference, a bare instance (no pool, no output checks):");
+    println!(
+        "  async execute        {:>10.2} µs/command",
+        bare_async.as_secs_f64() * 1e6
+    );
+    println!(
+        "  sync execute         {:>10.2} µs/command  (no fiber: cannot serve WASI safely)",
+        bare_sync.as_secs_f64() * 1e6
+    );
+    println!(
+        "  sync, no epoch       {:>10.2} µs/command  (and no CPU deadline)",
+        bare_sync_without_epoch.as_secs_f64() * 1e6
+    );
+    println!(
+        "  sync empty call      {:>10.2} µs",
+        bare_describe.as_secs_f64() * 1e6
+    );
     println!(
         "replay through WASM    {:>10.0} events/s  (goal >= 100,000)",
         replay_rate
@@ -222,6 +265,10 @@ async fn main() -> anyhow::Result<()> {
             "wasm_us_per_command": wasm.as_secs_f64() * 1e6,
             "wasm_over_native": ratio,
             "empty_call_us": boundary.as_secs_f64() * 1e6,
+            "bare_async_us_per_command": bare_async.as_secs_f64() * 1e6,
+            "bare_sync_us_per_command": bare_sync.as_secs_f64() * 1e6,
+            "bare_sync_no_epoch_us_per_command": bare_sync_without_epoch.as_secs_f64() * 1e6,
+            "bare_sync_empty_call_us": bare_describe.as_secs_f64() * 1e6,
             "replay_events_per_s": replay_rate,
             "native_replay_events_per_s": native_replay_rate,
         });
