@@ -121,7 +121,7 @@ fn sync_instance(
     Ok((store, guest))
 }
 
-/// Converts either version of the bindings' decision into an [`Outcome`].
+/// Converts a decision of either bindings (sync or async) into an [`Outcome`].
 macro_rules! outcome {
     ($result:expr) => {
         $result

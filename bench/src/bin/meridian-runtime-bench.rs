@@ -144,8 +144,9 @@ async fn main() -> anyhow::Result<()> {
     }
     bare.round(&work, 10_000).await?;
 
-    // Rounds alternate the two sides, so a burst of load from elsewhere on the machine
-    // lands on both rather than on one; the median round is what is reported.
+    // Rounds alternate native code, the runtime and the bare calls, so a burst of load
+    // from elsewhere on the machine lands on all of them rather than on one; the median
+    // round is what is reported.
     let rounds = usize::from(args.rounds);
     let per_round = (args.commands / rounds).max(1);
     let mut native_rounds = Vec::with_capacity(rounds);
