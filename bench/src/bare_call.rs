@@ -17,8 +17,8 @@
 //!
 //! The last two are not ways the host may run plugins: a synchronous call cannot await
 //! WASI (a plugin writing to stderr) without blocking an async worker, and without
-//! epoch checks nothing stops a runaway plugin. The benchmark makes them on its own
-//! thread all the same, interleaved with the other measurements so that all of them
+//! epoch checks nothing stops a runaway plugin. The benchmark makes them all the same,
+//! on its one thread and interleaved with the other measurements, so that all of them
 //! meet the same machine: bank-account's `execute` and `describe` call no WASI, and a
 //! component that did would make wasmtime-wasi panic here, not measure wrong.
 
