@@ -46,6 +46,22 @@ mod async_bindings {
 /// A command's state and command bytes.
 pub type Input = (Vec<u8>, Vec<u8>);
 
+/// The command mix the WASM-vs-native benchmark times, natively, through the runtime
+/// and on the bare instances alike: deposits, withdrawals and a rejection on one state.
+pub fn workload() -> Vec<Input> {
+    let state = br#"{"owner":"alice","balance":500,"open":true}"#.to_vec();
+    let commands: [&[u8]; 4] = [
+        br#"{"type":"Deposit","amount":17}"#,
+        br#"{"type":"Withdraw","amount":5}"#,
+        br#"{"type":"Deposit","amount":3}"#,
+        br#"{"type":"Withdraw","amount":100000}"#, // rejected: insufficient funds
+    ];
+    commands
+        .iter()
+        .map(|c| (state.clone(), c.to_vec()))
+        .collect()
+}
+
 /// What `execute` gave: the events as `(type, payload)` and the new state, or the
 /// rejection message. The shape of `meridian_guest::codec::execute`'s result, so the two
 /// can be compared.

@@ -14,21 +14,6 @@ use std::time::{Duration, Instant};
 use bank_account::BankAccount;
 use meridian_guest::codec;
 
-/// The command mix of `meridian-runtime-bench`.
-fn workload() -> Vec<bare_call::Input> {
-    let state = br#"{"owner":"alice","balance":500,"open":true}"#.to_vec();
-    let commands: [&[u8]; 4] = [
-        br#"{"type":"Deposit","amount":17}"#,
-        br#"{"type":"Withdraw","amount":5}"#,
-        br#"{"type":"Deposit","amount":3}"#,
-        br#"{"type":"Withdraw","amount":100000}"#, // rejected: insufficient funds
-    ];
-    commands
-        .iter()
-        .map(|c| (state.clone(), c.to_vec()))
-        .collect()
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -36,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: wasmtime-next <component.wasm> <label>");
     };
     let component = std::fs::read(&wasm)?;
-    let work = workload();
+    let work = bare_call::workload();
     let mut bare = bare_call::BareCalls::new(&component).await?;
 
     // Every kind of call must give native code's answer before anything is timed.

@@ -39,7 +39,7 @@ use anyhow::Context;
 use bank_account::BankAccount;
 use clap::Parser;
 use meridian::runtime::{Runtime, RuntimeConfig, SandboxLimits};
-use meridian_bench::bare_call::{BareCalls, Round};
+use meridian_bench::bare_call::{BareCalls, Round, workload};
 use meridian_guest::codec;
 
 /// Command-line options.
@@ -70,21 +70,6 @@ fn parse_language(arg: &str) -> Result<(String, PathBuf), String> {
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=PATH, got `{arg}`"))?;
     Ok((name.to_owned(), PathBuf::from(path)))
-}
-
-/// A fixed command mix over a small set of states, the same for both sides.
-fn workload() -> Vec<(Vec<u8>, Vec<u8>)> {
-    let state = br#"{"owner":"alice","balance":500,"open":true}"#.to_vec();
-    let commands: [&[u8]; 4] = [
-        br#"{"type":"Deposit","amount":17}"#,
-        br#"{"type":"Withdraw","amount":5}"#,
-        br#"{"type":"Deposit","amount":3}"#,
-        br#"{"type":"Withdraw","amount":100000}"#, // rejected: insufficient funds
-    ];
-    commands
-        .iter()
-        .map(|c| (state.clone(), c.to_vec()))
-        .collect()
 }
 
 // The host runs plugin calls on async tasks (wasmtime's async API); so does this,
