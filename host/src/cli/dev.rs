@@ -24,7 +24,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
 
 use super::migrate::redact;
-use crate::{region, store};
+use crate::region;
 
 /// The aggregate type the example plugin is uploaded as.
 const PLUGIN_TYPE: &str = "bank-account";
@@ -506,16 +506,10 @@ impl Cluster {
             ensure_database(url).await?;
             // Migrating here, once per region, gives a clear error before any host
             // starts, instead of every host racing to migrate and failing alike.
-            let pool = store::connect(&store::DatabaseConfig {
-                url: url.clone(),
-                max_connections: 2,
-            })
-            .await
-            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
-            store::migrate(&pool)
-                .await
-                .with_context(|| format!("applying migrations to {}", redact(url)))?;
-            pool.close().await;
+            super::migrate::connect_and_migrate(url, 2)
+                .await?
+                .close()
+                .await;
         }
 
         let nats_urls: Vec<Option<String>> = match &plan.nats {

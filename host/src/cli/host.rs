@@ -14,7 +14,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::migrate::redact;
 use crate::api::{self, AppState};
 use crate::cluster::{self, Cluster, ClusterConfig};
 use crate::executor::{self, Executor, ExecutorConfig, PluginRegistry};
@@ -155,18 +154,11 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
     let local_addr = listener.local_addr()?;
 
-    let pool = store::connect(&store::DatabaseConfig {
-        url: args.database_url.clone(),
-        max_connections: args.db_connections.max(args.commit_workers as u32 + 2),
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "cannot connect to PostgreSQL at {}",
-            redact(&args.database_url)
-        )
-    })?;
-    store::migrate(&pool).await.context("applying migrations")?;
+    let pool = super::migrate::connect_and_migrate(
+        &args.database_url,
+        args.db_connections.max(args.commit_workers as u32 + 2),
+    )
+    .await?;
     if args.partitions == 0 {
         anyhow::bail!("--partitions must be at least 1");
     }

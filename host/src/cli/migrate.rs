@@ -14,20 +14,24 @@ pub struct MigrateArgs {
 
 /// Applies pending migrations.
 pub async fn execute(args: MigrateArgs) -> anyhow::Result<()> {
-    let pool = store::connect(&store::DatabaseConfig {
-        url: args.database_url.clone(),
-        max_connections: 2,
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "cannot connect to PostgreSQL at {}",
-            redact(&args.database_url)
-        )
-    })?;
-    store::migrate(&pool).await.context("applying migrations")?;
+    connect_and_migrate(&args.database_url, 2).await?;
     eprintln!("migrations applied");
     Ok(())
+}
+
+/// Connects to a region's database and applies pending migrations, with errors that
+/// name the database (its password hidden).
+pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Result<sqlx::PgPool> {
+    let pool = store::connect(&store::DatabaseConfig {
+        url: url.to_string(),
+        max_connections,
+    })
+    .await
+    .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+    store::migrate(&pool)
+        .await
+        .with_context(|| format!("applying migrations to {}", redact(url)))?;
+    Ok(pool)
 }
 
 /// Hides a password in a database URL before it is printed.

@@ -272,11 +272,10 @@ impl Runtime {
         }
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let (runtime, sha, limits) = (self.clone(), sha256.clone(), *limits);
-        let plugin = tokio::task::spawn_blocking(move || {
-            runtime.compile("(upload)", 0, &sha, &bytes, limits)
-        })
-        .await
-        .map_err(|e| PluginError::Internal(format!("compile task failed: {e}")))??;
+        let plugin =
+            tokio::task::spawn_blocking(move || runtime.load("(upload)", 0, &sha, &bytes, limits))
+                .await
+                .map_err(|e| PluginError::Internal(format!("compile task failed: {e}")))??;
         let description = plugin.describe().await?;
         Ok(Validated {
             sha256,
@@ -289,17 +288,6 @@ impl Runtime {
 
     /// Compiles (or loads from the cache) one plugin version, ready to call.
     pub fn load(
-        &self,
-        aggregate_type: &str,
-        version: i32,
-        sha256: &str,
-        bytes: &[u8],
-        limits: SandboxLimits,
-    ) -> Result<Plugin, PluginError> {
-        self.compile(aggregate_type, version, sha256, bytes, limits)
-    }
-
-    fn compile(
         &self,
         aggregate_type: &str,
         version: i32,
