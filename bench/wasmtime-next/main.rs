@@ -25,13 +25,7 @@ async fn main() -> anyhow::Result<()> {
     let mut bare = bare_call::BareCalls::new(&component).await?;
 
     // Every kind of call must give native code's answer before anything is timed.
-    let outcomes = bare.outcomes(&work).await?;
-    for (i, (state, command)) in work.iter().enumerate() {
-        let native = codec::execute::<BankAccount>(state, command).map_err(|r| r.into_message());
-        for kind in &outcomes {
-            anyhow::ensure!(kind[i] == native, "{label}: differs from native code");
-        }
-    }
+    bare.check_against_native(&work).await?;
 
     const CALLS: usize = 100_000;
     const ROUNDS: usize = 15;

@@ -39,7 +39,7 @@ use anyhow::Context;
 use bank_account::BankAccount;
 use clap::Parser;
 use meridian::runtime::{Runtime, RuntimeConfig, SandboxLimits};
-use meridian_bench::bare_call::{BareCalls, Round, workload};
+use meridian_bench::bare_call::{BareCalls, Round, native_outcome, workload};
 use meridian_guest::codec;
 
 /// Command-line options.
@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
 
     let work = workload();
     for (state, command) in &work {
-        let native = codec::execute::<BankAccount>(state, command).map_err(|r| r.into_message());
+        let native = native_outcome(state, command);
         let wasm = plugin
             .session()
             .execute(state, command)
@@ -112,16 +112,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let mut bare = BareCalls::new(&bytes).await?;
-    for outcomes in bare.outcomes(&work).await? {
-        for ((state, command), bare) in work.iter().zip(outcomes) {
-            let native =
-                codec::execute::<BankAccount>(state, command).map_err(|r| r.into_message());
-            anyhow::ensure!(
-                native == bare,
-                "a bare WASM call and native disagree: {native:?} vs {bare:?}"
-            );
-        }
-    }
+    bare.check_against_native(&work).await?;
     // Warm every path (allocators, instance pool, caches).
     for (state, command) in work.iter().cycle().take(10_000) {
         native_command(state, command);
