@@ -95,6 +95,26 @@ async fn each_scope_opens_exactly_its_routes_and_forwarding_keeps_the_token() {
         (403, Some("forbidden")),
         "{body}"
     );
+    // Moving a home (forced or not) decides where an aggregate may be written: admin's,
+    // as the README says, not every writer's.
+    let (status, body) = call(
+        Method::POST,
+        format!("{}/v1/aggregates/bank-account/z-1/move-home", a.url),
+        Some(WRITER),
+        Some(json!({"region": "elsewhere", "force": true})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("admin")),
+        "{body}"
+    );
     let (status, _) = call(
         Method::GET,
         format!("{}/v1/plugins", a.url),

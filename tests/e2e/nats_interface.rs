@@ -94,3 +94,68 @@ async fn a_python_consumer_reads_events_from_jetstream_and_resumes() {
     assert_eq!(next[0]["event_id"], body["events"][0]["event_id"]);
     assert_eq!(next[0]["version"], 4);
 }
+
+/// The relay publishes each event on condition that the region's events stream ends
+/// with the one before it. A message lost on the way (a reconnect mid-page) must make
+/// the messages after it fail, not leave a hole that they cover: the relay resumes
+/// after the stream's last message, so an event missing below it would never be sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_events_stream_refuses_an_event_whose_predecessor_is_missing() {
+    use meridian::region::relay::{self, Published};
+    let nats = NatsServer::hub("east");
+    let js = async_nats::jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .expect("connect to NATS"),
+    );
+    let stream_name = relay::events_stream_config("east").name;
+    js.get_or_create_stream(relay::events_stream_config("east"))
+        .await
+        .expect("create the events stream");
+    let event = |version: i64| meridian::store::StoredEvent {
+        position: version,
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_type: "bank-account".into(),
+        aggregate_id: "chain-1".into(),
+        version,
+        event_type: "Deposited".into(),
+        payload: serde_json::value::RawValue::from_string(r#"{"amount": 1}"#.into()).unwrap(),
+        metadata: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+        recorded_at: chrono::Utc::now(),
+    };
+    let events: Vec<_> = (1..=4).map(event).collect();
+    let after = relay::publish_page(&js, "east", Published::Sequence(0), events[..1].iter())
+        .await
+        .expect("publish the first event");
+    assert_eq!(after, Published::Event(events[0].event_id));
+    // The second event was lost on the way: the third, sent after it, is refused.
+    let gap = relay::publish_page(
+        &js,
+        "east",
+        Published::Event(events[1].event_id),
+        events[2..3].iter(),
+    )
+    .await;
+    assert!(gap.is_err(), "an event after a missing one was stored");
+    // A relay that read the stream before it moved on is refused as well.
+    let stale = relay::publish_page(&js, "east", Published::Sequence(0), events[1..2].iter()).await;
+    assert!(stale.is_err(), "a publish from a stale end was stored");
+    // Resumed from where the stream ends, the rest goes in, in order.
+    relay::publish_page(&js, "east", after, events[1..].iter())
+        .await
+        .expect("publish from the end of the stream");
+    let mut stream = js.get_stream(&stream_name).await.expect("the stream");
+    let state = stream.info().await.expect("stream info").state.clone();
+    assert_eq!(state.messages, 4);
+    for (sequence, event) in (1u64..).zip(&events) {
+        let message = stream
+            .get_raw_message(sequence)
+            .await
+            .expect("a stored message");
+        assert_eq!(
+            message.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+            Some(event.event_id.to_string().as_str()),
+            "message {sequence}"
+        );
+    }
+}

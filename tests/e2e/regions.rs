@@ -435,6 +435,63 @@ async fn west_nats_down_for_20s_loses_nothing_and_east_never_fails() {
     }
 }
 
+/// West's database refuses a batch of east's events for a while (a failover, a full
+/// disk): the relay fails and restarts, and later events arrive meanwhile. Every event
+/// of the refused batch must still be stored once the database takes them again —
+/// JetStream's acknowledgements are cumulative, so a restarted relay that stored and
+/// acknowledged the later events first would have acknowledged the refused ones away.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_whose_store_failed_are_stored_after_the_relay_restarts() {
+    let r = TwoRegions::start("redo").await;
+    let west_db = r.west_db.pool().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_redo() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+         CREATE TRIGGER refuse_redo BEFORE INSERT ON events FOR EACH ROW
+           WHEN (NEW.aggregate_id LIKE 'redo-a-%') EXECUTE FUNCTION refuse_redo();",
+    )
+    .execute(&west_db)
+    .await
+    .expect("install the refusing trigger");
+    let refused: Vec<String> = (0..5).map(|i| format!("redo-a-{i}")).collect();
+    for id in &refused {
+        let (status, body, _) = send(&r.east[0], id, json!({"type":"Open","owner":"a"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // West's relay took the batch and failed to store it.
+    eventually(|| async {
+        r.west[0]
+            .log_tail()
+            .contains("refused for the test")
+            .then_some(())
+    })
+    .await;
+    sqlx::raw_sql("DROP TRIGGER refuse_redo ON events")
+        .execute(&west_db)
+        .await
+        .expect("drop the trigger");
+    let later: Vec<String> = (0..5).map(|i| format!("redo-b-{i}")).collect();
+    for id in &later {
+        let (status, body, _) = send(&r.east[0], id, json!({"type":"Open","owner":"b"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for id in later.iter().chain(&refused) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = events_of(&r.west[0], id).await;
+            if events.len() == 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "west never stored {id}'s event{}",
+                r.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// After the peer region's NATS restarts, nats-server leaves the source of the local
 /// copy silent for 10–30 s; the relay restarts it. And if the source is gone from the
 /// stream's configuration (a restart cut off half-way), the relay puts it back. Either

@@ -240,6 +240,20 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         assert_eq!(error["error"]["code"], want_code, "{path} {shown}: {error}");
         assert!(!error["error"]["message"].as_str().unwrap().is_empty());
     }
+    // A filter no aggregate could match is the caller's mistake, not the store being
+    // down (PostgreSQL refuses a NUL byte in a parameter): 400, never a retryable 503.
+    for query in [
+        "aggregate_type=%00",
+        "aggregate_id=acc%001",
+        "aggregate_type=Bank%20Account",
+    ] {
+        let (status, error) = api.get(&format!("/v1/events?{query}")).await;
+        assert_eq!(
+            (status, error["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{query}: {error}"
+        );
+    }
     // A correlation id is an identifier, copied into every event: not a payload.
     let answer = api
         .http
@@ -448,6 +462,60 @@ async fn a_retried_command_id_returns_the_first_result_and_writes_nothing() {
     let (_, state) = api.get("/v1/aggregates/bank-account/acc-1").await;
     assert_eq!(state["state"]["balance"], 0);
     assert_eq!(event_count(&db).await, 6);
+}
+
+/// A command's first run can commit without its host seeing the outcome: the committer
+/// resends a batch whose answer was lost, or the caller hangs up and retries while the
+/// first append is still on its way. The retry is answered with the first result; the
+/// host's state of the aggregate must then not stay at the version before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_answered_with_a_first_run_the_host_missed_leaves_no_stale_state() {
+    let (db, host) = host_with_bank_account("missed").await;
+    let api = host.client();
+    let (status, _) = open(&api, "acc-1", "fay").await;
+    assert_eq!(status, 200);
+    let (_, state) = api.get("/v1/aggregates/bank-account/acc-1").await;
+    assert_eq!(state["version"], 1, "{state}");
+    // The first run of `id`, committed where this host's cache did not see it.
+    let id = uuid::Uuid::new_v4();
+    let pool = db.pool().await;
+    sqlx::raw_sql(&format!(
+        "BEGIN;
+         INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, payload, metadata)
+           VALUES ('{event}', 'bank-account', 'acc-1', 2, 'Deposited', '{{\"amount\": 5}}',
+                   '{{\"command_id\": \"{id}\", \"plugin_version\": 1}}');
+         UPDATE streams SET version = 2 WHERE aggregate_type = 'bank-account' AND aggregate_id = 'acc-1';
+         INSERT INTO commands (command_id, aggregate_type, aggregate_id, first_version, last_version)
+           VALUES ('{id}', 'bank-account', 'acc-1', 2, 2);
+         COMMIT;",
+        event = uuid::Uuid::now_v7(),
+    ))
+    .execute(&pool)
+    .await
+    .expect("commit the first run behind the host's back");
+    pool.close().await;
+    let (status, retry) = api
+        .command(
+            "bank-account",
+            "acc-1",
+            json!({"command": {"type": "Deposit", "amount": 5}, "command_id": id}),
+        )
+        .await;
+    assert_eq!(status, 200, "{retry}");
+    assert_eq!(
+        (retry["version"].as_i64(), retry["duplicate"].as_bool()),
+        (Some(2), Some(true)),
+        "{retry}"
+    );
+    let (_, state) = api.get("/v1/aggregates/bank-account/acc-1").await;
+    assert_eq!(
+        (
+            state["version"].as_i64(),
+            state["state"]["balance"].as_i64()
+        ),
+        (Some(2), Some(5)),
+        "the host kept the state from before the retried command: {state}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

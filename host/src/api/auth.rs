@@ -137,8 +137,14 @@ fn required(method: &Method, path: &str) -> Option<Scope> {
     if path.starts_with("/v1/plugins") && method != Method::GET {
         return Some(Scope::Admin);
     }
-    if path.starts_with("/v1/aggregates/") && method == Method::POST {
-        return Some(Scope::Write);
+    if let Some(rest) = path.strip_prefix("/v1/aggregates/")
+        && method == Method::POST
+    {
+        // `{type}/{id}/move-home`: moving a home (and forcing one) decides where an
+        // aggregate may be written, an operator's call; an id that happens to read
+        // `move-home` is a command like any other.
+        let is_move = matches!(rest.split('/').collect::<Vec<_>>()[..], [_, _, "move-home"]);
+        return Some(if is_move { Scope::Admin } else { Scope::Write });
     }
     Some(Scope::Read)
 }
@@ -206,6 +212,14 @@ mod tests {
         assert_eq!(required(&Method::PUT, "/v1/plugins/x"), Some(Scope::Admin));
         assert_eq!(
             required(&Method::POST, "/v1/aggregates/t/i"),
+            Some(Scope::Write)
+        );
+        assert_eq!(
+            required(&Method::POST, "/v1/aggregates/t/i/move-home"),
+            Some(Scope::Admin)
+        );
+        assert_eq!(
+            required(&Method::POST, "/v1/aggregates/t/move-home"),
             Some(Scope::Write)
         );
         assert_eq!(required(&Method::GET, "/v1/events"), Some(Scope::Read));

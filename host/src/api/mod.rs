@@ -385,7 +385,8 @@ pub fn validate_type(aggregate_type: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!(
-            "invalid aggregate type `{aggregate_type}`: use 1-64 characters of a-z, 0-9, `-` and `_`"
+            "invalid aggregate type `{}`: use 1-64 characters of a-z, 0-9, `-` and `_`",
+            shown(aggregate_type)
         )))
     }
 }
@@ -401,9 +402,26 @@ pub fn validate_id(aggregate_id: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!(
-            "invalid aggregate id `{aggregate_id}`: use 1-200 characters of A-Z, a-z, 0-9 and `-_.:@+=`"
+            "invalid aggregate id `{}`: use 1-200 characters of A-Z, a-z, 0-9 and `-_.:@+=`",
+            shown(aggregate_id)
         )))
     }
+}
+
+/// A refused value as an error message quotes it: at most 80 characters and with
+/// control characters escaped, so a megabyte of garbage or a NUL byte does not end up
+/// in the answer and the logs as it came.
+fn shown(value: &str) -> String {
+    const MAX: usize = 80;
+    let mut out: String = value
+        .chars()
+        .take(MAX)
+        .flat_map(char::escape_debug)
+        .collect();
+    if value.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 fn key(aggregate_type: String, aggregate_id: String) -> Result<AggregateKey, ApiError> {
@@ -796,8 +814,10 @@ pub struct EventsQuery {
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<i64>,
     /// Only this aggregate type.
+    #[param(pattern = "^[a-z0-9_-]{1,64}$")]
     pub aggregate_type: Option<String>,
     /// Only this aggregate id.
+    #[param(pattern = "^[A-Za-z0-9._:@+=-]{1,200}$")]
     pub aggregate_id: Option<String>,
     /// Consumer group: only the events of the aggregates that hash to `member` of
     /// `members`, starting after the member's acknowledged position unless `after` (or
@@ -824,7 +844,7 @@ pub struct EventsQuery {
     params(EventsQuery),
     responses(
         (status = 200, body = EventsPage, description = "a page, or (text/event-stream) a live stream of `event` messages whose data is a StoredEvent"),
-        (status = 400, body = ErrorBody, description = "unknown position, bad limit, or bad group parameters"),
+        (status = 400, body = ErrorBody, description = "unknown position, bad limit, a filter no aggregate could match, or bad group parameters"),
     )
 )]
 async fn list_events(
@@ -837,6 +857,15 @@ async fn list_events(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     non_negative("after", query.after)?;
+    // A filter no stored aggregate could match is a mistake to point out, not a query
+    // to run: PostgreSQL would refuse some (a NUL byte) with an error that reads as the
+    // store being down.
+    if let Some(aggregate_type) = &query.aggregate_type {
+        validate_type(aggregate_type)?;
+    }
+    if let Some(aggregate_id) = &query.aggregate_id {
+        validate_id(aggregate_id)?;
+    }
     let group = groups::from_query(&query)?;
     if wants_stream {
         return stream_events(state, &headers, query, group).await;

@@ -294,7 +294,15 @@ impl Executor {
             };
             match self.decide_and_append(&plugin, &command, &loaded).await {
                 Ok((result, next)) => {
-                    *guard = Some(next.unwrap_or(loaded));
+                    // A retry answered with its first run's result: that run may have
+                    // committed without passing through this cache (its answer lost and
+                    // the batch resent, or the caller gone before it was answered), so a
+                    // state older than the result is read again next time.
+                    *guard = match next {
+                        Some(next) => Some(next),
+                        None if result.duplicate && result.version > loaded.version => None,
+                        None => Some(loaded),
+                    };
                     return Ok(result);
                 }
                 // Someone else wrote: the cached state is stale. Decide again on fresh

@@ -23,6 +23,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{consumer, stream};
 use chrono::Utc;
 use futures::StreamExt;
@@ -164,6 +165,7 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
         .get_or_create_stream(events_stream_config(&region))
         .await?;
     let last = stream.info().await?.state.last_sequence;
+    let mut after = Published::Sequence(last);
     let cursor = if last == 0 {
         0
     } else {
@@ -207,15 +209,7 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
             }
             continue;
         };
-        let mut acks = Vec::with_capacity(page.len());
-        for (_, event) in &page {
-            let (headers, payload) = message(&region, event)?;
-            let subject = event_subject(&region, &event.aggregate_type, &event.aggregate_id);
-            acks.push(js.publish_with_headers(subject, headers, payload).await?);
-        }
-        for ack in acks {
-            ack.await?;
-        }
+        after = publish_page(&js, &region, after, page.iter().map(|(_, e)| e)).await?;
         metrics::counter!("meridian_relay_published_total").increment(page.len() as u64);
         published += page.len() as u64;
         if page.len() as i64 == PUBLISH_BATCH {
@@ -223,6 +217,51 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
         }
         cursor = last_key;
     }
+}
+
+/// Where the region's events stream ends, for the next publish to continue it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// The stream's last sequence (0: empty), as read when the relay starts.
+    Sequence(u64),
+    /// The last event published.
+    Event(uuid::Uuid),
+}
+
+/// Publishes events to the region's events stream, all in flight at once, each
+/// conditional on the stream ending with the one before it (`after` for the first);
+/// returns where the stream then ends.
+///
+/// The condition is what keeps a hole out of the stream. A connection lost mid-page
+/// can drop some messages while later ones, still in the client's buffer, go out on
+/// the new connection; the relay resumes after the stream's last message, so the
+/// dropped events would never be published. Chained, the stream refuses every message
+/// after a missing one, the page fails, and the next attempt starts at the gap.
+pub async fn publish_page<'a>(
+    js: &async_nats::jetstream::Context,
+    region: &str,
+    mut after: Published,
+    events: impl Iterator<Item = &'a StoredEvent>,
+) -> anyhow::Result<Published> {
+    let mut acks = Vec::new();
+    for event in events {
+        let (mut headers, payload) = message(region, event)?;
+        match after {
+            Published::Sequence(sequence) => {
+                headers.insert("Nats-Expected-Last-Sequence", sequence.to_string().as_str())
+            }
+            Published::Event(id) => {
+                headers.insert("Nats-Expected-Last-Msg-Id", id.to_string().as_str())
+            }
+        }
+        let subject = event_subject(region, &event.aggregate_type, &event.aggregate_id);
+        acks.push(js.publish_with_headers(subject, headers, payload).await?);
+        after = Published::Event(event.event_id);
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(after)
 }
 
 /// The message for one event: headers for routing and filtering without parsing, and
@@ -385,17 +424,7 @@ async fn receive(
             ..Default::default()
         })
         .await?;
-    let consumer: consumer::PullConsumer = stream
-        .get_or_create_consumer(
-            INBOUND_CONSUMER,
-            consumer::pull::Config {
-                durable_name: Some(INBOUND_CONSUMER.into()),
-                ack_policy: consumer::AckPolicy::All,
-                max_ack_pending: 20_000,
-                ..Default::default()
-            },
-        )
-        .await?;
+    let consumer = inbound_consumer(&stream, &peer).await?;
     tracing::info!(
         from = peer,
         stream = inbound_stream(&peer),
@@ -457,6 +486,55 @@ async fn receive(
         }
         store::regions::set_relay_status(&pool, &peer, lag_ms, pending, received, newest).await?;
     }
+}
+
+/// The durable consumer a peer's events are stored from, made afresh at every start of
+/// [`receive`] so that it delivers first what was delivered and never acknowledged.
+///
+/// Acknowledgements are cumulative (`AckPolicy::All`), and JetStream resends an
+/// unacknowledged message only when its ack wait runs out. A batch whose store failed
+/// (the database away) would otherwise be passed over by the restarted task, which is
+/// handed the messages after it, and the first of those it acknowledged would cover
+/// the failed batch unstored: events lost for this region. Starting again from the
+/// acknowledgement floor resends it, in order; storing is idempotent on event id, so
+/// what was stored without being acknowledged is counted as a duplicate.
+async fn inbound_consumer(
+    stream: &stream::Stream,
+    peer: &str,
+) -> anyhow::Result<consumer::PullConsumer> {
+    // An operator's pause (`$JS.API.CONSUMER.PAUSE`) outlives the replacement.
+    let mut pause_until = None;
+    let deliver_policy = match stream.consumer_info(INBOUND_CONSUMER).await {
+        Ok(info) => {
+            pause_until = info.config.pause_until;
+            let start_sequence = info.ack_floor.stream_sequence + 1;
+            if info.num_ack_pending > 0 {
+                tracing::info!(
+                    from = peer,
+                    unacknowledged = info.num_ack_pending,
+                    start_sequence,
+                    "resuming after the last acknowledged event"
+                );
+            }
+            stream
+                .delete_consumer(INBOUND_CONSUMER)
+                .await
+                .map_err(|e| anyhow::anyhow!("replacing the inbound consumer: {e}"))?;
+            consumer::DeliverPolicy::ByStartSequence { start_sequence }
+        }
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => consumer::DeliverPolicy::All,
+        Err(e) => anyhow::bail!("reading the inbound consumer: {e}"),
+    };
+    Ok(stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(INBOUND_CONSUMER.into()),
+            ack_policy: consumer::AckPolicy::All,
+            max_ack_pending: 20_000,
+            deliver_policy,
+            pause_until,
+            ..Default::default()
+        })
+        .await?)
 }
 
 /// The source of a peer's inbound stream: the peer's events stream, across the leafnode
@@ -562,7 +640,7 @@ const SOURCE_STALLED_AFTER: Duration = Duration::from_secs(3);
 const SOURCE_RESTART_SPACING: Duration = Duration::from_secs(5);
 
 /// The stream with this region's own events, as the relay creates it.
-fn events_stream_config(region: &str) -> stream::Config {
+pub fn events_stream_config(region: &str) -> stream::Config {
     stream::Config {
         name: events_stream(region),
         subjects: vec![format!("meridian.events.{region}.>")],
