@@ -492,6 +492,38 @@ async fn events_whose_store_failed_are_stored_after_the_relay_restarts() {
     }
 }
 
+/// An event travels to the other regions as one NATS message (1 MiB by default). One
+/// that cannot must be refused when decided: stored, the relay could never publish it
+/// and no later event of the region would reach the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_too_large_to_relay_is_refused_and_the_relay_keeps_going() {
+    let r = TwoRegions::start("big").await;
+    // Within the command and plugin-output caps (1 MiB each), over a message with the
+    // relay's envelope.
+    let owner = "x".repeat(1_048_200);
+    let (status, body, _) =
+        send(&r.east[0], "big-1", json!({"type": "Open", "owner": owner})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("event_too_large")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_payload")),
+        "{body}"
+    );
+    let (status, body, _) = send(&r.east[0], "big-2", json!({"type": "Open", "owner": "o"})).await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while events_of(&r.west[0], "big-2").await.len() != 1 {
+        assert!(Instant::now() < deadline, "the relay stopped{}", r.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(events_of(&r.east[0], "big-1").await.is_empty());
+}
+
 /// After the peer region's NATS restarts, nats-server leaves the source of the local
 /// copy silent for 10–30 s; the relay restarts it. And if the source is gone from the
 /// stream's configuration (a restart cut off half-way), the relay puts it back. Either

@@ -194,6 +194,11 @@ impl From<CommandError> for ApiError {
             | CommandError::Store(e) => e.into(),
             CommandError::Registry(e) => e.into(),
             CommandError::Plugin(e) => e.into(),
+            CommandError::EventTooLarge { .. } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "event_too_large",
+                error.to_string(),
+            ),
         }
     }
 }

@@ -478,7 +478,7 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
         (status = 400, body = ErrorBody, description = "malformed request"),
         (status = 404, body = ErrorBody, description = "unknown aggregate type"),
         (status = 409, body = ErrorBody, description = "expected version does not match"),
-        (status = 413, body = ErrorBody, description = "body too large"),
+        (status = 413, body = ErrorBody, description = "body too large, or the command decided an event too large to relay to other regions (`event_too_large`)"),
         (status = 422, body = ErrorBody, description = "the plugin rejected the command"),
         (status = 500, body = ErrorBody, description = "the plugin failed"),
         (status = 503, body = ErrorBody, description = "store unavailable, partition moving, or the host overloaded (`overloaded`); send again with the same `command_id`",

@@ -189,6 +189,10 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
             None
         }
     };
+    // Each event travels as one NATS message: the server's message size bounds them.
+    let max_event_bytes = nats
+        .as_ref()
+        .map(|client| crate::region::relay::max_event_bytes(client.server_info().max_payload));
     // This host's writes, told to the region's other hosts and theirs to this one.
     let changes = store::Changes::new(node_id.clone());
     let changes_stop = CancellationToken::new();
@@ -234,6 +238,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
             snapshot_every: args.snapshot_every,
             region: args.region.clone(),
             node_id: node_id.clone(),
+            max_event_bytes,
         },
     );
 

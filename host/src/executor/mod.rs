@@ -51,6 +51,9 @@ pub struct ExecutorConfig {
     pub region: String,
     /// This host's node id, recorded in event metadata.
     pub node_id: String,
+    /// Largest event (payload and type) the region's relay can carry, when the region
+    /// relays to others (see [`crate::region::relay::max_event_bytes`]).
+    pub max_event_bytes: Option<usize>,
 }
 
 impl Default for ExecutorConfig {
@@ -60,6 +63,7 @@ impl Default for ExecutorConfig {
             snapshot_every: DEFAULT_SNAPSHOT_EVERY,
             region: "local".into(),
             node_id: "node".into(),
+            max_event_bytes: None,
         }
     }
 }
@@ -148,6 +152,19 @@ pub enum CommandError {
     /// The database failed.
     #[error(transparent)]
     Store(StoreError),
+    /// An event the plugin decided cannot travel to the other regions in one NATS
+    /// message, so it is not stored (stored, it would stop the region's relay).
+    #[error(
+        "the command decided a `{event_type}` event of {bytes} bytes; an event must fit in one NATS message to reach the other regions, at most {max} bytes with this NATS server's max_payload (send less data, or raise max_payload in nats-server's configuration)"
+    )]
+    EventTooLarge {
+        /// The event's type.
+        event_type: String,
+        /// Its payload and type, in bytes.
+        bytes: usize,
+        /// The most this region relays.
+        max: usize,
+    },
 }
 
 impl From<StoreError> for CommandError {
@@ -394,6 +411,17 @@ impl Executor {
                 ),
             }
             .into());
+        }
+        if let Some(max) = self.inner.config.max_event_bytes
+            && let Some(event) = decided
+                .iter()
+                .find(|e| e.payload.get().len() + e.event_type.len() > max)
+        {
+            return Err(CommandError::EventTooLarge {
+                event_type: event.event_type.clone(),
+                bytes: event.payload.get().len() + event.event_type.len(),
+                max,
+            });
         }
         metrics::histogram!("meridian_plugin_seconds", "aggregate_type" => command.key.aggregate_type.clone())
             .record(started.elapsed().as_secs_f64());

@@ -27,6 +27,7 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{consumer, stream};
 use chrono::Utc;
 use futures::StreamExt;
+use serde_json::value::RawValue;
 use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -219,6 +220,45 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
     }
 }
 
+/// Room kept in a NATS message for what the relay adds to an event's payload and type:
+/// headers, the envelope's other fields and the metadata (a few hundred bytes).
+const ENVELOPE_BYTES: usize = 16 * 1024;
+
+/// The largest event (payload and type, as the plugin returned them) the relay carries
+/// on a NATS server whose largest message is `max_payload` bytes. One event is one
+/// message; an event too large for it would stop the relay at that event for good, so
+/// the executor refuses to store it.
+pub fn max_event_bytes(max_payload: usize) -> usize {
+    max_payload.saturating_sub(ENVELOPE_BYTES)
+}
+
+/// A JSON text without the whitespace between its tokens. PostgreSQL prints `jsonb`
+/// with a space after every `:` and `,`, which makes the text read back larger than
+/// what the plugin returned (`[1,2,3]` → `[1, 2, 3]`: up to half again); the relay
+/// sends it compact, so what fits under [`max_event_bytes`] fits in the message.
+fn compact(json: &RawValue) -> Box<RawValue> {
+    let text = json.get();
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if matches!(c, ' ' | '\n' | '\r' | '\t') {
+            continue;
+        }
+        out.push(c);
+    }
+    RawValue::from_string(out).unwrap_or_else(|_| json.to_owned())
+}
+
 /// Where the region's events stream ends, for the next publish to continue it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Published {
@@ -291,8 +331,8 @@ fn message(
         aggregate_id: event.aggregate_id.clone(),
         version: event.version,
         event_type: event.event_type.clone(),
-        payload: event.payload.clone(),
-        metadata: event.metadata.clone(),
+        payload: compact(&event.payload),
+        metadata: compact(&event.metadata),
         recorded_at: event.recorded_at,
     };
     Ok((headers, serde_json::to_vec(&relayed)?.into()))
@@ -680,5 +720,18 @@ mod tests {
             headers.get("Meridian-Event-Type").map(|v| v.as_str()),
             Some("Deposited")
         );
+    }
+
+    #[test]
+    fn events_travel_compact_with_their_strings_untouched() {
+        let stored = r#"{"a": [1, 2, {"b": null}], "text": "a, b: \"c, d\" \\", "n": -1.5e3}"#;
+        let sent = compact(&RawValue::from_string(stored.into()).unwrap());
+        assert_eq!(
+            sent.get(),
+            r#"{"a":[1,2,{"b":null}],"text":"a, b: \"c, d\" \\","n":-1.5e3}"#
+        );
+        let before: serde_json::Value = serde_json::from_str(stored).unwrap();
+        let after: serde_json::Value = serde_json::from_str(sent.get()).unwrap();
+        assert_eq!(before, after);
     }
 }
