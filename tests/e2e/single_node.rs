@@ -306,12 +306,28 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             .send()
             .await;
         match sent {
-            Ok(response) => break response.status().as_u16(),
+            Ok(response) => {
+                let status = response.status().as_u16();
+                break (status, response.json::<Value>().await.unwrap_or_default());
+            }
             Err(error) if error.is_request() && attempts < 5 => continue,
             Err(error) => panic!("no answer to an oversized command: {error:?}"),
         }
     };
-    assert_eq!(status, 413);
+    // In the API's error shape, naming the limit and its setting.
+    assert_eq!(
+        (status.0, status.1["error"]["code"].as_str()),
+        (413, Some("body_too_large")),
+        "{}",
+        status.1
+    );
+    assert!(
+        status.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("MERIDIAN_MAX_COMMAND_BYTES")),
+        "{}",
+        status.1
+    );
 
     // Broken uploads.
     let (status, error) = api

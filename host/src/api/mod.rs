@@ -186,11 +186,38 @@ pub fn router(state: AppState) -> axum::Router {
                 format!("this route does not take {method}; the Allow header lists what it takes"),
             )
         })
+        .layer(axum::middleware::map_response_with_state(
+            (command_limit, upload_limit),
+            body_limit_as_json,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             tokens,
             auth::authenticate,
         ))
         .with_state(state)
+}
+
+/// axum refuses a body over a route's limit in plain text; the API answers every
+/// mistake in its one JSON error shape, here naming the limits and their settings.
+async fn body_limit_as_json(
+    State((command_limit, upload_limit)): State<(usize, usize)>,
+    response: Response,
+) -> Response {
+    let json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE || json {
+        return response;
+    }
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!(
+            "the request body is over this route's limit: a command takes at most {command_limit} bytes (MERIDIAN_MAX_COMMAND_BYTES), a plugin upload {upload_limit} (MERIDIAN_MAX_UPLOAD_BYTES), any other request 2 MiB"
+        ),
+    )
+    .into_response()
 }
 
 /// The OpenAPI document.
