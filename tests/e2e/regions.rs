@@ -106,6 +106,20 @@ impl TwoRegions {
         regions
     }
 
+    /// Waits up to 20 s for west to hold `n` events of account `id`; fails with every
+    /// host's and server's log otherwise.
+    async fn wait_until_west_holds(&self, id: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while events_of(&self.west[0], id).await.len() != n {
+            assert!(
+                Instant::now() < deadline,
+                "west never stored {n} events of {id}{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn logs(&self) -> String {
         let mut out = String::new();
         for (name, hosts) in [("east", &self.east), ("west", &self.west)] {
@@ -476,19 +490,7 @@ async fn events_whose_store_failed_are_stored_after_the_relay_restarts() {
         assert_eq!(status, 200, "{body}");
     }
     for id in later.iter().chain(&refused) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let events = events_of(&r.west[0], id).await;
-            if events.len() == 1 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "west never stored {id}'s event{}",
-                r.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        r.wait_until_west_holds(id, 1).await;
     }
 }
 
@@ -516,11 +518,7 @@ async fn an_event_too_large_to_relay_is_refused_and_the_relay_keeps_going() {
     );
     let (status, body, _) = send(&r.east[0], "big-2", json!({"type": "Open", "owner": "o"})).await;
     assert_eq!(status, 200, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while events_of(&r.west[0], "big-2").await.len() != 1 {
-        assert!(Instant::now() < deadline, "the relay stopped{}", r.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    r.wait_until_west_holds("big-2", 1).await;
     assert!(events_of(&r.east[0], "big-1").await.is_empty());
 }
 
