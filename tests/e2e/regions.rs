@@ -494,6 +494,106 @@ async fn events_whose_store_failed_are_stored_after_the_relay_restarts() {
     }
 }
 
+/// A plugin version the directory lists but whose bytes cannot be had (its region's
+/// object store lost them, or that region is gone) must not hold back the versions
+/// uploaded after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_version_that_cannot_be_imported_does_not_hold_back_the_next() {
+    let r = TwoRegions::start("ghost").await;
+    let east_js = async_nats::jetstream::new(
+        async_nats::connect(r.east_nats.url())
+            .await
+            .expect("connect to east's NATS"),
+    );
+    let directory = east_js
+        .get_key_value("meridian_plugins")
+        .await
+        .expect("the plugin directory");
+    let ghost = json!({
+        "sha256": "0".repeat(64),
+        "size_bytes": 10,
+        "schema_version": 1,
+        "region": EAST,
+    });
+    directory
+        .put("ghost.1", ghost.to_string().into())
+        .await
+        .expect("list a version whose bytes are nowhere");
+    let (status, body) = admin(&r.east[0], false)
+        .upload("bank-account", with_custom_section(b"v2"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["version"], 2, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, plugins) = r.west[0].client().get("/v1/plugins").await;
+        let imported = plugins["plugins"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["aggregate_type"] == "bank-account" && p["version"] == 2)
+        });
+        if imported {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "west never imported version 2: {plugins}{}",
+            r.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A command for a type no plugin is uploaded for is a 404 in every region, and leaves
+/// nothing behind: no home is claimed in the directory for an aggregate that cannot
+/// exist.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_for_an_unknown_type_claims_no_home() {
+    let r = TwoRegions::start("nohome").await;
+    // One real aggregate, so the directory holds a home to see.
+    let (status, body, _) = send(&r.west[0], "real-1", json!({"type":"Open","owner":"o"})).await;
+    assert_eq!(status, 200, "{body}");
+    for host in [&r.east[0], &r.west[0]] {
+        let (status, body) = host
+            .client()
+            .command(
+                "no-such-type",
+                "x-1",
+                json!({"command": {"type": "Open", "owner": "o"}}),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("unknown_aggregate_type")),
+            "{body}"
+        );
+    }
+    let east_js = async_nats::jetstream::new(
+        async_nats::connect(r.east_nats.url())
+            .await
+            .expect("connect to east's NATS"),
+    );
+    let homes = east_js
+        .get_key_value("meridian_homes")
+        .await
+        .expect("the homes directory");
+    use futures::StreamExt;
+    let keys: Vec<String> = homes
+        .keys()
+        .await
+        .expect("list homes")
+        .filter_map(|k| async move { k.ok() })
+        .collect()
+        .await;
+    assert!(
+        keys.iter().any(|k| k.starts_with("bank-account.")),
+        "{keys:?}"
+    );
+    assert!(
+        !keys.iter().any(|k| k.starts_with("no-such-type.")),
+        "a home was claimed: {keys:?}"
+    );
+}
+
 /// An event travels to the other regions as one NATS message (1 MiB by default). One
 /// that cannot must be refused when decided: stored, the relay could never publish it
 /// and no later event of the region would reach the others.

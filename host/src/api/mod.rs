@@ -520,29 +520,35 @@ async fn execute(
 ) -> Result<Response, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
     let mut body = parse_command_body(&body)?;
-    if let Some(id) = headers.get("x-correlation-id")
-        && id.len() > MAX_CORRELATION_ID_BYTES
-    {
-        return Err(ApiError::bad_request(format!(
-            "`x-correlation-id` is {} bytes; use at most {MAX_CORRELATION_ID_BYTES} (it is stored with every event the command decides)",
-            id.len()
-        )));
-    }
+    let correlation_id = correlation_id(&headers)?;
     let Some(_permit) = state.commands_in_flight.admit() else {
         return Ok(state.commands_in_flight.overloaded());
     };
     // Every command gets an id at the host that first takes it, so a retry after a
     // lost answer (between hosts, or during a partition move) cannot apply it twice.
     let command_id = *body.command_id.get_or_insert_with(Uuid::now_v7);
-    let correlation_id = headers
-        .get("x-correlation-id")
-        .and_then(|v| v.to_str().ok())
+    let correlation_id = correlation_id
         .map(str::to_string)
         .or_else(|| Some(command_id.to_string()));
     let forwarded = headers.contains_key(FORWARDED_HEADER);
     // What another host or region gets if the command is forwarded: the body with its
     // id filled in, the command's own bytes unchanged.
     let forward_body = serde_json::to_vec(&body).expect("command body serialises");
+    // A type no plugin is uploaded for is refused before the aggregate's home is
+    // settled: claiming one would leave an entry in the directory for an aggregate
+    // that can never exist.
+    if state.regions.enabled()
+        && !state
+            .executor
+            .plugins()
+            .knows(&key.aggregate_type)
+            .await
+            .map_err(ApiError::from)?
+    {
+        return Err(
+            crate::executor::plugins::RegistryError::UnknownType(key.aggregate_type).into(),
+        );
+    }
     // Written only in its home region: anywhere else, the home region answers.
     if let Some(answer) = regions::route_command(&state, &key, &headers, &forward_body).await? {
         return Ok(answer);
@@ -803,9 +809,32 @@ async fn aggregate_events(
     let limit = page_limit(query.limit)?;
     non_negative("after_version", Some(query.after_version))?;
     let after = query.after_version;
-    let events = store::read::aggregate_events(&state.pool, &key, after + 1, after + limit).await?;
+    let events = store::read::aggregate_events(
+        &state.pool,
+        &key,
+        after.saturating_add(1),
+        after.saturating_add(limit),
+    )
+    .await?;
     let next = events.last().map_or(after, |e| e.version);
     Ok(Json(EventsPage { events, next }))
+}
+
+/// The request's `x-correlation-id`, checked: it is an identifier copied into the
+/// metadata of every event the request writes, so it must be short printable ASCII.
+fn correlation_id(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get("x-correlation-id") else {
+        return Ok(None);
+    };
+    if value.len() > MAX_CORRELATION_ID_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "`x-correlation-id` is {} bytes; use at most {MAX_CORRELATION_ID_BYTES} (it is stored with every event the request writes)",
+            value.len()
+        )));
+    }
+    value.to_str().map(Some).map_err(|_| {
+        ApiError::bad_request("`x-correlation-id` must be printable ASCII (it is stored with every event the request writes)")
+    })
 }
 
 /// Positions and versions start at 1, so a resume point or expected version below 0 is

@@ -74,6 +74,17 @@ impl PluginRegistry {
         self.load(aggregate_type).await
     }
 
+    /// Whether a plugin is uploaded for the type, without compiling it: what a host that
+    /// only passes a command on to another region needs to know.
+    pub async fn knows(&self, aggregate_type: &str) -> Result<bool, RegistryError> {
+        if self.cached(aggregate_type).is_some() {
+            return Ok(true);
+        }
+        Ok(!store::plugins::versions(&self.inner.pool, aggregate_type)
+            .await?
+            .is_empty())
+    }
+
     fn cached(&self, aggregate_type: &str) -> Option<Plugin> {
         self.inner
             .loaded

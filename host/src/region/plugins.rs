@@ -13,10 +13,10 @@
 //! uploaded them, checks the sha256 and stores them in its PostgreSQL under the same
 //! number. Hosts then load them as they load local uploads.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use async_nats::jetstream::object_store;
+use async_nats::jetstream::{kv, object_store};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -148,9 +148,35 @@ pub(super) async fn sync(
     pool: PgPool,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Versions that failed to import, with the error last logged: a failure is told
+    // once as a warning (and again when it changes), not every second.
+    let mut failing: HashMap<(String, i32), String> = HashMap::new();
     loop {
-        if let Err(error) = sync_once(&regions, &pool).await {
-            tracing::debug!(error = format!("{error:#}"), "plugin sync incomplete");
+        match sync_once(&regions, &pool).await {
+            Ok(imports) => {
+                for (version, outcome) in imports {
+                    match outcome {
+                        Ok(()) => {
+                            failing.remove(&version);
+                        }
+                        Err(error) => {
+                            let error = format!("{error:#}");
+                            if failing.get(&version) != Some(&error) {
+                                tracing::warn!(
+                                    aggregate_type = version.0,
+                                    version = version.1,
+                                    error,
+                                    "cannot import a plugin version uploaded in another region; retrying"
+                                );
+                                failing.insert(version, error);
+                            }
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::debug!(error = format!("{error:#}"), "plugin sync incomplete");
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -159,7 +185,13 @@ pub(super) async fn sync(
     }
 }
 
-async fn sync_once(regions: &Regions, pool: &PgPool) -> anyhow::Result<()> {
+/// Lists the versions the directory has and this region lacks, and imports each on
+/// its own: one that cannot be imported (its region's object store unreachable, its
+/// bytes lost, an entry that does not parse) must not hold back the others.
+async fn sync_once(
+    regions: &Regions,
+    pool: &PgPool,
+) -> anyhow::Result<Vec<((String, i32), anyhow::Result<()>)>> {
     let kv = regions.directory_kv(PLUGINS_BUCKET).await?;
     let have: HashSet<(String, i32)> = store::plugins::stored_versions(pool)
         .await?
@@ -179,42 +211,60 @@ async fn sync_once(regions: &Regions, pool: &PgPool) -> anyhow::Result<()> {
             missing.push((aggregate_type.to_string(), version, key.clone()));
         }
     }
+    let mut imports = Vec::with_capacity(missing.len());
     for (aggregate_type, version, key) in missing {
-        let Some(value) = kv.get(key).await? else {
-            continue;
-        };
-        let entry: VersionEntry = serde_json::from_slice(&value)?;
-        tracing::info!(
-            aggregate_type,
-            version,
-            from = entry.region,
-            size = entry.size_bytes,
-            "fetching a plugin uploaded in another region"
-        );
-        let js = regions.js_of(&entry.region).expect("enabled");
-        let store = js.get_object_store(PLUGIN_OBJECTS).await?;
-        let mut object = store.get(&entry.sha256).await?;
-        let mut bytes = Vec::with_capacity(entry.size_bytes.max(0) as usize);
-        object.read_to_end(&mut bytes).await?;
-        let sha = hex::encode(sha2::Sha256::digest(&bytes));
-        anyhow::ensure!(
-            sha == entry.sha256,
-            "plugin {aggregate_type} v{version} from region {}: sha256 {sha} does not match the directory's {}",
-            entry.region,
-            entry.sha256
-        );
-        store::plugins::store_version(
-            pool,
-            &aggregate_type,
-            version,
-            &sha,
-            entry.schema_version,
-            &bytes,
-        )
-        .await?;
-        tracing::info!(aggregate_type, version, sha256 = sha, "plugin imported");
-        // Every host of the region runs it as soon as it has compiled it.
-        regions.changes().plugins_changed();
+        let outcome = import(regions, pool, &kv, &aggregate_type, version, key).await;
+        imports.push(((aggregate_type, version), outcome));
     }
+    Ok(imports)
+}
+
+/// Fetches one version's bytes from the object store of the region that holds them,
+/// checks them against the directory's sha256 and stores them.
+async fn import(
+    regions: &Regions,
+    pool: &PgPool,
+    kv: &kv::Store,
+    aggregate_type: &str,
+    version: i32,
+    key: String,
+) -> anyhow::Result<()> {
+    let Some(value) = kv.get(key).await? else {
+        return Ok(());
+    };
+    let entry: VersionEntry = serde_json::from_slice(&value)?;
+    tracing::info!(
+        aggregate_type,
+        version,
+        from = entry.region,
+        size = entry.size_bytes,
+        "fetching a plugin uploaded in another region"
+    );
+    let js = regions
+        .js_of(&entry.region)
+        .ok_or_else(|| anyhow::anyhow!("no NATS to reach region {}", entry.region))?;
+    let store = js.get_object_store(PLUGIN_OBJECTS).await?;
+    let mut object = store.get(&entry.sha256).await?;
+    let mut bytes = Vec::with_capacity(entry.size_bytes.max(0) as usize);
+    object.read_to_end(&mut bytes).await?;
+    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+    anyhow::ensure!(
+        sha == entry.sha256,
+        "plugin {aggregate_type} v{version} from region {}: sha256 {sha} does not match the directory's {}",
+        entry.region,
+        entry.sha256
+    );
+    store::plugins::store_version(
+        pool,
+        aggregate_type,
+        version,
+        &sha,
+        entry.schema_version,
+        &bytes,
+    )
+    .await?;
+    tracing::info!(aggregate_type, version, sha256 = sha, "plugin imported");
+    // Every host of the region runs it as soon as it has compiled it.
+    regions.changes().plugins_changed();
     Ok(())
 }

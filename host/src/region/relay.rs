@@ -139,13 +139,20 @@ where
     F: Fn(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let mut backoff = Duration::from_millis(200);
+    const FIRST: Duration = Duration::from_millis(200);
+    let mut backoff = FIRST;
     loop {
+        let started = tokio::time::Instant::now();
         tokio::select! {
             _ = stop.cancelled() => return,
             result = task(stop.clone()) => match result {
                 Ok(()) => return,
                 Err(error) => {
+                    // A task that ran a good while before failing met a new fault,
+                    // not the one it kept failing on: retry it soon.
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff = FIRST;
+                    }
                     tracing::warn!(task = name, error = format!("{error:#}"), retry_in_ms = backoff.as_millis() as u64, "relay task failed; retrying");
                 }
             },
