@@ -594,6 +594,38 @@ async fn a_command_for_an_unknown_type_claims_no_home() {
     );
 }
 
+/// A command for an aggregate homed elsewhere travels there as one NATS message. One
+/// within this host's command limit but too large for a message is a 413 that says
+/// where to send it, not a 503 inviting retries that can never succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_too_large_to_forward_is_a_413_naming_the_home() {
+    let r = TwoRegions::start("fwdsize").await;
+    let (status, body, _) = send(&r.east[0], "fs-1", json!({"type":"Open","owner":"o"})).await;
+    assert_eq!(status, 200, "{body}");
+    r.wait_until_west_holds("fs-1", 1).await;
+    // 1 MiB is both the command limit and NATS's default message size: the body fits
+    // the one, and with the forward's fields and headers no longer the other.
+    let note = "n".repeat(1_048_450);
+    let raw = format!(r#"{{"command":{{"type":"Deposit","amount":1,"note":"{note}"}}}}"#);
+    assert!(raw.len() <= 1_048_576);
+    let (status, error) = r.west[0]
+        .client()
+        .post_raw("/v1/aggregates/bank-account/fs-1", raw.into_bytes())
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (413, Some("too_large_to_forward")),
+        "{error}"
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("region east")),
+        "{error}"
+    );
+    assert_eq!(events_of(&r.east[0], "fs-1").await.len(), 1);
+}
+
 /// An event travels to the other regions as one NATS message (1 MiB by default). One
 /// that cannot must be refused when decided: stored, the relay could never publish it
 /// and no later event of the region would reach the others.

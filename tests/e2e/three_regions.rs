@@ -242,8 +242,25 @@ async fn publish_as(nats: &NatsServer, region: &str, id: &str, version: i64, pay
         "metadata": {"origin_region": region},
         "recorded_at": chrono::Utc::now(),
     });
+    // The region's relay resumes after the position its stream's last message names
+    // and chains every publish to that message: the injected one names where the relay
+    // already is, as a message of its own would, so the relay carries on after it.
+    let stream = format!("meridian-events-{region}");
+    let mut info = js.get_stream(&stream).await.expect("the events stream");
+    let last = info.info().await.expect("stream info").state.last_sequence;
+    let resume_at = if last == 0 {
+        "0".to_string()
+    } else {
+        let message = info.get_raw_message(last).await.expect("the last message");
+        message
+            .headers
+            .get("Meridian-Position")
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_else(|| "0".into())
+    };
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", event_id.as_str());
+    headers.insert("Meridian-Position", resume_at.as_str());
     js.publish_with_headers(
         format!("meridian.events.{region}.bank-account.{id}"),
         headers,

@@ -33,6 +33,9 @@ impl From<RegionError> for ApiError {
             }
             RegionError::MoveInProgress { .. } => (StatusCode::SERVICE_UNAVAILABLE, "home_moving"),
             RegionError::TooManyHops { .. } => (StatusCode::SERVICE_UNAVAILABLE, "too_many_hops"),
+            RegionError::TooLargeToForward { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_large_to_forward")
+            }
             RegionError::Config(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             RegionError::Nats(_) => (StatusCode::SERVICE_UNAVAILABLE, "nats_unavailable"),
             RegionError::Store(_) => unreachable!("handled above"),

@@ -213,6 +213,21 @@ pub enum RegionError {
         /// The regions the request passed through, `a → b → c`.
         via: String,
     },
+    /// The request is larger than one NATS message, which is how it would travel to
+    /// the home region; nothing was sent.
+    #[error(
+        "{aggregate} is homed in region {home}, reached over NATS, which carries at most {max} bytes per message; this request is {bytes}: send it to a host of region {home}, or raise max_payload in nats-server's configuration"
+    )]
+    TooLargeToForward {
+        /// `type/id`.
+        aggregate: String,
+        /// Its home.
+        home: String,
+        /// The request's body and headers.
+        bytes: usize,
+        /// The NATS server's max_payload.
+        max: usize,
+    },
     /// Invalid configuration or request (unknown region, bad name).
     #[error("{0}")]
     Config(String),
@@ -716,6 +731,18 @@ impl Regions {
             map.insert(*name, value.as_str());
         }
         map.insert(HOME_HEADER, home);
+        // Refused here with what to do, rather than by the client as a NATS failure
+        // that a retry cannot mend.
+        let bytes = body.len() + headers_len(&map);
+        let max = nats.server_info().max_payload;
+        if bytes > max {
+            return Err(RegionError::TooLargeToForward {
+                aggregate: key.to_string(),
+                home: home.to_string(),
+                bytes,
+                max,
+            });
+        }
         let timeout = self.inner.config.forward_timeout;
         let request = nats.request_with_headers(rpc_subject(home), map, body);
         let answer = match tokio::time::timeout(timeout, request).await {
@@ -833,7 +860,19 @@ where
             let nats = nats.clone();
             let subject = subject.clone();
             tokio::spawn(async move {
-                let (headers, body) = answer.await;
+                let (mut headers, mut body) = answer.await;
+                // An answer too large for one message would be dropped, and the caller
+                // would wait out its timeout for a command that may well have run.
+                let max = nats.server_info().max_payload;
+                if body.len() + headers_len(&headers) > max {
+                    tracing::warn!(
+                        subject,
+                        bytes = body.len(),
+                        max,
+                        "an answer is too large to send back"
+                    );
+                    (headers, body) = answer_too_large(body.len(), max);
+                }
                 if let Err(error) = nats.publish_with_headers(reply, headers, body).await {
                     tracing::warn!(%error, subject, "cannot answer a request");
                 }
@@ -841,6 +880,34 @@ where
         }
         let _ = subscriber.unsubscribe().await;
     })
+}
+
+/// Bytes a header map takes in a NATS message, about: `name: value\r\n` per value.
+fn headers_len(headers: &async_nats::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, values)| {
+            values
+                .iter()
+                .map(|v| AsRef::<str>::as_ref(name).len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum::<usize>()
+        + 16
+}
+
+/// The answer sent instead of one too large to travel back: a 502 in the API's error
+/// shape saying what happened and how to get the result.
+fn answer_too_large(bytes: usize, max: usize) -> (async_nats::HeaderMap, Bytes) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Meridian-Status", "502");
+    let body = serde_json::json!({"error": {
+        "code": "answer_too_large",
+        "message": format!(
+            "the home region ran the request, but its answer ({bytes} bytes) is larger than one NATS message ({max} bytes) and cannot be sent back; send the same request (same command_id) to a host of the home region for the answer, or raise max_payload in nats-server's configuration"
+        ),
+    }});
+    (headers, Bytes::from(body.to_string()))
 }
 
 /// Runs one forwarded request through the router. Answers the status, the region the
