@@ -734,3 +734,60 @@ async fn a_correlation_id_follows_a_forwarded_command_and_metrics_count_it() {
         "{metrics}"
     );
 }
+
+/// A host forwards a command to the partition's owner with the id it gave it added to
+/// the body. A command just under the limit must still run there, not be refused by
+/// the owner as over it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_just_under_the_limit_runs_when_forwarded_to_its_owner() {
+    let db = TestDb::new("c_limit").await;
+    let mut options = options();
+    options
+        .env
+        .push(("MERIDIAN_MAX_COMMAND_BYTES".into(), "2000".into()));
+    let hosts = vec![
+        Host::start(&db, options.clone()).await,
+        Host::start(&db, options).await,
+    ];
+    let (status, body) = hosts[0]
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let cluster = wait_balanced(&hosts).await;
+    let api = hosts[0].client();
+    let mut forwarded = 0;
+    for i in 0..16 {
+        let id = format!("lim-{i}");
+        let frame = r#"{"command":{"type":"Open","owner":""}}"#.len();
+        let raw = format!(
+            r#"{{"command":{{"type":"Open","owner":"{}"}}}}"#,
+            "o".repeat(2000 - frame)
+        );
+        assert_eq!(raw.len(), 2000);
+        let (status, result) = api
+            .post_raw(
+                &format!("/v1/aggregates/bank-account/{id}"),
+                raw.into_bytes(),
+            )
+            .await;
+        assert_eq!(status, 200, "{id}: {result}");
+        if owner_of(&cluster, &id) != hosts[0].node_id {
+            forwarded += 1;
+        }
+    }
+    assert!(forwarded > 0, "no command was forwarded");
+    // One byte over is still refused, in the API's error shape.
+    let raw = format!(
+        r#"{{"command":{{"type":"Open","owner":"{}"}}}}"#,
+        "o".repeat(2001 - r#"{"command":{"type":"Open","owner":""}}"#.len())
+    );
+    let (status, error) = api
+        .post_raw("/v1/aggregates/bank-account/lim-over", raw.into_bytes())
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (413, Some("body_too_large")),
+        "{error}"
+    );
+}

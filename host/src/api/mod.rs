@@ -43,6 +43,11 @@ pub const DEFAULT_MAX_COMMAND_BYTES: usize = 1024 * 1024;
 /// Default cap on the commands one host runs or forwards at once.
 pub const DEFAULT_MAX_COMMANDS_IN_FLIGHT: usize = 2048;
 
+/// What a host adds to a command body it forwards (the `command_id` it gives it, an
+/// explicit `expected_version`); the owner takes that much over the limit from a peer,
+/// so a command just under the limit is not refused by the host it is forwarded to.
+const FORWARD_ALLOWANCE: usize = 1024;
+
 /// Longest `x-correlation-id` a command may carry: it is an identifier, copied into
 /// the metadata of every event the command decides.
 pub const MAX_CORRELATION_ID_BYTES: usize = 128;
@@ -157,7 +162,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route(
             "/v1/aggregates/{aggregate_type}/{aggregate_id}",
             post(execute)
-                .layer(DefaultBodyLimit::max(command_limit))
+                .layer(DefaultBodyLimit::max(command_limit + FORWARD_ALLOWANCE))
                 .get(get_aggregate),
         )
         .route(
@@ -519,6 +524,19 @@ async fn execute(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
+    let from_peer =
+        headers.contains_key(FORWARDED_HEADER) || headers.contains_key(crate::region::HOME_HEADER);
+    if body.len() > state.max_command_bytes && !from_peer {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the command body is {} bytes; a command takes at most {} (MERIDIAN_MAX_COMMAND_BYTES)",
+                body.len(),
+                state.max_command_bytes
+            ),
+        ));
+    }
     let mut body = parse_command_body(&body)?;
     let correlation_id = correlation_id(&headers)?;
     let Some(_permit) = state.commands_in_flight.admit() else {
