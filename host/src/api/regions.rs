@@ -212,7 +212,7 @@ pub(super) async fn move_home(
             r#"malformed move request: {e}; send {{"region": "<target region>", "force": false}}"#
         ))
     })?;
-    super::correlation_id(&headers)?;
+    let correlation_id = super::correlation_id(&headers)?;
     if !state.regions.enabled() {
         return Err(ApiError::bad_request(
             "this host runs a single region (no NATS configured); there is nowhere to move to",
@@ -254,7 +254,7 @@ pub(super) async fn move_home(
     let metadata = serde_json::json!({
         "origin_region": local,
         "node_id": state.node_id,
-        "correlation_id": super::correlation_id(&headers)?,
+        "correlation_id": correlation_id,
     });
     let moved = store::regions::move_home(
         &state.pool,
