@@ -422,3 +422,85 @@ async fn a_target_without_the_aggregates_events_waits_for_them_instead_of_starti
         [(1, "Opened"), (2, "$meridian.HomeMoved"), (3, "Deposited")]
     );
 }
+
+/// Two relays of one region store concurrently, one per stream. A relay transaction
+/// that took its id first and then waited for an aggregate's stream row, while the
+/// other stored version n, must not store n + 1 with its older id: the region's order
+/// walks transaction ids, so every feed there would show n + 1 before n. It answers
+/// the event as early instead, and a new transaction stores it after its predecessor.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_transaction_older_than_the_predecessors_holds_the_event() {
+    use meridian::store::regions::{RelayedEvent, store_remote};
+    use sqlx::Connection;
+    let db = TestDb::new("txorder").await;
+    let pool = db.pool().await;
+    meridian::store::migrate(&pool).await.expect("migrate");
+    let event = |id: &str, version: i64, region: &str| RelayedEvent {
+        region: region.into(),
+        position: version,
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_type: "bank-account".into(),
+        aggregate_id: id.into(),
+        version,
+        event_type: "Deposited".into(),
+        payload: serde_json::value::RawValue::from_string(r#"{"amount":1}"#.into()).unwrap(),
+        metadata: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+        recorded_at: chrono::Utc::now(),
+    };
+    let (v1, v2, v3) = (
+        event("m-1", 1, EAST),
+        event("m-1", 2, EAST),
+        event("m-1", 3, WEST),
+    );
+    let stored = store_remote(&pool, SOUTH, std::slice::from_ref(&v1))
+        .await
+        .expect("version 1");
+    assert_eq!(stored.stored, 1);
+
+    // West's relay: its transaction takes an id by storing another aggregate's event.
+    let mut west = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut west).await.unwrap();
+    store_remote(&mut west, SOUTH, &[event("other-1", 1, WEST)])
+        .await
+        .expect("west's first event");
+    // East's relay, younger, stores version 2 and holds the stream row until it commits.
+    let mut east = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut east).await.unwrap();
+    store_remote(&mut east, SOUTH, std::slice::from_ref(&v2))
+        .await
+        .expect("version 2");
+    // West offers version 3: it waits for the row, then finds version 2 there.
+    let v3_again = v3.clone();
+    let waiting = tokio::spawn(async move {
+        let outcome = store_remote(&mut west, SOUTH, std::slice::from_ref(&v3)).await;
+        sqlx::query("COMMIT").execute(&mut west).await.unwrap();
+        outcome
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::query("COMMIT").execute(&mut east).await.unwrap();
+    let outcome = waiting.await.unwrap().expect("version 3 offered");
+    let order = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT version FROM events WHERE aggregate_id = 'm-1' ORDER BY tx_id, position",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let versions = order().await;
+    assert!(
+        versions.is_sorted(),
+        "south's order shows m-1's versions as {versions:?}"
+    );
+    assert_eq!(
+        (outcome.stored, outcome.early),
+        (0, Some(0)),
+        "version 3 was not held"
+    );
+    // Offered again, as the relay does, it is stored after its predecessor.
+    let again = store_remote(&pool, SOUTH, &[v3_again])
+        .await
+        .expect("version 3 again");
+    assert_eq!(again.stored, 1);
+    assert_eq!(order().await, [1, 2, 3]);
+}

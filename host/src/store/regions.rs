@@ -208,8 +208,8 @@ pub struct RemoteOutcome {
 /// first event whose aggregate's previous version is not here yet
 /// ([`RemoteOutcome::early`]): a region stores each aggregate's events in version
 /// order, whichever region's stream brings them.
-pub async fn store_remote(
-    pool: &PgPool,
+pub async fn store_remote<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
     local_region: &str,
     events: &[RelayedEvent],
 ) -> Result<RemoteOutcome, StoreError> {
@@ -252,7 +252,7 @@ pub async fn store_remote(
     .bind(&homes)
     .bind(&moves)
     .bind(&recorded)
-    .fetch_one(pool)
+    .fetch_one(executor)
     .await?;
     Ok(RemoteOutcome {
         stored: row.try_get("stored")?,
