@@ -113,6 +113,16 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// A JetStream context on this server, to look at or change what the hosts keep
+    /// there.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(
+            async_nats::connect(self.url())
+                .await
+                .expect("connect to NATS"),
+        )
+    }
+
     /// Stops the server (SIGKILL: an abrupt loss of the region's NATS).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

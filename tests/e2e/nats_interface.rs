@@ -103,11 +103,7 @@ async fn a_python_consumer_reads_events_from_jetstream_and_resumes() {
 async fn the_events_stream_refuses_an_event_whose_predecessor_is_missing() {
     use meridian::region::relay::{self, Published};
     let nats = NatsServer::hub("east");
-    let js = async_nats::jetstream::new(
-        async_nats::connect(nats.url())
-            .await
-            .expect("connect to NATS"),
-    );
+    let js = nats.jetstream().await;
     let stream_name = relay::events_stream_config("east").name;
     js.get_or_create_stream(relay::events_stream_config("east"))
         .await

@@ -500,11 +500,7 @@ async fn events_whose_store_failed_are_stored_after_the_relay_restarts() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_version_that_cannot_be_imported_does_not_hold_back_the_next() {
     let r = TwoRegions::start("ghost").await;
-    let east_js = async_nats::jetstream::new(
-        async_nats::connect(r.east_nats.url())
-            .await
-            .expect("connect to east's NATS"),
-    );
+    let east_js = r.east_nats.jetstream().await;
     let directory = east_js
         .get_key_value("meridian_plugins")
         .await
@@ -567,11 +563,7 @@ async fn a_command_for_an_unknown_type_claims_no_home() {
             "{body}"
         );
     }
-    let east_js = async_nats::jetstream::new(
-        async_nats::connect(r.east_nats.url())
-            .await
-            .expect("connect to east's NATS"),
-    );
+    let east_js = r.east_nats.jetstream().await;
     let homes = east_js
         .get_key_value("meridian_homes")
         .await
@@ -712,11 +704,7 @@ async fn the_relay_restarts_a_stalled_source_and_the_local_copy_has_every_event_
     );
 
     // The source removed from the stream's configuration: the relay adds it back.
-    let west_js = async_nats::jetstream::new(
-        async_nats::connect(r.west_nats.url())
-            .await
-            .expect("connect"),
-    );
+    let west_js = r.west_nats.jetstream().await;
     let mut config = west_js
         .get_stream("meridian-from-east")
         .await
@@ -733,11 +721,7 @@ async fn the_relay_restarts_a_stalled_source_and_the_local_copy_has_every_event_
     arrived(want).await;
 
     // The local copy: each of east's events once, none missing.
-    let east_js = async_nats::jetstream::new(
-        async_nats::connect(r.east_nats.url())
-            .await
-            .expect("connect"),
-    );
+    let east_js = r.east_nats.jetstream().await;
     let published = east_js
         .get_stream("meridian-events-east")
         .await

@@ -225,10 +225,7 @@ async fn three_regions_share_plugins_commands_and_events_through_one_hub() {
 /// Publishes a relayed event into `region`'s events stream, as that region's relay
 /// would: the test decides which stream brings which version first.
 async fn publish_as(nats: &NatsServer, region: &str, id: &str, version: i64, payload: Value) {
-    let client = async_nats::connect(nats.url())
-        .await
-        .expect("connect to NATS");
-    let js = async_nats::jetstream::new(client);
+    let js = nats.jetstream().await;
     let event_id = uuid::Uuid::now_v7().to_string();
     let body = json!({
         "region": region,
