@@ -413,13 +413,14 @@ impl Executor {
             .into());
         }
         if let Some(max) = self.inner.config.max_event_bytes
-            && let Some(event) = decided
+            && let Some((event, bytes)) = decided
                 .iter()
-                .find(|e| e.payload.get().len() + e.event_type.len() > max)
+                .map(|e| (e, e.payload.get().len() + e.event_type.len()))
+                .find(|&(_, bytes)| bytes > max)
         {
             return Err(CommandError::EventTooLarge {
                 event_type: event.event_type.clone(),
-                bytes: event.payload.get().len() + event.event_type.len(),
+                bytes,
                 max,
             });
         }
