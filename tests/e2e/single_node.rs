@@ -1023,3 +1023,57 @@ async fn a_host_at_its_command_limit_turns_commands_away_and_writes_nothing() {
     );
     assert_eq!(event_count(&db).await, 2);
 }
+
+/// Optimistic concurrency is the store's last line of defence, for a command that
+/// decided no events too: its decision was taken on a state at some version, and stands
+/// only if the aggregate is still there. At version 0 that was not checked, so a host
+/// deciding on a stale, empty state was told it had succeeded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_deciding_no_events_on_a_stale_empty_state_is_a_conflict() {
+    use meridian::store::{self, AppendRequest, Changes, Committer, NewEvent, StoreError};
+    use serde_json::value::RawValue;
+
+    let db = TestDb::new("zero_events").await;
+    let pool = db.pool().await;
+    store::migrate(&pool).await.unwrap();
+    let committer = Committer::start(pool, Default::default(), Changes::default());
+    let request = |id: &str, expected_version: i64, events: usize| AppendRequest {
+        aggregate_type: "t".into(),
+        aggregate_id: id.into(),
+        expected_version,
+        events: (0..events)
+            .map(|_| NewEvent {
+                event_id: uuid::Uuid::now_v7(),
+                event_type: "Noted".into(),
+                payload: RawValue::from_string("{}".into()).unwrap(),
+                metadata: RawValue::from_string("{}".into()).unwrap(),
+            })
+            .collect(),
+        command_id: Some(uuid::Uuid::now_v7()),
+        fence: None,
+    };
+    committer.append(request("a", 0, 2)).await.unwrap();
+
+    let stale = committer.append(request("a", 0, 0)).await;
+    assert!(
+        matches!(
+            stale,
+            Err(StoreError::Conflict {
+                expected: 0,
+                actual: 2,
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
+    // On the current state, or on an aggregate that is new, nothing to refuse.
+    for (id, expected) in [("a", 2), ("new", 0)] {
+        let result = committer.append(request(id, expected, 0)).await;
+        assert!(result.is_ok(), "{id} at {expected}: {result:?}");
+    }
+    let result = committer.append(request("a", 1, 0)).await;
+    assert!(
+        matches!(result, Err(StoreError::Conflict { .. })),
+        "{result:?}"
+    );
+}
