@@ -84,13 +84,18 @@ impl TwoRegions {
             _east_db: east_db,
             west_db,
         };
-        let authed = tokens.is_some();
-        let (status, body) = admin(&regions.east[0], authed)
-            .upload("bank-account", wasm_bytes("bank-account"))
+        regions.upload("bank-account", tokens.is_some()).await;
+        regions
+    }
+
+    /// Uploads plugin `name` in east and waits until west has it too.
+    async fn upload(&self, name: &str, authed: bool) {
+        let (status, body) = admin(&self.east[0], authed)
+            .upload(name, wasm_bytes(name))
             .await;
-        assert_eq!(status, 201, "upload in east: {body}");
+        assert_eq!(status, 201, "upload of {name} in east: {body}");
         // The plugin reaches west through the directory and east's object store.
-        let west = admin(&regions.west[0], authed);
+        let west = admin(&self.west[0], authed);
         eventually(|| {
             let west = west.clone();
             async move {
@@ -98,12 +103,11 @@ impl TwoRegions {
                 let found = plugins["plugins"]
                     .as_array()?
                     .iter()
-                    .any(|p| p["aggregate_type"] == "bank-account" && p["version"] == 1);
+                    .any(|p| p["aggregate_type"] == name && p["version"] == 1);
                 found.then_some(())
             }
         })
         .await;
-        regions
     }
 
     /// Waits up to 20 s for west to hold `n` events of account `id`; fails with every
@@ -618,6 +622,53 @@ async fn a_command_too_large_to_forward_is_a_413_naming_the_home() {
     assert_eq!(events_of(&r.east[0], "fs-1").await.len(), 1);
 }
 
+/// The home region runs a forwarded command whatever the size of its answer; an answer
+/// too large for one NATS message to bring back is a 502 that says the command ran and
+/// how to get its result, not a timeout that invites a retry elsewhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_too_large_to_come_back_is_a_502_and_the_command_ran() {
+    let r = TwoRegions::start("answer").await;
+    r.upload("bad-output", false).await;
+    let (east, west) = (admin(&r.east[0], false), admin(&r.west[0], false));
+    let (status, body) = east
+        .command(
+            "bad-output",
+            "ans",
+            json!({"command": {"type": "Write", "text": "home here"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // 1,000 events of 1 KB: within the plugin's caps, and with each event's id,
+    // version and type the answer is over NATS's 1 MiB.
+    let command_id = uuid::Uuid::now_v7();
+    let request = json!({
+        "command": {"type": "Repeat", "text": "t".repeat(1_000), "count": 1_000},
+        "command_id": command_id,
+    });
+    let (status, body) = west.command("bad-output", "ans", request.clone()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (502, Some("answer_too_large")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("same command_id")),
+        "{body}"
+    );
+    // It ran once, and east gives its answer for the same command id.
+    let (status, body) = east.command("bad-output", "ans", request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["duplicate"].as_bool(), body["version"].as_i64()),
+        (Some(true), Some(1_001)),
+        "{}",
+        &body.to_string()[..300.min(body.to_string().len())]
+    );
+}
+
 /// An event travels to the other regions as one NATS message (1 MiB by default). One
 /// that cannot must be refused when decided: stored, the relay could never publish it
 /// and no later event of the region would reach the others.
@@ -640,10 +691,29 @@ async fn an_event_too_large_to_relay_is_refused_and_the_relay_keeps_going() {
             .is_some_and(|m| m.contains("max_payload")),
         "{body}"
     );
+    // Small as the plugin writes it (24 KB of 1e300), over the limit as the relay
+    // would read it back from PostgreSQL, which prints every digit (1.04 MB).
+    r.upload("bad-output", false).await;
+    let api = admin(&r.east[0], false);
+    let (status, body) = api
+        .command(
+            "bad-output",
+            "big-3",
+            json!({"command": {"type": "Huge", "count": 3440}}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("event_too_large")),
+        "{}",
+        &body.to_string()[..300.min(body.to_string().len())]
+    );
     let (status, body, _) = send(&r.east[0], "big-2", json!({"type": "Open", "owner": "o"})).await;
     assert_eq!(status, 200, "{body}");
     r.wait_until_west_holds("big-2", 1).await;
     assert!(events_of(&r.east[0], "big-1").await.is_empty());
+    let (status, _) = api.get("/v1/aggregates/bad-output/big-3").await;
+    assert_eq!(status, 404, "the refused event was written");
 }
 
 /// After the peer region's NATS restarts, nats-server leaves the source of the local

@@ -190,3 +190,129 @@ async fn a_batch_postgres_refuses_for_its_data_fails_only_the_request_at_fault()
         }
     }
 }
+
+/// `jsonb` prints a number back with every digit, so 1e300 (six bytes as the plugin
+/// wrote it) is read back as 301. The output cap holds an event to its size as read
+/// back: a few kilobytes of such numbers would otherwise come back as megabytes (and a
+/// plugin writing `1e131000` as gigabytes) to every reader of the feed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_postgres_would_print_over_the_output_cap_is_refused() {
+    let db = TestDb::new("printed").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    // The accepted event is 1.2 MB: show the start of a body a check fails on.
+    let short = |v: &serde_json::Value| v.to_string().chars().take(300).collect::<String>();
+    let (status, body) = api.upload("bad-output", wasm_bytes("bad-output")).await;
+    assert_eq!(status, 201, "{}", short(&body));
+
+    // 24 KB as written, 1.2 MB as read back; the cap is 1 MiB.
+    let (status, body) = api
+        .command(
+            "bad-output",
+            "huge",
+            json!({"command": {"type": "Huge", "count": 4000}}),
+        )
+        .await;
+    assert_eq!(status, 500, "{}", short(&body));
+    assert_eq!(
+        body["error"]["code"],
+        "plugin_invalid_output",
+        "{}",
+        short(&body)
+    );
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("as PostgreSQL prints them") && message.contains("1e300"),
+        "{}",
+        short(&body)
+    );
+    let (status, _) = api.get("/v1/aggregates/bad-output/huge").await;
+    assert_eq!(status, 404, "the refused event was written");
+
+    // The same numbers, fewer of them, are stored and read back in full.
+    let (status, body) = api
+        .command(
+            "bad-output",
+            "huge",
+            json!({"command": {"type": "Huge", "count": 3}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", short(&body));
+    let (status, events) = api.get("/v1/aggregates/bad-output/huge/events").await;
+    assert_eq!(status, 200, "{}", short(&events));
+    assert_eq!(
+        events["events"][0]["payload"]["values"],
+        json!([1e300, 1e300, 1e300]),
+        "{}",
+        short(&events)
+    );
+}
+
+/// What [`store::jsonb::check`] says a number grows by, against what PostgreSQL prints:
+/// never less, so no size check based on it can be fooled, and at most the one byte of
+/// a `-0`'s sign more, so it refuses nothing that fits.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_printed_size_of_numbers_matches_postgres() {
+    let db = TestDb::new("printed_numbers").await;
+    let pool = db.pool().await;
+    // A small seeded generator: every shape of number JSON allows, exponents both ways.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: u64| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % n
+    };
+    let mut numbers = vec!["0".to_string(), "-0".into(), "0.0e-3".into(), "1e0".into()];
+    for _ in 0..2000 {
+        let digits = |count: u64, next: &mut dyn FnMut(u64) -> u64| -> String {
+            (0..count)
+                .map(|_| char::from(b'0' + next(10) as u8))
+                .collect()
+        };
+        let mut n = String::new();
+        if next(2) == 0 {
+            n.push('-');
+        }
+        // JSON allows no leading zero except a lone `0`.
+        if next(4) == 0 {
+            n.push('0');
+        } else {
+            n.push(char::from(b'1' + next(9) as u8));
+            let more = next(6);
+            n += &digits(more, &mut next);
+        }
+        if next(2) == 0 {
+            n.push('.');
+            let count = 1 + next(8);
+            n += &digits(count, &mut next);
+        }
+        if next(3) != 0 {
+            n.push(['e', 'E'][next(2) as usize]);
+            n += ["", "+", "-"][next(3) as usize];
+            n += &(next(400)).to_string();
+        }
+        numbers.push(n);
+    }
+    for number in &numbers {
+        let printed: String = sqlx::query_scalar("SELECT ($1::jsonb)::text")
+            .bind(number)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{number}: {e}"));
+        let growth = store::jsonb::check(number).unwrap_or_else(|e| panic!("{number}: {e}"));
+        let bound = number.len() + growth;
+        assert!(
+            printed.len() <= bound,
+            "{number} prints as {} bytes, over the {bound} bytes counted",
+            printed.len()
+        );
+        if growth > 0 {
+            assert!(
+                bound - printed.len() <= 1,
+                "{number} prints as {} bytes, counted as {bound}",
+                printed.len()
+            );
+        }
+    }
+}

@@ -155,12 +155,12 @@ pub enum CommandError {
     /// An event the plugin decided cannot travel to the other regions in one NATS
     /// message, so it is not stored (stored, it would stop the region's relay).
     #[error(
-        "the command decided a `{event_type}` event of {bytes} bytes; an event must fit in one NATS message to reach the other regions, at most {max} bytes with this NATS server's max_payload (send less data, or raise max_payload in nats-server's configuration)"
+        "the command decided a `{event_type}` event of {bytes} bytes (as read back from the database, which prints a number such as 1e300 with every digit); an event must fit in one NATS message to reach the other regions, at most {max} bytes with this NATS server's max_payload (send less data, or raise max_payload in nats-server's configuration)"
     )]
     EventTooLarge {
         /// The event's type.
         event_type: String,
-        /// Its payload and type, in bytes.
+        /// Its payload, as PostgreSQL prints it back, and type, in bytes.
         bytes: usize,
         /// The most this region relays.
         max: usize,
@@ -415,7 +415,7 @@ impl Executor {
         if let Some(max) = self.inner.config.max_event_bytes
             && let Some((event, bytes)) = decided
                 .iter()
-                .map(|e| (e, e.payload.get().len() + e.event_type.len()))
+                .map(|e| (e, e.printed_bytes + e.event_type.len()))
                 .find(|&(_, bytes)| bytes > max)
         {
             return Err(CommandError::EventTooLarge {

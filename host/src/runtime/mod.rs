@@ -196,6 +196,11 @@ pub struct DecidedEvent {
     pub event_type: String,
     /// The JSON payload, already checked to be valid JSON.
     pub payload: Box<serde_json::value::RawValue>,
+    /// At most how many bytes the payload takes when read back from PostgreSQL,
+    /// printed compact: more than `payload` when it writes numbers with an exponent,
+    /// which `jsonb` prints with every digit. What a reader of the feed, and the relay,
+    /// carries.
+    pub printed_bytes: usize,
 }
 
 impl Runtime {
@@ -609,7 +614,7 @@ impl Plugin {
                 ),
             ));
         }
-        events
+        let events = events
             .into_iter()
             .map(|(event_type, payload)| {
                 check_event_type(&event_type).map_err(|e| self.invalid(call, e))?;
@@ -624,15 +629,35 @@ impl Plugin {
                 })?;
                 // Caught here, it fails this command alone; at the append it would fail
                 // the batch it shares with other commands.
-                crate::store::jsonb::check(payload.get()).map_err(|e| {
+                let growth = crate::store::jsonb::check(payload.get()).map_err(|e| {
                     self.invalid(call, format!("event `{event_type}` payload: {e}"))
                 })?;
                 Ok(DecidedEvent {
+                    printed_bytes: payload.get().len().saturating_add(growth),
                     event_type,
                     payload,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        // The cap bounds what a reader gets back too, which is larger than what the
+        // plugin wrote when its numbers have exponents (`1e300` is read back as 301
+        // digits): without this an event of a few kilobytes could come back as
+        // gigabytes and stop every reader of the feed.
+        let printed: usize = events
+            .iter()
+            .map(|e| e.printed_bytes.saturating_add(e.event_type.len()))
+            .fold(0, usize::saturating_add);
+        if printed as u64 > limits.max_output_bytes {
+            return Err(self.invalid(
+                call,
+                format!(
+                    "{printed} bytes of events as PostgreSQL prints them (it writes a number \
+                     with an exponent, such as 1e300, with every digit), over the limit of {}",
+                    limits.max_output_bytes
+                ),
+            ));
+        }
+        Ok(events)
     }
 
     /// Enforces the output caps on what `apply` returned.

@@ -6,6 +6,12 @@
 //! whole batch's transaction, so they are caught before the committer sees them: at
 //! the API for commands (a 400 saying what to remove) and after every plugin call for
 //! the events it decided.
+//!
+//! `jsonb` also prints a number back with every digit: `1e300` is stored in a few bytes
+//! and read back as 301 characters, so a small event can come back from the database
+//! thousands of times larger than it went in. [`check`] says by how much, and the
+//! runtime and the executor hold an event's size to what it is read back as: that is
+//! what every reader of the feed, and the relay, has to carry.
 
 /// Why `jsonb` would refuse a JSON text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,18 +35,26 @@ const MAX_DIGITS_BEFORE_POINT: i64 = 131_072;
 /// Most digits `numeric` holds after the decimal point.
 const MAX_DIGITS_AFTER_POINT: i64 = 16_383;
 
-/// Checks a text that is already known to be valid JSON.
-pub fn check(json: &str) -> Result<(), Unstorable> {
+/// Checks a text that is already known to be valid JSON. Returns at most how many bytes
+/// longer PostgreSQL prints it than `json` is (whitespace aside): what numbers written
+/// with an exponent gain when printed in full. Strings never grow (`jsonb` prints
+/// escapes such as `\u00e9` as the character), so numbers are the only cause.
+pub fn check(json: &str) -> Result<usize, Unstorable> {
     let bytes = json.as_bytes();
+    let mut growth = 0usize;
     let mut i = 0;
     while i < bytes.len() {
         i = match bytes[i] {
             b'"' => string_end(bytes, i + 1)?,
-            b'-' | b'0'..=b'9' => number_end(json, i)?,
+            b'-' | b'0'..=b'9' => {
+                let (end, printed) = number_end(json, i)?;
+                growth = growth.saturating_add(printed.saturating_sub(end - i));
+                end
+            }
             _ => i + 1,
         };
     }
-    Ok(())
+    Ok(growth)
 }
 
 /// Scans a string body from just after its opening quote; returns the index just past
@@ -85,8 +99,9 @@ fn string_end(bytes: &[u8], mut i: usize) -> Result<usize, Unstorable> {
     Ok(i)
 }
 
-/// Scans a number from its first character; returns the index just past it.
-fn number_end(json: &str, start: usize) -> Result<usize, Unstorable> {
+/// Scans a number from its first character; returns the index just past it and at most
+/// how many characters `numeric` prints it as.
+fn number_end(json: &str, start: usize) -> Result<(usize, usize), Unstorable> {
     let bytes = json.as_bytes();
     let digits = |mut i: usize| {
         while bytes.get(i).is_some_and(u8::is_ascii_digit) {
@@ -107,9 +122,20 @@ fn number_end(json: &str, start: usize) -> Result<usize, Unstorable> {
         .count() as i64;
     let mut end = int_end;
     let mut frac_digits = 0;
+    // Zeros ahead of the first significant digit, across the point.
+    let mut leading_zeros = (int_end - int_start) as i64 - int_digits;
+    let mut all_zero = int_digits == 0;
     if bytes.get(end) == Some(&b'.') {
         let frac_end = digits(end + 1);
         frac_digits = (frac_end - end - 1) as i64;
+        if all_zero {
+            let zeros = bytes[end + 1..frac_end]
+                .iter()
+                .take_while(|&&d| d == b'0')
+                .count() as i64;
+            leading_zeros += zeros;
+            all_zero = zeros == frac_digits;
+        }
         end = frac_end;
     }
     let mut exponent: i64 = 0;
@@ -140,7 +166,19 @@ fn number_end(json: &str, start: usize) -> Result<usize, Unstorable> {
         };
         return Err(Unstorable::NumberOutOfRange(shown));
     }
-    Ok(end)
+    // `numeric` keeps the scale written (`dscale`: the digits after the point, less the
+    // exponent) and prints the integer part without leading zeros, at least `0`. Both
+    // are within the range checked above, so this cannot overflow.
+    let point = (int_end - int_start) as i64 + exponent;
+    let int_len = if all_zero {
+        1
+    } else {
+        (point - leading_zeros).max(1)
+    };
+    let scale = (frac_digits - exponent).max(0);
+    let sign = i64::from(bytes[start] == b'-');
+    let printed = sign + int_len + if scale > 0 { 1 + scale } else { 0 };
+    Ok((end, printed as usize))
 }
 
 #[cfg(test)]
@@ -156,8 +194,32 @@ mod tests {
             r#"{"\u0001":"\u00e9\u2028"}"#,
             "\"ends in a backslash pair \\\\\"",
         ] {
-            assert_eq!(check(ok), Ok(()), "{ok}");
+            assert!(check(ok).is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn numbers_are_printed_with_every_digit() {
+        // What PostgreSQL 15 prints for each (`SELECT '<n>'::jsonb`, checked with psql;
+        // the end-to-end test `unstorable` checks many more against the server).
+        for (written, printed) in [
+            ("1e5", "100000"),
+            ("1E+5", "100000"),
+            ("-12.5e3", "-12500"),
+            ("123e-5", "0.00123"),
+            ("0.001e2", "0.1"),
+            ("0e5", "0"),
+            ("0.000e-2", "0.00000"),
+            ("1.50", "1.50"),
+        ] {
+            assert_eq!(
+                check(written),
+                Ok(printed.len().saturating_sub(written.len())),
+                "{written}"
+            );
+        }
+        assert_eq!(check(r#"{"a":[1e300,2,"1e300"]}"#), Ok(296));
+        assert_eq!(check(r#"{"a":"x"}"#), Ok(0));
     }
 
     #[test]

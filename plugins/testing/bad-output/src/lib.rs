@@ -1,8 +1,11 @@
 //! Test plugin `bad-output`: on request, decides events the host cannot store or carry,
 //! from commands that hold nothing of the kind: a payload with U+0000 in a string
-//! (PostgreSQL's `jsonb` refuses it) or an event type with a line break (it would end
-//! a NATS header block). The host must fail that command alone, naming the cause, and
-//! keep every other command going.
+//! (PostgreSQL's `jsonb` refuses it), an event type with a line break (it would end
+//! a NATS header block), or a small payload that PostgreSQL prints back hundreds of
+//! times larger (numbers such as 1e300, which it prints with every digit). The host
+//! must fail that command alone, naming the cause, and keep every other command going.
+//! It also decides, on request, as many notes as the caps allow, for an answer larger
+//! than one NATS message.
 
 use meridian_guest::{Aggregate, Rejection};
 use serde::{Deserialize, Serialize};
@@ -10,7 +13,8 @@ use serde::{Deserialize, Serialize};
 /// Writes notes; counts them.
 pub struct BadOutput;
 
-/// `{"type":"Write","text":"…","nul":false}` or `{"type":"BreakLine"}`.
+/// `{"type":"Write","text":"…","nul":false}`, `{"type":"BreakLine"}`,
+/// `{"type":"Huge","count":3}` or `{"type":"Repeat","text":"…","count":3}`.
 #[derive(Deserialize)]
 #[serde(tag = "type")]
 pub enum Command {
@@ -24,10 +28,23 @@ pub enum Command {
     },
     /// Decide an event whose type holds a line break.
     BreakLine,
+    /// Decide an event holding `count` numbers 1e300: a few bytes each as written, 301
+    /// as PostgreSQL prints them.
+    Huge {
+        /// How many.
+        count: u32,
+    },
+    /// Write `text` as `count` notes.
+    Repeat {
+        /// The note.
+        text: String,
+        /// How many times.
+        count: u32,
+    },
 }
 
 /// What was written.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub enum Event {
     /// A note.
     Written {
@@ -37,6 +54,11 @@ pub enum Event {
     /// An event whose type is `Line` and `Break` on two lines.
     #[serde(rename = "Line\nBreak")]
     LineBreak,
+    /// Large numbers.
+    Measured {
+        /// Each 1e300.
+        values: Vec<f64>,
+    },
 }
 
 /// How many notes were written.
@@ -53,15 +75,19 @@ impl Aggregate for BadOutput {
     type Event = Event;
 
     fn handle(_state: &State, command: Command) -> Result<Vec<Event>, Rejection> {
-        Ok(vec![match command {
+        Ok(match command {
             Command::Write { mut text, nul } => {
                 if nul {
                     text.push('\0');
                 }
-                Event::Written { text }
+                vec![Event::Written { text }]
             }
-            Command::BreakLine => Event::LineBreak,
-        }])
+            Command::BreakLine => vec![Event::LineBreak],
+            Command::Huge { count } => vec![Event::Measured {
+                values: vec![1e300; count as usize],
+            }],
+            Command::Repeat { text, count } => vec![Event::Written { text }; count as usize],
+        })
     }
 
     fn apply(state: State, _event: Event) -> State {
