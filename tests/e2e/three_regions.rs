@@ -501,3 +501,97 @@ async fn a_relay_transaction_older_than_the_predecessors_holds_the_event() {
     assert_eq!(again.stored, 1);
     assert_eq!(order().await, [1, 2, 3]);
 }
+
+/// A forced move for a lost region: the new home writes on top of versions it received
+/// from the lost region's stream. A third region that had not received them yet holds
+/// the new home's first event for them; with the lost region gone, its stream never
+/// brings them, and every later event of the new home's stream queues behind. It asks
+/// the new home for the versions instead, and stores them as they were committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_forced_move_a_third_region_gets_the_lost_regions_events_from_the_new_home() {
+    let mut r = ThreeRegions::start("forcethird").await;
+    r.upload_in(&r.east).await;
+    // East's copy of south's stream is read no further: east is the region that had
+    // not received south's last events when south was lost.
+    pause_relay(
+        &r.nats[0],
+        SOUTH,
+        Some(chrono::Utc::now() + chrono::Duration::minutes(10)),
+    )
+    .await;
+    for command in [
+        json!({"type":"Open","owner":"fay"}),
+        json!({"type":"Deposit","amount":5}),
+    ] {
+        let (status, body, _) = send_command(&r.south.url, "ft-1", None, command).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    eventually(|| async { (history(&r.west, "ft-1").await.len() == 2).then_some(()) }).await;
+
+    // South is lost; west takes ft-1 over and goes on writing.
+    r.south.kill9();
+    r.nats[2].stop();
+    let (status, moved) = r
+        .west
+        .client()
+        .post_raw(
+            "/v1/aggregates/bank-account/ft-1/move-home",
+            json!({"region": WEST, "force": true})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 200, "{moved}{}", r.logs());
+    let (status, body, _) = send_command(
+        &r.west.url,
+        "ft-1",
+        None,
+        json!({"type":"Withdraw","amount":2}),
+    )
+    .await;
+    assert_eq!((status, body["version"].as_i64()), (200, Some(4)), "{body}");
+    // Another aggregate, behind ft-1's events in west's stream.
+    let (status, body, _) = send_command(
+        &r.west.url,
+        "ft-2",
+        None,
+        json!({"type":"Open","owner":"gil"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while history(&r.east, "ft-2").await.len() != 1 || history(&r.east, "ft-1").await.len() != 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "east never stored west's events: ft-1 {:?}, ft-2 {:?}{}",
+            history(&r.east, "ft-1").await,
+            history(&r.east, "ft-2").await,
+            r.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let in_east = history(&r.east, "ft-1").await;
+    let order: Vec<(i64, &str, &str)> = in_east
+        .iter()
+        .map(|(v, t, o, _)| (*v, t.as_str(), o.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (1, "Opened", SOUTH),
+            (2, "Deposited", SOUTH),
+            (3, "$meridian.HomeMoved", WEST),
+            (4, "Withdrawn", WEST)
+        ]
+    );
+    assert_eq!(
+        in_east,
+        history(&r.west, "ft-1").await,
+        "the same events, ids and all"
+    );
+    assert_eq!(
+        region_metric(&r.east, "meridian_relay_fetched_total", WEST).await,
+        2.0
+    );
+}

@@ -329,6 +329,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     let rpc_stop = CancellationToken::new();
     let rpc = regions.serve(rpc_router, rpc_stop.clone());
     let directory = regions.serve_directory(rpc_stop.clone());
+    let history = crate::region::relay::serve_history(&regions, rpc_stop.clone());
     let relay_stop = CancellationToken::new();
     let relay = tokio::spawn(region::relay::run(
         regions.clone(),
@@ -387,7 +388,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     driver_stop.cancel();
     refresher.abort();
     relay_stop.cancel();
-    for task in [rpc, directory].into_iter().flatten() {
+    for task in [rpc, directory, history].into_iter().flatten() {
         let _ = task.await;
     }
     let _ = relay.await;

@@ -15,7 +15,10 @@
 //! peer's commit order, acknowledging after the commit. An aggregate that moved home
 //! arrives through two streams; an event whose previous version is still in the other
 //! one waits for it ([`store_in_order`]), so every region stores each aggregate's
-//! events in version order.
+//! events in version order. A wait of more than [`GAP_FETCH_AFTER`] asks the peer for
+//! the missing versions ([`serve_history`]): the peer wrote the waiting event on top
+//! of them, so it holds them, and after a forced move the region they came from may
+//! be gone for good.
 //!
 //! **Leader.** Whoever holds a session-level PostgreSQL advisory lock on a dedicated
 //! connection. If that host dies, its connection closes, the lock is released, and
@@ -27,6 +30,7 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{consumer, stream};
 use chrono::Utc;
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -330,7 +334,12 @@ fn message(
     if let Ok(event_type) = event.event_type.parse::<async_nats::HeaderValue>() {
         headers.insert("Meridian-Event-Type", event_type);
     }
-    let relayed = RelayedEvent {
+    Ok((headers, serde_json::to_vec(&relayed(region, event))?.into()))
+}
+
+/// An event as it travels between regions, committed in `region`.
+fn relayed(region: &str, event: &StoredEvent) -> RelayedEvent {
+    RelayedEvent {
         region: region.to_string(),
         position: event.position,
         event_id: event.event_id,
@@ -341,8 +350,7 @@ fn message(
         payload: compact(&event.payload),
         metadata: compact(&event.metadata),
         recorded_at: event.recorded_at,
-    };
-    Ok((headers, serde_json::to_vec(&relayed)?.into()))
+    }
 }
 
 /// Waits until the peer region's events stream answers through this region's NATS
@@ -406,6 +414,7 @@ async fn store_in_order(
     let mut from = 0;
     let started = std::time::Instant::now();
     let mut said = Duration::ZERO;
+    let mut fetched = Duration::ZERO;
     loop {
         let outcome = store::regions::store_remote(pool, regions.local(), &events[from..]).await?;
         if outcome.stored > 0 {
@@ -425,6 +434,30 @@ async fn store_in_order(
         }
         from += early;
         let waiting = &events[from];
+        if started.elapsed() >= fetched + GAP_FETCH_AFTER {
+            fetched = started.elapsed();
+            match fetch_missing(pool, regions, peer, waiting).await {
+                Ok(0) => {}
+                Ok(stored) => {
+                    tracing::info!(
+                        from = peer,
+                        aggregate_type = waiting.aggregate_type,
+                        aggregate_id = waiting.aggregate_id,
+                        stored,
+                        "stored an aggregate's missing versions from the region that wrote the next one"
+                    );
+                    metrics::counter!("meridian_relay_fetched_total", "region" => peer.to_string())
+                        .increment(stored as u64);
+                    regions.changes().events_committed();
+                    continue;
+                }
+                Err(error) => tracing::debug!(
+                    from = peer,
+                    %error,
+                    "cannot fetch an aggregate's missing versions; waiting for its stream"
+                ),
+            }
+        }
         if started.elapsed() >= said + GAP_REPORT_EVERY {
             said = started.elapsed();
             tracing::warn!(
@@ -447,6 +480,138 @@ async fn store_in_order(
 
 /// How often a relay holding an event for its predecessor tries again.
 const GAP_RETRY: Duration = Duration::from_millis(20);
+/// How long a relay holds an event before asking the peer for the versions before it,
+/// and then how often it asks again. In a move between live regions the other stream
+/// brings them within milliseconds; this is for a region that stays away.
+const GAP_FETCH_AFTER: Duration = Duration::from_secs(1);
+/// Most events one history answer carries (fewer when they would not fit one message).
+const HISTORY_PAGE: i64 = 100;
+/// How long a history request may take.
+const HISTORY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The subject a region's hosts answer history requests on.
+pub fn history_subject(region: &str) -> String {
+    format!("meridian.history.{region}")
+}
+
+/// Asks a region for some of an aggregate's events (`first..=last`).
+#[derive(Debug, Serialize, Deserialize)]
+struct HistoryRequest {
+    aggregate_type: String,
+    aggregate_id: String,
+    first: i64,
+    last: i64,
+}
+
+/// Asks `peer` for the versions of `waiting`'s aggregate between this region's newest
+/// and `waiting`, and stores what it sends. Returns how many events were stored.
+async fn fetch_missing(
+    pool: &PgPool,
+    regions: &Regions,
+    peer: &str,
+    waiting: &RelayedEvent,
+) -> anyhow::Result<i32> {
+    let nats = regions
+        .nats()
+        .ok_or_else(|| anyhow::anyhow!("NATS is not configured"))?;
+    let key = store::AggregateKey {
+        aggregate_type: waiting.aggregate_type.clone(),
+        aggregate_id: waiting.aggregate_id.clone(),
+    };
+    let mut stored = 0;
+    loop {
+        let have = store::read::stream_version(pool, &key).await?;
+        if have + 1 >= waiting.version {
+            return Ok(stored);
+        }
+        let request = HistoryRequest {
+            aggregate_type: key.aggregate_type.clone(),
+            aggregate_id: key.aggregate_id.clone(),
+            first: have + 1,
+            last: waiting.version - 1,
+        };
+        let answer = tokio::time::timeout(
+            HISTORY_TIMEOUT,
+            nats.request(history_subject(peer), serde_json::to_vec(&request)?.into()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("region {peer} did not answer within {HISTORY_TIMEOUT:?}"))?
+        .map_err(|e| anyhow::anyhow!("asking region {peer}: {e}"))?;
+        let events: Result<Vec<RelayedEvent>, String> = serde_json::from_slice(&answer.payload)?;
+        let events = events.map_err(|e| anyhow::anyhow!("region {peer}: {e}"))?;
+        // Only a run that starts where this region's history ends can be stored.
+        if events.first().is_none_or(|e| e.version != have + 1) {
+            return Ok(stored);
+        }
+        let outcome = store::regions::store_remote(pool, regions.local(), &events).await?;
+        if outcome.stored == 0 {
+            return Ok(stored);
+        }
+        stored += outcome.stored;
+    }
+}
+
+/// Answers other regions' requests for an aggregate's events, from this region's store,
+/// until `stop`: how a region holding an event for versions it lacks gets them from the
+/// region that wrote that event on top of them ([`store_in_order`]). Anyone who can
+/// reach this region's NATS can read its events stream, so this shows no more.
+pub fn serve_history(
+    regions: &Regions,
+    stop: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let nats = regions.nats()?.clone();
+    let pool = regions.inner.pool.clone();
+    let max = nats.server_info().max_payload;
+    Some(super::serve_queue(
+        nats,
+        history_subject(regions.local()),
+        stop,
+        move |message| {
+            let pool = pool.clone();
+            async move {
+                let answer = match serde_json::from_slice::<HistoryRequest>(&message.payload) {
+                    Ok(r) => history(&pool, r, max).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("bad history request: {e}")),
+                };
+                let body = serde_json::to_vec(&answer).expect("serialisable");
+                (async_nats::HeaderMap::new(), body.into())
+            }
+        },
+    ))
+}
+
+/// The events a history request asks for, as many from the first as fit one message of
+/// `max` bytes (at least one), each named by the region that committed it.
+async fn history(
+    pool: &PgPool,
+    request: HistoryRequest,
+    max: usize,
+) -> anyhow::Result<Vec<RelayedEvent>> {
+    let key = store::AggregateKey {
+        aggregate_type: request.aggregate_type,
+        aggregate_id: request.aggregate_id,
+    };
+    let last = request
+        .last
+        .min(request.first.saturating_add(HISTORY_PAGE - 1));
+    let stored = store::read::aggregate_events(pool, &key, request.first, last).await?;
+    let mut events = Vec::with_capacity(stored.len());
+    let mut bytes = 0;
+    for event in &stored {
+        #[derive(Deserialize)]
+        struct Origin {
+            origin_region: String,
+        }
+        let origin = serde_json::from_str::<Origin>(event.metadata.get())?.origin_region;
+        let event = relayed(&origin, event);
+        bytes += serde_json::to_vec(&event)?.len() + 1;
+        if bytes > max.saturating_sub(ENVELOPE_BYTES) && !events.is_empty() {
+            break;
+        }
+        events.push(event);
+    }
+    Ok(events)
+}
 /// How often a relay still holding an event says so in the log.
 const GAP_REPORT_EVERY: Duration = Duration::from_secs(5);
 
