@@ -214,15 +214,30 @@ impl WasiView for GuestState {
 
 /// Caps linear memory and remembers that it did, so the error can say "out of memory"
 /// instead of the `unreachable` trap the guest's allocator turns a failed grow into.
+///
+/// The cap is the instance's, across all its memories: a component holds one per core
+/// module that has one, and a module may declare several (multi-memory), and wasmtime
+/// asks about each memory on its own. Capping each alone would let a plugin with a
+/// hundred memories take a hundred times the cap.
 pub(crate) struct MemoryLimiter {
     max_bytes: u64,
+    /// Bytes of every memory of the instance together.
+    used_bytes: u64,
+    /// Elements of every table of the instance together.
+    used_elements: u64,
     pub(crate) exceeded: Arc<AtomicBool>,
 }
+
+/// Most table elements (function references) of one instance, all tables together; a
+/// million is far beyond any real plugin.
+const MAX_TABLE_ELEMENTS: u64 = 1_000_000;
 
 impl MemoryLimiter {
     fn new(max_bytes: u64) -> Self {
         Self {
             max_bytes,
+            used_bytes: 0,
+            used_elements: 0,
             exceeded: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -231,28 +246,48 @@ impl MemoryLimiter {
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.max_bytes {
+        let total = (self.used_bytes + desired as u64).saturating_sub(current as u64);
+        if total > self.max_bytes {
             self.exceeded.store(true, Ordering::Relaxed);
             return Err(wasmtime::format_err!(
-                "linear memory would grow to {desired} bytes, over the {} byte cap",
+                "linear memory would grow to {total} bytes, over the {} byte cap",
                 self.max_bytes
             ));
         }
+        self.used_bytes = total;
         Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        // Tables hold function references; a million is far beyond any real plugin.
-        Ok(desired <= 1_000_000)
+        let total = (self.used_elements + desired as u64).saturating_sub(current as u64);
+        if total > MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        self.used_elements = total;
+        Ok(true)
+    }
+
+    // Far more than any component needs (a Rust one has a handful of core instances,
+    // one or two memories), far fewer than wasmtime's default of 10,000 each.
+    fn instances(&self) -> usize {
+        100
+    }
+
+    fn memories(&self) -> usize {
+        100
+    }
+
+    fn tables(&self) -> usize {
+        100
     }
 }
 
@@ -427,6 +462,25 @@ mod tests {
             forbidden_import(["evil:escape/network@0.1.0"].into_iter()),
             Some("evil:escape/network@0.1.0")
         );
+    }
+
+    #[test]
+    fn the_memory_cap_holds_for_all_memories_of_an_instance_together() {
+        const MIB: usize = 1024 * 1024;
+        let mut limiter = MemoryLimiter::new(64 * MIB as u64);
+        // Two memories of 30 MiB fit; a third does not, nor does growing one of them.
+        assert!(limiter.memory_growing(0, 30 * MIB, None).unwrap());
+        assert!(limiter.memory_growing(0, 30 * MIB, None).unwrap());
+        assert!(!limiter.exceeded.load(Ordering::Relaxed));
+        assert!(limiter.memory_growing(0, 30 * MIB, None).is_err());
+        assert!(limiter.memory_growing(30 * MIB, 40 * MIB, None).is_err());
+        assert!(limiter.exceeded.load(Ordering::Relaxed));
+        // What is left can still be used.
+        assert!(limiter.memory_growing(30 * MIB, 34 * MIB, None).unwrap());
+
+        let mut tables = MemoryLimiter::new(64 * MIB as u64);
+        assert!(tables.table_growing(0, 600_000, None).unwrap());
+        assert!(!tables.table_growing(0, 600_000, None).unwrap());
     }
 
     #[test]
