@@ -209,6 +209,53 @@ async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
     assert_eq!(third["version"], 3);
 }
 
+/// `meridian events tail` prints each event as the host sent it. A large one reaches
+/// it in many network chunks, and a chunk can end inside a multi-byte character.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_tail_prints_large_non_ascii_events_intact() {
+    let (_db, host) = host_with_account("sse_utf8", HostOptions::default(), "u-0").await;
+    // 300,000 characters of two, three and four bytes: 900 KB.
+    let owner = "é€😀".repeat(100_000);
+    let (status, body) = host
+        .client()
+        .command(
+            "bank-account",
+            "u-1",
+            json!({"command": {"type": "Open", "owner": owner}}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        200,
+        "{}",
+        &body.to_string()[..200.min(body.to_string().len())]
+    );
+    let mut tail = tokio::process::Command::new(crate::harness::meridian_bin())
+        .args([
+            "events", "tail", "--json", "--id", "u-1", "--url", &host.url,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let event: Value = serde_json::from_str(&line).unwrap();
+    let printed = event["payload"]["owner"].as_str().unwrap_or_default();
+    assert!(
+        printed == owner,
+        "the owner came out altered: {} of {} characters, {} replaced",
+        printed.chars().count(),
+        owner.chars().count(),
+        printed.chars().filter(|&c| c == '\u{fffd}').count()
+    );
+}
+
 /// Index and table scans of `events` so far, as PostgreSQL counts them. (Backends
 /// report these at most once a second, so this lags by about that much.)
 async fn events_scans(pool: &sqlx::PgPool) -> i64 {

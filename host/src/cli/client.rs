@@ -464,7 +464,9 @@ async fn tail(
             );
         }
         let mut body = response.bytes_stream();
-        let mut buffer = String::new();
+        // Bytes, not text: a chunk may end inside a multi-byte character, which
+        // decoding chunk by chunk would replace with U+FFFD.
+        let mut buffer: Vec<u8> = Vec::new();
         let mut ticks = tokio::time::interval(ACK_EVERY);
         loop {
             let chunk = tokio::select! {
@@ -482,9 +484,10 @@ async fn tail(
                 }
             };
             let Some(Ok(chunk)) = chunk else { break };
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buffer.find("\n\n") {
-                let message: String = buffer.drain(..end + 2).collect();
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                let message: Vec<u8> = buffer.drain(..end + 2).collect();
+                let message = String::from_utf8_lossy(&message);
                 let data: String = message
                     .lines()
                     .filter_map(|l| l.strip_prefix("data:"))
