@@ -480,6 +480,56 @@ async fn a_hosts_sessions_end_transactions_left_idle() {
     assert_eq!(timeout, "10s");
 }
 
+/// A command another host forwards to an owner that hangs (here: paused, its sockets
+/// open) is routed again once the owner's partitions move, instead of waiting out the
+/// HTTP timeout and failing although a new owner serves the partition.
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_forwarded_to_a_hung_owner_run_at_its_successor() {
+    let db = TestDb::new("c_hung").await;
+    let hosts = start_region(&db, 3).await;
+    let accounts = open_accounts(&hosts, 60).await;
+    let status = wait_balanced(&hosts).await;
+    let hung = &hosts[1];
+    let mine: Vec<String> = accounts
+        .iter()
+        .filter(|id| owner_of(&status, id) == hung.node_id)
+        .take(10)
+        .cloned()
+        .collect();
+    assert!(!mine.is_empty());
+
+    hung.signal("STOP");
+    let api = hosts[0].client();
+    let sent: Vec<_> = mine
+        .iter()
+        .map(|id| {
+            let api = api.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                api.command(
+                    "bank-account",
+                    &id,
+                    json!({"command": {"type": "Deposit", "amount": 3}}),
+                )
+                .await
+            })
+        })
+        .collect();
+    // Answered while the owner is still paused (the HTTP timeout is 30 s).
+    let answers = tokio::time::timeout(
+        std::time::Duration::from_secs(25),
+        futures::future::join_all(sent),
+    )
+    .await;
+    hung.signal("CONT");
+    let answers = answers.expect("commands forwarded to the paused owner were not answered");
+    for answer in answers {
+        let (status, body) = answer.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_ne!(body["executed_by"], hung.node_id.as_str(), "{body}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_host_is_fenced_and_rejoins() {
     let db = TestDb::new("c_pause").await;

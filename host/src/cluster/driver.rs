@@ -162,6 +162,7 @@ impl Cluster {
                 phase,
                 http: reqwest::Client::builder()
                     .pool_max_idle_per_host(256)
+                    .connect_timeout(Duration::from_secs(2))
                     .timeout(Duration::from_secs(30))
                     .build()
                     .expect("HTTP client builds"),
@@ -502,11 +503,23 @@ impl Cluster {
                         .expect("addresses poisoned")
                         .get(&owner)
                         .cloned();
-                    if let Some(address) = address
-                        && let Some(answer) =
-                            self.forward(&address, &command, body, authorization).await
-                    {
-                        return answer;
+                    if let Some(address) = address {
+                        // An owner that hangs (a dead machine, a partition, a paused
+                        // process) keeps the request until the HTTP timeout; its
+                        // partitions move after the heartbeat timeout. Route again
+                        // then: if it comes back, it is fenced, and the command id
+                        // makes the command run once.
+                        tokio::select! {
+                            answer = self.forward(&address, &command, body, authorization) => {
+                                if let Some(answer) = answer {
+                                    return answer;
+                                }
+                            }
+                            () = self.moved_from(partition, &owner) => {
+                                tracing::info!(partition, owner, "the partition moved while a command forwarded to its owner was unanswered; routing again");
+                                continue;
+                            }
+                        }
                     }
                 }
                 // Our view may be stale (a lease we released, an owner that moved):
@@ -524,6 +537,22 @@ impl Cluster {
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Returns once `partition` is no longer routed to `owner`.
+    async fn moved_from(&self, partition: u32, owner: &str) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let route = self
+                .inner
+                .node
+                .lock()
+                .expect("node poisoned")
+                .route(partition);
+            if !matches!(&route, Route::Forward(o) if o == owner) {
+                return;
+            }
         }
     }
 
