@@ -480,6 +480,54 @@ async fn a_hosts_sessions_end_transactions_left_idle() {
     assert_eq!(timeout, "10s");
 }
 
+/// Limits set through one host hold on every host of the region: lowered to stop a
+/// misbehaving plugin, they must not stop it on one host only.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_set_through_one_host_hold_on_every_host() {
+    let db = TestDb::new("c_limits").await;
+    let hosts = start_region(&db, 2).await;
+    let status = wait_balanced(&hosts).await;
+    // New aggregates the other host runs (a refused Open leaves its id unused, but an
+    // accepted one does not).
+    let owned_by_other = |attempt: u32| -> Vec<String> {
+        (0..)
+            .map(|i| format!("lim-{attempt}-{i}"))
+            .filter(|id| owner_of(&status, id) == hosts[1].node_id)
+            .take(5)
+            .collect()
+    };
+    let api = hosts[0].client();
+    assert_eq!(
+        api.put_limits("bank-account", json!({"max_output_bytes": 1024}))
+            .await,
+        200
+    );
+    // An Open whose event is over 1 KiB, for aggregates the other host runs: refused
+    // there too once it has taken the new limits (at once, on the change notice).
+    let owner = "o".repeat(2_000);
+    let mut attempt = 0;
+    eventually(|| {
+        attempt += 1;
+        let (api, owner, ids) = (api.clone(), owner.clone(), owned_by_other(attempt));
+        async move {
+            for id in ids {
+                let (status, body) = api
+                    .command(
+                        "bank-account",
+                        &id,
+                        json!({"command": {"type": "Open", "owner": owner}}),
+                    )
+                    .await;
+                if status != 500 || body["error"]["code"] != "plugin_invalid_output" {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+}
+
 /// A command another host forwards to an owner that hangs (here: paused, its sockets
 /// open) is routed again once the owner's partitions move, instead of waiting out the
 /// HTTP timeout and failing although a new owner serves the partition.

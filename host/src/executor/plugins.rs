@@ -136,15 +136,23 @@ impl PluginRegistry {
         Ok(plugin)
     }
 
-    /// Loads every type whose newest version this host does not have yet. Returns the
-    /// number of plugins (re)loaded. A host runs this before it reports ready, and then
-    /// periodically, so uploads through other hosts take effect here too.
+    /// Loads every type whose newest version, or whose limits, this host does not have
+    /// yet. Returns the number of plugins (re)loaded. A host runs this before it
+    /// reports ready, and then periodically, so uploads and changes of limits through
+    /// other hosts take effect here too.
     pub async fn refresh(&self) -> Result<usize, RegistryError> {
         let latest = store::plugins::list_latest(&self.inner.pool).await?;
+        let limits = store::plugins::all_limits(&self.inner.pool).await?;
         let mut reloaded = 0;
         for info in latest {
-            let current = self.cached(&info.aggregate_type).map(|p| p.version());
-            if current != Some(info.version) {
+            let wanted = limits
+                .get(&info.aggregate_type)
+                .copied()
+                .unwrap_or_default();
+            let current = self
+                .cached(&info.aggregate_type)
+                .map(|p| (p.version(), *p.limits()));
+            if current != Some((info.version, wanted)) {
                 let _guard = self.inner.loading.lock().await;
                 match self.load(&info.aggregate_type).await {
                     Ok(_) => reloaded += 1,

@@ -137,6 +137,17 @@ pub async fn limits(pool: &PgPool, aggregate_type: &str) -> Result<SandboxLimits
     Ok(stored.map(|j| j.0).unwrap_or_default())
 }
 
+/// The sandbox limits of every type that has limits set (others run with the defaults).
+pub async fn all_limits(
+    pool: &PgPool,
+) -> Result<std::collections::HashMap<String, SandboxLimits>, StoreError> {
+    let rows: Vec<(String, sqlx::types::Json<SandboxLimits>)> =
+        sqlx::query_as("SELECT aggregate_type, limits FROM plugin_limits")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(|(t, l)| (t, l.0)).collect())
+}
+
 /// Sets the sandbox limits of a type.
 pub async fn set_limits(
     pool: &PgPool,
