@@ -8,7 +8,8 @@
 //! Positions are kept per layout `(group, members, member)`; a member of a layout with
 //! no stored position starts from the oldest position stored for any other layout of
 //! the group (a resize loses nothing, and redelivers what the old layout had not
-//! acknowledged), or from the beginning.
+//! acknowledged), or from the beginning: when nothing is stored for the group, or when
+//! a member of another layout never acknowledged (it may have processed nothing).
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -39,7 +40,8 @@ pub struct GroupMember {
 pub enum StartFrom {
     /// The member's own acknowledged position.
     Acknowledged,
-    /// The oldest position of another layout of the group (the group was resized).
+    /// The oldest position of another layout of the group (the group was resized), or
+    /// the beginning when a member of that layout never acknowledged.
     OtherLayout,
     /// The beginning of the region's events (nothing stored for the group).
     Beginning,
@@ -61,15 +63,21 @@ pub async fn start(pool: &PgPool, slot: &GroupMember) -> Result<(i64, StartFrom)
     }
     // Not the same layout: a member of this layout that has not acknowledged yet may be
     // far behind one that has, and starting from the other's position would skip events.
-    let oldest: Option<i64> = sqlx::query_scalar(
-        "SELECT position FROM consumer_group_positions \
-         WHERE group_name = $1 AND members <> $2 ORDER BY tx_id, position LIMIT 1",
+    // Nor a layout with a member that never acknowledged: that member's aggregates may
+    // have had none of their events processed, so it counts as the beginning.
+    let (oldest, incomplete): (Option<i64>, bool) = sqlx::query_as(
+        "SELECT (SELECT position FROM consumer_group_positions \
+                  WHERE group_name = $1 AND members <> $2 ORDER BY tx_id, position LIMIT 1), \
+                EXISTS (SELECT 1 FROM consumer_group_positions \
+                         WHERE group_name = $1 AND members <> $2 \
+                         GROUP BY members HAVING count(*) < members)",
     )
     .bind(&slot.group)
     .bind(slot.members as i32)
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?;
     Ok(match oldest {
+        Some(_) if incomplete => (0, StartFrom::OtherLayout),
         Some(position) => (position, StartFrom::OtherLayout),
         None => (0, StartFrom::Beginning),
     })
