@@ -302,12 +302,12 @@ impl Executor {
         let mut guard = slot.lock().await;
         let mut attempt = 0;
         loop {
-            let loaded = match guard.take() {
+            let (loaded, cached) = match guard.take() {
                 Some(loaded) if loaded.plugin_version == plugin.version() => {
                     metrics::counter!("meridian_cache_hits_total").increment(1);
-                    loaded
+                    (loaded, true)
                 }
-                _ => self.load(&plugin, &command.key).await?,
+                _ => (self.load(&plugin, &command.key).await?, false),
             };
             match self.decide_and_append(&plugin, &command, &loaded).await {
                 Ok((result, next)) => {
@@ -353,6 +353,19 @@ impl Executor {
                         other,
                         CommandError::Rejected(_) | CommandError::WrongVersion { .. }
                     ) {
+                        // An append would have caught a stale cached state; a refusal
+                        // appends nothing. Events written around the cache (relayed
+                        // from another region while the aggregate's home was there)
+                        // would make it refuse on a state that is not the aggregate's.
+                        if cached
+                            && attempt < MAX_CONFLICT_RETRIES
+                            && store::read::stream_version(&self.inner.pool, &command.key).await?
+                                != loaded.version
+                        {
+                            attempt += 1;
+                            tracing::debug!(aggregate = %command.key, "refused on a stale cached state; reloading");
+                            continue;
+                        }
                         *guard = Some(loaded);
                     }
                     return Err(other);
