@@ -1077,3 +1077,42 @@ async fn a_command_deciding_no_events_on_a_stale_empty_state_is_a_conflict() {
         "{result:?}"
     );
 }
+
+/// Metrics are labelled with the aggregate type only for types the host knows: every
+/// label value is a series kept for the life of the process, so types taken as sent
+/// would let any caller grow `/metrics` and the host's memory without bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_for_unknown_types_do_not_add_metric_series() {
+    let (_db, host) = host_with_bank_account("metric_labels").await;
+    let api = host.client();
+    let (status, _) = open(&api, "ml-1", "ann").await;
+    assert_eq!(status, 200);
+    for i in 0..20 {
+        let (status, body) = api
+            .command(
+                &format!("no-such-type-{i}"),
+                "x",
+                json!({"command": {"type": "Open", "owner": "a"}}),
+            )
+            .await;
+        assert_eq!(status, 404, "{body}");
+    }
+    let metrics = reqwest::get(format!("{}/metrics", host.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("no-such-type"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("no-such-type"))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(metrics.contains(r#"aggregate_type="bank-account""#));
+    assert!(metrics.contains(r#"aggregate_type="(unknown)""#));
+}

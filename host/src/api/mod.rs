@@ -52,6 +52,10 @@ const FORWARD_ALLOWANCE: usize = 1024;
 /// the metadata of every event the command decides.
 pub const MAX_CORRELATION_ID_BYTES: usize = 128;
 
+/// The `aggregate_type` label of command metrics for a type this host has no plugin
+/// for.
+const UNKNOWN_TYPE_LABEL: &str = "(unknown)";
+
 /// Most events one page of `GET /v1/events` returns.
 pub const MAX_PAGE: i64 = 10_000;
 
@@ -632,6 +636,13 @@ async fn execute(
         }
         _ => {}
     }
+    // Every distinct label is a series kept for the life of the process: a type taken
+    // from the path as sent would let any caller grow them without bound.
+    let aggregate_type = if state.executor.plugins().is_loaded(&aggregate_type) {
+        aggregate_type
+    } else {
+        UNKNOWN_TYPE_LABEL.to_string()
+    };
     metrics::histogram!("meridian_command_seconds", "aggregate_type" => aggregate_type.clone())
         .record(started.elapsed().as_secs_f64());
     let (outcome, response) = match dispatched {

@@ -85,6 +85,13 @@ impl PluginRegistry {
             .is_empty())
     }
 
+    /// Whether this host has a plugin for the type loaded. Every host loads every
+    /// uploaded type (see [`Self::refresh`]), so this answers "is it a known type"
+    /// without the database, a moment late after an upload.
+    pub fn is_loaded(&self, aggregate_type: &str) -> bool {
+        self.cached(aggregate_type).is_some()
+    }
+
     fn cached(&self, aggregate_type: &str) -> Option<Plugin> {
         self.inner
             .loaded
