@@ -743,6 +743,62 @@ async fn joining_and_draining_under_load_fail_no_command() {
     check_history(&db, &acked).await;
 }
 
+/// A load balancer goes on sending a draining host new connections until its next
+/// probe of `/readyz`. For its drain grace the host accepts them, although it holds no
+/// partition any more, and passes their commands to the new owners.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_host_accepts_commands_for_its_grace_after_handing_over() {
+    let db = TestDb::new("c_grace").await;
+    let staying = Host::start(&db, options()).await;
+    let mut with_grace = options();
+    with_grace
+        .env
+        .push(("MERIDIAN_DRAIN_GRACE_MS".into(), "5000".into()));
+    let mut leaving = Host::start(&db, with_grace).await;
+    let (status, body) = staying
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let hosts = [staying, leaving];
+    wait_balanced(&hosts).await;
+    let [staying, l] = hosts;
+    leaving = l;
+
+    leaving.signal("TERM");
+    eventually(|| async {
+        let r = reqwest::get(format!("{}/readyz", leaving.url)).await.ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    eventually(|| async {
+        let (_, s) = staying.client().get("/v1/cluster").await;
+        s["partition_owners"]
+            .as_array()?
+            .iter()
+            .all(|o| o.as_str() == Some(staying.node_id.as_str()))
+            .then_some(())
+    })
+    .await;
+    // Handed over; a client that has not noticed sends it commands all the same.
+    let api = leaving.client();
+    for i in 0..5 {
+        let (status, body) = api
+            .command(
+                "bank-account",
+                &format!("grace-{i}"),
+                json!({"command": {"type": "Open", "owner": "o"}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["executed_by"], staying.node_id.as_str(), "{body}");
+    }
+    let code = tokio::task::spawn_blocking(move || leaving.wait_exit(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "the drained host did not exit 0");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_partition_count_is_refused_at_start() {
     let db = TestDb::new("c_parts").await;

@@ -1154,6 +1154,8 @@ fn spawn_host(spec: &HostSpec, region: &RegionEnv, admin_token: &str) -> anyhow:
         // In the environment rather than on the command line, where `ps` shows passwords.
         .env("MERIDIAN_DATABASE_URL", &region.database_url)
         .env("MERIDIAN_TOKENS", format!("{admin_token}:admin"))
+        // No load balancer in front: stopping need not wait for one.
+        .env("MERIDIAN_DRAIN_GRACE_MS", "0")
         // The calling shell's region settings are not part of this setup.
         .env_remove("MERIDIAN_NATS_URL")
         .env_remove("MERIDIAN_PEER_REGIONS")

@@ -88,6 +88,13 @@ pub struct HostArgs {
     /// in-flight requests), in seconds.
     #[arg(long, env = "MERIDIAN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// After SIGTERM, how long the host goes on accepting requests (and passing
+    /// commands to the partitions' new owners) from the moment `/readyz` turns 503, in
+    /// milliseconds: a load balancer keeps sending new connections until its next
+    /// probe, and closing the listener before then fails them. Set it to the time
+    /// yours takes to stop (0 when clients connect directly).
+    #[arg(long, env = "MERIDIAN_DRAIN_GRACE_MS", default_value_t = 3_000)]
+    pub drain_grace_ms: u64,
     /// Virtual partitions of the region; fixed when the region first starts.
     #[arg(long, env = "MERIDIAN_PARTITIONS", default_value_t = cluster::core::DEFAULT_PARTITIONS)]
     pub partitions: u32,
@@ -361,6 +368,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
 
     shutdown.cancelled().await;
     ready.store(false, Ordering::Release);
+    let unready_at = tokio::time::Instant::now();
     // Requests forwarded from other regions go to this region's other hosts now.
     rpc_stop.cancel();
     tracing::info!("draining: handing partitions to other hosts");
@@ -381,6 +389,14 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         tracing::warn!(
             "drain timed out with partitions still held; they move when this host's heartbeat expires"
         );
+    }
+    let grace = Duration::from_millis(args.drain_grace_ms);
+    if unready_at.elapsed() < grace {
+        tracing::info!(
+            grace_ms = args.drain_grace_ms,
+            "still accepting requests until load balancers have seen /readyz fail"
+        );
+        tokio::time::sleep_until(unready_at + grace).await;
     }
     // The driver keeps routing (observing leases) until the listener has closed.
     server_stop.cancel();
