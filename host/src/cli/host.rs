@@ -321,9 +321,16 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     tracing::info!(%local_addr, node_id, region = %args.region, "listening");
 
     // Catch up before taking work: every plugin compiled (and cached for restarts).
-    let loaded = plugins.refresh().await.context("loading plugins")?;
-    tracing::info!(plugins = loaded, "caught up");
-    cluster.caught_up();
+    // SIGTERM meanwhile stops it there: announced ready, the host would be given
+    // partitions only to hand them back at once.
+    let loaded = tokio::select! {
+        loaded = plugins.refresh() => Some(loaded.context("loading plugins")?),
+        _ = shutdown.cancelled() => None,
+    };
+    if let Some(loaded) = loaded {
+        tracing::info!(plugins = loaded, "caught up");
+        cluster.caught_up();
+    }
     let mut phase = cluster.phase();
     tokio::select! {
         ready = phase.wait_for(|p| *p == cluster::core::Phase::Ready) => drop(ready),
