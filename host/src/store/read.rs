@@ -36,7 +36,10 @@ impl std::fmt::Display for AggregateKey {
 /// An event as stored.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StoredEvent {
-    /// Regional position: resume token for global reads.
+    /// Regional position: a resume token for global reads when a global read
+    /// delivered it. Read from one aggregate's events it may belong to a transaction
+    /// that committed ahead of an older, still running one, and resuming after it
+    /// would skip that one's events.
     pub position: i64,
     /// Event id (UUID v7).
     pub event_id: Uuid,
