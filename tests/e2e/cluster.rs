@@ -65,6 +65,27 @@ fn owner_of(status: &Value, id: &str) -> String {
         .to_string()
 }
 
+/// Sends a deposit of `amount` to each account through `api`, each on its own task.
+fn spawn_deposits(
+    api: &Api,
+    ids: &[String],
+    amount: i64,
+) -> Vec<tokio::task::JoinHandle<(u16, Value)>> {
+    ids.iter()
+        .map(|id| {
+            let (api, id) = (api.clone(), id.clone());
+            tokio::spawn(async move {
+                api.command(
+                    "bank-account",
+                    &id,
+                    json!({"command": {"type": "Deposit", "amount": amount}}),
+                )
+                .await
+            })
+        })
+        .collect()
+}
+
 async fn open_accounts(hosts: &[Host], n: usize) -> Vec<String> {
     let ids: Vec<String> = (0..n).map(|i| format!("acct-{i}")).collect();
     let apis: Vec<Api> = hosts.iter().map(|h| h.client()).collect();
@@ -547,22 +568,7 @@ async fn commands_forwarded_to_a_hung_owner_run_at_its_successor() {
     assert!(!mine.is_empty());
 
     hung.signal("STOP");
-    let api = hosts[0].client();
-    let sent: Vec<_> = mine
-        .iter()
-        .map(|id| {
-            let api = api.clone();
-            let id = id.clone();
-            tokio::spawn(async move {
-                api.command(
-                    "bank-account",
-                    &id,
-                    json!({"command": {"type": "Deposit", "amount": 3}}),
-                )
-                .await
-            })
-        })
-        .collect();
+    let sent = spawn_deposits(&hosts[0].client(), &mine, 3);
     // Answered while the owner is still paused (the HTTP timeout is 30 s).
     let answers = tokio::time::timeout(
         std::time::Duration::from_secs(25),
@@ -598,23 +604,7 @@ async fn a_paused_host_is_fenced_and_rejoins() {
 
     paused.signal("STOP");
     // Commands sent to the paused host now sit in its socket until it resumes.
-    let api = paused.client();
-    let stuck: Vec<_> = mine
-        .iter()
-        .take(20)
-        .map(|id| {
-            let api = api.clone();
-            let id = id.clone();
-            tokio::spawn(async move {
-                api.command(
-                    "bank-account",
-                    &id,
-                    json!({"command": {"type": "Deposit", "amount": 2}}),
-                )
-                .await
-            })
-        })
-        .collect();
+    let stuck = spawn_deposits(&paused.client(), &mine[..mine.len().min(20)], 2);
     // Wait until the others took its partitions over.
     let others = [&hosts[0], &hosts[2]];
     let moved = eventually(|| async {

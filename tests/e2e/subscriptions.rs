@@ -79,6 +79,26 @@ impl SseReader {
 }
 
 /// A host on a database of its own with bank-account uploaded and account `id` opened.
+/// `meridian events tail --json --id <id>` against `host`: the process (killed when
+/// dropped) and its output lines.
+fn cli_tail(
+    host: &Host,
+    id: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
+    let mut tail = tokio::process::Command::new(crate::harness::meridian_bin())
+        .args(["events", "tail", "--json", "--id", id, "--url", &host.url])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    (tail, lines)
+}
+
 async fn host_with_account(label: &str, options: HostOptions, id: &str) -> (TestDb, Host) {
     let db = TestDb::new(label).await;
     let host = Host::start(&db, options).await;
@@ -177,16 +197,7 @@ async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
     assert_eq!(r.status(), 400);
 
     // `meridian events tail --json` follows the same stream.
-    let mut tail = tokio::process::Command::new(crate::harness::meridian_bin())
-        .args([
-            "events", "tail", "--json", "--id", "s-1", "--url", &host.url,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = tail.stdout.take().unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let (_tail, mut lines) = cli_tail(&host, "s-1");
     let first: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
     assert_eq!(
         (first["aggregate_id"].as_str(), first["version"].as_i64()),
@@ -230,16 +241,7 @@ async fn the_cli_tail_prints_large_non_ascii_events_intact() {
         "{}",
         &body.to_string()[..200.min(body.to_string().len())]
     );
-    let mut tail = tokio::process::Command::new(crate::harness::meridian_bin())
-        .args([
-            "events", "tail", "--json", "--id", "u-1", "--url", &host.url,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = tail.stdout.take().unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let (_tail, mut lines) = cli_tail(&host, "u-1");
     let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
         .await
         .unwrap()

@@ -471,13 +471,7 @@ impl Cluster {
         let started = Instant::now();
         let mut delay = Duration::from_millis(10);
         loop {
-            let route = self
-                .inner
-                .node
-                .lock()
-                .expect("node poisoned")
-                .route(partition);
-            match route {
+            match self.route(partition) {
                 Route::Local(_) => {
                     let slot = self.inner.slots[partition as usize].read().await;
                     if let Some(epoch) = slot.1 {
@@ -540,17 +534,20 @@ impl Cluster {
         }
     }
 
+    /// Where this node sends a command of `partition` now.
+    fn route(&self, partition: u32) -> Route {
+        self.inner
+            .node
+            .lock()
+            .expect("node poisoned")
+            .route(partition)
+    }
+
     /// Returns once `partition` is no longer routed to `owner`.
     async fn moved_from(&self, partition: u32, owner: &str) {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let route = self
-                .inner
-                .node
-                .lock()
-                .expect("node poisoned")
-                .route(partition);
-            if !matches!(&route, Route::Forward(o) if o == owner) {
+            if !matches!(self.route(partition), Route::Forward(o) if o == owner) {
                 return;
             }
         }
