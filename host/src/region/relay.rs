@@ -480,6 +480,8 @@ async fn store_in_order(
 
 /// How often a relay holding an event for its predecessor tries again.
 const GAP_RETRY: Duration = Duration::from_millis(20);
+/// How often a relay still holding an event says so in the log.
+const GAP_REPORT_EVERY: Duration = Duration::from_secs(5);
 /// How long a relay holds an event before asking the peer for the versions before it,
 /// and then how often it asks again. In a move between live regions the other stream
 /// brings them within milliseconds; this is for a region that stays away.
@@ -612,8 +614,6 @@ async fn history(
     }
     Ok(events)
 }
-/// How often a relay still holding an event says so in the log.
-const GAP_REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// Stores a peer region's events, read from the local stream that sources them.
 async fn receive(
