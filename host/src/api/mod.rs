@@ -528,8 +528,9 @@ async fn execute(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
-    let from_peer =
-        headers.contains_key(FORWARDED_HEADER) || headers.contains_key(crate::region::HOME_HEADER);
+    // From another host of the region (the owner's partition) or from another region.
+    let forwarded = headers.contains_key(FORWARDED_HEADER);
+    let from_peer = forwarded || headers.contains_key(crate::region::HOME_HEADER);
     if body.len() > state.max_command_bytes && !from_peer {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -552,7 +553,6 @@ async fn execute(
     let correlation_id = correlation_id
         .map(str::to_string)
         .or_else(|| Some(command_id.to_string()));
-    let forwarded = headers.contains_key(FORWARDED_HEADER);
     // What another host or region gets if the command is forwarded: the body with its
     // id filled in, the command's own bytes unchanged.
     let forward_body = serde_json::to_vec(&body).expect("command body serialises");

@@ -428,7 +428,7 @@ impl Executor {
         if let Some(max) = self.inner.config.max_event_bytes
             && let Some((event, bytes)) = decided
                 .iter()
-                .map(|e| (e, e.printed_bytes + e.event_type.len()))
+                .map(|e| (e, e.printed_len()))
                 .find(|&(_, bytes)| bytes > max)
         {
             return Err(CommandError::EventTooLarge {

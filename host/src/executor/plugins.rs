@@ -77,7 +77,7 @@ impl PluginRegistry {
     /// Whether a plugin is uploaded for the type, without compiling it: what a host that
     /// only passes a command on to another region needs to know.
     pub async fn knows(&self, aggregate_type: &str) -> Result<bool, RegistryError> {
-        if self.cached(aggregate_type).is_some() {
+        if self.is_loaded(aggregate_type) {
             return Ok(true);
         }
         Ok(!store::plugins::versions(&self.inner.pool, aggregate_type)

@@ -235,8 +235,9 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
 /// headers, the envelope's other fields and the metadata (a few hundred bytes).
 const ENVELOPE_BYTES: usize = 16 * 1024;
 
-/// The largest event (payload and type, as the plugin returned them) the relay carries
-/// on a NATS server whose largest message is `max_payload` bytes. One event is one
+/// The largest event (payload and type, as PostgreSQL prints them back and the relay
+/// sends them: [`crate::runtime::DecidedEvent::printed_len`]) the relay carries on a
+/// NATS server whose largest message is `max_payload` bytes. One event is one
 /// message; an event too large for it would stop the relay at that event for good, so
 /// the executor refuses to store it.
 pub fn max_event_bytes(max_payload: usize) -> usize {

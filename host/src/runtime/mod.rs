@@ -203,6 +203,14 @@ pub struct DecidedEvent {
     pub printed_bytes: usize,
 }
 
+impl DecidedEvent {
+    /// At most how many bytes the event, payload and type, takes when read back from
+    /// PostgreSQL: what the output cap and the relay's message size hold it to.
+    pub fn printed_len(&self) -> usize {
+        self.printed_bytes.saturating_add(self.event_type.len())
+    }
+}
+
 impl Runtime {
     /// Creates the engine and starts the epoch ticker that enforces deadlines.
     pub fn new(config: RuntimeConfig) -> Result<Self, PluginError> {
@@ -645,7 +653,7 @@ impl Plugin {
         // gigabytes and stop every reader of the feed.
         let printed: usize = events
             .iter()
-            .map(|e| e.printed_bytes.saturating_add(e.event_type.len()))
+            .map(DecidedEvent::printed_len)
             .fold(0, usize::saturating_add);
         if printed as u64 > limits.max_output_bytes {
             return Err(self.invalid(
