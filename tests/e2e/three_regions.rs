@@ -412,7 +412,13 @@ async fn a_target_without_the_aggregates_events_waits_for_them_instead_of_starti
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], 3, "{body}");
-    let seen = history(&r.west, "nh-1").await;
+    // The feed shows an event once every older transaction has ended, which under load
+    // can be a moment after the command's answer.
+    let seen = eventually(|| async {
+        let seen = history(&r.west, "nh-1").await;
+        (seen.len() >= 3).then_some(seen)
+    })
+    .await;
     let order: Vec<(i64, &str)> = seen.iter().map(|(v, t, _, _)| (*v, t.as_str())).collect();
     assert_eq!(
         order,
