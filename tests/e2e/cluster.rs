@@ -501,6 +501,166 @@ async fn a_hosts_sessions_end_transactions_left_idle() {
     assert_eq!(timeout, "10s");
 }
 
+/// A database too slow to serve the command path never makes a live host look dead.
+/// Here commands for the first host's partitions wait on a lock the test holds on
+/// `events` for three times the dead-after time, more of them than the host has shared
+/// connections. While the heartbeat took its connection from that pool it waited
+/// behind them, the other host declared the first dead and took its partitions, on
+/// top of the slowness.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_database_makes_no_host_look_dead() {
+    let db = TestDb::new("c_busy").await;
+    let quick = HostOptions {
+        env: vec![
+            ("MERIDIAN_DEAD_AFTER_MS".into(), "1500".into()),
+            ("MERIDIAN_HEARTBEAT_MS".into(), "250".into()),
+        ],
+        ..HostOptions::default()
+    };
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        hosts.push(Host::start(&db, quick.clone()).await);
+    }
+    let (status, body) = hosts[0]
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let cluster = wait_balanced(&hosts).await;
+    open_accounts(&hosts, 2).await;
+
+    let pool = db.pool().await;
+    let epoch = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT value FROM region_settings WHERE key = 'membership_epoch'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let before = epoch().await;
+
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    // Fresh aggregates of the first host: each command loads its history, so each
+    // holds one of that host's shared connections while it waits on the lock.
+    let ids: Vec<String> = (0..)
+        .map(|i| format!("busy-{i}"))
+        .filter(|id| owner_of(&cluster, id) == hosts[0].node_id)
+        .take(16)
+        .collect();
+    let commands: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (api, id) = (hosts[0].client(), id.clone());
+            tokio::spawn(async move {
+                api.command(
+                    "bank-account",
+                    &id,
+                    json!({"command": {"type": "Open", "owner": "o"}}),
+                )
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    lock.rollback().await.unwrap();
+    for command in commands {
+        command.await.unwrap();
+    }
+
+    let dead: Vec<String> = sqlx::query_scalar("SELECT node_id FROM members WHERE dead")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let after = epoch().await;
+    assert!(
+        dead.is_empty() && after == before,
+        "a host was declared dead while the database was slow: {dead:?}, membership epoch {before} -> {after}\n{}",
+        hosts[1].log_tail()
+    );
+    // And the region serves again at once.
+    for api in hosts.iter().map(Host::client) {
+        let (status, body) = api
+            .command(
+                "bank-account",
+                "acct-0",
+                json!({"command": {"type": "Deposit", "amount": 1}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// A 503 the owner gives a forwarded command reaches the client with `Retry-After`, as
+/// every 503 does; passed on from the owner it came without one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_503_passed_on_from_the_owner_says_when_to_retry() {
+    let db = TestDb::new("c_retry").await;
+    let mut full = options();
+    full.env
+        .push(("MERIDIAN_MAX_COMMANDS_IN_FLIGHT".into(), "1".into()));
+    let hosts = vec![
+        Host::start(&db, options()).await,
+        Host::start(&db, full).await,
+    ];
+    let api = hosts[0].client();
+    for plugin in ["bank-account", "spin-loop"] {
+        let (status, body) = api.upload(plugin, wasm_bytes(plugin)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    assert_eq!(
+        api.put_limits("spin-loop", json!({"deadline_ms": 5000}))
+            .await,
+        200
+    );
+    let cluster = wait_balanced(&hosts).await;
+    let owned_by_second = |aggregate_type: &'static str| {
+        let cluster = cluster.clone();
+        let owner = hosts[1].node_id.clone();
+        (0..).map(|i| format!("r-{i}")).find(move |id| {
+            let p = partition_of(aggregate_type, id, PARTITIONS);
+            cluster["partition_owners"][p as usize].as_str() == Some(owner.as_str())
+        })
+    };
+    // A command that spins until its deadline takes the second host's one place.
+    let spin_id = owned_by_second("spin-loop").unwrap();
+    let busy = {
+        let api = hosts[1].client();
+        tokio::spawn(async move {
+            api.command("spin-loop", &spin_id, json!({"command": {"type": "Go"}}))
+                .await
+        })
+    };
+    eventually(|| async {
+        let (_, status) = hosts[1].client().get("/v1/cluster").await;
+        (status["load"]["commands_in_flight"] == 1).then_some(())
+    })
+    .await;
+    let id = owned_by_second("bank-account").unwrap();
+    let answer = api
+        .http
+        .post(format!("{}/v1/aggregates/bank-account/{id}", api.base))
+        .json(&json!({"command": {"type": "Open", "owner": "o"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 503);
+    assert_eq!(
+        answer
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    busy.abort();
+}
+
 /// Limits set through one host hold on every host of the region: lowered to stop a
 /// misbehaving plugin, they must not stop it on one host only.
 #[tokio::test(flavor = "multi_thread")]

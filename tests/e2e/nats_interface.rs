@@ -101,6 +101,7 @@ async fn a_python_consumer_reads_events_from_jetstream_and_resumes() {
 /// after the stream's last message, so an event missing below it would never be sent.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_events_stream_refuses_an_event_whose_predecessor_is_missing() {
+    use async_nats::jetstream::context::PublishErrorKind;
     use meridian::region::relay::{self, Published};
     let nats = NatsServer::hub("east");
     let js = nats.jetstream().await;
@@ -132,10 +133,18 @@ async fn the_events_stream_refuses_an_event_whose_predecessor_is_missing() {
         events[2..3].iter(),
     )
     .await;
-    assert!(gap.is_err(), "an event after a missing one was stored");
+    assert_eq!(
+        gap.map_err(|e| e.kind()).err(),
+        Some(PublishErrorKind::WrongLastMessageId),
+        "an event after a missing one was stored"
+    );
     // A relay that read the stream before it moved on is refused as well.
     let stale = relay::publish_page(&js, "east", Published::Sequence(0), events[1..2].iter()).await;
-    assert!(stale.is_err(), "a publish from a stale end was stored");
+    assert_eq!(
+        stale.map_err(|e| e.kind()).err(),
+        Some(PublishErrorKind::WrongLastSequence),
+        "a publish from a stale end was stored"
+    );
     // Resumed from where the stream ends, the rest goes in, in order.
     relay::publish_page(&js, "east", after, events[1..].iter())
         .await

@@ -716,6 +716,53 @@ async fn an_event_too_large_to_relay_is_refused_and_the_relay_keeps_going() {
     assert_eq!(status, 404, "the refused event was written");
 }
 
+/// A message some other client publishes on the events stream's subjects is stepped
+/// over: the relay goes on publishing after it, with nothing sent twice. It used to
+/// restart from the first event (the foreign message has no position), send again what
+/// the stream held, and stop at the first event still in the duplicate window.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_message_on_the_events_stream_neither_stops_nor_repeats_the_relay() {
+    let r = TwoRegions::start("foreign").await;
+    let (status, body, _) = send(
+        &r.east[0],
+        "foreign-1",
+        json!({"type": "Open", "owner": "o"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    r.wait_until_west_holds("foreign-1", 1).await;
+
+    let js = r.east_nats.jetstream().await;
+    js.publish(
+        "meridian.events.east.bank-account.junk",
+        "not an event".into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored in the events stream");
+    // The next publish finds the stream no longer ends with the event before it, and
+    // the relay starts again from where the stream ends: the foreign message.
+    for amount in 1..=3 {
+        let (status, body, _) = send(
+            &r.east[0],
+            "foreign-1",
+            json!({"type": "Deposit", "amount": amount}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    r.wait_until_west_holds("foreign-1", 4).await;
+
+    let mut stream = js.get_stream("meridian-events-east").await.expect("stream");
+    assert_eq!(
+        stream.info().await.expect("info").state.messages,
+        5,
+        "four events and the foreign message, once each{}",
+        r.logs()
+    );
+}
+
 /// After the peer region's NATS restarts, nats-server leaves the source of the local
 /// copy silent for 10–30 s; the relay restarts it. And if the source is gone from the
 /// stream's configuration (a restart cut off half-way), the relay puts it back. Either
@@ -1186,6 +1233,42 @@ async fn a_command_forwarded_between_regions_is_authenticated_again_at_home() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(ran_in.as_deref(), Some(WEST), "{body}");
+}
+
+/// After a forced move away from a lost region, every host of the new home runs the
+/// aggregate's commands, not only the host the move went through. The others
+/// remembered the old home and sent each command there (503) until restarted.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_forced_move_every_host_of_the_new_home_runs_its_commands() {
+    let mut r = TwoRegions::start("forcedall").await;
+    let (status, body, _) = send(&r.west[0], "fa-1", json!({"type":"Open","owner":"o"})).await;
+    assert_eq!(status, 200, "{body}");
+    // Both east hosts send a command to west, and so remember west as the home.
+    for host in &r.east {
+        let (status, body, ran_in) = send(host, "fa-1", json!({"type":"Deposit","amount":1})).await;
+        assert_eq!((status, ran_in.as_deref()), (200, Some(WEST)), "{body}");
+    }
+    eventually(|| async { (events_of(&r.east[0], "fa-1").await.len() == 3).then_some(()) }).await;
+
+    // West is lost.
+    r.west[0].kill9();
+    r.west_nats.stop();
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/aggregates/bank-account/fa-1/move-home",
+            r.east[0].url
+        ))
+        .json(&json!({"region": EAST, "force": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200, "{}", r.logs());
+
+    for host in &r.east {
+        let (status, body, ran_in) = send(host, "fa-1", json!({"type":"Deposit","amount":1})).await;
+        assert_eq!(status, 200, "through {}: {body}{}", host.node_id, r.logs());
+        assert_eq!(ran_in, None, "ran in east itself: {body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -380,12 +380,68 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         400
     );
 
+    // A misspelt query parameter is named, not ignored: ignored, `dry-run` stored the
+    // component and made it the running version, and `type` read every event.
+    let (status, error) = api
+        .put_raw(
+            "/v1/plugins/bank-account?dry-run=true",
+            crate::harness::with_custom_section(b"typo"),
+        )
+        .await;
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("dry-run"),
+        "{error}"
+    );
+    let (status, error) = api.get("/v1/events?type=Deposited").await;
+    assert_eq!(status, 400, "{error}");
+    // A resume point that cannot be read is refused, not taken as "from the start".
+    for last_event_id in ["soon", "-5"] {
+        let answer = api
+            .http
+            .get(format!("{}/v1/events", api.base))
+            .header("accept", "text/event-stream")
+            .header("last-event-id", last_event_id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "Last-Event-ID {last_event_id}");
+    }
+    // An id URL parsers resolve away: a raw request, since clients resolve it first.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", host.port))
+            .await
+            .unwrap();
+        let body = r#"{"command": {"type": "Open", "owner": "o"}}"#;
+        tcp.write_all(
+            format!(
+                "POST /v1/aggregates/bank-account/.. HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("invalid aggregate id"), "{answer}");
+    }
+
     assert_eq!(event_count(&db).await, before, "bad input wrote events");
     let (status, plugins) = api.get("/v1/plugins").await;
     assert_eq!(status, 200);
     assert_eq!(
         plugins["plugins"].as_array().unwrap().len(),
         1,
+        "a refused upload was stored: {plugins}"
+    );
+    assert_eq!(
+        plugins["plugins"][0]["version"], 1,
         "a refused upload was stored: {plugins}"
     );
     // The host keeps serving.

@@ -79,15 +79,20 @@ impl ApiError {
             },
         };
         let mut response = (self.status, Json(body)).into_response();
-        // Every 503 is worth retrying (a partition moving, the store or a home region
-        // unreachable, the host full): say when, for clients and proxies that honour it.
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
-        }
+        say_when_to_retry(&mut response);
         response
+    }
+}
+
+/// Every 503 is worth retrying (a partition moving, the store or a home region
+/// unreachable, the host full): says when, for clients and proxies that honour it. For
+/// this host's answers and those it passes on from another host or region.
+pub(super) fn say_when_to_retry(response: &mut Response) {
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
     }
 }
 

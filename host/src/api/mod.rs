@@ -429,6 +429,13 @@ pub fn validate_type(aggregate_type: &str) -> Result<(), ApiError> {
 
 /// Checks an aggregate id.
 pub fn validate_id(aggregate_id: &str) -> Result<(), ApiError> {
+    // URL parsers resolve them away (`/t/..` is `/`): no client or forwarding host could
+    // name such an aggregate in a path.
+    if aggregate_id == "." || aggregate_id == ".." {
+        return Err(ApiError::bad_request(format!(
+            "invalid aggregate id `{aggregate_id}`: an id of only `.` or `..` cannot stand in a URL path"
+        )));
+    }
     let ok = !aggregate_id.is_empty()
         && aggregate_id.len() <= 200
         && aggregate_id
@@ -801,6 +808,7 @@ async fn get_aggregate(
 /// Query of an aggregate's events.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct AggregateEventsQuery {
     /// Only events with a version above this.
     #[serde(default)]
@@ -890,6 +898,7 @@ fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 /// Query of the region's events.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Resume after the event at this position (0: from the beginning; absent: from the
     /// beginning, or for a group member from its acknowledged position).
@@ -1023,13 +1032,18 @@ async fn stream_events(
 ) -> Result<Response, ApiError> {
     use axum::response::sse::{Event, KeepAlive, Sse};
 
+    // A resume point that cannot be read is refused: taken as absent, the stream would
+    // start over from the beginning (or the group's position) without a word.
     let last_event_id = headers
         .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
         .map(|v| {
-            v.trim().parse::<i64>().map_err(|_| {
-                ApiError::bad_request(format!("Last-Event-ID `{v}` is not a position"))
-            })
+            let text = String::from_utf8_lossy(v.as_bytes());
+            match text.trim().parse::<i64>() {
+                Ok(position) if position >= 0 => Ok(position),
+                _ => Err(ApiError::bad_request(format!(
+                    "Last-Event-ID `{text}` is not a position: send the `id` of the last event received (0 or more)"
+                ))),
+            }
         })
         .transpose()?;
     let after = match (last_event_id.or(query.after), &group) {
@@ -1129,6 +1143,7 @@ pub struct Rollout {
 /// Query of an upload.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct UploadQuery {
     /// Accept the component without replaying stored histories through it first (for
     /// a fix that must go out although some old aggregate no longer replays).

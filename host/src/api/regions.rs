@@ -123,10 +123,24 @@ async fn forward(
     pass.extend(passed_headers(headers));
     let home = home.region.as_str();
     tracing::debug!(aggregate = %key, home, hops, "forwarding to the home region");
-    let answer = state
+    let answer = match state
         .regions
         .forward(home, key, method, path, &pass, Bytes::copy_from_slice(body))
-        .await?;
+        .await
+    {
+        Ok(answer) => answer,
+        Err(error) => {
+            // The home may have moved away from a region that is gone (a forced move):
+            // the next request looks it up again rather than trying the old one.
+            if matches!(
+                error,
+                RegionError::HomeUnreachable { .. } | RegionError::HomeTimedOut { .. }
+            ) {
+                state.regions.forget(key);
+            }
+            return Err(error.into());
+        }
+    };
     metrics::counter!("meridian_region_forwards_total", "region" => answer.region.clone())
         .increment(1);
     // Region names are checked at start, so the header is always set; a name that is
@@ -149,6 +163,8 @@ pub(super) fn passed_on(status: StatusCode, region: Option<HeaderValue>, body: B
             .headers_mut()
             .insert(region::SERVED_BY_HEADER, region);
     }
+    // Only the status and body come back over the hop.
+    super::error::say_when_to_retry(&mut response);
     response
 }
 

@@ -265,7 +265,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
             poll_interval: Duration::from_millis(args.heartbeat_ms),
             route_timeout: Duration::from_millis(args.route_timeout_ms),
         },
-        pool.clone(),
+        &pool,
         executor.clone(),
         driver_stop.clone(),
     );

@@ -108,6 +108,7 @@ pub struct Cluster {
 
 struct Inner {
     config: ClusterConfig,
+    /// The membership's own connection, apart from the pool commands use.
     pool: PgPool,
     executor: Executor,
     node: Mutex<Node>,
@@ -132,12 +133,22 @@ struct Inner {
 impl Cluster {
     /// Joins the region as a syncing member and starts the driver loop. Call
     /// [`Cluster::caught_up`] once the host may take work.
+    ///
+    /// Heartbeats, observations and leases go through a connection of their own, made
+    /// with `pool`'s options. Taken from `pool`, the heartbeat waited behind commands
+    /// whenever the database was slow enough to hold all its connections, and the other
+    /// hosts declared this one dead and moved its partitions on top of the slowness.
+    /// The driver loop and the heartbeat each run one statement at a time.
     pub fn start(
         config: ClusterConfig,
-        pool: PgPool,
+        pool: &PgPool,
         executor: Executor,
         shutdown: CancellationToken,
     ) -> Self {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(config.dead_after)
+            .connect_lazy_with((*pool.connect_options()).clone());
         let (inputs, rx) = mpsc::unbounded_channel();
         let node = Node::new(config.node_id.clone(), config.partitions);
         let slots = (0..config.partitions)
@@ -591,7 +602,7 @@ impl Cluster {
                     .cloned();
                 let body = response.bytes().await.ok()?;
                 if status == axum::http::StatusCode::SERVICE_UNAVAILABLE
-                    && body.windows(9).any(|w| w == b"not_owner")
+                    && error_code(&body).as_deref() == Some("not_owner")
                 {
                     return None;
                 }
@@ -650,6 +661,22 @@ impl Cluster {
             partition_epochs: epochs,
         }
     }
+}
+
+/// The `error.code` of an error answer. Read from the JSON, not searched for in the
+/// bytes: a message may quote an aggregate id that contains any code.
+fn error_code(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        error: Detail,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        code: String,
+    }
+    serde_json::from_slice::<Answer>(body)
+        .ok()
+        .map(|answer| answer.error.code)
 }
 
 /// `GET /v1/cluster`.
@@ -717,4 +744,19 @@ pub enum ClusterSetupError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_code;
+
+    #[test]
+    fn an_error_code_is_read_from_the_answer_not_found_in_its_message() {
+        let moving =
+            br#"{"error":{"code":"home_moving","message":"bank-account/not_owner-1 is moving"}}"#;
+        assert_eq!(error_code(moving).as_deref(), Some("home_moving"));
+        let refused = br#"{"error":{"code":"not_owner","message":"partition 7 moved"}}"#;
+        assert_eq!(error_code(refused).as_deref(), Some("not_owner"));
+        assert_eq!(error_code(b"not_owner"), None);
+    }
 }

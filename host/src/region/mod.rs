@@ -523,16 +523,36 @@ impl Regions {
     }
 
     /// The home this host remembers, else the one in this region's stream row.
+    ///
+    /// A remembered home in another region is checked against the row: when the row
+    /// names this region, the aggregate moved here through another host of the region
+    /// (a forced move away from a lost home), and only that host remembers it. Without
+    /// the check this host sent every command on to the lost region until restarted.
     async fn known_home(&self, key: &AggregateKey) -> Result<Option<Home>, RegionError> {
-        if let Some(home) = self.inner.homes.lock().expect("homes lock").get(key) {
-            return Ok(Some(home.clone()));
+        let remembered = self
+            .inner
+            .homes
+            .lock()
+            .expect("homes lock")
+            .get(key)
+            .cloned();
+        if let Some(home) = &remembered
+            && home.region == self.local()
+        {
+            return Ok(remembered);
         }
         let row = store::regions::home_and_version(&self.inner.pool, key).await?;
-        let home = row.map(|(region, version)| Home::new(&region, version));
-        if let Some(home) = &home {
-            self.remember(key, home.clone());
-        }
-        Ok(home)
+        let home = match (row, remembered) {
+            (Some((region, version)), remembered)
+                if remembered.is_none() || region == self.local() =>
+            {
+                Home::new(&region, version)
+            }
+            (_, Some(remembered)) => remembered,
+            (_, None) => return Ok(None),
+        };
+        self.remember(key, home.clone());
+        Ok(Some(home))
     }
 
     async fn claim_home(&self, key: &AggregateKey) -> Result<Home, RegionError> {

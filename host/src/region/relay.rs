@@ -176,18 +176,9 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
     let mut stream = js
         .get_or_create_stream(events_stream_config(&region))
         .await?;
-    let last = stream.info().await?.state.last_sequence;
-    let mut after = Published::Sequence(last);
-    let cursor = if last == 0 {
-        0
-    } else {
-        let message = stream.get_raw_message(last).await?;
-        message
-            .headers
-            .get("Meridian-Position")
-            .and_then(|v| v.as_str().parse::<i64>().ok())
-            .unwrap_or(0)
-    };
+    let state = stream.info().await?.state.clone();
+    let mut after = Published::Sequence(state.last_sequence);
+    let cursor = checkpoint(&stream, &region, &state).await?;
     tracing::info!(
         stream = events_stream(&region),
         after = cursor,
@@ -229,6 +220,52 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
         }
         cursor = last_key;
     }
+}
+
+/// The position of the last event the relay published to the stream: that of the
+/// newest message carrying one, looking back from the stream's end.
+///
+/// Anyone allowed to publish on the stream's subjects can put a message there; it has
+/// no position, and the relay steps over it (publishing goes on after it: the
+/// condition on each message is the stream's true end, whatever that message is). A
+/// message deleted from the stream is stepped over too. With none of the relay's
+/// messages left (the stream purged) it publishes again from the first event; other
+/// regions store each event once, however often it arrives.
+async fn checkpoint(
+    stream: &stream::Stream,
+    region: &str,
+    state: &stream::State,
+) -> anyhow::Result<i64> {
+    for sequence in (state.first_sequence.max(1)..=state.last_sequence).rev() {
+        match stream.get_raw_message(sequence).await {
+            Ok(message) => {
+                let position = message
+                    .headers
+                    .get("Meridian-Region")
+                    .filter(|r| r.as_str() == region)
+                    .and(message.headers.get("Meridian-Position"))
+                    .and_then(|v| v.as_str().parse::<i64>().ok());
+                if let Some(position) = position {
+                    return Ok(position);
+                }
+                tracing::warn!(
+                    stream = events_stream(region),
+                    sequence,
+                    subject = %message.subject,
+                    "a message the relay did not publish is in the events stream; stepping over it"
+                );
+            }
+            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    if state.last_sequence > 0 {
+        tracing::warn!(
+            stream = events_stream(region),
+            "none of the relay's messages are left in the events stream (purged?); publishing every event again"
+        );
+    }
+    Ok(0)
 }
 
 /// Room kept in a NATS message for what the relay adds to an event's payload and type:
@@ -294,10 +331,10 @@ pub async fn publish_page<'a>(
     region: &str,
     mut after: Published,
     events: impl Iterator<Item = &'a StoredEvent>,
-) -> anyhow::Result<Published> {
+) -> Result<Published, PublishError> {
     let mut acks = Vec::new();
     for event in events {
-        let (mut headers, payload) = message(region, event)?;
+        let (mut headers, payload) = message(region, event);
         match after {
             Published::Sequence(sequence) => {
                 headers.insert("Nats-Expected-Last-Sequence", sequence.to_string().as_str())
@@ -316,12 +353,23 @@ pub async fn publish_page<'a>(
     Ok(after)
 }
 
+/// Why a page of events was not published. Any message of it may have been stored;
+/// publishing again from where the stream ends is always safe.
+#[derive(Debug, thiserror::Error)]
+#[error("publishing to the events stream: {0}")]
+pub struct PublishError(#[from] async_nats::jetstream::context::PublishError);
+
+impl PublishError {
+    /// What went wrong: `WrongLastSequence` or `WrongLastMessageId` when the stream
+    /// does not end where the page was to continue it.
+    pub fn kind(&self) -> async_nats::jetstream::context::PublishErrorKind {
+        self.0.kind()
+    }
+}
+
 /// The message for one event: headers for routing and filtering without parsing, and
 /// the event as JSON (the documented NATS interface).
-fn message(
-    region: &str,
-    event: &StoredEvent,
-) -> anyhow::Result<(async_nats::HeaderMap, bytes::Bytes)> {
+fn message(region: &str, event: &StoredEvent) -> (async_nats::HeaderMap, bytes::Bytes) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
     headers.insert("Meridian-Region", region);
@@ -335,7 +383,8 @@ fn message(
     if let Ok(event_type) = event.event_type.parse::<async_nats::HeaderValue>() {
         headers.insert("Meridian-Event-Type", event_type);
     }
-    Ok((headers, serde_json::to_vec(&relayed(region, event))?.into()))
+    let body = serde_json::to_vec(&relayed(region, event)).expect("an event serialises");
+    (headers, body.into())
 }
 
 /// An event as it travels between regions, committed in `region`.
@@ -883,12 +932,12 @@ mod tests {
 
     #[test]
     fn an_event_type_no_header_can_carry_is_relayed_in_the_body_only() {
-        let (headers, body) = message("east", &event("Line\r\nBreak")).unwrap();
+        let (headers, body) = message("east", &event("Line\r\nBreak"));
         assert!(headers.get("Meridian-Event-Type").is_none());
         let relayed: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(relayed["type"], "Line\r\nBreak");
 
-        let (headers, _) = message("east", &event("Deposited")).unwrap();
+        let (headers, _) = message("east", &event("Deposited"));
         assert_eq!(
             headers.get("Meridian-Event-Type").map(|v| v.as_str()),
             Some("Deposited")
