@@ -165,6 +165,18 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             400,
             "bad_request",
         ),
+        // Deeper than PostgreSQL's jsonb parser goes, had the plugin copied it on.
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            format!(
+                r#"{{"command": {{"type": "Deposit", "amount": 1, "note": {}{}}}}}"#,
+                "[".repeat(20_000),
+                "]".repeat(20_000)
+            )
+            .into_bytes(),
+            400,
+            "bad_request",
+        ),
         (
             "/v1/aggregates/bank-account/acc-1",
             br#"{"command": 5}"#.to_vec(),
@@ -1171,4 +1183,196 @@ async fn commands_for_unknown_types_do_not_add_metric_series() {
     );
     assert!(metrics.contains(r#"aggregate_type="bank-account""#));
     assert!(metrics.contains(r#"aggregate_type="(unknown)""#));
+}
+
+/// What PostgreSQL refuses for its data is refused to the command at fault alone, as a
+/// refusal (`Unstorable`, a 422), whether it came alone or in a batch. JSON nested past
+/// the `jsonb` parser's stack was taken for an outage: alone it was a 503, in a batch
+/// it failed every command of the batch, on every retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_postgres_cannot_parse_fails_only_its_own_command() {
+    use meridian::store::{self, AppendRequest, Changes, Committer, NewEvent, StoreError};
+    use serde_json::value::RawValue;
+
+    let db = TestDb::new("deep_json").await;
+    let pool = db.pool().await;
+    store::migrate(&pool).await.unwrap();
+    let committer = Committer::start(pool, Default::default(), Changes::default());
+    let deep = format!("{}{}", "[".repeat(50_000), "]".repeat(50_000));
+    let request = |id: &str, payload: &str| AppendRequest {
+        aggregate_type: "t".into(),
+        aggregate_id: id.into(),
+        expected_version: 0,
+        events: vec![NewEvent {
+            event_id: uuid::Uuid::now_v7(),
+            event_type: "Noted".into(),
+            payload: RawValue::from_string(payload.into()).unwrap(),
+            metadata: RawValue::from_string("{}".into()).unwrap(),
+        }],
+        command_id: Some(uuid::Uuid::now_v7()),
+        fence: None,
+    };
+    let alone = committer.append(request("deep-alone", &deep)).await;
+    assert!(matches!(alone, Err(StoreError::Unstorable(_))), "{alone:?}");
+    // Side by side: however they are batched, the plain one is stored.
+    for round in 0..5 {
+        let (deep_one, plain) = tokio::join!(
+            committer.append(request(&format!("deep-{round}"), &deep)),
+            committer.append(request(&format!("plain-{round}"), "{}")),
+        );
+        assert!(
+            matches!(deep_one, Err(StoreError::Unstorable(_))),
+            "{deep_one:?}"
+        );
+        assert!(plain.is_ok(), "{plain:?}");
+    }
+}
+
+/// A request that has to wait for the next batch (its aggregate or command id is in
+/// this one: a retry queued behind an abandoned first attempt) is committed right
+/// after it, not when some other request happens to arrive. It waited while an idle
+/// worker held the queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_held_for_the_next_batch_does_not_wait_for_other_traffic() {
+    use meridian::store::{self, AppendRequest, Changes, Committer, NewEvent};
+    use serde_json::value::RawValue;
+
+    let db = TestDb::new("carry").await;
+    let pool = db.pool().await;
+    store::migrate(&pool).await.unwrap();
+    let committer = Committer::start(pool, Default::default(), Changes::default());
+    let request = |id: &str, expected_version: i64| AppendRequest {
+        aggregate_type: "t".into(),
+        aggregate_id: id.into(),
+        expected_version,
+        events: vec![NewEvent {
+            event_id: uuid::Uuid::now_v7(),
+            event_type: "Noted".into(),
+            payload: RawValue::from_string("{}".into()).unwrap(),
+            metadata: RawValue::from_string("{}".into()).unwrap(),
+        }],
+        command_id: Some(uuid::Uuid::now_v7()),
+        fence: None,
+    };
+    for round in 0..20 {
+        let id = format!("agg-{round}");
+        // Queued together: the second is held back from the first one's batch.
+        let both = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::future::join(
+                committer.append(request(&id, 0)),
+                committer.append(request(&id, 1)),
+            ),
+        )
+        .await;
+        let (first, second) = both.unwrap_or_else(|_| {
+            panic!("round {round}: an append was not answered while nothing else arrived")
+        });
+        assert!(first.is_ok() || second.is_ok(), "{first:?} {second:?}");
+    }
+}
+
+/// A database connection that goes silent mid-batch (no answer and no reset: a
+/// failover, a network dropping packets) holds a batch for the committer's batch
+/// timeout, not until the kernel gives up on it a quarter of an hour later; the batch
+/// then goes again on a new connection. Here a proxy between the committer and
+/// PostgreSQL stops passing anything on for the connections it already has.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_on_a_connection_gone_silent_commits_on_a_new_one() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use meridian::store::{self, AppendRequest, Changes, Committer, CommitterConfig, NewEvent};
+    use serde_json::value::RawValue;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let db = TestDb::new("silent").await;
+    store::migrate(&db.pool().await).await.unwrap();
+    let target = url::Url::parse(&db.url).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        target.host_str().unwrap(),
+        target.port().unwrap_or(5432)
+    );
+    // Connections numbered below `silence_before` pass nothing on any more.
+    let silence_before = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut proxied = target.clone();
+    proxied
+        .set_port(Some(listener.local_addr().unwrap().port()))
+        .unwrap();
+    let next_id = Arc::new(AtomicU64::new(0));
+    tokio::spawn({
+        let (silence_before, next_id) = (silence_before.clone(), next_id.clone());
+        async move {
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let id = next_id.fetch_add(1, Ordering::SeqCst);
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)]
+                {
+                    let silence_before = silence_before.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if id < silence_before.load(Ordering::SeqCst) {
+                                // Silent, the sockets held open.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    });
+
+    let pool = store::connect(&store::DatabaseConfig {
+        url: proxied.to_string(),
+        max_connections: 2,
+    })
+    .await
+    .unwrap();
+    let committer = Committer::start(
+        pool,
+        CommitterConfig {
+            workers: 1,
+            batch_timeout: Duration::from_secs(1),
+            ..CommitterConfig::default()
+        },
+        Changes::default(),
+    );
+    let request = |id: &str| AppendRequest {
+        aggregate_type: "t".into(),
+        aggregate_id: id.into(),
+        expected_version: 0,
+        events: vec![NewEvent {
+            event_id: uuid::Uuid::now_v7(),
+            event_type: "Noted".into(),
+            payload: RawValue::from_string("{}".into()).unwrap(),
+            metadata: RawValue::from_string("{}".into()).unwrap(),
+        }],
+        command_id: Some(uuid::Uuid::now_v7()),
+        fence: None,
+    };
+    committer.append(request("before")).await.unwrap();
+
+    silence_before.store(next_id.load(Ordering::SeqCst), Ordering::SeqCst);
+    let answer = tokio::time::timeout(Duration::from_secs(30), committer.append(request("during")))
+        .await
+        .expect("the append waited on the silent connection");
+    assert!(answer.is_ok(), "{answer:?}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool().await)
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
 }

@@ -43,7 +43,16 @@ pub struct CommitterConfig {
     pub region: String,
     /// This node, checked against partition leases when a request carries a [`Fence`].
     pub node_id: String,
+    /// How long one batch may take before its connection is given up for dead.
+    pub batch_timeout: std::time::Duration,
 }
+
+/// Default [`CommitterConfig::batch_timeout`]. A batch takes milliseconds; one that
+/// waits half a minute waits on a database host that went silent (a failover, a
+/// network that drops packets): with no answer and no reset, the kernel gives up on
+/// the connection only after about fifteen minutes, and every command of the batch,
+/// and its aggregate, would wait that long.
+pub const DEFAULT_BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Default for CommitterConfig {
     fn default() -> Self {
@@ -54,6 +63,7 @@ impl Default for CommitterConfig {
             linger: std::time::Duration::from_millis(2),
             region: "local".into(),
             node_id: "node".into(),
+            batch_timeout: DEFAULT_BATCH_TIMEOUT,
         }
     }
 }
@@ -182,10 +192,18 @@ async fn next_batch(
 ) -> Option<Vec<Pending>> {
     let max = config.max_batch;
     let mut batch = std::mem::take(carry);
-    let mut rx = rx.lock().await;
-    if batch.is_empty() {
+    let mut rx = if batch.is_empty() {
+        let mut rx = rx.lock().await;
         batch.push(rx.recv().await?);
-    }
+        rx
+    } else {
+        match rx.try_lock() {
+            Ok(rx) => rx,
+            // An idle worker holds the queue while it waits for a request; the carried
+            // ones (and the aggregates they hold) would wait with it until one came.
+            Err(_) => return Some(without_repeats(batch, carry)),
+        }
+    };
     let drain = |rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>| {
         while batch.len() < max {
             match rx.try_recv() {
@@ -210,6 +228,12 @@ async fn next_batch(
         metrics::counter!("meridian_append_lingered_total").increment(1);
     }
     drop(rx);
+    Some(without_repeats(batch, carry))
+}
+
+/// The batch without a second request for a command id or an aggregate already in it;
+/// those go to `carry`, for the next batch.
+fn without_repeats(batch: Vec<Pending>, carry: &mut Vec<Pending>) -> Vec<Pending> {
     let mut seen_commands = HashSet::new();
     let mut seen_aggregates = HashSet::new();
     let mut keep = Vec::with_capacity(batch.len());
@@ -224,7 +248,7 @@ async fn next_batch(
             carry.push(pending);
         }
     }
-    Some(keep)
+    keep
 }
 
 /// Commits one batch and answers its requests. `in_flight` drops before the answers go
@@ -247,7 +271,14 @@ async fn commit(
                 let _ = pending.reply.send(result);
             }
         }
-        Err(error) if batch.len() > 1 && !error.is_unavailable() => {
+        // Alone in its batch, a request gets the error itself: a refusal of its data
+        // stays a refusal (422), not an outage to retry.
+        Err(error) if batch.len() == 1 => {
+            if let Some(pending) = batch.into_iter().next() {
+                let _ = pending.reply.send(Err(error));
+            }
+        }
+        Err(error) if !error.is_unavailable() => {
             tracing::warn!(%error, size = batch.len(), "batch append failed; retrying its requests one by one");
             for pending in batch {
                 let result = match link.append(config, &[&pending.request]).await {
@@ -303,34 +334,69 @@ impl Link {
             Some(conn) => conn,
             None => self.conn.insert(self.pool.acquire().await?),
         };
-        let outcome = match append_batch(&mut **conn, config, requests).await {
+        let outcome = match timed(config, append_batch(&mut **conn, config, requests)).await {
             Err(StoreError::Database(error)) if reused && connection_lost(&error) => {
                 tracing::warn!(%error, "the committer's database connection was lost; sending the batch again on a new one");
                 metrics::counter!("meridian_append_reconnects_total").increment(1);
-                self.conn = None;
+                self.drop_connection(&error);
                 let conn = self.conn.insert(self.pool.acquire().await?);
-                append_batch(&mut **conn, config, requests).await
+                timed(config, append_batch(&mut **conn, config, requests)).await
             }
             outcome => outcome,
         };
-        // A connection a failure may have broken goes back to the pool, which tests
-        // it before anyone uses it again.
         if let Err(StoreError::Database(error)) = &outcome
             && connection_lost(error)
         {
-            self.conn = None;
+            self.drop_connection(error);
         }
         outcome.map_err(refused_data)
     }
+
+    /// Lets go of the kept connection after `error`. A broken one goes back to the
+    /// pool, which tests it before anyone uses it again; a silent one is closed, since
+    /// that test would wait on it too.
+    fn drop_connection(&mut self, error: &sqlx::Error) {
+        if let Some(conn) = self.conn.take()
+            && matches!(error, sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            drop(conn.detach());
+        }
+    }
 }
 
-/// Tells a statement refused for its data (SQLSTATE class 22: data exceptions, such as
-/// JSON `jsonb` cannot hold) from a database that failed. The first is no outage: the
-/// batch is then retried request by request, so the request at fault fails alone.
+/// `append` within the batch timeout; past it, a [`std::io::ErrorKind::TimedOut`] error,
+/// which [`connection_lost`] takes for a lost connection. The batch's outcome is then
+/// unknown, like that of any batch whose connection broke mid-call, and sending it
+/// again is just as safe.
+async fn timed<T>(
+    config: &CommitterConfig,
+    append: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(config.batch_timeout, append)
+        .await
+        .unwrap_or_else(|_| {
+            tracing::warn!(
+                timeout_ms = config.batch_timeout.as_millis() as u64,
+                "an append batch got no answer from the database in time; giving its connection up"
+            );
+            Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer from the database within the batch timeout",
+            ))))
+        })
+}
+
+/// Tells a statement refused for its data from a database that failed: SQLSTATE class
+/// 22 (data exceptions, such as JSON `jsonb` cannot hold) and class 54 (limits a value
+/// went past: JSON nested past the parser's stack, a `jsonb` over its size cap). The
+/// first is no outage: the batch is then retried request by request, so the request
+/// at fault fails alone.
 fn refused_data(error: StoreError) -> StoreError {
     match error {
         StoreError::Database(sqlx::Error::Database(db))
-            if db.code().is_some_and(|code| code.starts_with("22")) =>
+            if db
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("54")) =>
         {
             StoreError::Unstorable(db.message().to_string())
         }

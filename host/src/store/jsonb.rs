@@ -27,7 +27,19 @@ pub enum Unstorable {
         "the number `{0}` is out of PostgreSQL's range (at most 131072 digits before the decimal point and 16383 after)"
     )]
     NumberOutOfRange(String),
+    /// Arrays and objects nested deeper than [`MAX_DEPTH`].
+    #[error(
+        "arrays and objects are nested more than {MAX_DEPTH} deep, more than PostgreSQL's jsonb parser is given room for"
+    )]
+    TooDeep,
 }
+
+/// Deepest nesting of arrays and objects accepted. PostgreSQL parses `jsonb`
+/// recursively and stops at its stack limit (about 10,000 levels with the default
+/// `max_stack_depth` of 2 MB) with an error that is no data exception; met inside a
+/// group commit it failed the whole batch as an outage, on every retry. JSON a person
+/// or program means to write stays far below this.
+pub const MAX_DEPTH: usize = 1_000;
 
 /// Most digits `numeric` holds before the decimal point.
 const MAX_DIGITS_BEFORE_POINT: i64 = 131_072;
@@ -42,10 +54,22 @@ const MAX_DIGITS_AFTER_POINT: i64 = 16_383;
 pub fn check(json: &str) -> Result<usize, Unstorable> {
     let bytes = json.as_bytes();
     let mut growth = 0usize;
+    let mut depth = 0usize;
     let mut i = 0;
     while i < bytes.len() {
         i = match bytes[i] {
             b'"' => string_end(bytes, i + 1)?,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(Unstorable::TooDeep);
+                }
+                i + 1
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                i + 1
+            }
             b'-' | b'0'..=b'9' => {
                 let (end, printed) = number_end(json, i)?;
                 growth = growth.saturating_add(printed.saturating_sub(end - i));
@@ -184,6 +208,24 @@ fn number_end(json: &str, start: usize) -> Result<(usize, usize), Unstorable> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nesting_is_held_to_max_depth_brackets_in_strings_aside() {
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert!(check(&nested(MAX_DEPTH)).is_ok());
+        assert_eq!(check(&nested(MAX_DEPTH + 1)), Err(Unstorable::TooDeep));
+        let objects = format!(
+            "{}1{}",
+            r#"{"a":"#.repeat(MAX_DEPTH + 1),
+            "}".repeat(MAX_DEPTH + 1)
+        );
+        assert_eq!(check(&objects), Err(Unstorable::TooDeep));
+        // Side by side, not nested; and brackets inside strings are text.
+        let wide = format!("[{}]", vec!["[[]]"; 5 * MAX_DEPTH].join(","));
+        assert!(check(&wide).is_ok());
+        let quoted = format!(r#"["{}"]"#, "[".repeat(2 * MAX_DEPTH));
+        assert!(check(&quoted).is_ok());
+    }
 
     #[test]
     fn what_jsonb_stores_passes() {

@@ -85,7 +85,7 @@ pub enum StoreError {
     /// The committer has shut down.
     #[error("the event store is shutting down")]
     Closed,
-    /// PostgreSQL refused the request's data (SQLSTATE class 22, e.g. JSON `jsonb`
+    /// PostgreSQL refused the request's data (SQLSTATE class 22 or 54, e.g. JSON `jsonb`
     /// cannot hold): sending it again cannot help, and it fails only its own request.
     #[error("PostgreSQL refused the events: {0}")]
     Unstorable(String),
