@@ -764,7 +764,14 @@ impl Regions {
             });
         }
         let timeout = self.inner.config.forward_timeout;
-        let request = nats.request_with_headers(rpc_subject(home), map, body);
+        // The client's own request timeout (10 s) would cut a longer one short.
+        let request = nats.send_request(
+            rpc_subject(home),
+            async_nats::Request::new()
+                .headers(map)
+                .payload(body)
+                .timeout(Some(timeout)),
+        );
         let answer = match tokio::time::timeout(timeout, request).await {
             Err(_) => {
                 return Err(RegionError::HomeTimedOut {
