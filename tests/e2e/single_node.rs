@@ -896,6 +896,33 @@ async fn the_cli_uploads_commands_and_pages_events() {
     .await;
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("version 1"));
+    // An id with `#` in it is that id, refused by the host; the CLI sent the command to
+    // `cli-1` (the rest read as a URL fragment), where it ran.
+    let out = run(vec![
+        "command".into(),
+        "bank-account".into(),
+        "cli-1#2".into(),
+        r#"{"type":"Deposit","amount":1}"#.into(),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("invalid aggregate id `cli-1#2`"),
+        "{stderr}"
+    );
+    // A token that cannot go in a header is refused, not left out.
+    let out = run(vec![
+        "cluster".into(),
+        "status".into(),
+        "--token".into(),
+        "secret\r".into(),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("trailing newline"),
+        "{stderr}"
+    );
     let out = run(vec![
         "command".into(),
         "--json".into(),

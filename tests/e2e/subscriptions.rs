@@ -258,6 +258,46 @@ async fn the_cli_tail_prints_large_non_ascii_events_intact() {
     );
 }
 
+/// `meridian events tail` waits for a host that goes away under it and resumes after
+/// the last event it printed when the host is back; it exited instead, unable to
+/// reconnect.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_tail_waits_out_a_host_restart_and_resumes() {
+    let (_db, mut host) = host_with_account("tail_restart", HostOptions::default(), "t-1").await;
+    let (mut tail, mut lines) = cli_tail(&host, "t-1");
+    let next = async |lines: &mut tokio::io::Lines<_>| -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the tail printed nothing")
+            .unwrap()
+            .expect("the tail exited");
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next(&mut lines).await["version"], 1);
+
+    host.kill9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        tail.try_wait().unwrap().is_none(),
+        "the tail exited while the host was away"
+    );
+    host.restart().await;
+    let (status, body) = host
+        .client()
+        .command(
+            "bank-account",
+            "t-1",
+            json!({"command": {"type": "Deposit", "amount": 5}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let event = next(&mut lines).await;
+    assert_eq!(
+        (event["version"].as_i64(), event["type"].as_str()),
+        (Some(2), Some("Deposited"))
+    );
+}
+
 /// Index and table scans of `events` so far, as PostgreSQL counts them. (Backends
 /// report these at most once a second, so this lags by about that much.)
 async fn events_scans(pool: &sqlx::PgPool) -> i64 {

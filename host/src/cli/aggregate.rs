@@ -43,12 +43,15 @@ pub async fn execute(command: AggregateCommand) -> anyhow::Result<()> {
             force,
             target,
         } => {
-            let url = format!(
-                "{}/v1/aggregates/{aggregate_type}/{aggregate_id}/move-home",
-                target.url.trim_end_matches('/')
-            );
+            let url = target.endpoint(&[
+                "v1",
+                "aggregates",
+                &aggregate_type,
+                &aggregate_id,
+                "move-home",
+            ])?;
             let body = serde_json::json!({ "region": region, "force": force });
-            let (_, moved) = send(client(&target).post(&url).json(&body), &target.url).await?;
+            let (_, moved) = send(client(&target).post(url).json(&body), &target.url).await?;
             if target.json {
                 print_json(&moved);
             } else {
@@ -70,11 +73,9 @@ pub async fn execute(command: AggregateCommand) -> anyhow::Result<()> {
             aggregate_id,
             target,
         } => {
-            let url = format!(
-                "{}/v1/aggregates/{aggregate_type}/{aggregate_id}/home",
-                target.url.trim_end_matches('/')
-            );
-            let (_, home) = send(client(&target).get(&url), &target.url).await?;
+            let url =
+                target.endpoint(&["v1", "aggregates", &aggregate_type, &aggregate_id, "home"])?;
+            let (_, home) = send(client(&target).get(url), &target.url).await?;
             if target.json {
                 print_json(&home);
             } else {

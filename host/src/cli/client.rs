@@ -20,8 +20,39 @@ pub struct Target {
     #[arg(long, global = true)]
     pub json: bool,
     /// Bearer token, when the host requires one.
-    #[arg(long, env = "MERIDIAN_TOKEN", global = true, hide_env_values = true)]
+    #[arg(long, env = "MERIDIAN_TOKEN", global = true, hide_env_values = true, value_parser = bearer_token)]
     pub token: Option<String>,
+}
+
+impl Target {
+    /// The URL of an API path under `--url`, each segment percent-encoded: an id with
+    /// `#` or `?` in it names that aggregate, rather than ending the path early and
+    /// sending the command to another one.
+    pub(super) fn endpoint(&self, segments: &[&str]) -> anyhow::Result<reqwest::Url> {
+        if let Some(dots) = segments.iter().find(|s| **s == "." || **s == "..") {
+            bail!(
+                "`{dots}` cannot stand in a URL path; no aggregate or group can have it as its name"
+            );
+        }
+        let mut url = reqwest::Url::parse(&self.url)
+            .with_context(|| format!("--url `{}` is not a URL", self.url))?;
+        url.path_segments_mut()
+            .map_err(|()| anyhow::anyhow!("--url `{}` cannot take a path", self.url))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
+    }
+}
+
+/// A token is sent in a header: one with a line break or other control character (a
+/// file read with its trailing newline) cannot be, and was left out without a word.
+fn bearer_token(token: &str) -> Result<String, String> {
+    reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        .map(|_| token.to_string())
+        .map_err(|_| {
+            "a token is visible ASCII only; check for a trailing newline or carriage return"
+                .to_string()
+        })
 }
 
 /// `meridian plugin ...`
@@ -207,13 +238,11 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                     size
                 );
             }
-            let url = format!(
-                "{}/v1/plugins/{aggregate_type}?force={force}&dry_run={dry_run}",
-                target.url.trim_end_matches('/'),
-            );
+            let url = target.endpoint(&["v1", "plugins", &aggregate_type])?;
             let (status, body) = send(
                 client(&target)
-                    .put(&url)
+                    .put(url)
+                    .query(&[("force", force), ("dry_run", dry_run)])
                     .header("content-type", "application/wasm")
                     .body(bytes),
                 &target.url,
@@ -270,8 +299,8 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             }
         }
         PluginCommand::List { target } => {
-            let url = format!("{}/v1/plugins", target.url.trim_end_matches('/'));
-            let (_, body) = send(client(&target).get(&url), &target.url).await?;
+            let url = target.endpoint(&["v1", "plugins"])?;
+            let (_, body) = send(client(&target).get(url), &target.url).await?;
             if target.json {
                 print_json(&body);
             } else {
@@ -311,41 +340,59 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
     if let Some(v) = args.expected_version {
         body["expected_version"] = v.into();
     }
-    let url = format!(
-        "{}/v1/aggregates/{}/{}",
-        args.target.url.trim_end_matches('/'),
-        args.aggregate_type,
-        args.aggregate_id
-    );
+    let url =
+        args.target
+            .endpoint(&["v1", "aggregates", &args.aggregate_type, &args.aggregate_id])?;
     let client = client(&args.target);
+    // Safe to send again: the command id makes a second run return the first result.
+    let again = format!("send it again with --command-id {command_id}: it never applies twice");
     let mut attempt = 0;
     let response = loop {
-        let response = client.post(&url).json(&body).send().await.with_context(|| {
-            format!(
-                "cannot reach a Meridian host at {}; is it running? (set --url or MERIDIAN_URL)",
-                args.target.url
-            )
-        })?;
-        if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || attempt >= args.retries
-        {
-            break response;
-        }
+        let (code, wait) = match client.post(url.clone()).json(&body).send().await {
+            Ok(response)
+                if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE
+                    || attempt >= args.retries =>
+            {
+                break response;
+            }
+            Ok(response) => {
+                let wait = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .clamp(1, 30);
+                let code = response
+                    .json::<Value>()
+                    .await
+                    .ok()
+                    .and_then(|b| b["error"]["code"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "unavailable".into());
+                (format!("503 {code}"), wait)
+            }
+            // Never sent: nothing ran.
+            Err(error) if error.is_connect() => {
+                return Err(error).with_context(|| {
+                    format!(
+                        "cannot reach a Meridian host at {}; is it running? (set --url or MERIDIAN_URL)",
+                        args.target.url
+                    )
+                });
+            }
+            // Sent, and the answer lost: the command may have run.
+            Err(error) if attempt >= args.retries => {
+                return Err(error).with_context(|| {
+                    format!(
+                        "no answer from {}; the command may have run: {again}",
+                        args.target.url
+                    )
+                });
+            }
+            Err(error) => (format!("no answer ({error})"), 1),
+        };
         attempt += 1;
-        // Safe to send again: the command id makes a second run return the first result.
-        let wait = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .unwrap_or(1)
-            .clamp(1, 30);
-        let code = response
-            .json::<Value>()
-            .await
-            .ok()
-            .and_then(|b| b["error"]["code"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| "unavailable".into());
         eprintln!(
-            "503 {code}; sending the command again in {wait} s (attempt {} of {})",
+            "{code}; sending the command again in {wait} s (attempt {} of {})",
             attempt + 1,
             args.retries + 1
         );
@@ -357,7 +404,14 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
         .get(crate::region::SERVED_BY_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let (_, result) = read(response, &args.target.url).await?;
+    let retryable = response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE;
+    let (_, result) = read(response, &args.target.url).await.map_err(|error| {
+        if retryable {
+            error.context(again)
+        } else {
+            error
+        }
+    })?;
     if args.target.json {
         print_json(&result);
     } else {
@@ -406,14 +460,10 @@ fn print_event(e: &Value, json: bool) {
 
 /// Stores a group member's position after what it has printed.
 async fn ack(target: &Target, slot: &GroupSlot, position: i64) -> anyhow::Result<()> {
-    let url = format!(
-        "{}/v1/groups/{}/members/{}/ack",
-        target.url.trim_end_matches('/'),
-        slot.group,
-        slot.member
-    );
+    let member = slot.member.to_string();
+    let url = target.endpoint(&["v1", "groups", &slot.group, "members", &member, "ack"])?;
     let body = serde_json::json!({ "position": position, "members": slot.members });
-    send(client(target).post(&url).json(&body), &target.url).await?;
+    send(client(target).post(url).json(&body), &target.url).await?;
     Ok(())
 }
 
@@ -429,7 +479,10 @@ async fn tail(
     use futures::StreamExt;
     const ACK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
     let mut last = after;
-    let mut acked = None;
+    // The starting point is the member's to give, not one it processed: acknowledging
+    // it (0 when reading from the start) was refused every half second.
+    let mut acked = after;
+    let mut connected = false;
     loop {
         let mut query = Vec::new();
         if let Some(last) = last {
@@ -446,23 +499,46 @@ async fn tail(
         if let Some(id) = &aggregate_id {
             query.push(("aggregate_id", id.clone()));
         }
-        let url = format!("{}/v1/events", target.url.trim_end_matches('/'));
-        let response = client(&target)
-            .get(&url)
+        let url = target.endpoint(&["v1", "events"])?;
+        let sent = client(&target)
+            .get(url)
             .query(&query)
             .header("accept", "text/event-stream")
             .send()
-            .await
-            .with_context(|| format!("cannot reach a Meridian host at {}; is it running? (set --url or MERIDIAN_URL)", target.url))?;
-        if !response.status().is_success() {
-            let status = response.status().as_u16();
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            bail!(
-                "{status} {}: {}",
-                body["error"]["code"].as_str().unwrap_or("error"),
-                body["error"]["message"].as_str().unwrap_or("(no message)")
-            );
-        }
+            .await;
+        // A host answering 503 (starting, draining) is waited for; so is one that went
+        // away after the stream ran (restarted): the tail resumes where it was.
+        let response = match sent {
+            Ok(response) if response.status().is_success() => response,
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                let code = body["error"]["code"].as_str().unwrap_or("error");
+                if status != 503 {
+                    bail!(
+                        "{status} {code}: {}",
+                        body["error"]["message"].as_str().unwrap_or("(no message)")
+                    );
+                }
+                eprintln!("503 {code}; trying again in 1 s");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(error) if connected => {
+                eprintln!("cannot reach {}: {error}; trying again in 1 s", target.url);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!(
+                        "cannot reach a Meridian host at {}; is it running? (set --url or MERIDIAN_URL)",
+                        target.url
+                    )
+                });
+            }
+        };
+        connected = true;
         let mut body = response.bytes_stream();
         // Bytes, not text: a chunk may end inside a multi-byte character, which
         // decoding chunk by chunk would replace with U+FFFD.
@@ -547,9 +623,9 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
         if let Some(id) = &args.aggregate_id {
             query.push(("aggregate_id", id.clone()));
         }
-        let url = format!("{}/v1/events", args.target.url.trim_end_matches('/'));
+        let url = args.target.endpoint(&["v1", "events"])?;
         let (_, page) = send(
-            client(&args.target).get(&url).query(&query),
+            client(&args.target).get(url).query(&query),
             &args.target.url,
         )
         .await?;
@@ -580,8 +656,8 @@ pub enum ClusterCommand {
 /// Runs `meridian cluster ...`.
 pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
     let ClusterCommand::Status { target } = command;
-    let url = format!("{}/v1/cluster", target.url.trim_end_matches('/'));
-    let (_, status) = send(client(&target).get(&url), &target.url).await?;
+    let url = target.endpoint(&["v1", "cluster"])?;
+    let (_, status) = send(client(&target).get(url), &target.url).await?;
     if target.json {
         print_json(&status);
         return Ok(());
