@@ -543,6 +543,81 @@ async fn a_plugin_version_that_cannot_be_imported_does_not_hold_back_the_next() 
     }
 }
 
+/// An upload in a region that has not imported the newest version yet is numbered
+/// after the directory's newest, so the bytes uploaded are what runs. West, whose
+/// newest was version 1, answered a second upload of version 1's bytes "unchanged",
+/// then imported version 2 and ran that instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_in_a_region_behind_the_directory_is_what_runs() {
+    use sha2::Digest;
+    let r = TwoRegions::start("behind").await;
+    let v1 = wasm_bytes("bank-account");
+    let v2 = with_custom_section(b"second");
+    let sha = |bytes: &[u8]| hex::encode(sha2::Sha256::digest(bytes));
+    // Version 2 is listed in the directory before its bytes are anywhere: west cannot
+    // import it yet.
+    let directory = r
+        .east_nats
+        .jetstream()
+        .await
+        .get_key_value("meridian_plugins")
+        .await
+        .expect("the plugin directory");
+    let entry = json!({
+        "sha256": sha(&v2),
+        "size_bytes": v2.len(),
+        "schema_version": 1,
+        "region": EAST,
+    });
+    directory
+        .put("bank-account.2", entry.to_string().into())
+        .await
+        .expect("list version 2");
+
+    let (status, body) = admin(&r.west[0], false)
+        .upload("bank-account", v1.clone())
+        .await;
+    assert!(status == 200 || status == 201, "{body}");
+    assert_eq!(
+        body["version"], 3,
+        "numbered after the directory's newest: {body}"
+    );
+    // Version 2's bytes arrive; west imports it, and still runs what it was sent.
+    let objects = r
+        .east_nats
+        .jetstream()
+        .await
+        .get_object_store("meridian_plugins")
+        .await
+        .expect("east's plugin objects");
+    objects
+        .put(sha(&v2).as_str(), &mut v2.as_slice())
+        .await
+        .expect("version 2's bytes");
+    let west_pool = r.west_db.pool().await;
+    eventually(|| async {
+        let versions: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM plugins WHERE aggregate_type = 'bank-account'",
+        )
+        .fetch_one(&west_pool)
+        .await
+        .ok()?;
+        (versions == 3).then_some(())
+    })
+    .await;
+    let (_, plugins) = r.west[0].client().get("/v1/plugins").await;
+    let running = plugins["plugins"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["aggregate_type"] == "bank-account"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (running["version"].as_i64(), running["sha256"].as_str()),
+        (Some(3), Some(sha(&v1).as_str())),
+        "{plugins}"
+    );
+}
+
 /// A command for a type no plugin is uploaded for is a 404 in every region, and leaves
 /// nothing behind: no home is claimed in the directory for an aggregate that cannot
 /// exist.

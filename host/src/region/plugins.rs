@@ -2,7 +2,8 @@
 //!
 //! **Rule for version numbers.** A plugin version number is allocated by an atomic
 //! `create` of the key `<type>.<version>` in the directory's [`PLUGINS_BUCKET`]. An
-//! upload tries the next number after the newest one its region knows; if another
+//! upload tries the next number after the directory's newest (its region may not have
+//! imported that yet; bytes that are the newest get its number back); if another
 //! region created that key first with different bytes, it tries the next, so two
 //! regions uploading at once end with two consecutive versions, never two different
 //! "version 3"s. The same bytes racing with themselves get the same version.
@@ -64,17 +65,43 @@ impl Regions {
             );
         }
         let local_versions = store::plugins::versions(pool, aggregate_type).await?;
-        if let Some(newest) = local_versions.first()
-            && newest.sha256 == sha256
-        {
-            return Ok((newest.clone(), false));
-        }
         let unreachable = |e: String| RegionError::DirectoryUnreachable {
             aggregate: format!("plugin {aggregate_type}"),
             directory: self.config().directory.clone(),
             local: self.local().to_string(),
             reason: e,
         };
+        // The newest version is the directory's: this region may not have imported
+        // the latest yet. Judged by its own newest, an upload of bytes it held as
+        // newest was answered "unchanged" while another region's newer version was on
+        // its way in, to be run in its place.
+        let local_newest = local_versions.first();
+        let newest = match self
+            .directory_newest(aggregate_type, local_newest.map_or(0, |v| v.version))
+            .await
+        {
+            Ok(Some((version, entry))) => Some((version, entry.sha256)),
+            Ok(None) => local_newest.map(|v| (v.version, v.sha256.clone())),
+            // Bytes that are this region's newest need no directory to stay so.
+            Err(_) if local_newest.is_some_and(|v| v.sha256 == sha256) => {
+                return Ok((local_newest.expect("checked").clone(), false));
+            }
+            Err(error) => return Err(unreachable(error.to_string())),
+        };
+        if let Some((version, newest_sha)) = &newest
+            && *newest_sha == sha256
+        {
+            let info = store::plugins::store_version(
+                pool,
+                aggregate_type,
+                *version,
+                sha256,
+                schema_version as i32,
+                bytes,
+            )
+            .await?;
+            return Ok((info, false));
+        }
         self.put_object(sha256, bytes).await?;
         let entry = VersionEntry {
             sha256: sha256.to_string(),
@@ -83,7 +110,7 @@ impl Regions {
             region: self.local().to_string(),
         };
         let value = Bytes::from(serde_json::to_vec(&entry).expect("serialisable"));
-        let mut version = local_versions.first().map_or(1, |v| v.version + 1);
+        let mut version = newest.map_or(1, |(v, _)| v + 1);
         let created = loop {
             let key = format!("{aggregate_type}.{version}");
             let answer = self
@@ -114,6 +141,31 @@ impl Regions {
         )
         .await?;
         Ok((info, created))
+    }
+
+    /// The directory's newest version of a type after `after` (the newest this region
+    /// has), with its entry; `None` when it lists none after it.
+    async fn directory_newest(
+        &self,
+        aggregate_type: &str,
+        after: i32,
+    ) -> Result<Option<(i32, VersionEntry)>, RegionError> {
+        let kv = self.directory_kv(PLUGINS_BUCKET).await?;
+        let mut newest = None;
+        for version in after + 1.. {
+            let value = kv
+                .get(format!("{aggregate_type}.{version}"))
+                .await
+                .map_err(|e| RegionError::Nats(format!("directory {PLUGINS_BUCKET}: {e}")))?;
+            let Some(value) = value else { break };
+            let entry = serde_json::from_slice::<VersionEntry>(&value).map_err(|e| {
+                RegionError::Nats(format!(
+                    "directory {PLUGINS_BUCKET}: {aggregate_type}.{version} does not parse: {e}"
+                ))
+            })?;
+            newest = Some((version, entry));
+        }
+        Ok(newest)
     }
 
     async fn put_object(&self, sha256: &str, bytes: &Bytes) -> Result<(), RegionError> {
