@@ -46,33 +46,50 @@ impl TwoRegions {
     /// With `tokens` = (east's MERIDIAN_TOKENS, west's), every request needs a token;
     /// both must give [`ADMIN`] the admin scope.
     async fn start_with_tokens(label: &str, tokens: Option<(&str, &str)>) -> Self {
+        let env = |t: Option<&str>| {
+            t.map(|t| vec![("MERIDIAN_TOKENS".to_string(), t.to_string())])
+                .unwrap_or_default()
+        };
+        Self::start_with_env(
+            label,
+            env(tokens.map(|t| t.0)),
+            env(tokens.map(|t| t.1)),
+            tokens.is_some(),
+        )
+        .await
+    }
+
+    /// With more environment for east's hosts and west's; `authed`: send [`ADMIN`].
+    async fn start_with_env(
+        label: &str,
+        east_env: Vec<(String, String)>,
+        west_env: Vec<(String, String)>,
+        authed: bool,
+    ) -> Self {
         let east_nats = NatsServer::hub(EAST);
         let west_nats = NatsServer::leaf(WEST, &east_nats);
         let east_db = TestDb::new(&format!("{label}_e")).await;
         let west_db = TestDb::new(&format!("{label}_w")).await;
-        let with_tokens = |mut o: HostOptions, t: Option<&str>| {
-            if let Some(t) = t {
-                o.env.push(("MERIDIAN_TOKENS".into(), t.into()));
-            }
+        let with_env = |mut o: HostOptions, env: &[(String, String)]| {
+            o.env.extend_from_slice(env);
             o
         };
-        let (east_tokens, west_tokens) = (tokens.map(|t| t.0), tokens.map(|t| t.1));
         let east = vec![
             Host::start(
                 &east_db,
-                with_tokens(options(EAST, WEST, &east_nats), east_tokens),
+                with_env(options(EAST, WEST, &east_nats), &east_env),
             )
             .await,
             Host::start(
                 &east_db,
-                with_tokens(options(EAST, WEST, &east_nats), east_tokens),
+                with_env(options(EAST, WEST, &east_nats), &east_env),
             )
             .await,
         ];
         let west = vec![
             Host::start(
                 &west_db,
-                with_tokens(options(WEST, EAST, &west_nats), west_tokens),
+                with_env(options(WEST, EAST, &west_nats), &west_env),
             )
             .await,
         ];
@@ -84,7 +101,7 @@ impl TwoRegions {
             _east_db: east_db,
             west_db,
         };
-        regions.upload("bank-account", tokens.is_some()).await;
+        regions.upload("bank-account", authed).await;
         regions
     }
 
@@ -615,6 +632,67 @@ async fn an_upload_in_a_region_behind_the_directory_is_what_runs() {
         (running["version"].as_i64(), running["sha256"].as_str()),
         (Some(3), Some(sha(&v1).as_str())),
         "{plugins}"
+    );
+}
+
+/// A forward to the home region waits as long as `MERIDIAN_FORWARD_TIMEOUT_MS` says,
+/// also past 10 s: the NATS client's own request timeout cut it off at 10 s, as a 503
+/// naming the configured timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forward_waits_its_configured_timeout_past_ten_seconds() {
+    let forward = vec![(
+        "MERIDIAN_FORWARD_TIMEOUT_MS".to_string(),
+        "30000".to_string(),
+    )];
+    let r = TwoRegions::start_with_env("fwdwait", vec![], forward, false).await;
+    // Limits stored before the upload: every host loads the plugin with them.
+    assert_eq!(
+        r.east[0]
+            .client()
+            .put_limits("spin-loop", json!({"deadline_ms": 12000}))
+            .await,
+        200
+    );
+    r.upload("spin-loop", false).await;
+    // Homed in east (its directory entry made by hand: a first command through east
+    // would spin for as long), so west forwards it; it spins there until its 12 s
+    // deadline, then east answers.
+    let js = r.east_nats.jetstream().await;
+    let homes = match js.get_key_value("meridian_homes").await {
+        Ok(homes) => homes,
+        Err(_) => js
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: "meridian_homes".into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .expect("the homes directory"),
+    };
+    // The key is `<type>.<unpadded base64url of the id>`.
+    homes
+        .put("spin-loop.c2xvdy0x", EAST.into())
+        .await
+        .expect("home slow-1 in east");
+    let started = Instant::now();
+    let (status, body) = r.west[0]
+        .client()
+        .command("spin-loop", "slow-1", json!({"command": {"type": "Go"}}))
+        .await;
+    assert_ne!(
+        body["error"]["code"],
+        "home_region_timeout",
+        "after {:?}: {body}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(12),
+        "east answered before the plugin's deadline: {body}"
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (500, Some("plugin_deadline_exceeded")),
+        "east's answer, passed on: {body}"
     );
 }
 
