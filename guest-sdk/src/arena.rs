@@ -11,8 +11,12 @@
 //!
 //! It stays correct when something does outlive a call (a `static` initialised lazily,
 //! say): the arena then cannot start over, keeps bumping, and once it has grown by
-//! [`REBASE_BYTES`] without starting over it leaves what is below behind — memory freed
-//! down there is not reused, which bounds the waste by what was alive at that moment.
+//! [`REBASE_BYTES`] without starting over it leaves what is below behind and starts
+//! over above it from then on, which bounds the waste by what was alive at that moment.
+//! What was left behind is still counted: once everything in it is freed too, the
+//! arena starts over from the very bottom. A single call that allocates more than
+//! [`REBASE_BYTES`] (a large state) rebases in passing, and without that count every
+//! such call left its memory behind for good, until the instance ran out of memory.
 //! Memory comes from `memory.grow` and is never returned, like any wasm allocator.
 //!
 //! WebAssembly components are single-threaded, so plain `Cell`s suffice.
@@ -36,7 +40,10 @@ use tests::memory_grow;
 
 /// See the module docs.
 pub struct Arena {
-    /// Where the arena starts over.
+    /// The start of the arena's contiguous memory, where it starts over once nothing
+    /// in it is alive.
+    floor: Cell<usize>,
+    /// Where the arena starts over while something below is alive.
     base: Cell<usize>,
     /// The next free byte.
     top: Cell<usize>,
@@ -44,6 +51,8 @@ pub struct Arena {
     end: Cell<usize>,
     /// Allocations at or above `base` not yet freed.
     live: Cell<usize>,
+    /// Allocations at or above `floor` not yet freed.
+    live_all: Cell<usize>,
 }
 
 // SAFETY: components run on one thread; nothing shares the arena across threads.
@@ -53,16 +62,22 @@ impl Arena {
     /// An empty arena; memory is obtained on first use.
     pub const fn new() -> Self {
         Self {
+            floor: Cell::new(0),
             base: Cell::new(0),
             top: Cell::new(0),
             end: Cell::new(0),
             live: Cell::new(0),
+            live_all: Cell::new(0),
         }
     }
 
     /// Makes room for `size` bytes at `align`, returning the address or 0.
     fn bump(&self, size: usize, align: usize) -> usize {
-        if self.live.get() == 0 {
+        if self.live_all.get() == 0 {
+            self.base.set(self.floor.get());
+            self.top.set(self.floor.get());
+            self.live.set(0);
+        } else if self.live.get() == 0 {
             self.top.set(self.base.get());
         }
         let mut start = self.top.get().next_multiple_of(align);
@@ -77,7 +92,14 @@ impl Arena {
             // The new pages continue the arena unless something else grew memory in
             // between or the arena has grown long enough without starting over; then
             // they start a new base, and what lives below stays where it is.
-            if fresh != self.end.get() || self.top.get() - self.base.get() >= REBASE_BYTES {
+            if fresh != self.end.get() {
+                // Not contiguous: what lies below is given up for good.
+                self.floor.set(fresh);
+                self.base.set(fresh);
+                self.live.set(0);
+                self.live_all.set(0);
+                start = fresh.next_multiple_of(align);
+            } else if self.top.get() - self.base.get() >= REBASE_BYTES {
                 self.base.set(fresh);
                 self.live.set(0);
                 start = fresh.next_multiple_of(align);
@@ -86,6 +108,7 @@ impl Arena {
         }
         self.top.set(start + size);
         self.live.set(self.live.get() + 1);
+        self.live_all.set(self.live_all.get() + 1);
         start
     }
 }
@@ -98,16 +121,20 @@ impl Default for Arena {
 
 // SAFETY: `bump` hands out non-overlapping ranges of memory obtained from
 // `memory.grow`, aligned as asked; a range is handed out again only after every
-// allocation at or above the base was freed.
+// allocation at or above the base (from the floor: at or above the floor) was freed.
 unsafe impl GlobalAlloc for Arena {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         self.bump(layout.size().max(1), layout.align()) as *mut u8
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
-        // Memory below the base was left behind by a rebase; it is never reused.
-        if (ptr as usize) >= self.base.get() && (ptr as usize) < self.end.get() {
-            self.live.set(self.live.get().saturating_sub(1));
+        let at = ptr as usize;
+        // Below the floor: memory given up when something else grew memory.
+        if at >= self.floor.get() && at < self.end.get() {
+            self.live_all.set(self.live_all.get().saturating_sub(1));
+            if at >= self.base.get() {
+                self.live.set(self.live.get().saturating_sub(1));
+            }
         }
     }
 
@@ -226,6 +253,20 @@ mod tests {
             "the kept allocation was overwritten"
         );
         unsafe { arena.dealloc(kept, layout(64)) };
+    }
+
+    #[test]
+    fn calls_larger_than_the_rebase_size_reuse_their_memory() {
+        let arena = Arena::new();
+        // A call with a large state: buffers doubling as they grow, 4 MiB in all, so
+        // each call rebases on the way. 64 such calls leaving their memory behind
+        // would need four times the 64 MiB there is.
+        // `call` fails on a null pointer: memory ran out. (Exact addresses are not
+        // compared: the other tests share the memory and grow it in between.)
+        let sizes: Vec<usize> = (0..7).map(|i| (64 << 10) << i).collect();
+        for _ in 0..64 {
+            call(&arena, &sizes);
+        }
     }
 
     #[test]

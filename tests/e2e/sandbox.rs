@@ -213,3 +213,40 @@ async fn hostile_plugins_are_contained() {
     assert_eq!(slept, ["z0"], "only the nap that ended decided an event");
     still_serves(&api, "a4").await;
 }
+
+/// An aggregate with a large state keeps taking commands: every call carries the whole
+/// state in and out, and the components' allocator left each such call's memory behind
+/// (it passes its 1 MiB rebase size on the way), so after about fifteen calls on one
+/// instance a command failed with `plugin_out_of_memory` under the 64 MiB cap.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_aggregate_with_a_large_state_keeps_taking_commands() {
+    let db = TestDb::new("large_state").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{body}");
+    let owner = "x".repeat(450_000);
+    let (status, body) = api
+        .command(
+            "bank-account",
+            "large-1",
+            json!({"command": {"type": "Open", "owner": owner}}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        200,
+        "{}",
+        &body.to_string()[..200.min(body.to_string().len())]
+    );
+    for deposit in 1..=60 {
+        let (status, body) = api
+            .command(
+                "bank-account",
+                "large-1",
+                json!({"command": {"type": "Deposit", "amount": 1}}),
+            )
+            .await;
+        assert_eq!(status, 200, "deposit {deposit}: {body}");
+    }
+}
