@@ -1403,3 +1403,45 @@ async fn a_batch_on_a_connection_gone_silent_commits_on_a_new_one() {
         .unwrap();
     assert_eq!(stored, 2);
 }
+
+/// A page of events stops once its events reach 16 MiB, however many `limit` allows,
+/// and `next` reads on from there with nothing skipped or repeated: a page of 10,000
+/// large events was read into the host's memory, and sent, whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_of_large_events_stops_at_its_byte_budget_and_reads_on() {
+    let (_db, host) = host_with_bank_account("big_pages").await;
+    let api = host.client();
+    // 40 events of 450 KB: 18 MB.
+    let owner = "x".repeat(450_000);
+    for i in 0..40 {
+        let (status, body) = open(&api, &format!("big-{i}"), &owner).await;
+        assert_eq!(
+            status,
+            200,
+            "account {i}: {}",
+            &body.to_string()[..300.min(body.to_string().len())]
+        );
+    }
+    let mut after = 0;
+    let mut pages = Vec::new();
+    let mut positions = Vec::new();
+    loop {
+        let (status, page) = api
+            .get(&format!("/v1/events?after={after}&limit=1000"))
+            .await;
+        assert_eq!(status, 200);
+        let events = page["events"].as_array().unwrap();
+        if events.is_empty() {
+            break;
+        }
+        pages.push(events.len());
+        positions.extend(events.iter().map(|e| e["position"].as_i64().unwrap()));
+        after = page["next"].as_i64().unwrap();
+    }
+    // 16 MiB is 37.3 events of 450 KB: the 38th reaches it.
+    assert_eq!(pages, vec![38, 2], "events per page");
+    let mut unique = positions.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!((positions.len(), unique.len()), (40, 40), "{positions:?}");
+}

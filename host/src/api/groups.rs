@@ -110,6 +110,7 @@ pub(super) async fn page(
     filter: &EventFilter,
 ) -> Result<(Vec<StoredEvent>, i64), ApiError> {
     let mut events = Vec::new();
+    let mut bytes = 0usize;
     let mut next = store::read::order_key(&state.pool, after).await?;
     let mut scanned = 0;
     'scan: while scanned < SCAN_BUDGET {
@@ -121,8 +122,9 @@ pub(super) async fn page(
             scanned += 1;
             next = key;
             if keeps(slot, &event) {
+                bytes = bytes.saturating_add(event.bytes());
                 events.push(event);
-                if events.len() as i64 >= limit {
+                if events.len() as i64 >= limit || bytes >= store::read::PAGE_BYTES {
                     break 'scan;
                 }
             }

@@ -814,7 +814,8 @@ pub struct AggregateEventsQuery {
     #[serde(default)]
     #[param(required = false, minimum = 0)]
     pub after_version: i64,
-    /// Most events to return (default 1000, at most 10000).
+    /// Most events to return (default 1000, at most 10000; a page stops early once
+    /// its events reach 16 MiB).
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<i64>,
 }
@@ -846,11 +847,12 @@ async fn aggregate_events(
     let limit = page_limit(query.limit)?;
     non_negative("after_version", Some(query.after_version))?;
     let after = query.after_version;
-    let events = store::read::aggregate_events(
+    let events = store::read::aggregate_page(
         &state.pool,
         &key,
         after.saturating_add(1),
         after.saturating_add(limit),
+        store::read::PAGE_BYTES,
     )
     .await?;
     let next = events.last().map_or(after, |e| e.version);
@@ -904,7 +906,8 @@ pub struct EventsQuery {
     /// beginning, or for a group member from its acknowledged position).
     #[param(minimum = 0)]
     pub after: Option<i64>,
-    /// Most events to return (default 1000, at most 10000).
+    /// Most events to return (default 1000, at most 10000; a page stops early once
+    /// its events reach 16 MiB).
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<i64>,
     /// Only this aggregate type.

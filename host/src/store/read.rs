@@ -69,7 +69,18 @@ fn raw(text: String) -> Result<Box<RawValue>, StoreError> {
     RawValue::from_string(text).map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
 }
 
+/// Most bytes of events (payload and metadata) one page of `GET /v1/events` or of an
+/// aggregate's events holds, however many events `limit` allows: 10,000 events of a
+/// megabyte each would otherwise be read into memory, and sent, as one answer. A page
+/// holds at least one event; `next` goes on from where it stops.
+pub const PAGE_BYTES: usize = 16 * 1024 * 1024;
+
 impl StoredEvent {
+    /// What the event weighs in a page: its payload and metadata as stored.
+    pub fn bytes(&self) -> usize {
+        self.payload.get().len() + self.metadata.get().len()
+    }
+
     fn from_row(row: &PgRow) -> Result<Self, StoreError> {
         Ok(Self {
             position: row.try_get("position")?,
@@ -152,21 +163,56 @@ pub async fn aggregate_events(
     first: i64,
     last: i64,
 ) -> Result<Vec<StoredEvent>, StoreError> {
+    aggregate_page(pool, key, first, last, usize::MAX).await
+}
+
+/// [`aggregate_events`], stopping after the event that reaches `max_bytes` (see
+/// [`PAGE_BYTES`]).
+pub async fn aggregate_page(
+    pool: &PgPool,
+    key: &AggregateKey,
+    first: i64,
+    last: i64,
+    max_bytes: usize,
+) -> Result<Vec<StoredEvent>, StoreError> {
     let sql = format!(
         "SELECT {EVENT_COLUMNS} FROM events \
          WHERE aggregate_type = $1 AND aggregate_id = $2 AND version BETWEEN $3 AND $4 \
          ORDER BY version"
     );
-    sqlx::query(&sql)
+    let rows = sqlx::query(&sql)
         .bind(&key.aggregate_type)
         .bind(&key.aggregate_id)
         .bind(first)
         .bind(last)
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(StoredEvent::from_row)
-        .collect()
+        .fetch(pool);
+    within(rows, max_bytes, |row| {
+        let event = StoredEvent::from_row(row)?;
+        let bytes = event.bytes();
+        Ok((event, bytes))
+    })
+    .await
+}
+
+/// The rows' events, in order, up to and with the one that reaches `max_bytes`; the
+/// rest of the rows are not read.
+async fn within<T>(
+    mut rows: futures::stream::BoxStream<'_, Result<PgRow, sqlx::Error>>,
+    max_bytes: usize,
+    event: impl Fn(&PgRow) -> Result<(T, usize), StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    use futures::TryStreamExt;
+    let mut events = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = rows.try_next().await? {
+        let (item, size) = event(&row)?;
+        bytes = bytes.saturating_add(size);
+        events.push(item);
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(events)
 }
 
 /// The ids of up to `each_end` of the oldest and of the newest aggregates of a type
@@ -273,11 +319,13 @@ pub async fn read_all(
     filter: &EventFilter,
 ) -> Result<Vec<StoredEvent>, StoreError> {
     let after = order_key(pool, after).await?;
-    Ok(read_after(pool, after, None, limit, filter)
-        .await?
-        .into_iter()
-        .map(|(_, event)| event)
-        .collect())
+    Ok(
+        read_after_within(pool, after, None, limit, filter, PAGE_BYTES)
+            .await?
+            .into_iter()
+            .map(|(_, event)| event)
+            .collect(),
+    )
 }
 
 /// Up to `limit` events after `after` in the region's commit order, with their keys,
@@ -291,6 +339,19 @@ pub async fn read_after(
     until: Option<OrderKey>,
     limit: i64,
     filter: &EventFilter,
+) -> Result<Vec<(OrderKey, StoredEvent)>, StoreError> {
+    read_after_within(pool, after, until, limit, filter, usize::MAX).await
+}
+
+/// [`read_after`], stopping after the event that reaches `max_bytes` (see
+/// [`PAGE_BYTES`]).
+async fn read_after_within(
+    pool: &PgPool,
+    after: OrderKey,
+    until: Option<OrderKey>,
+    limit: i64,
+    filter: &EventFilter,
+    max_bytes: usize,
 ) -> Result<Vec<(OrderKey, StoredEvent)>, StoreError> {
     let bound = if until.is_some() {
         "AND (tx_id, position) <= ($7::text::xid8, $8) "
@@ -317,19 +378,16 @@ pub async fn read_after(
     if let Some(until) = until {
         query = query.bind(until.tx.to_string()).bind(until.position);
     }
-    query
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(|row| {
-            let event = StoredEvent::from_row(row)?;
-            let key = OrderKey {
-                tx: row.try_get("tx")?,
-                position: event.position,
-            };
-            Ok((key, event))
-        })
-        .collect()
+    within(query.fetch(pool), max_bytes, |row| {
+        let event = StoredEvent::from_row(row)?;
+        let key = OrderKey {
+            tx: row.try_get("tx")?,
+            position: event.position,
+        };
+        let bytes = event.bytes();
+        Ok(((key, event), bytes))
+    })
+    .await
 }
 
 /// The aggregate's current version in the store (0 if it has no events).
