@@ -591,6 +591,14 @@ async fn an_upload_in_a_region_behind_the_directory_is_what_runs() {
         .await
         .expect("list version 2");
 
+    // A dry run says the number the upload will get; both check the bytes against
+    // the stored histories, as for any version that is not already the newest.
+    let (status, body) = admin(&r.west[0], false)
+        .put_raw("/v1/plugins/bank-account?dry_run=true", v1.clone())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 3, "{body}");
+    assert!(body["history_checked"].is_object(), "{body}");
     let (status, body) = admin(&r.west[0], false)
         .upload("bank-account", v1.clone())
         .await;
@@ -599,6 +607,7 @@ async fn an_upload_in_a_region_behind_the_directory_is_what_runs() {
         body["version"], 3,
         "numbered after the directory's newest: {body}"
     );
+    assert!(body["history_checked"].is_object(), "{body}");
     // Version 2's bytes arrive; west imports it, and still runs what it was sent.
     let objects = r
         .east_nats

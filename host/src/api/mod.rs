@@ -1218,8 +1218,13 @@ async fn upload_plugin(
     }
     // Every command runs the newest version, replaying older aggregates through it:
     // one that cannot read their events would fail all of them from now on.
-    let newest = store::plugins::versions(&state.pool, &aggregate_type).await?;
-    let repeated = newest.first().is_some_and(|v| v.sha256 == validated.sha256);
+    let newest = state
+        .regions
+        .newest_plugin(&state.pool, &aggregate_type)
+        .await?;
+    let repeated = newest
+        .as_ref()
+        .is_some_and(|v| v.sha256.as_deref() == Some(validated.sha256.as_str()));
     let history_checked = if query.force || repeated {
         None
     } else {
@@ -1238,7 +1243,7 @@ async fn upload_plugin(
         Some(checked)
     };
     if query.dry_run {
-        let version = match newest.first() {
+        let version = match newest {
             Some(newest) if repeated => newest.version,
             Some(newest) => newest.version + 1,
             None => 1,

@@ -370,8 +370,8 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
                     .unwrap_or_else(|| "unavailable".into());
                 (format!("503 {code}"), wait)
             }
-            // Never sent: nothing ran.
-            Err(error) if error.is_connect() => {
+            // Never sent, and nothing sent before: nothing ran, and no host is there.
+            Err(error) if error.is_connect() && attempt == 0 => {
                 return Err(error).with_context(|| {
                     format!(
                         "cannot reach a Meridian host at {}; is it running? (set --url or MERIDIAN_URL)",
@@ -379,7 +379,8 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
                     )
                 });
             }
-            // Sent, and the answer lost: the command may have run.
+            // The answer lost (or the host gone since an earlier attempt was sent): the
+            // command may have run.
             Err(error) if attempt >= args.retries => {
                 return Err(error).with_context(|| {
                     format!(

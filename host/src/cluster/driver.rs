@@ -108,7 +108,7 @@ pub struct Cluster {
 
 struct Inner {
     config: ClusterConfig,
-    /// The membership's own connection, apart from the pool commands use.
+    /// The membership's own connections, apart from the pool commands use.
     pool: PgPool,
     executor: Executor,
     node: Mutex<Node>,
@@ -138,7 +138,9 @@ impl Cluster {
     /// with `pool`'s options. Taken from `pool`, the heartbeat waited behind commands
     /// whenever the database was slow enough to hold all its connections, and the other
     /// hosts declared this one dead and moved its partitions on top of the slowness.
-    /// The driver loop and the heartbeat each run one statement at a time.
+    /// Two connections: the driver loop and the heartbeat each run one statement at a
+    /// time, and a lease update waiting on a row lock (an append still running under
+    /// the old owner) must not hold up the heartbeat either.
     pub fn start(
         config: ClusterConfig,
         pool: &PgPool,
@@ -146,7 +148,7 @@ impl Cluster {
         shutdown: CancellationToken,
     ) -> Self {
         let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
+            .max_connections(2)
             .acquire_timeout(config.dead_after)
             .connect_lazy_with((*pool.connect_options()).clone());
         let (inputs, rx) = mpsc::unbounded_channel();

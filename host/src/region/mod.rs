@@ -541,7 +541,12 @@ impl Regions {
         {
             return Ok(remembered);
         }
-        let row = store::regions::home_and_version(&self.inner.pool, key).await?;
+        let row = match store::regions::home_and_version(&self.inner.pool, key).await {
+            Ok(row) => row,
+            // A home remembered elsewhere still serves while the database is away.
+            Err(_) if remembered.is_some() => None,
+            Err(error) => return Err(error.into()),
+        };
         let home = match (row, remembered) {
             (Some((region, version)), remembered)
                 if remembered.is_none() || region == self.local() =>

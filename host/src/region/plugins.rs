@@ -32,6 +32,15 @@ use crate::store::{self, plugins::PluginInfo};
 /// How often the relay leader looks for plugin versions this region lacks.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The newest version of an aggregate type's plugin ([`Regions::newest_plugin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewestPlugin {
+    /// Its number.
+    pub version: i32,
+    /// Its component's sha256 (`None`: a directory entry that does not parse).
+    pub sha256: Option<String>,
+}
+
 /// A directory entry: one plugin version.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VersionEntry {
@@ -64,42 +73,35 @@ impl Regions {
                 store::plugins::store(pool, aggregate_type, sha256, schema_version, bytes).await?,
             );
         }
-        let local_versions = store::plugins::versions(pool, aggregate_type).await?;
         let unreachable = |e: String| RegionError::DirectoryUnreachable {
             aggregate: format!("plugin {aggregate_type}"),
             directory: self.config().directory.clone(),
             local: self.local().to_string(),
             reason: e,
         };
-        // The newest version is the directory's: this region may not have imported
-        // the latest yet. Judged by its own newest, an upload of bytes it held as
-        // newest was answered "unchanged" while another region's newer version was on
-        // its way in, to be run in its place.
-        let local_newest = local_versions.first();
-        let newest = match self
-            .directory_newest(aggregate_type, local_newest.map_or(0, |v| v.version))
-            .await
+        let newest = self.newest_plugin(pool, aggregate_type).await?;
+        if let Some(newest) = &newest
+            && newest.sha256.as_deref() == Some(sha256)
         {
-            Ok(Some((version, entry))) => Some((version, entry.sha256)),
-            Ok(None) => local_newest.map(|v| (v.version, v.sha256.clone())),
-            // Bytes that are this region's newest need no directory to stay so.
-            Err(_) if local_newest.is_some_and(|v| v.sha256 == sha256) => {
-                return Ok((local_newest.expect("checked").clone(), false));
-            }
-            Err(error) => return Err(unreachable(error.to_string())),
-        };
-        if let Some((version, newest_sha)) = &newest
-            && *newest_sha == sha256
-        {
-            let info = store::plugins::store_version(
-                pool,
-                aggregate_type,
-                *version,
-                sha256,
-                schema_version as i32,
-                bytes,
-            )
-            .await?;
+            let info = match store::plugins::versions(pool, aggregate_type)
+                .await?
+                .into_iter()
+                .find(|v| v.version == newest.version)
+            {
+                Some(info) => info,
+                // Listed in the directory, not imported here yet: these are its bytes.
+                None => {
+                    store::plugins::store_version(
+                        pool,
+                        aggregate_type,
+                        newest.version,
+                        sha256,
+                        schema_version as i32,
+                        bytes,
+                    )
+                    .await?
+                }
+            };
             return Ok((info, false));
         }
         self.put_object(sha256, bytes).await?;
@@ -110,7 +112,7 @@ impl Regions {
             region: self.local().to_string(),
         };
         let value = Bytes::from(serde_json::to_vec(&entry).expect("serialisable"));
-        let mut version = newest.map_or(1, |(v, _)| v + 1);
+        let mut version = newest.map_or(1, |n| n.version + 1);
         let created = loop {
             let key = format!("{aggregate_type}.{version}");
             let answer = self
@@ -143,13 +145,46 @@ impl Regions {
         Ok((info, created))
     }
 
-    /// The directory's newest version of a type after `after` (the newest this region
-    /// has), with its entry; `None` when it lists none after it.
+    /// The newest version of a type: the directory's when there are regions (this
+    /// region may not have imported it yet), else this region's. Judged by the
+    /// region's own, an upload of the bytes it held as newest was answered "unchanged"
+    /// (and not checked against the stored histories) while another region's newer
+    /// version was on its way in, to be run in its place. With the directory out of
+    /// reach, this region's: registering anything new needs the directory anyway.
+    pub async fn newest_plugin(
+        &self,
+        pool: &PgPool,
+        aggregate_type: &str,
+    ) -> Result<Option<NewestPlugin>, RegionError> {
+        let local = store::plugins::versions(pool, aggregate_type)
+            .await?
+            .into_iter()
+            .next()
+            .map(|v| NewestPlugin {
+                version: v.version,
+                sha256: Some(v.sha256),
+            });
+        if !self.enabled() {
+            return Ok(local);
+        }
+        let after = local.as_ref().map_or(0, |v| v.version);
+        match self.directory_newest(aggregate_type, after).await {
+            Ok(Some(newest)) => Ok(Some(newest)),
+            Ok(None) => Ok(local),
+            Err(error) => {
+                tracing::debug!(aggregate_type, %error, "cannot read the plugin directory; judging by this region's versions");
+                Ok(local)
+            }
+        }
+    }
+
+    /// The directory's newest version of a type after `after`; `None` when it lists
+    /// none after it. An entry that does not parse still takes its number.
     async fn directory_newest(
         &self,
         aggregate_type: &str,
         after: i32,
-    ) -> Result<Option<(i32, VersionEntry)>, RegionError> {
+    ) -> Result<Option<NewestPlugin>, RegionError> {
         let kv = self.directory_kv(PLUGINS_BUCKET).await?;
         let mut newest = None;
         for version in after + 1.. {
@@ -158,12 +193,10 @@ impl Regions {
                 .await
                 .map_err(|e| RegionError::Nats(format!("directory {PLUGINS_BUCKET}: {e}")))?;
             let Some(value) = value else { break };
-            let entry = serde_json::from_slice::<VersionEntry>(&value).map_err(|e| {
-                RegionError::Nats(format!(
-                    "directory {PLUGINS_BUCKET}: {aggregate_type}.{version} does not parse: {e}"
-                ))
-            })?;
-            newest = Some((version, entry));
+            let sha256 = serde_json::from_slice::<VersionEntry>(&value)
+                .ok()
+                .map(|entry| entry.sha256);
+            newest = Some(NewestPlugin { version, sha256 });
         }
         Ok(newest)
     }

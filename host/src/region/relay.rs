@@ -3,9 +3,9 @@
 //! **Out.** The leader tails this region's own events in the gap-free commit order and
 //! publishes each to the region's JetStream stream ([`super::events_stream`]) with
 //! `Nats-Msg-Id` = event id, so a republish after a failure is dropped by JetStream.
-//! The position to resume from is read back from the stream's last message, not kept
-//! anywhere else: the stream itself is the checkpoint, so a new leader neither skips
-//! nor repeats. Publishing is off the command path: commands commit whether or not
+//! The position to resume from is read back from the stream's newest message the relay
+//! published (see [`checkpoint`]), not kept anywhere else: the stream itself is the
+//! checkpoint, so a new leader neither skips nor repeats. Publishing is off the command path: commands commit whether or not
 //! NATS is reachable, and the relay catches up when it is.
 //!
 //! **In.** For every peer region, a stream in this region's domain sources the peer's
