@@ -250,3 +250,26 @@ async fn an_aggregate_with_a_large_state_keeps_taking_commands() {
         assert_eq!(status, 200, "deposit {deposit}: {body}");
     }
 }
+
+/// A plugin that keeps memory from call to call (a leak, or things kept in `static`s)
+/// fails no command for it: an instance past half its memory cap is not reused. Here
+/// each command keeps 8 MiB; on one reused instance the eighth ran out of the 64 MiB.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_that_leaks_memory_fails_no_command() {
+    let db = TestDb::new("leak").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("bad-output", wasm_bytes("bad-output")).await;
+    assert_eq!(status, 201, "{body}");
+    // Under the default cap of 64 MiB.
+    for n in 1..=24 {
+        let (status, body) = api
+            .command(
+                "bad-output",
+                "leak-1",
+                json!({"command": {"type": "Leak", "megabytes": 8}}),
+            )
+            .await;
+        assert_eq!(status, 200, "command {n}: {body}");
+    }
+}

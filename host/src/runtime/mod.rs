@@ -13,7 +13,10 @@
 //!
 //! Instances are reused, so a plugin *could* keep hidden state in globals between
 //! calls. Nothing in the SDK does; the docs tell authors not to, and instances are
-//! recycled every [`INSTANCE_MAX_CALLS`] calls so such state cannot live long.
+//! recycled every [`INSTANCE_MAX_CALLS`] calls so such state cannot live long. An
+//! instance whose memory has grown past half its cap is not reused either: memory never
+//! shrinks, and one that keeps more after every call (a leak) would otherwise fail
+//! some later command for want of it.
 
 mod limits;
 mod sandbox;
@@ -961,6 +964,7 @@ impl Drop for Session<'_> {
     fn drop(&mut self) {
         if let Some(instance) = self.instance.take()
             && instance.calls < INSTANCE_MAX_CALLS
+            && !instance.store.data().limiter.past_half()
         {
             let mut idle = self
                 .plugin

@@ -233,6 +233,14 @@ pub(crate) struct MemoryLimiter {
 const MAX_TABLE_ELEMENTS: u64 = 1_000_000;
 
 impl MemoryLimiter {
+    /// Whether the instance's memories hold more than half its cap. Memory never
+    /// shrinks, so an instance that keeps more after every call (its allocator leaks,
+    /// or it keeps things in `static`s) is dropped once past this, rather than kept
+    /// until a command runs out.
+    pub(crate) fn past_half(&self) -> bool {
+        self.used_bytes > self.max_bytes / 2
+    }
+
     fn new(max_bytes: u64) -> Self {
         Self {
             max_bytes,

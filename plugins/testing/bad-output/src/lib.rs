@@ -5,7 +5,8 @@
 //! times larger (numbers such as 1e300, which it prints with every digit). The host
 //! must fail that command alone, naming the cause, and keep every other command going.
 //! It also decides, on request, as many notes as the caps allow, for an answer larger
-//! than one NATS message.
+//! than one NATS message, and leaks memory from call to call (as a plugin keeping
+//! things in a `static` would), which the host must not let fail a later command.
 
 use meridian_guest::{Aggregate, Rejection};
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,8 @@ use serde::{Deserialize, Serialize};
 pub struct BadOutput;
 
 /// `{"type":"Write","text":"…","nul":false}`, `{"type":"BreakLine"}`,
-/// `{"type":"Huge","count":3}` or `{"type":"Repeat","text":"…","count":3}`.
+/// `{"type":"Huge","count":3}`, `{"type":"Repeat","text":"…","count":3}` or
+/// `{"type":"Leak","megabytes":8}`.
 #[derive(Deserialize)]
 #[serde(tag = "type")]
 pub enum Command {
@@ -40,6 +42,11 @@ pub enum Command {
         text: String,
         /// How many times.
         count: u32,
+    },
+    /// Keep `megabytes` of memory for good, and write a note.
+    Leak {
+        /// How much.
+        megabytes: usize,
     },
 }
 
@@ -87,6 +94,12 @@ impl Aggregate for BadOutput {
                 values: vec![1e300; count as usize],
             }],
             Command::Repeat { text, count } => vec![Event::Written { text }; count as usize],
+            Command::Leak { megabytes } => {
+                std::mem::forget(std::hint::black_box(vec![1_u8; megabytes << 20]));
+                vec![Event::Written {
+                    text: "leaked".into(),
+                }]
+            }
         })
     }
 
