@@ -51,6 +51,25 @@ async fn event_count(db: &TestDb) -> i64 {
     n
 }
 
+/// An append of one `Noted` event with `payload` to aggregate `t/<id>`, decided at
+/// `expected_version`, under a fresh command id: for tests of the committer alone.
+fn noted(id: &str, expected_version: i64, payload: &str) -> meridian::store::AppendRequest {
+    use serde_json::value::RawValue;
+    meridian::store::AppendRequest {
+        aggregate_type: "t".into(),
+        aggregate_id: id.into(),
+        expected_version,
+        events: vec![meridian::store::NewEvent {
+            event_id: uuid::Uuid::now_v7(),
+            event_type: "Noted".into(),
+            payload: RawValue::from_string(payload.into()).unwrap(),
+            metadata: RawValue::from_string("{}".into()).unwrap(),
+        }],
+        command_id: Some(uuid::Uuid::now_v7()),
+        fence: None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_run_through_the_plugin_and_are_stored() {
     let db = TestDb::new("path").await;
@@ -1218,27 +1237,14 @@ async fn commands_for_unknown_types_do_not_add_metric_series() {
 /// it failed every command of the batch, on every retry.
 #[tokio::test(flavor = "multi_thread")]
 async fn json_postgres_cannot_parse_fails_only_its_own_command() {
-    use meridian::store::{self, AppendRequest, Changes, Committer, NewEvent, StoreError};
-    use serde_json::value::RawValue;
+    use meridian::store::{self, Changes, Committer, StoreError};
 
     let db = TestDb::new("deep_json").await;
     let pool = db.pool().await;
     store::migrate(&pool).await.unwrap();
     let committer = Committer::start(pool, Default::default(), Changes::default());
     let deep = format!("{}{}", "[".repeat(50_000), "]".repeat(50_000));
-    let request = |id: &str, payload: &str| AppendRequest {
-        aggregate_type: "t".into(),
-        aggregate_id: id.into(),
-        expected_version: 0,
-        events: vec![NewEvent {
-            event_id: uuid::Uuid::now_v7(),
-            event_type: "Noted".into(),
-            payload: RawValue::from_string(payload.into()).unwrap(),
-            metadata: RawValue::from_string("{}".into()).unwrap(),
-        }],
-        command_id: Some(uuid::Uuid::now_v7()),
-        fence: None,
-    };
+    let request = |id: &str, payload: &str| noted(id, 0, payload);
     let alone = committer.append(request("deep-alone", &deep)).await;
     assert!(matches!(alone, Err(StoreError::Unstorable(_))), "{alone:?}");
     // Side by side: however they are batched, the plain one is stored.
@@ -1261,26 +1267,13 @@ async fn json_postgres_cannot_parse_fails_only_its_own_command() {
 /// worker held the queue.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_held_for_the_next_batch_does_not_wait_for_other_traffic() {
-    use meridian::store::{self, AppendRequest, Changes, Committer, NewEvent};
-    use serde_json::value::RawValue;
+    use meridian::store::{self, Changes, Committer};
 
     let db = TestDb::new("carry").await;
     let pool = db.pool().await;
     store::migrate(&pool).await.unwrap();
     let committer = Committer::start(pool, Default::default(), Changes::default());
-    let request = |id: &str, expected_version: i64| AppendRequest {
-        aggregate_type: "t".into(),
-        aggregate_id: id.into(),
-        expected_version,
-        events: vec![NewEvent {
-            event_id: uuid::Uuid::now_v7(),
-            event_type: "Noted".into(),
-            payload: RawValue::from_string("{}".into()).unwrap(),
-            metadata: RawValue::from_string("{}".into()).unwrap(),
-        }],
-        command_id: Some(uuid::Uuid::now_v7()),
-        fence: None,
-    };
+    let request = |id: &str, expected_version: i64| noted(id, expected_version, "{}");
     for round in 0..20 {
         let id = format!("agg-{round}");
         // Queued together: the second is held back from the first one's batch.
@@ -1309,8 +1302,7 @@ async fn a_batch_on_a_connection_gone_silent_commits_on_a_new_one() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use meridian::store::{self, AppendRequest, Changes, Committer, CommitterConfig, NewEvent};
-    use serde_json::value::RawValue;
+    use meridian::store::{self, Changes, Committer, CommitterConfig};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let db = TestDb::new("silent").await;
@@ -1377,19 +1369,7 @@ async fn a_batch_on_a_connection_gone_silent_commits_on_a_new_one() {
         },
         Changes::default(),
     );
-    let request = |id: &str| AppendRequest {
-        aggregate_type: "t".into(),
-        aggregate_id: id.into(),
-        expected_version: 0,
-        events: vec![NewEvent {
-            event_id: uuid::Uuid::now_v7(),
-            event_type: "Noted".into(),
-            payload: RawValue::from_string("{}".into()).unwrap(),
-            metadata: RawValue::from_string("{}".into()).unwrap(),
-        }],
-        command_id: Some(uuid::Uuid::now_v7()),
-        fence: None,
-    };
+    let request = |id: &str| noted(id, 0, "{}");
     committer.append(request("before")).await.unwrap();
 
     silence_before.store(next_id.load(Ordering::SeqCst), Ordering::SeqCst);
