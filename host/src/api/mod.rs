@@ -1277,6 +1277,7 @@ async fn upload_plugin(
             &validated.sha256,
             validated.schema_version,
             &body,
+            newest,
         )
         .await?;
     state.executor.plugins().invalidate(&aggregate_type).await;

@@ -58,8 +58,9 @@ impl Regions {
     /// Registers an uploaded (and already validated) component. With several regions
     /// its version number comes from the directory (so every region stores these bytes
     /// under the same number) and the bytes are kept in this region's object store; a
-    /// single region numbers versions in its own database. Returns the version and
-    /// whether it is new.
+    /// single region numbers versions in its own database. `newest` is what
+    /// [`Self::newest_plugin`] answered for the upload (which judged the bytes by it).
+    /// Returns the version and whether it is new.
     pub async fn register_plugin(
         &self,
         pool: &PgPool,
@@ -67,6 +68,7 @@ impl Regions {
         sha256: &str,
         schema_version: u32,
         bytes: &Bytes,
+        newest: Option<NewestPlugin>,
     ) -> Result<(PluginInfo, bool), RegionError> {
         if !self.enabled() {
             return Ok(
@@ -79,7 +81,6 @@ impl Regions {
             local: self.local().to_string(),
             reason: e,
         };
-        let newest = self.newest_plugin(pool, aggregate_type).await?;
         if let Some(newest) = &newest
             && newest.sha256.as_deref() == Some(sha256)
         {
