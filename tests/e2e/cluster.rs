@@ -20,9 +20,14 @@ fn options() -> HostOptions {
 }
 
 async fn start_region(db: &TestDb, n: usize) -> Vec<Host> {
+    start_region_with(db, n, options()).await
+}
+
+/// [`start_region`] with other host options.
+async fn start_region_with(db: &TestDb, n: usize, options: HostOptions) -> Vec<Host> {
     let mut hosts = Vec::new();
     for _ in 0..n {
-        hosts.push(Host::start(db, options()).await);
+        hosts.push(Host::start(db, options.clone()).await);
     }
     let (status, body) = hosts[0]
         .client()
@@ -517,15 +522,7 @@ async fn a_busy_database_makes_no_host_look_dead() {
         ],
         ..HostOptions::default()
     };
-    let mut hosts = Vec::new();
-    for _ in 0..2 {
-        hosts.push(Host::start(&db, quick.clone()).await);
-    }
-    let (status, body) = hosts[0]
-        .client()
-        .upload("bank-account", wasm_bytes("bank-account"))
-        .await;
-    assert_eq!(status, 201, "{body}");
+    let hosts = start_region_with(&db, 2, quick).await;
     let cluster = wait_balanced(&hosts).await;
     open_accounts(&hosts, 2).await;
 
