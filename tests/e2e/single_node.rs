@@ -1425,3 +1425,49 @@ async fn a_page_of_large_events_stops_at_its_byte_budget_and_reads_on() {
     unique.dedup();
     assert_eq!((positions.len(), unique.len()), (40, 40), "{positions:?}");
 }
+
+/// An aggregate whose history outweighs one page of reads (16 MiB) loads whole. The
+/// load reads its history in pages of at most that many bytes; a page cut short by
+/// its byte budget once looked like the end of the history, so after a restart the
+/// aggregate came back at the version where the first page stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_aggregate_with_a_history_over_a_page_of_bytes_loads_whole() {
+    let db = TestDb::new("heavy_history").await;
+    let mut host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("bad-output", wasm_bytes("bad-output")).await;
+    assert_eq!(status, 201, "{body}");
+    // 20 notes of 900 kB: 18 MB of events.
+    let text = "x".repeat(900_000);
+    for n in 1..=20 {
+        let (status, body) = api
+            .command(
+                "bad-output",
+                "heavy-1",
+                json!({"command": {"type": "Write", "text": text}}),
+            )
+            .await;
+        assert_eq!(
+            status,
+            200,
+            "note {n}: {}",
+            body.to_string().chars().take(200).collect::<String>()
+        );
+    }
+
+    host.restart().await;
+    let api = host.client();
+    let (status, state) = api.get("/v1/aggregates/bad-output/heavy-1").await;
+    assert_eq!(status, 200, "{state}");
+    assert_eq!(state["version"], 20, "loaded part of the history: {state}");
+    assert_eq!(state["state"]["notes"], 20, "{state}");
+    let (status, body) = api
+        .command(
+            "bad-output",
+            "heavy-1",
+            json!({"command": {"type": "Write", "text": "one more"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 21, "{body}");
+}

@@ -158,13 +158,27 @@ fn spawn_late_committing_writers(pool: &sqlx::PgPool) -> Vec<tokio::task::JoinHa
 /// on would lose events.
 #[tokio::test(flavor = "multi_thread")]
 async fn shared_tail_subscribers_see_every_event_once() {
-    let db = TestDb::new("shared_tail").await;
+    subscribers_see_every_event_once("shared_tail", usize::MAX).await;
+}
+
+/// The same with reads cut by bytes before they reach seven events: a gap read cut
+/// short by its byte budget is not the whole gap, and taking it for the whole gap
+/// would lose the events after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_tail_subscribers_see_every_event_once_when_reads_are_cut_by_bytes() {
+    // Each event weighs 4 bytes (`{}` and `{}`): three to a read.
+    subscribers_see_every_event_once("shared_tail_bytes", 12).await;
+}
+
+async fn subscribers_see_every_event_once(label: &str, page_bytes: usize) {
+    let db = TestDb::new(label).await;
     let pool = db.pool().await;
     store::migrate(&pool).await.unwrap();
     let tail = Tail::start(
         pool.clone(),
         TailConfig {
             page: 7,
+            page_bytes,
             capacity: 2,
             poll: Duration::from_millis(5),
             busy_poll: Duration::from_millis(5),

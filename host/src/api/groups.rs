@@ -114,7 +114,16 @@ pub(super) async fn page(
     let mut next = store::read::order_key(&state.pool, after).await?;
     let mut scanned = 0;
     'scan: while scanned < SCAN_BUDGET {
-        let batch = store::read::read_after(&state.pool, next, None, SCAN_PAGE, filter).await?;
+        let batch = store::read::read_after(
+            &state.pool,
+            next,
+            None,
+            SCAN_PAGE,
+            store::read::PAGE_BYTES,
+            filter,
+        )
+        .await?
+        .events;
         if batch.is_empty() {
             break;
         }

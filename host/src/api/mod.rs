@@ -854,7 +854,8 @@ async fn aggregate_events(
         after.saturating_add(limit),
         store::read::PAGE_BYTES,
     )
-    .await?;
+    .await?
+    .events;
     let next = events.last().map_or(after, |e| e.version);
     Ok(Json(EventsPage { events, next }))
 }

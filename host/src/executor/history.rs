@@ -103,9 +103,18 @@ pub async fn check(
         let mut version = 0;
         loop {
             let last = (version + PAGE).min(MAX_EVENTS_PER_AGGREGATE);
-            let page = store::read::aggregate_events(pool, &key, version + 1, last).await?;
-            let mut done = (page.len() as i64) < last - version;
-            if !done && last == MAX_EVENTS_PER_AGGREGATE {
+            let read = store::read::aggregate_page(
+                pool,
+                &key,
+                version + 1,
+                last,
+                store::read::PAGE_BYTES,
+            )
+            .await?;
+            let mut done = !read.more(last - version);
+            let page = read.events;
+            let reached = page.last().map_or(version, |e| e.version);
+            if !done && reached >= MAX_EVENTS_PER_AGGREGATE {
                 // Longer than the per-aggregate budget: its oldest events were checked.
                 checked.complete = false;
                 done = true;

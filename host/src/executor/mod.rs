@@ -596,9 +596,17 @@ impl Executor {
         let started = std::time::Instant::now();
         let mut replayed = 0u64;
         loop {
-            let page =
-                store::read::aggregate_events(pool, key, version + 1, version + LOAD_PAGE).await?;
-            let done = (page.len() as i64) < LOAD_PAGE;
+            let read = store::read::aggregate_page(
+                pool,
+                key,
+                version + 1,
+                version + LOAD_PAGE,
+                store::read::PAGE_BYTES,
+            )
+            .await?;
+            // Cut at its byte budget, a page of large events ends before the range does.
+            let done = !read.more(LOAD_PAGE);
+            let page = read.events;
             replayed += page.len() as u64;
             if let Some(last) = page.last() {
                 version = last.version;

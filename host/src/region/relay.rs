@@ -200,7 +200,17 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
         // Created before the read, so a commit during it ends the wait below.
         let committed = regions.changes().events();
         let started = tokio::time::Instant::now();
-        let page = store::read::read_after(&pool, cursor, None, PUBLISH_BATCH, &own).await?;
+        let read = store::read::read_after(
+            &pool,
+            cursor,
+            None,
+            PUBLISH_BATCH,
+            store::read::PAGE_BYTES,
+            &own,
+        )
+        .await?;
+        let more = read.more(PUBLISH_BATCH);
+        let page = read.events;
         let Some(&(last_key, _)) = page.last() else {
             tokio::select! {
                 _ = committed => {
@@ -215,7 +225,7 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
         after = publish_page(&js, &region, after, page.iter().map(|(_, e)| e)).await?;
         metrics::counter!("meridian_relay_published_total").increment(page.len() as u64);
         published += page.len() as u64;
-        if page.len() as i64 == PUBLISH_BATCH {
+        if more {
             tracing::info!(published, position = last_key.position, "relay catching up");
         }
         cursor = last_key;
@@ -646,7 +656,10 @@ async fn history(
     let last = request
         .last
         .min(request.first.saturating_add(HISTORY_PAGE - 1));
-    let stored = store::read::aggregate_events(pool, &key, request.first, last).await?;
+    // Read no more than fits the answer: the range may hold large events.
+    let stored = store::read::aggregate_page(pool, &key, request.first, last, max)
+        .await?
+        .events;
     let mut events = Vec::with_capacity(stored.len());
     let mut bytes = 0;
     for event in &stored {

@@ -156,14 +156,18 @@ pub async fn save_snapshot(
     Ok(())
 }
 
-/// One aggregate's events with `first <= version <= last`, in version order.
+/// One aggregate's events with `first <= version <= last`, in version order, all of
+/// them: for short ranges (one command's events). Longer reads page with
+/// [`aggregate_page`].
 pub async fn aggregate_events(
     pool: &PgPool,
     key: &AggregateKey,
     first: i64,
     last: i64,
 ) -> Result<Vec<StoredEvent>, StoreError> {
-    aggregate_page(pool, key, first, last, usize::MAX).await
+    Ok(aggregate_page(pool, key, first, last, usize::MAX)
+        .await?
+        .events)
 }
 
 /// [`aggregate_events`], stopping after the event that reaches `max_bytes` (see
@@ -174,7 +178,7 @@ pub async fn aggregate_page(
     first: i64,
     last: i64,
     max_bytes: usize,
-) -> Result<Vec<StoredEvent>, StoreError> {
+) -> Result<Chunk<StoredEvent>, StoreError> {
     let sql = format!(
         "SELECT {EVENT_COLUMNS} FROM events \
          WHERE aggregate_type = $1 AND aggregate_id = $2 AND version BETWEEN $3 AND $4 \
@@ -194,13 +198,32 @@ pub async fn aggregate_page(
     .await
 }
 
+/// The events one read returned.
+#[derive(Debug)]
+pub struct Chunk<T> {
+    /// The events, in order.
+    pub events: Vec<T>,
+    /// The read stopped at its byte budget: more may follow the last event even though
+    /// fewer than the read's limit came back, so "fewer than asked for" does not mean
+    /// "the end".
+    pub cut: bool,
+}
+
+impl<T> Chunk<T> {
+    /// Whether the read may have left events behind its last one: it was cut at its
+    /// byte budget or returned all `limit` events it could.
+    pub fn more(&self, limit: i64) -> bool {
+        self.cut || self.events.len() as i64 >= limit
+    }
+}
+
 /// The rows' events, in order, up to and with the one that reaches `max_bytes`; the
 /// rest of the rows are not read.
 async fn within<T>(
     mut rows: futures::stream::BoxStream<'_, Result<PgRow, sqlx::Error>>,
     max_bytes: usize,
     event: impl Fn(&PgRow) -> Result<(T, usize), StoreError>,
-) -> Result<Vec<T>, StoreError> {
+) -> Result<Chunk<T>, StoreError> {
     use futures::TryStreamExt;
     let mut events = Vec::new();
     let mut bytes = 0usize;
@@ -209,10 +232,10 @@ async fn within<T>(
         bytes = bytes.saturating_add(size);
         events.push(item);
         if bytes >= max_bytes {
-            break;
+            return Ok(Chunk { events, cut: true });
         }
     }
-    Ok(events)
+    Ok(Chunk { events, cut: false })
 }
 
 /// The ids of up to `each_end` of the oldest and of the newest aggregates of a type
@@ -320,8 +343,9 @@ pub async fn read_all(
 ) -> Result<Vec<StoredEvent>, StoreError> {
     let after = order_key(pool, after).await?;
     Ok(
-        read_after_within(pool, after, None, limit, filter, PAGE_BYTES)
+        read_after(pool, after, None, limit, PAGE_BYTES, filter)
             .await?
+            .events
             .into_iter()
             .map(|(_, event)| event)
             .collect(),
@@ -329,7 +353,8 @@ pub async fn read_all(
 }
 
 /// Up to `limit` events after `after` in the region's commit order, with their keys,
-/// never past a transaction that may still commit, and with `until` none past that key.
+/// never past a transaction that may still commit, and with `until` none past that key;
+/// stopping after the event that reaches `max_bytes` (see [`PAGE_BYTES`]).
 ///
 /// A read bounded by `until` is complete and final once `until` was itself read: the
 /// events up to it belong to transactions that had finished by then.
@@ -338,21 +363,9 @@ pub async fn read_after(
     after: OrderKey,
     until: Option<OrderKey>,
     limit: i64,
-    filter: &EventFilter,
-) -> Result<Vec<(OrderKey, StoredEvent)>, StoreError> {
-    read_after_within(pool, after, until, limit, filter, usize::MAX).await
-}
-
-/// [`read_after`], stopping after the event that reaches `max_bytes` (see
-/// [`PAGE_BYTES`]).
-async fn read_after_within(
-    pool: &PgPool,
-    after: OrderKey,
-    until: Option<OrderKey>,
-    limit: i64,
-    filter: &EventFilter,
     max_bytes: usize,
-) -> Result<Vec<(OrderKey, StoredEvent)>, StoreError> {
+    filter: &EventFilter,
+) -> Result<Chunk<(OrderKey, StoredEvent)>, StoreError> {
     let bound = if until.is_some() {
         "AND (tx_id, position) <= ($7::text::xid8, $8) "
     } else {

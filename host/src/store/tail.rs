@@ -38,6 +38,10 @@ const READ_RETRY: Duration = Duration::from_secs(1);
 pub struct TailConfig {
     /// Events per read, for the tail and for subscribers catching up.
     pub page: i64,
+    /// Bytes of events (payload and metadata) per read: a read stops after the event
+    /// that reaches them. The broadcast keeps `capacity` pages, so this bounds what
+    /// slow subscribers can hold in memory however large events are.
+    pub page_bytes: usize,
     /// Pages the broadcast keeps for slow subscribers; one that falls further behind
     /// reads the gap from the database.
     pub capacity: usize,
@@ -58,6 +62,7 @@ impl Default for TailConfig {
     fn default() -> Self {
         Self {
             page: 500,
+            page_bytes: 4 * 1024 * 1024,
             capacity: 64,
             poll: Duration::from_millis(100),
             busy_poll: Duration::from_millis(10),
@@ -131,6 +136,7 @@ impl Tail {
         Subscription {
             pool: self.inner.pool.clone(),
             page: self.inner.config.page,
+            page_bytes: self.inner.config.page_bytes,
             poll: self.inner.config.poll,
             filter,
             key: after,
@@ -182,13 +188,17 @@ async fn run(inner: std::sync::Weak<Inner>, subscribed: Arc<Notify>, changes: Ch
             after,
             None,
             tail.config.page,
+            tail.config.page_bytes,
             &EventFilter::default(),
         )
         .await
         {
-            Ok(events) if !events.is_empty() => {
-                let full = events.len() as i64 >= tail.config.page;
-                let page = Page { after, events };
+            Ok(read) if !read.events.is_empty() => {
+                let full = read.more(tail.config.page);
+                let page = Page {
+                    after,
+                    events: read.events,
+                };
                 cursor = Some(page.last());
                 // No receiver left is fine: the next turn parks.
                 let _ = tail.sender.send(Arc::new(page));
@@ -243,6 +253,7 @@ async fn wait(
 pub struct Subscription {
     pool: PgPool,
     page: i64,
+    page_bytes: usize,
     poll: Duration,
     filter: EventFilter,
     /// Everything up to this key has been delivered or was filtered out.
@@ -275,14 +286,17 @@ impl Subscription {
                     self.key,
                     Some(page.after),
                     self.page,
+                    self.page_bytes,
                     &self.filter,
                 )
                 .await?;
-                let done = (gap.len() as i64) < self.page;
-                if let Some((key, _)) = gap.last() {
+                // A gap read cut at its byte budget is not the whole gap.
+                let done = !gap.more(self.page);
+                if let Some((key, _)) = gap.events.last() {
                     self.key = *key;
                 }
-                self.buffer.extend(gap.into_iter().map(|(_, event)| event));
+                self.buffer
+                    .extend(gap.events.into_iter().map(|(_, event)| event));
                 if done {
                     // Everything up to the page's start is in: the page follows on.
                     self.key = page.after;
@@ -292,8 +306,16 @@ impl Subscription {
                 continue;
             }
             if !self.caught_up {
-                let events =
-                    read::read_after(&self.pool, self.key, None, self.page, &self.filter).await?;
+                let events = read::read_after(
+                    &self.pool,
+                    self.key,
+                    None,
+                    self.page,
+                    self.page_bytes,
+                    &self.filter,
+                )
+                .await?
+                .events;
                 match events.last() {
                     Some((key, _)) => self.key = *key,
                     None => self.caught_up = true,
