@@ -12,7 +12,6 @@
 
 use crate::{Aggregate, Rejection};
 use serde::Serialize;
-use serde_json::{Map, Value};
 
 /// An encoded event: its type (the serde variant name) and its JSON payload.
 pub type EncodedEvent = (String, Vec<u8>);
@@ -40,19 +39,16 @@ pub fn describe<A: Aggregate>() -> Description {
 /// Undecodable input is a rejection rather than a panic, because a panic traps the
 /// component and the caller would learn nothing about what was wrong with the command.
 pub fn handle<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Vec<EncodedEvent>, Rejection> {
-    decide::<A>(state, command).map(|(_, _, encoded)| encoded)
+    decide::<A>(state, command).map(|(_, encoded)| encoded)
 }
 
-/// The decoded state, the events decided on it, and their encoding.
-type Decided<A> = (
-    <A as Aggregate>::State,
-    Vec<<A as Aggregate>::Event>,
-    Vec<EncodedEvent>,
-);
-
 /// What [`handle`] and [`execute`] share: decodes the input, runs
-/// [`Aggregate::handle`] and encodes the events.
-fn decide<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Decided<A>, Rejection> {
+/// [`Aggregate::handle`] and encodes the events; gives the decoded state and the
+/// encoded events.
+fn decide<A: Aggregate>(
+    state: &[u8],
+    command: &[u8],
+) -> Result<(A::State, Vec<EncodedEvent>), Rejection> {
     let state = decode_state::<A>(state).map_err(Rejection::new)?;
     let command: A::Command = serde_json::from_slice(command)
         .map_err(|error| Rejection::new(format!("invalid command: {error}")))?;
@@ -63,7 +59,7 @@ fn decide<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Decided<A>, Reje
             encode_event(event).map_err(|error| Rejection::new(format!("aggregate bug: {error}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((state, events, encoded))
+    Ok((state, encoded))
 }
 
 /// What [`execute`] decided: the encoded events and the encoded state after them.
@@ -72,13 +68,35 @@ pub type Decision = (Vec<EncodedEvent>, Vec<u8>);
 /// The `execute` export: [`handle`], then [`apply`] of each decided event, in one pass.
 ///
 /// Gives the same events and state as those calls would, with less work: the state is
-/// decoded and encoded once, and the events are applied as values rather than decoded
-/// back from their JSON.
+/// decoded and encoded once.
+///
+/// The events applied are decoded back from the JSON they are stored as, as a replay
+/// will decode them, and the new state must decode back from its JSON, as the next
+/// command will decode it. A value that does not survive the trip (a NaN, which JSON
+/// writes as `null`; a `#[serde(skip)]` field; uneven custom impls) would otherwise be
+/// stored, and every later command and every replay of the aggregate would fail on it:
+/// the command is refused instead, with nothing written.
 pub fn execute<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Decision, Rejection> {
-    let (state, events, encoded) = decide::<A>(state, command)?;
-    let state = events.into_iter().fold(state, A::apply);
+    let (state, encoded) = decide::<A>(state, command)?;
+    let state = encoded
+        .iter()
+        .try_fold(state, |state, (event_type, payload)| {
+            decode_event::<A::Event>(event_type, payload).map(|event| A::apply(state, event))
+        })
+        .map_err(|error| {
+            Rejection::new(format!(
+                "aggregate bug: a decided event does not read back from the JSON it is \
+                 stored as, so it could not be replayed: {error}"
+            ))
+        })?;
     let state =
         encode_state(&state).map_err(|error| Rejection::new(format!("aggregate bug: {error}")))?;
+    decode_state::<A>(&state).map_err(|error| {
+        Rejection::new(format!(
+            "aggregate bug: the state after the events does not read back from its JSON, so \
+             the next command could not use it: {error}"
+        ))
+    })?;
     Ok((encoded, state))
 }
 
@@ -173,14 +191,21 @@ pub fn decode_event<E: serde::de::DeserializeOwned>(
     event_type: &str,
     payload: &[u8],
 ) -> Result<E, String> {
-    let payload: Value = serde_json::from_slice(payload)
-        .map_err(|error| format!("invalid payload for event `{event_type}`: {error}"))?;
     // `{"Closed":null}` deserialises a unit variant as well as `"Closed"` does, so one
-    // form covers unit, newtype, tuple and struct variants alike.
-    let mut tagged = Map::with_capacity(1);
-    tagged.insert(event_type.to_owned(), payload);
-    serde_json::from_value(Value::Object(tagged))
-        .map_err(|error| format!("invalid event `{event_type}`: {error}"))
+    // form covers unit, newtype, tuple and struct variants alike. Parsed from bytes
+    // rather than built as a `Value`: this runs for every event of every replay.
+    let mut tagged = Vec::with_capacity(event_type.len() + payload.len() + 8);
+    tagged.push(b'{');
+    serde_json::to_writer(&mut tagged, event_type).expect("a string always encodes");
+    tagged.push(b':');
+    tagged.extend_from_slice(payload);
+    tagged.push(b'}');
+    serde_json::from_slice(&tagged).map_err(|error| {
+        match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
+            Err(error) => format!("invalid payload for event `{event_type}`: {error}"),
+            Ok(_) => format!("invalid event `{event_type}`: {error}"),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -290,6 +315,106 @@ mod tests {
                 f64::from_bits(seed)
             );
         }
+    }
+
+    /// An event that does not read back from its JSON is refused by `execute`: stored,
+    /// it would fail every replay of the aggregate. JSON writes a NaN as `null`, which
+    /// an `f64` field does not accept back.
+    #[test]
+    fn execute_refuses_an_event_that_would_not_replay() {
+        struct Stats;
+        #[derive(Default, Serialize, Deserialize)]
+        struct State {
+            count: u64,
+        }
+        #[derive(Deserialize)]
+        struct Record {
+            value: f64,
+        }
+        #[derive(Serialize, Deserialize)]
+        enum Event {
+            Recorded { average: f64 },
+        }
+        impl Aggregate for Stats {
+            const TYPE: &'static str = "stats";
+            type State = State;
+            type Command = Record;
+            type Event = Event;
+            fn handle(_: &State, command: Record) -> Result<Vec<Event>, Rejection> {
+                Ok(vec![Event::Recorded {
+                    average: command.value / (command.value - command.value),
+                }])
+            }
+            fn apply(state: State, _: Event) -> State {
+                State {
+                    count: state.count + 1,
+                }
+            }
+        }
+        // 1 / 0 is infinite and 0 / 0 NaN: both are written as `null`.
+        for value in ["1", "0"] {
+            let command = format!(r#"{{"value":{value}}}"#);
+            let error = execute::<Stats>(b"", command.as_bytes()).unwrap_err();
+            assert!(
+                error.message().starts_with("aggregate bug: a decided event does not read back")
+                    && error.message().contains("invalid event `Recorded`"),
+                "{}",
+                error.message()
+            );
+        }
+    }
+
+    /// A state that does not read back from its JSON is refused by `execute`: the next
+    /// command would fail to decode it.
+    #[test]
+    fn execute_refuses_a_state_that_would_not_read_back() {
+        struct Ratio;
+        #[derive(Default, Serialize, Deserialize)]
+        struct State {
+            ratio: f64,
+        }
+        #[derive(Deserialize)]
+        struct Set {
+            over: f64,
+        }
+        #[derive(Serialize, Deserialize)]
+        enum Event {
+            Set { over: f64 },
+        }
+        impl Aggregate for Ratio {
+            const TYPE: &'static str = "ratio";
+            type State = State;
+            type Command = Set;
+            type Event = Event;
+            fn handle(_: &State, command: Set) -> Result<Vec<Event>, Rejection> {
+                Ok(vec![Event::Set { over: command.over }])
+            }
+            fn apply(_: State, Event::Set { over }: Event) -> State {
+                State { ratio: 1.0 / over }
+            }
+        }
+        let (events, state) = execute::<Ratio>(b"", br#"{"over":4}"#).unwrap();
+        assert_eq!((events.len(), state.as_slice()), (1, &br#"{"ratio":0.25}"#[..]));
+        let error = execute::<Ratio>(b"", br#"{"over":0}"#).unwrap_err();
+        assert!(
+            error
+                .message()
+                .starts_with("aggregate bug: the state after the events does not read back"),
+            "{}",
+            error.message()
+        );
+    }
+
+    /// A payload that is not one JSON value is named as such, not as a wrong event.
+    #[test]
+    fn a_payload_that_is_not_json_is_named() {
+        let error = decode_event::<Event>("Opened", br#"{"owner":"a"},"x":1"#).unwrap_err();
+        assert!(
+            error.starts_with("invalid payload for event `Opened`"),
+            "{error}"
+        );
+        let error = decode_event::<Event>("Opened", br#"{"owner":1}"#).unwrap_err();
+        assert!(error.starts_with("invalid event `Opened`"), "{error}");
     }
 
     #[test]

@@ -143,6 +143,10 @@ impl<A: Aggregate> AggregateTest<A> {
                 rejection, &executed,
                 "`execute` rejected {command} differently than `handle`"
             ),
+            (Ok(_), Err(refused)) => panic!(
+                "the host would refuse {command}, with nothing written: {}",
+                refused.message()
+            ),
             (handled, executed) => panic!(
                 "`handle` and `execute` disagree on {command}: {handled:?} vs {:?}",
                 executed.map(|(events, _)| events)
