@@ -273,3 +273,87 @@ async fn a_plugin_that_leaks_memory_fails_no_command() {
         assert_eq!(status, 200, "command {n}: {body}");
     }
 }
+
+/// A plugin cannot make the host build a large random draw for it. wasmtime-wasi builds
+/// the bytes in host memory, one at a time and outside the CPU deadline, and by default
+/// serves up to 64 MiB a call; a 32 MiB draw fits the plugin's 64 MiB of memory, so
+/// without the host's 1 MiB cap it was served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_cannot_draw_a_huge_random_buffer() {
+    let db = TestDb::new("random_draw").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api
+        .upload("clock-reader", wasm_bytes("clock-reader"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let draw = |id: &'static str, bytes: u64| {
+        let api = api.clone();
+        async move {
+            api.command("clock-reader", id, json!({"command": {"random_bytes": bytes}}))
+                .await
+        }
+    };
+    let (status, body) = draw("r1", 64).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"][0]["payload"]["bytes"], 64, "{body}");
+
+    let (status, body) = draw("r2", 32 << 20).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (500, Some("plugin_trapped")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("clock-reader@v1") && message.contains("exceeds limit 1048576"),
+        "{body}"
+    );
+    // Nothing was written for it, and the plugin keeps serving.
+    let (status, body) = draw("r3", 1 << 20).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"][0]["payload"]["bytes"], 1 << 20, "{body}");
+    let (status, _) = api.get("/v1/aggregates/clock-reader/r2").await;
+    assert_eq!(status, 404);
+}
+
+/// A plugin cannot make the host copy much more than its output caps allow before the
+/// caps are checked: what crosses from the plugin to the host in one call is bounded
+/// (wasmtime's "hostcall fuel"), and a call past it fails as invalid output, naming the
+/// caps. Here 1,000 events of 10 kB each, 10 MB against a 1 MiB cap.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_far_over_the_caps_fails_before_it_is_copied() {
+    let db = TestDb::new("hostcall_fuel").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("bad-output", wasm_bytes("bad-output")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = api
+        .command(
+            "bad-output",
+            "many",
+            json!({"command": {"type": "Repeat", "text": "t".repeat(10_000), "count": 1_000}}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (500, Some("plugin_invalid_output")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("bad-output@v1")
+            && message.contains("more than")
+            && message.contains("1048576 bytes of output"),
+        "{body}"
+    );
+    // Within the caps, the same plugin serves.
+    let (status, body) = api
+        .command(
+            "bad-output",
+            "many",
+            json!({"command": {"type": "Repeat", "text": "t".repeat(100), "count": 1_000}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -77,6 +77,20 @@ impl SandboxLimits {
         Duration::from_millis(self.deadline_ms)
     }
 
+    /// Bytes that may cross from the plugin into host memory in one call (wasmtime's
+    /// "hostcall fuel"): room for events and a state at the output cap, each event's
+    /// record and type, and a message. The output caps are checked on what crossed, so
+    /// without this a call could first make the host copy far more — wasmtime's own
+    /// default is 128 MiB a call — than the caps would then refuse.
+    pub(crate) fn hostcall_fuel(&self) -> usize {
+        let bytes = self
+            .max_output_bytes
+            .saturating_mul(2)
+            .saturating_add(u64::from(self.max_events_per_call).saturating_mul(512))
+            .saturating_add(1024 * 1024);
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
+
     /// Epoch ticks that make up the deadline. One tick is added because the current
     /// tick may be about to end when the call starts.
     pub(crate) fn deadline_ticks(&self) -> u64 {

@@ -751,6 +751,22 @@ impl Plugin {
                 deadline_ms: self.inner.limits.deadline_ms,
             };
         }
+        // wasmtime's error for running out of hostcall fuel is a private type: known by
+        // its words.
+        if format!("{error:#}").contains("too much data is being copied between the host") {
+            let limits = &self.inner.limits;
+            return PluginError::InvalidOutput {
+                plugin,
+                call,
+                message: format!(
+                    "it passed the host more than {} bytes in one call; its caps are {} \
+                     events and {} bytes of output a call",
+                    limits.hostcall_fuel(),
+                    limits.max_events_per_call,
+                    limits.max_output_bytes
+                ),
+            };
+        }
         // The guest's last stderr line (a panic message) says more than the trap.
         let trap = match error.downcast_ref::<Trap>() {
             Some(trap) => trap.to_string(),
@@ -773,6 +789,7 @@ impl Plugin {
             GuestState::new(self.inner.limits.memory_bytes),
         );
         store.limiter(|state| &mut state.limiter);
+        store.set_hostcall_fuel(self.inner.limits.hostcall_fuel());
         // Each epoch tick gives the async runtime its thread back for a moment; once
         // the call has used up its ticks it traps. So a slow plugin never holds an
         // async worker for long, and a runaway one stops at its deadline.

@@ -49,6 +49,12 @@ pub const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
 /// A fixed, plausible date rather than zero, so date libraries that reject 1970 work.
 pub const FIXED_WALL_CLOCK_SECS: u64 = 1_735_689_600;
 
+/// Most random bytes a plugin may draw in one `get-random-bytes` call. wasmtime-wasi
+/// builds the answer in host memory, a byte at a time and outside the CPU deadline,
+/// before the guest's memory cap can refuse it; its own default lets one call ask for
+/// 64 MiB. Seeding a hash map takes 16 bytes, an interpreter's start-up a few dozen.
+pub const MAX_RANDOM_BYTES_PER_CALL: u64 = 1024 * 1024;
+
 /// The store data of one plugin instance.
 pub(crate) struct GuestState {
     wasi: WasiCtx,
@@ -74,6 +80,7 @@ impl GuestState {
             .secure_random(SeededRng(rng_state.clone()))
             .insecure_random(SeededRng(rng_state.clone()))
             .insecure_random_seed(0)
+            .max_random_size(MAX_RANDOM_BYTES_PER_CALL)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)

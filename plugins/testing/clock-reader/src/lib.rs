@@ -1,9 +1,10 @@
 //! Hostile test plugin `clock-reader`: `handle` reports the wall clock and a random
 //! number in one `Observed` event, so a test can check both are fixed by the host and
-//! the same on every call.
+//! the same on every call. Sent `{"random_bytes": n}` it instead asks the host for `n`
+//! random bytes in one call and reports how many it got (`Drew`), so a test can check
+//! how large a draw the host serves.
 
 use meridian_guest::{Aggregate, Rejection};
-use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,15 +21,49 @@ pub enum Event {
         /// A `u64` from `wasi:random/random` (via getrandom), 0 if that failed.
         random: u64,
     },
+    /// What one `get-random-bytes` call returned.
+    Drew {
+        /// How many bytes.
+        bytes: u64,
+    },
+}
+
+/// Any JSON object; only `random_bytes` is read.
+#[derive(Deserialize)]
+pub struct Probe {
+    /// Draw this many random bytes in one call instead of observing.
+    #[serde(default)]
+    random_bytes: Option<u64>,
+}
+
+// `wasi:random/random.get-random-bytes`, declared by hand as getrandom declares its
+// imports (its type comes with std's). The list comes back through a return area:
+// a pointer and a length.
+#[allow(unsafe_code)]
+#[link(wasm_import_module = "wasi:random/random@0.2.0")]
+unsafe extern "C" {
+    #[link_name = "get-random-bytes"]
+    fn get_random_bytes(len: i64, ret: *mut [usize; 2]);
 }
 
 impl Aggregate for ClockReader {
     const TYPE: &'static str = "clock-reader";
     type State = ();
-    type Command = IgnoredAny;
+    type Command = Probe;
     type Event = Event;
 
-    fn handle(_state: &(), _command: IgnoredAny) -> Result<Vec<Event>, Rejection> {
+    fn handle(_state: &(), command: Probe) -> Result<Vec<Event>, Rejection> {
+        if let Some(count) = command.random_bytes {
+            let mut ret = [0usize; 2];
+            // SAFETY: the host writes the list's pointer and length into `ret`; the
+            // list was allocated with the component's allocator, whose bump arena takes
+            // it back after the call.
+            #[allow(unsafe_code)]
+            unsafe { get_random_bytes(count as i64, &mut ret) };
+            return Ok(vec![Event::Drew {
+                bytes: ret[1] as u64,
+            }]);
+        }
         let system_time_nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| {
