@@ -106,7 +106,8 @@ pub struct HostArgs {
     #[arg(long, env = "MERIDIAN_DEAD_AFTER_MS", default_value_t = cluster::driver::DEFAULT_DEAD_AFTER.as_millis() as u64)]
     pub dead_after_ms: u64,
     /// Milliseconds between heartbeats (and reads of the membership).
-    #[arg(long, env = "MERIDIAN_HEARTBEAT_MS", default_value_t = cluster::driver::DEFAULT_POLL_INTERVAL.as_millis() as u64)]
+    #[arg(long, env = "MERIDIAN_HEARTBEAT_MS", default_value_t = cluster::driver::DEFAULT_POLL_INTERVAL.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_ms: u64,
     /// Bearer tokens, `token:scope[+scope]` separated by commas (scopes: read, write,
     /// admin). When set, every route but /healthz and /readyz needs a token.
@@ -168,6 +169,15 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     .await?;
     if args.partitions == 0 {
         anyhow::bail!("--partitions must be at least 1");
+    }
+    if args.dead_after_ms <= args.heartbeat_ms {
+        anyhow::bail!(
+            "--dead-after-ms ({}) must be longer than --heartbeat-ms ({}): a host is declared \
+             dead after that long without a heartbeat, so it would be declared dead between \
+             two of its own (three heartbeats or more is usual)",
+            args.dead_after_ms,
+            args.heartbeat_ms
+        );
     }
     cluster::driver::check_partitions(&pool, args.partitions).await?;
 
@@ -252,10 +262,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // The driver outlives the HTTP drain, so it has its own token.
     let driver_stop = CancellationToken::new();
-    let advertise = args
-        .advertise_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{local_addr}"));
+    let advertise = advertise_url(args.advertise_url.as_deref(), local_addr)?;
     let cluster = Cluster::start(
         ClusterConfig {
             node_id: node_id.clone(),
@@ -448,6 +455,47 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     }
 }
 
+/// The URL other hosts of the region forward commands to: the one configured, or the
+/// listening address. Not an unspecified one (0.0.0.0 or [::]): another host connecting
+/// there reaches itself, so every forward would come back to its sender.
+fn advertise_url(configured: Option<&str>, listening: SocketAddr) -> anyhow::Result<String> {
+    let url = match configured {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None if listening.ip().is_unspecified() => anyhow::bail!(
+            "listening on {listening} (every interface), which other hosts cannot reach \
+             this one at: set --advertise-url (MERIDIAN_ADVERTISE_URL) to this host's \
+             address as other hosts of the region see it, e.g. http://10.0.0.5:{}",
+            listening.port()
+        ),
+        None => format!("http://{listening}"),
+    };
+    let parsed = reqwest::Url::parse(&url).map_err(|e| {
+        anyhow::anyhow!("--advertise-url `{url}` is not a URL ({e}); e.g. http://10.0.0.5:8080")
+    })?;
+    let host = parsed.host_str().unwrap_or_default();
+    if !matches!(parsed.scheme(), "http" | "https") || host.is_empty() {
+        anyhow::bail!("--advertise-url `{url}` must be an http(s) URL with a host, e.g. http://10.0.0.5:8080");
+    }
+    let ip = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .ok();
+    if ip.is_some_and(|ip| ip.is_unspecified()) {
+        anyhow::bail!(
+            "--advertise-url `{url}` names no host (every interface): other hosts connecting \
+             there reach themselves; give this host's address as they see it"
+        );
+    }
+    if ip.is_some_and(|ip| ip.is_loopback()) {
+        tracing::info!(
+            advertise = %url,
+            "other hosts reach this one at a loopback address: only hosts on this machine can join its region"
+        );
+    }
+    Ok(url)
+}
+
 fn default_node_id(addr: SocketAddr) -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .ok()
@@ -475,4 +523,34 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another host connecting to 0.0.0.0 or [::] reaches itself: such an address is
+    /// refused, naming the setting to change, whether it is the listening address or
+    /// the configured one.
+    #[test]
+    fn an_unreachable_advertise_url_is_refused() {
+        let every: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let error = advertise_url(None, every).unwrap_err().to_string();
+        assert!(error.contains("--advertise-url"), "{error}");
+        let every6: SocketAddr = "[::]:8080".parse().unwrap();
+        assert!(advertise_url(None, every6).is_err());
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(advertise_url(None, local).unwrap(), "http://127.0.0.1:8080");
+        for bad in ["http://0.0.0.0:8080", "http://[::]:8080", "10.0.0.5:8080", "ftp://a:1"] {
+            assert!(advertise_url(Some(bad), every).is_err(), "{bad}");
+        }
+        assert_eq!(
+            advertise_url(Some("http://10.0.0.5:8080/"), every).unwrap(),
+            "http://10.0.0.5:8080"
+        );
+        assert_eq!(
+            advertise_url(Some("https://meridian-1.internal"), every).unwrap(),
+            "https://meridian-1.internal"
+        );
+    }
 }
