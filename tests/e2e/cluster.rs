@@ -1092,3 +1092,40 @@ async fn a_command_just_under_the_limit_runs_when_forwarded_to_its_owner() {
         "{error}"
     );
 }
+
+/// A host paused inside its heartbeat's transaction (a VM freeze, SIGSTOP) keeps its
+/// member row locked until it resumes or the server ends its session. The other hosts'
+/// liveness check waited on that row, and with it every observation and hand-over in
+/// the region; it now steps over it. Here the test holds the row of a long-dead member
+/// locked for the whole test: a host starting beside it must still take every partition
+/// and serve.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_member_row_holds_up_no_other_host() {
+    let db = TestDb::new("locked_member").await;
+    let pool = db.pool().await;
+    meridian::store::migrate(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO members (node_id, address, state, last_heartbeat) \
+         VALUES ('paused', 'http://127.0.0.1:1', 'ready', now() - interval '1 minute')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut paused = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM members WHERE node_id = 'paused' FOR UPDATE")
+        .execute(&mut *paused)
+        .await
+        .unwrap();
+
+    let hosts = start_region(&db, 1).await;
+    let (status, body) = hosts[0]
+        .client()
+        .command(
+            "bank-account",
+            "beside-paused",
+            json!({"command": {"type": "Open", "owner": "a"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    paused.rollback().await.unwrap();
+}

@@ -109,12 +109,21 @@ pub async fn leave(pool: &PgPool, node: &str) -> Result<(), StoreError> {
 /// Reads members (with liveness by the database's clock) and leases. The first
 /// observer to see a member's heartbeat expire marks it dead, counting one membership
 /// change; members dead for an hour are forgotten.
+///
+/// Marking and forgetting step over rows that are locked (`SKIP LOCKED`): a host paused
+/// inside its heartbeat's transaction (a VM freeze, SIGSTOP) holds its row until it
+/// resumes or the server ends its session, and waiting on it would stop every other
+/// host's observations — and with them every hand-over in the region — for that long.
+/// Liveness itself is read without locks, so the paused host is still seen as dead and
+/// its partitions still move; only the count of membership changes waits for its row.
 pub async fn observe(pool: &PgPool, dead_after: Duration) -> Result<Observation, StoreError> {
     let dead_ms = dead_after.as_millis() as i64;
     let mut tx = pool.begin().await?;
     let newly_dead = sqlx::query(
-        "UPDATE members SET dead = true WHERE NOT dead \
-         AND last_heartbeat < now() - make_interval(secs => $1::double precision / 1000)",
+        "UPDATE members SET dead = true WHERE node_id IN ( \
+             SELECT node_id FROM members WHERE NOT dead \
+             AND last_heartbeat < now() - make_interval(secs => $1::double precision / 1000) \
+             FOR UPDATE SKIP LOCKED)",
     )
     .bind(dead_ms)
     .execute(&mut *tx)
@@ -123,7 +132,11 @@ pub async fn observe(pool: &PgPool, dead_after: Duration) -> Result<Observation,
     if newly_dead > 0 {
         bump_membership_epoch(&mut tx).await?;
     }
-    sqlx::query("DELETE FROM members WHERE last_heartbeat < now() - interval '1 hour'")
+    sqlx::query(
+        "DELETE FROM members WHERE node_id IN ( \
+             SELECT node_id FROM members WHERE last_heartbeat < now() - interval '1 hour' \
+             FOR UPDATE SKIP LOCKED)",
+    )
         .execute(&mut *tx)
         .await?;
     let members = sqlx::query(

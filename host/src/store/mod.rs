@@ -116,9 +116,9 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
         .log_statements(log::LevelFilter::Trace)
         .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(1))
         // A host paused between two statements of a transaction (a VM freeze, SIGSTOP,
-        // a long GC in a sidecar) keeps its row locks until it resumes. If it was in its
-        // heartbeat, the other hosts' liveness check waits on its member row and no one
-        // is ever declared dead; if it was taking partitions, no one can take them. The
+        // a long GC in a sidecar) keeps its row locks until it resumes. If it was taking
+        // partitions, no one else can take them (the liveness check steps over a locked
+        // member row, see `cluster::observe`, but a lease row has to be waited for). The
         // server ends such a session instead. Every transaction of the host runs its
         // statements back to back, so 10 s idle inside one means the host is stuck.
         .options([("idle_in_transaction_session_timeout", "10s")]);
