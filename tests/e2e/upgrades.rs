@@ -4,7 +4,7 @@
 
 use serde_json::json;
 
-use crate::harness::{Host, HostOptions, TestDb, wasm_bytes};
+use crate::harness::{Host, HostOptions, TestDb, wasm_bytes, with_custom_section};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_version_that_cannot_replay_stored_histories_is_refused_unless_forced() {
@@ -89,4 +89,105 @@ async fn a_version_that_cannot_replay_stored_histories_is_refused_unless_forced(
         .await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["error"]["code"], "plugin_apply_failed", "{body}");
+}
+
+/// Two uploads of one type at once: the one that would be stored second was checked
+/// against the histories of a version that is no longer the newest, so it is refused
+/// (409 `plugin_changed`) rather than stored unchecked. Here a JavaScript version
+/// replays 100,000 stored events (seconds), and while it does, a forced upload lands.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
+    use meridian::store::{self, AppendRequest, CommitterConfig, NewEvent};
+    use serde_json::value::RawValue;
+
+    let db = TestDb::new("upload_race").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{body}");
+    // Ten accounts of 10,000 events each, written straight to the store.
+    let pool = db.pool().await;
+    let config = CommitterConfig::default();
+    let raw = |text: &str| RawValue::from_string(text.to_string()).unwrap();
+    for account in 0..10 {
+        for page in 0..10i64 {
+            let events = (0..1_000)
+                .map(|i| {
+                    let opened = page == 0 && i == 0;
+                    NewEvent {
+                        event_id: uuid::Uuid::now_v7(),
+                        event_type: if opened { "Opened" } else { "Deposited" }.into(),
+                        payload: raw(if opened {
+                            r#"{"owner":"x"}"#
+                        } else {
+                            r#"{"amount":1}"#
+                        }),
+                        metadata: raw("{}"),
+                    }
+                })
+                .collect();
+            let request = AppendRequest {
+                aggregate_type: "bank-account".into(),
+                aggregate_id: format!("long-{account}"),
+                expected_version: page * 1_000,
+                events,
+                command_id: None,
+                fence: None,
+            };
+            let outcome = store::append::append_batch(&pool, &config, &[&request])
+                .await
+                .unwrap();
+            assert!(outcome[0].is_ok(), "{outcome:?}");
+        }
+    }
+
+    let checked = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.upload("bank-account", wasm_bytes("bank-account-js"))
+                .await
+        }
+    });
+    // Once it is replaying, another version lands (forced: no check of its own). The
+    // JavaScript component compiles first: seconds, more on a busy machine.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while !host.log_tail().contains("checking a long history") {
+        assert!(
+            !checked.is_finished() && std::time::Instant::now() < deadline,
+            "the upload never started replaying: {}",
+            host.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, body) = api
+        .put_raw(
+            "/v1/plugins/bank-account?force=true",
+            with_custom_section(b"another build"),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["version"], 2, "{body}");
+
+    let (status, body) = checked.await.unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("plugin_changed")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("version 2 of `bank-account` was stored")
+            && message.contains("checked against version 1")
+            && message.contains("upload again"),
+        "{body}"
+    );
+    let (_, plugin) = api.get("/v1/plugins/bank-account").await;
+    assert_eq!(plugin["active_version"], 2, "{plugin}");
+
+    // Sent again, it is checked against version 2 and stored.
+    let (status, body) = api
+        .upload("bank-account", wasm_bytes("bank-account-js"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["version"], 3, "{body}");
 }

@@ -116,6 +116,9 @@ impl From<StoreError> for ApiError {
                 format!("{error} (its home moved while the command ran); retry the command"),
             ),
             StoreError::UnknownPosition(_) => Self::bad_request(error.to_string()),
+            StoreError::PluginChanged { .. } => {
+                Self::new(StatusCode::CONFLICT, "plugin_changed", error.to_string())
+            }
             StoreError::Database(inner) => {
                 tracing::error!(error = %inner, "database error");
                 Self::new(

@@ -1170,7 +1170,7 @@ pub struct UploadQuery {
         (status = 201, body = UploadResult, description = "stored as a new version"),
         (status = 200, body = UploadResult, description = "the same bytes as the newest version, or a dry run that passed (`dry_run: true`, nothing stored)"),
         (status = 400, body = ErrorBody, description = "not a component, forbidden import, wrong world or type"),
-        (status = 409, body = ErrorBody, description = "`incompatible_with_history`: a stored aggregate of the type does not replay through the component (names it and the event); nothing was stored"),
+        (status = 409, body = ErrorBody, description = "`incompatible_with_history`: a stored aggregate of the type does not replay through the component (names it and the event); `plugin_changed`: another version was stored while this one was being checked (upload again). Nothing was stored"),
         (status = 413, body = ErrorBody, description = "over the size cap"),
     )
 )]
@@ -1279,6 +1279,7 @@ async fn upload_plugin(
             validated.schema_version,
             &body,
             newest,
+            query.force,
         )
         .await?;
     state.executor.plugins().invalidate(&aggregate_type).await;

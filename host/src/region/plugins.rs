@@ -61,6 +61,10 @@ impl Regions {
     /// single region numbers versions in its own database. `newest` is what
     /// [`Self::newest_plugin`] answered for the upload (which judged the bytes by it).
     /// Returns the version and whether it is new.
+    ///
+    /// Unless `forced`, a version stored by someone else after `newest` fails the
+    /// upload with [`StoreError::PluginChanged`](store::StoreError::PluginChanged): the
+    /// upload was checked against the histories `newest` wrote, not that version's.
     pub async fn register_plugin(
         &self,
         pool: &PgPool,
@@ -69,11 +73,19 @@ impl Regions {
         schema_version: u32,
         bytes: &Bytes,
         newest: Option<NewestPlugin>,
+        forced: bool,
     ) -> Result<(PluginInfo, bool), RegionError> {
         if !self.enabled() {
-            return Ok(
-                store::plugins::store(pool, aggregate_type, sha256, schema_version, bytes).await?,
-            );
+            let judged_by = (!forced).then(|| newest.as_ref().map(|n| n.version));
+            return Ok(store::plugins::store(
+                pool,
+                aggregate_type,
+                sha256,
+                schema_version,
+                bytes,
+                judged_by,
+            )
+            .await?);
         }
         let unreachable = |e: String| RegionError::DirectoryUnreachable {
             aggregate: format!("plugin {aggregate_type}"),
@@ -113,7 +125,8 @@ impl Regions {
             region: self.local().to_string(),
         };
         let value = Bytes::from(serde_json::to_vec(&entry).expect("serialisable"));
-        let mut version = newest.map_or(1, |n| n.version + 1);
+        let judged = newest.as_ref().map(|n| n.version);
+        let mut version = judged.map_or(1, |v| v + 1);
         let created = loop {
             let key = format!("{aggregate_type}.{version}");
             let answer = self
@@ -131,6 +144,14 @@ impl Regions {
             let taken = serde_json::from_str::<VersionEntry>(&answer.value).ok();
             if taken.is_some_and(|t| t.sha256 == sha256) {
                 break false;
+            }
+            if !forced {
+                return Err(store::StoreError::PluginChanged {
+                    aggregate_type: aggregate_type.to_string(),
+                    checked: judged.map_or("no version".to_string(), |v| format!("version {v}")),
+                    stored: version,
+                }
+                .into());
             }
             version += 1;
         };

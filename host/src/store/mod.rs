@@ -85,6 +85,19 @@ pub enum StoreError {
     /// The committer has shut down.
     #[error("the event store is shutting down")]
     Closed,
+    /// Another version of the plugin was stored while an upload was being checked
+    /// against the one before it: the upload's history check no longer holds.
+    #[error(
+        "version {stored} of `{aggregate_type}` was stored while this upload was being checked against {checked}; nothing was stored: upload again to check it against version {stored}"
+    )]
+    PluginChanged {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// What the upload was checked against (`version N`, or `no version`).
+        checked: String,
+        /// The version stored meanwhile.
+        stored: i32,
+    },
     /// PostgreSQL refused the request's data (SQLSTATE class 22 or 54, e.g. JSON `jsonb`
     /// cannot hold): sending it again cannot help, and it fails only its own request.
     #[error("PostgreSQL refused the events: {0}")]

@@ -40,12 +40,19 @@ const INFO_COLUMNS: &str =
 
 /// Stores an upload. The same bytes as the newest version return that version
 /// (`created == false`); anything else becomes the next version.
+///
+/// `judged_by` is the version the upload was checked against (`Some(None)`: there was
+/// none). If another has become the newest since, the check says nothing about it —
+/// the upload may not replay the events that version wrote — so nothing is stored
+/// and the answer is [`StoreError::PluginChanged`]. `None` stores whatever is newest
+/// (a forced upload).
 pub async fn store(
     pool: &PgPool,
     aggregate_type: &str,
     sha256: &str,
     schema_version: u32,
     bytes: &[u8],
+    judged_by: Option<Option<i32>>,
 ) -> Result<(PluginInfo, bool), StoreError> {
     let mut tx = pool.begin().await?;
     // Serialises uploads of one type region-wide, so two uploads cannot both take the
@@ -66,6 +73,16 @@ pub async fn store(
         && latest.sha256 == sha256
     {
         return Ok((latest.clone(), false));
+    }
+    let newest = latest.as_ref().map(|l| l.version);
+    if let Some(judged) = judged_by
+        && judged != newest
+    {
+        return Err(StoreError::PluginChanged {
+            aggregate_type: aggregate_type.to_string(),
+            checked: judged.map_or("no version".to_string(), |v| format!("version {v}")),
+            stored: newest.unwrap_or_default(),
+        });
     }
     let next = latest.map_or(1, |l| l.version + 1);
     let row = sqlx::query(&format!(
