@@ -357,3 +357,50 @@ async fn output_far_over_the_caps_fails_before_it_is_copied() {
         .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// Limits within their ranges that the type's component cannot run under are refused
+/// when they are set, naming the limit, and nothing changes: accepted, every command of
+/// the type failed from then on.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_the_plugin_cannot_run_under_are_refused() {
+    let db = TestDb::new("tight_limits").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{body}");
+    let size = wasm_bytes("bank-account").len();
+    for (limits, says) in [
+        // A Rust component's start-up alone takes more than 1 MiB (its stack).
+        (json!({"memory_bytes": 1_048_576}), "ran out of memory"),
+        (json!({"max_component_bytes": 1_000}), "byte limit"),
+    ] {
+        let (status, body) = api
+            .put_raw(
+                "/v1/plugins/bank-account/limits",
+                limits.to_string().into_bytes(),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("limits_too_tight")),
+            "{limits}: {body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("version 1 of `bank-account`") && message.contains(says),
+            "{limits}: {body}"
+        );
+    }
+    // Nothing changed: the defaults hold and commands run.
+    let (_, limits) = api.get("/v1/plugins/bank-account/limits").await;
+    assert_eq!(limits["memory_bytes"], 64 * 1024 * 1024, "{limits}");
+    assert!(size > 1_000);
+    still_serves(&api, "after-tight").await;
+    // Limits it runs under are taken.
+    assert_eq!(
+        api.put_limits("bank-account", json!({"memory_bytes": 8 * 1024 * 1024}))
+            .await,
+        200
+    );
+    still_serves(&api, "after-loose").await;
+}

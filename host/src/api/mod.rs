@@ -1442,7 +1442,10 @@ async fn get_limits(
     put, path = "/v1/plugins/{aggregate_type}/limits",
     request_body = SandboxLimits,
     params(TypePath),
-    responses((status = 200, body = SandboxLimits), (status = 400, body = ErrorBody))
+    responses(
+        (status = 200, body = SandboxLimits),
+        (status = 400, body = ErrorBody, description = "a limit out of its range, or `limits_too_tight`: the type's newest version cannot start under them (names the limit); nothing was changed"),
+    )
 )]
 async fn set_limits(
     State(state): State<AppState>,
@@ -1453,6 +1456,35 @@ async fn set_limits(
     let limits: SandboxLimits =
         json_object(&body).map_err(|e| ApiError::bad_request(format!("malformed limits: {e}")))?;
     limits.validate().map_err(ApiError::bad_request)?;
+    // Limits within their ranges can still be too tight for the component in use (too
+    // little memory for its start-up, a deadline shorter than its instantiation, a
+    // size cap below it): every command of the type would then fail. Run the newest
+    // version under them first, as an upload is run.
+    if let Some((info, bytes)) =
+        store::plugins::latest_with_bytes(&state.pool, &aggregate_type).await?
+    {
+        use crate::runtime::PluginError;
+        state
+            .executor
+            .plugins()
+            .runtime()
+            .validate(Bytes::from(bytes), &limits)
+            .await
+            .map_err(|e| match e {
+                e @ (PluginError::Trap { .. }
+                | PluginError::DeadlineExceeded { .. }
+                | PluginError::OutOfMemory { .. }
+                | PluginError::TooLarge { .. }) => ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "limits_too_tight",
+                    format!(
+                        "version {} of `{aggregate_type}` cannot run under these limits ({e}); nothing was changed: raise the limit this names",
+                        info.version
+                    ),
+                ),
+                e => e.into(),
+            })?;
+    }
     store::plugins::set_limits(&state.pool, &aggregate_type, &limits).await?;
     state.executor.plugins().invalidate(&aggregate_type).await;
     Ok(Json(limits))
