@@ -368,7 +368,6 @@ async fn limits_the_plugin_cannot_run_under_are_refused() {
     let api = host.client();
     let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
     assert_eq!(status, 201, "{body}");
-    let size = wasm_bytes("bank-account").len();
     for (limits, says) in [
         // A Rust component's start-up alone takes more than 1 MiB (its stack).
         (json!({"memory_bytes": 1_048_576}), "ran out of memory"),
@@ -394,11 +393,10 @@ async fn limits_the_plugin_cannot_run_under_are_refused() {
     // Nothing changed: the defaults hold and commands run.
     let (_, limits) = api.get("/v1/plugins/bank-account/limits").await;
     assert_eq!(limits["memory_bytes"], 64 * 1024 * 1024, "{limits}");
-    assert!(size > 1_000);
     still_serves(&api, "after-tight").await;
     // Limits it runs under are taken.
     assert_eq!(
-        api.put_limits("bank-account", json!({"memory_bytes": 8 * 1024 * 1024}))
+        api.put_limits("bank-account", json!({"memory_bytes": 16 * 1024 * 1024}))
             .await,
         200
     );
