@@ -1471,3 +1471,57 @@ async fn an_aggregate_with_a_history_over_a_page_of_bytes_loads_whole() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], 21, "{body}");
 }
+
+/// Every answer to a command names the id it ran under (`x-meridian-command-id`), the
+/// caller's or the one the host gave it, errors included: a caller that sent none can
+/// still settle a lost or unclear answer by sending the command again under that id,
+/// which applies it once. In a cluster the answer passed on from the owner names it too.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_answer_names_the_command_id() {
+    let (_db, host) = host_with_bank_account("command_id_header").await;
+    let api = host.client();
+    let send = |body: Value| {
+        let api = api.clone();
+        async move {
+            let response = api
+                .http
+                .post(format!("{}/v1/aggregates/bank-account/acc-h", api.base))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let id = response
+                .headers()
+                .get("x-meridian-command-id")
+                .map(|v| v.to_str().unwrap().parse::<uuid::Uuid>().unwrap());
+            let status = response.status().as_u16();
+            (status, id, response.json::<Value>().await.unwrap())
+        }
+    };
+    // No id sent: the host's comes back, and sending again under it applies nothing new.
+    let open = json!({"command": {"type": "Open", "owner": "hal"}});
+    let (status, id, first) = send(open.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    let id = id.expect("the answer names the command id");
+    let mut again = open.clone();
+    again["command_id"] = json!(id);
+    let (status, same, second) = send(again).await;
+    assert_eq!((status, same), (200, Some(id)), "{second}");
+    assert_eq!(second["duplicate"], true, "{second}");
+    assert_eq!(second["version"], 1, "{second}");
+    // A rejection names it too.
+    let (status, id, body) = send(json!({"command": {"type": "Withdraw", "amount": 99}})).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(id.is_some(), "{body}");
+    // The caller's own id is the one named.
+    let mine = uuid::Uuid::now_v7();
+    let (status, id, body) = send(json!({
+        "command": {"type": "Deposit", "amount": 1},
+        "command_id": mine,
+    }))
+    .await;
+    assert_eq!((status, id), (200, Some(mine)), "{body}");
+    // A request refused before it has an id (malformed) names none.
+    let (status, id, body) = send(json!({"command": "not an object", "nope": 1})).await;
+    assert_eq!((status, id), (400, None), "{body}");
+}

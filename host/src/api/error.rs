@@ -124,7 +124,9 @@ impl From<StoreError> for ApiError {
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",
-                    "the event store is unavailable; nothing was written, retry later",
+                    "the event store is unavailable; retry later. A command may or may not have \
+                     been stored (the store can fail as it commits): send it again with the same \
+                     command_id (answered in x-meridian-command-id), which never applies twice",
                 )
             }
             StoreError::Closed => Self::new(

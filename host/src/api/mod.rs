@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
@@ -533,7 +533,44 @@ async fn execute(
     Path((aggregate_type, aggregate_id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
+) -> Response {
+    let mut command_id = None;
+    let mut response = run_command(
+        &state,
+        aggregate_type,
+        aggregate_id,
+        &headers,
+        &body,
+        &mut command_id,
+    )
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    // Whatever the outcome, the caller learns the id the command ran (or may have run)
+    // under: an answer lost or unclear (a timeout, the store failing mid-commit) is
+    // settled by sending the command again with it, which never applies it twice.
+    if let Some(id) = command_id {
+        response.headers_mut().insert(
+            COMMAND_ID_HEADER,
+            HeaderValue::from_str(&id.to_string()).expect("a UUID is a header value"),
+        );
+    }
+    response
+}
+
+/// The header every answer to a command carries once the command has an id: the one
+/// sent as `command_id`, or the one the host gave it.
+pub const COMMAND_ID_HEADER: &str = "x-meridian-command-id";
+
+/// [`execute`], recording the command's id in `assigned` once it has one.
+async fn run_command(
+    state: &AppState,
+    aggregate_type: String,
+    aggregate_id: String,
+    headers: &HeaderMap,
+    body: &Bytes,
+    assigned: &mut Option<Uuid>,
 ) -> Result<Response, ApiError> {
+    let state = state.clone();
     let key = key(aggregate_type, aggregate_id)?;
     // From another host of the region (the owner's partition) or from another region.
     let forwarded = headers.contains_key(FORWARDED_HEADER);
@@ -557,6 +594,7 @@ async fn execute(
     // Every command gets an id at the host that first takes it, so a retry after a
     // lost answer (between hosts, or during a partition move) cannot apply it twice.
     let command_id = *body.command_id.get_or_insert_with(Uuid::now_v7);
+    *assigned = Some(command_id);
     let correlation_id = correlation_id
         .map(str::to_string)
         .or_else(|| Some(command_id.to_string()));

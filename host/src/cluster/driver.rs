@@ -66,7 +66,7 @@ pub struct ClusterConfig {
 pub enum RouteError {
     /// The partition has no serving owner (it is moving) for longer than we wait.
     #[error(
-        "partition {partition} has no serving owner right now (it is moving between hosts); retried for {waited_ms} ms, try again"
+        "partition {partition} has no owner that answered within {waited_ms} ms (it is moving between hosts, or its owner is slow); send the command again with the same command_id (answered in x-meridian-command-id), which never applies twice"
     )]
     Unavailable {
         /// The partition.
