@@ -370,3 +370,89 @@ async fn a_batch_judges_each_request_on_its_own() {
         ]
     );
 }
+
+/// A region's database restored onto another PostgreSQL server keeps the old server's
+/// transaction ids, which the commit order is walked by, while the new server counts
+/// from far lower: every feed would silently leave the old events out and put new ones
+/// before them. A host refuses to start on it, saying what to run;
+/// `meridian migrate --rekey-transaction-ids` renumbers the ids in the same order, and
+/// the feed then holds the old events, in their order, and the new ones after them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_restored_onto_another_server_is_refused_until_renumbered() {
+    use crate::harness::{Host, HostOptions, meridian_bin, wasm_bytes};
+    use serde_json::json;
+
+    let db = TestDb::new("restored").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{body}");
+    for (id, command) in [
+        ("r-1", json!({"type": "Open", "owner": "a"})),
+        ("r-2", json!({"type": "Open", "owner": "b"})),
+        ("r-1", json!({"type": "Deposit", "amount": 5})),
+    ] {
+        let (status, body) = api
+            .command("bank-account", id, json!({"command": command}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let feed = |api: crate::harness::Api| async move {
+        let (status, page) = api.get("/v1/events?limit=100").await;
+        assert_eq!(status, 200, "{page}");
+        page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event_id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let before = feed(api.clone()).await;
+    assert_eq!(before.len(), 3);
+    drop(host);
+
+    // What a dump of a server a billion transactions older looks like restored here.
+    let pool = db.pool().await;
+    sqlx::query("UPDATE events SET tx_id = (tx_id::text::bigint + 1000000000)::text::xid8")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut refused = Host::spawn(&db.url, HostOptions::default());
+    let code = tokio::task::spawn_blocking(move || {
+        let code = refused.wait_exit(Duration::from_secs(60));
+        (code, refused.log_tail())
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(code.0, Some(c) if c != 0) && code.1.contains("--rekey-transaction-ids"),
+        "exit {:?}: {}",
+        code.0,
+        code.1
+    );
+
+    let output = std::process::Command::new(meridian_bin())
+        .args(["migrate", "--rekey-transaction-ids"])
+        .env("MERIDIAN_DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    assert_eq!(feed(api.clone()).await, before);
+    let (status, body) = api
+        .command(
+            "bank-account",
+            "r-2",
+            json!({"command": {"type": "Deposit", "amount": 1}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let after = feed(api).await;
+    assert_eq!(after.len(), 4, "{after:?}");
+    assert_eq!(after[..3], before[..]);
+}

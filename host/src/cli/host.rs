@@ -167,6 +167,8 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         args.db_connections.max(args.commit_workers as u32 + 2),
     )
     .await?;
+    // Events restored from another server are invisible to every feed until renumbered.
+    store::rekey::check(&pool).await?;
     if args.partitions == 0 {
         anyhow::bail!("--partitions must be at least 1");
     }

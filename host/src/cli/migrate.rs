@@ -10,12 +10,24 @@ pub struct MigrateArgs {
     /// PostgreSQL URL of the region's database.
     #[arg(long, env = "MERIDIAN_DATABASE_URL")]
     pub database_url: String,
+    /// After restoring the region's database onto another PostgreSQL server (a dump, or
+    /// logical replication): renumber the stored transaction ids the commit order is
+    /// walked by, which came from the old server. Run once, with every host stopped.
+    #[arg(long)]
+    pub rekey_transaction_ids: bool,
 }
 
 /// Applies pending migrations.
 pub async fn execute(args: MigrateArgs) -> anyhow::Result<()> {
-    connect_and_migrate(&args.database_url, 2).await?;
+    let pool = connect_and_migrate(&args.database_url, 2).await?;
     eprintln!("migrations applied");
+    if args.rekey_transaction_ids {
+        match store::rekey::rekey(&pool).await? {
+            0 => eprintln!("transaction ids are this server's already: nothing to renumber"),
+            n => eprintln!("renumbered the ids of the {n} transactions that wrote the events"),
+        }
+    }
+    store::rekey::check(&pool).await?;
     Ok(())
 }
 

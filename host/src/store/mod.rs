@@ -25,6 +25,7 @@ pub mod groups;
 pub mod jsonb;
 pub mod plugins;
 pub mod read;
+pub mod rekey;
 pub mod regions;
 pub mod tail;
 
