@@ -60,8 +60,10 @@ async fn all_events(api: &Api) -> Vec<Value> {
     page["events"].as_array().unwrap().clone()
 }
 
-/// Reads a group member's events as JSON pages of `limit` until a page is empty,
-/// starting after `after` (or the member's acknowledged position when `None`).
+/// Reads a group member's events as JSON pages of `limit` until `next` stops moving (a
+/// group page can be empty and still move on: see
+/// `a_group_page_past_other_members_events_moves_on_though_empty`), starting after
+/// `after` (or the member's acknowledged position when `None`).
 async fn read_pages(api: &Api, query: &str, after: Option<i64>, limit: usize) -> Vec<Value> {
     let mut events = Vec::new();
     let mut after = after;
@@ -75,7 +77,7 @@ async fn read_pages(api: &Api, query: &str, after: Option<i64>, limit: usize) ->
         assert!(batch.len() <= limit);
         // `next` is the last event scanned, which may be another member's.
         let next = page["next"].as_i64().unwrap();
-        if batch.is_empty() {
+        if batch.is_empty() && after == Some(next) {
             return events;
         }
         events.extend(batch);
@@ -471,4 +473,76 @@ async fn cli_tail_as_a_group_member_acknowledges_and_resumes() {
         (first["aggregate_id"].as_str(), first["version"].as_i64()),
         (Some("c-1"), Some(3))
     );
+}
+
+/// A group page scans at most 20,000 events before it answers, so a member whose
+/// aggregates are quiet still gets an answer in bounded time: past that many of other
+/// members' events the page is empty, yet its `next` has moved on, and the member's
+/// events come on a later page. Reading until a page is empty would stop short; reading
+/// until `next` stops moving (what the README says) gets every event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_page_past_other_members_events_moves_on_though_empty() {
+    use meridian::store::{self, AppendRequest, CommitterConfig, NewEvent};
+    use serde_json::value::RawValue;
+
+    let db = TestDb::new("group_scan_budget").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let pool = db.pool().await;
+    // 25,000 events of member 0's aggregates, then one of member 1's.
+    let of = |member: u32| {
+        (0..)
+            .map(|i| format!("acct-{i}"))
+            .find(|id| member_of("bank-account", id, 2) == member)
+            .unwrap()
+    };
+    let (busy, quiet) = (of(0), of(1));
+    let config = CommitterConfig::default();
+    let raw = |text: &str| RawValue::from_string(text.to_string()).unwrap();
+    let append = |id: String, expected: i64, count: usize| AppendRequest {
+        aggregate_type: "bank-account".into(),
+        aggregate_id: id,
+        expected_version: expected,
+        events: (0..count)
+            .map(|_| NewEvent {
+                event_id: uuid::Uuid::now_v7(),
+                event_type: "Deposited".into(),
+                payload: raw(r#"{"amount":1}"#),
+                metadata: raw("{}"),
+            })
+            .collect(),
+        command_id: None,
+        fence: None,
+    };
+    for page in 0..25 {
+        let request = append(busy.clone(), page * 1_000, 1_000);
+        let outcome = store::append::append_batch(&pool, &config, &[&request])
+            .await
+            .unwrap();
+        assert!(outcome[0].is_ok(), "{outcome:?}");
+    }
+    let request = append(quiet.clone(), 0, 1);
+    let outcome = store::append::append_batch(&pool, &config, &[&request])
+        .await
+        .unwrap();
+    assert!(outcome[0].is_ok(), "{outcome:?}");
+    // Readable once no older transaction on the server is open.
+    crate::harness::eventually(|| async {
+        let (_, page) = api
+            .get(&format!("/v1/events?aggregate_type=bank-account&aggregate_id={quiet}"))
+            .await;
+        (page["events"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+
+    let query = "group=scan&member=1&members=2";
+    let (status, first) = api
+        .get(&format!("/v1/events?{query}&after=0&limit=10"))
+        .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["events"].as_array().unwrap().len(), 0, "{first}");
+    assert!(first["next"].as_i64().unwrap() > 0, "{first}");
+    let events = read_pages(&api, query, Some(0), 10).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["aggregate_id"], quiet.as_str());
 }
