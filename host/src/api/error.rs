@@ -150,6 +150,7 @@ impl From<PluginError> for ApiError {
         let code = match &error {
             PluginError::NotAComponent(_) => "not_a_component",
             PluginError::ForbiddenImport(_) => "forbidden_import",
+            PluginError::UnsupportedVersion(_) => "unsupported_version",
             PluginError::WrongWorld(_) => "wrong_world",
             PluginError::TooLarge { .. } => {
                 return Self::new(
@@ -168,6 +169,7 @@ impl From<PluginError> for ApiError {
         let status = match &error {
             PluginError::NotAComponent(_)
             | PluginError::ForbiddenImport(_)
+            | PluginError::UnsupportedVersion(_)
             | PluginError::WrongWorld(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

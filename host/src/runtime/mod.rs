@@ -77,6 +77,10 @@ pub enum PluginError {
         "component imports `{0}`, which Meridian does not provide; plugins may import only WASI io, cli, clocks, random, filesystem and sockets, served without capabilities"
     )]
     ForbiddenImport(String),
+    /// The component imports a version of WASI or of the contract this host does not
+    /// serve; the message says which and what to build instead.
+    #[error("{0}")]
+    UnsupportedVersion(String),
     /// The component does not have the exports of the aggregate world.
     #[error("component does not implement the `aggregate` world of {WIT_PACKAGE} (or 0.1.0): {0}")]
     WrongWorld(String),
@@ -319,6 +323,9 @@ impl Runtime {
             .imports(&self.inner.engine)
             .map(|(name, _)| name.to_string())
             .collect();
+        if let Some(message) = sandbox::unsupported_version(imports.iter().map(String::as_str)) {
+            return Err(PluginError::UnsupportedVersion(message));
+        }
         if let Some(name) = sandbox::forbidden_import(imports.iter().map(String::as_str)) {
             return Err(PluginError::ForbiddenImport(name.to_string()));
         }

@@ -448,6 +448,36 @@ impl rand_core::TryRng for SeededRng {
 impl rand_core::TryCryptoRng for SeededRng {}
 
 /// Returns the first import that is not allowed, if any.
+/// The first import of an interface the sandbox serves, but in a version it does not:
+/// a component built for a newer contract, or for WASI 0.3. Judged before
+/// [`forbidden_import`], whose answer ("not provided") would send its author looking in
+/// the wrong place. Gives what to tell the author.
+pub(crate) fn unsupported_version<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
+    for name in names {
+        let Some((interface, version)) = name.rsplit_once('@') else {
+            continue;
+        };
+        if interface.starts_with("meridian:aggregate/")
+            && !(version.starts_with("0.1.") || version.starts_with("0.2."))
+        {
+            return Some(format!(
+                "component imports `{name}`: it was built for meridian:aggregate@{version}, \
+                 and this host runs {} and 0.1.0; build it against one of those (the guest \
+                 SDK's version, or the WIT you bind), or upgrade the hosts",
+                super::WIT_PACKAGE
+            ));
+        }
+        if interface.starts_with("wasi:") && !version.starts_with("0.2.") {
+            return Some(format!(
+                "component imports `{name}`, of WASI {version}; plugins run on WASI 0.2: \
+                 build for the `wasm32-wasip2` target (componentize-py and componentize-js \
+                 build for it)"
+            ));
+        }
+    }
+    None
+}
+
 pub(crate) fn forbidden_import<'a>(mut names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     names.find(|name| {
         !ALLOWED_IMPORT_PREFIXES
@@ -459,6 +489,27 @@ pub(crate) fn forbidden_import<'a>(mut names: impl Iterator<Item = &'a str>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_versions_of_served_interfaces_are_named() {
+        let current = [
+            "meridian:aggregate/types@0.2.0",
+            "meridian:aggregate/types@0.1.0",
+            "wasi:io/streams@0.2.9",
+        ];
+        assert_eq!(unsupported_version(current.into_iter()), None);
+        let newer_contract = ["wasi:io/streams@0.2.3", "meridian:aggregate/types@0.3.0"];
+        let message = unsupported_version(newer_contract.into_iter()).unwrap();
+        assert!(
+            message.contains("meridian:aggregate@0.3.0") && message.contains("0.2.0"),
+            "{message}"
+        );
+        let wasi_p3 = ["wasi:clocks/monotonic-clock@0.3.0-rc-2025-09-16"];
+        let message = unsupported_version(wasi_p3.into_iter()).unwrap();
+        assert!(message.contains("wasm32-wasip2"), "{message}");
+        // Not a served interface: left to `forbidden_import`.
+        assert_eq!(unsupported_version(["evil:escape/network@1.0.0"].into_iter()), None);
+    }
 
     #[test]
     fn only_wasi_imports_pass() {
