@@ -377,7 +377,9 @@ async fn healthz() -> &'static str {
 /// node take work.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "starting or draining")))]
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
+    // Out of touch with the database for longer than a host may go without a
+    // heartbeat, the host has most likely lost its partitions: send work elsewhere.
+    if state.ready.load(Ordering::Acquire) && state.cluster.in_touch() {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()

@@ -118,6 +118,8 @@ struct Inner {
     slot_generation: std::sync::atomic::AtomicU64,
     addresses: Mutex<HashMap<NodeId, String>>,
     status: Mutex<Option<store::cluster::Observation>>,
+    /// When the last observation that succeeded was started (see [`Cluster::in_touch`]).
+    observed_at: Mutex<Option<std::time::Instant>>,
     membership_epoch: AtomicI64,
     /// Set once the drained node removed its member row.
     left: std::sync::atomic::AtomicBool,
@@ -167,6 +169,7 @@ impl Cluster {
                 slot_generation: std::sync::atomic::AtomicU64::new(0),
                 addresses: Mutex::new(HashMap::new()),
                 status: Mutex::new(None),
+                observed_at: Mutex::new(None),
                 membership_epoch: AtomicI64::new(0),
                 left: std::sync::atomic::AtomicBool::new(false),
                 member_row: tokio::sync::Mutex::new(()),
@@ -220,12 +223,30 @@ impl Cluster {
     }
 
     /// Whether this node currently serves the aggregate's partition.
+    ///
+    /// Not while the host is out of touch with the region's database (see
+    /// [`Self::in_touch`]): the other hosts may have taken its partitions by then, and
+    /// what it holds for them (cached states) may be stale.
     pub fn owns(&self, aggregate_type: &str, aggregate_id: &str) -> bool {
         let p = partition_of(aggregate_type, aggregate_id, self.inner.config.partitions);
-        matches!(
-            self.inner.node.lock().expect("node poisoned").route(p),
-            Route::Local(_)
-        )
+        self.in_touch()
+            && matches!(
+                self.inner.node.lock().expect("node poisoned").route(p),
+                Route::Local(_)
+            )
+    }
+
+    /// Whether this host read the membership less than `dead_after` ago. Longer, and
+    /// the other hosts have most likely declared it dead (its heartbeats go to the same
+    /// database) and taken its partitions: it must not answer from what it holds for
+    /// them, and should not be sent work. Judged by this host's own monotonic clock,
+    /// so clock skew does not matter.
+    pub fn in_touch(&self) -> bool {
+        self.inner
+            .observed_at
+            .lock()
+            .expect("observed_at poisoned")
+            .is_some_and(|at| at.elapsed() < self.inner.config.dead_after)
     }
 
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Input>, shutdown: CancellationToken) {
@@ -322,8 +343,10 @@ impl Cluster {
     }
 
     async fn poll(&self) {
+        let started = std::time::Instant::now();
         match store::cluster::observe(&self.inner.pool, self.inner.config.dead_after).await {
             Ok(observation) => {
+                *self.inner.observed_at.lock().expect("observed_at poisoned") = Some(started);
                 {
                     let mut addresses = self.inner.addresses.lock().expect("addresses poisoned");
                     addresses.clear();
