@@ -1129,3 +1129,49 @@ async fn a_locked_member_row_holds_up_no_other_host() {
     assert_eq!(status, 200, "{body}");
     paused.rollback().await.unwrap();
 }
+
+/// A host cut off from the region's database is most likely declared dead by the
+/// others, who take its partitions and write on. It used to stay ready and answer reads
+/// from its cache, stale, for as long as the outage lasted; past `dead_after` without
+/// reading the membership it now answers `/readyz` with 503 and reads go to the store
+/// (503 while it is away), until it is back in touch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_cut_off_from_the_database_turns_unready_and_serves_no_stale_state() {
+    use crate::harness::DbProxy;
+
+    let db = TestDb::new("cut_off").await;
+    let proxy = DbProxy::start(&db).await;
+    let host = Host::spawn(&proxy.url, options());
+    host.wait_ready(Duration::from_secs(60)).await;
+    let api = host.client();
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = api
+        .command(
+            "bank-account",
+            "cut-1",
+            json!({"command": {"type": "Open", "owner": "a"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = api.get("/v1/aggregates/bank-account/cut-1").await;
+    assert_eq!(status, 200);
+
+    proxy.cut();
+    eventually(|| {
+        let api = api.clone();
+        async move { (api.get("/readyz").await.0 == 503).then_some(()) }
+    })
+    .await;
+    let (status, body) = api.get("/v1/aggregates/bank-account/cut-1").await;
+    assert_eq!(status, 503, "a state read while cut off: {body}");
+
+    proxy.restore();
+    eventually(|| {
+        let api = api.clone();
+        async move { (api.get("/readyz").await.0 == 200).then_some(()) }
+    })
+    .await;
+    let (status, body) = api.get("/v1/aggregates/bank-account/cut-1").await;
+    assert_eq!((status, body["version"].as_i64()), (200, Some(1)), "{body}");
+}

@@ -431,3 +431,88 @@ pub async fn region_metric(host: &Host, name: &str, region: &str) -> f64 {
         .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A TCP proxy in front of a test database that a test can cut, as a network partition
+/// or a failover would: [`DbProxy::cut`] drops every connection through it and refuses
+/// new ones until [`DbProxy::restore`]. Hosts are pointed at [`DbProxy::url`].
+pub struct DbProxy {
+    pub url: String,
+    state: std::sync::Arc<ProxyState>,
+}
+
+struct ProxyState {
+    cut: std::sync::atomic::AtomicBool,
+    connections: std::sync::Mutex<tokio_util::sync::CancellationToken>,
+}
+
+impl DbProxy {
+    pub async fn start(db: &TestDb) -> DbProxy {
+        use std::sync::atomic::Ordering;
+        let target = url::Url::parse(&db.url).unwrap();
+        let upstream = format!(
+            "{}:{}",
+            target.host_str().unwrap(),
+            target.port().unwrap_or(5432)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut url = target.clone();
+        url.set_port(Some(listener.local_addr().unwrap().port()))
+            .unwrap();
+        let state = std::sync::Arc::new(ProxyState {
+            cut: false.into(),
+            connections: std::sync::Mutex::new(tokio_util::sync::CancellationToken::new()),
+        });
+        tokio::spawn({
+            let state = state.clone();
+            async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if state.cut.load(Ordering::SeqCst) {
+                        continue; // dropped: refused
+                    }
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        continue;
+                    };
+                    let cut = state.connections.lock().unwrap().clone();
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let up = cut.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = up.cancelled() => {}
+                            _ = tokio::io::copy(&mut client_read, &mut server_write) => {}
+                        }
+                    });
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = cut.cancelled() => {}
+                            _ = tokio::io::copy(&mut server_read, &mut client_write) => {}
+                        }
+                    });
+                }
+            }
+        });
+        DbProxy {
+            url: url.to_string(),
+            state,
+        }
+    }
+
+    /// Drops every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.state
+            .cut
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state.connections.lock().unwrap().cancel();
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        *self.state.connections.lock().unwrap() = tokio_util::sync::CancellationToken::new();
+        self.state
+            .cut
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
