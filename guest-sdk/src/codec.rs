@@ -356,7 +356,9 @@ mod tests {
             let command = format!(r#"{{"value":{value}}}"#);
             let error = execute::<Stats>(b"", command.as_bytes()).unwrap_err();
             assert!(
-                error.message().starts_with("aggregate bug: a decided event does not read back")
+                error
+                    .message()
+                    .starts_with("aggregate bug: a decided event does not read back")
                     && error.message().contains("invalid event `Recorded`"),
                 "{}",
                 error.message()
@@ -394,7 +396,10 @@ mod tests {
             }
         }
         let (events, state) = execute::<Ratio>(b"", br#"{"over":4}"#).unwrap();
-        assert_eq!((events.len(), state.as_slice()), (1, &br#"{"ratio":0.25}"#[..]));
+        assert_eq!(
+            (events.len(), state.as_slice()),
+            (1, &br#"{"ratio":0.25}"#[..])
+        );
         let error = execute::<Ratio>(b"", br#"{"over":0}"#).unwrap_err();
         assert!(
             error

@@ -529,7 +529,9 @@ async fn a_group_page_past_other_members_events_moves_on_though_empty() {
     // Readable once no older transaction on the server is open.
     crate::harness::eventually(|| async {
         let (_, page) = api
-            .get(&format!("/v1/events?aggregate_type=bank-account&aggregate_id={quiet}"))
+            .get(&format!(
+                "/v1/events?aggregate_type=bank-account&aggregate_id={quiet}"
+            ))
             .await;
         (page["events"].as_array()?.len() == 1).then_some(())
     })

@@ -283,15 +283,17 @@ async fn a_plugin_cannot_draw_a_huge_random_buffer() {
     let db = TestDb::new("random_draw").await;
     let host = Host::start(&db, HostOptions::default()).await;
     let api = host.client();
-    let (status, body) = api
-        .upload("clock-reader", wasm_bytes("clock-reader"))
-        .await;
+    let (status, body) = api.upload("clock-reader", wasm_bytes("clock-reader")).await;
     assert_eq!(status, 201, "{body}");
     let draw = |id: &'static str, bytes: u64| {
         let api = api.clone();
         async move {
-            api.command("clock-reader", id, json!({"command": {"random_bytes": bytes}}))
-                .await
+            api.command(
+                "clock-reader",
+                id,
+                json!({"command": {"random_bytes": bytes}}),
+            )
+            .await
         }
     };
     let (status, body) = draw("r1", 64).await;

@@ -476,7 +476,9 @@ fn advertise_url(configured: Option<&str>, listening: SocketAddr) -> anyhow::Res
     })?;
     let host = parsed.host_str().unwrap_or_default();
     if !matches!(parsed.scheme(), "http" | "https") || host.is_empty() {
-        anyhow::bail!("--advertise-url `{url}` must be an http(s) URL with a host, e.g. http://10.0.0.5:8080");
+        anyhow::bail!(
+            "--advertise-url `{url}` must be an http(s) URL with a host, e.g. http://10.0.0.5:8080"
+        );
     }
     let ip = host
         .trim_start_matches('[')
@@ -543,7 +545,12 @@ mod tests {
         assert!(advertise_url(None, every6).is_err());
         let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         assert_eq!(advertise_url(None, local).unwrap(), "http://127.0.0.1:8080");
-        for bad in ["http://0.0.0.0:8080", "http://[::]:8080", "10.0.0.5:8080", "ftp://a:1"] {
+        for bad in [
+            "http://0.0.0.0:8080",
+            "http://[::]:8080",
+            "10.0.0.5:8080",
+            "ftp://a:1",
+        ] {
             assert!(advertise_url(Some(bad), every).is_err(), "{bad}");
         }
         assert_eq!(

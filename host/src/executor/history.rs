@@ -103,14 +103,9 @@ pub async fn check(
         let mut version = 0;
         loop {
             let last = (version + PAGE).min(MAX_EVENTS_PER_AGGREGATE);
-            let read = store::read::aggregate_page(
-                pool,
-                &key,
-                version + 1,
-                last,
-                store::read::PAGE_BYTES,
-            )
-            .await?;
+            let read =
+                store::read::aggregate_page(pool, &key, version + 1, last, store::read::PAGE_BYTES)
+                    .await?;
             let mut done = !read.more(last - version);
             let page = read.events;
             let reached = page.last().map_or(version, |e| e.version);

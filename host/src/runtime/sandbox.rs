@@ -508,7 +508,10 @@ mod tests {
         let message = unsupported_version(wasi_p3.into_iter()).unwrap();
         assert!(message.contains("wasm32-wasip2"), "{message}");
         // Not a served interface: left to `forbidden_import`.
-        assert_eq!(unsupported_version(["evil:escape/network@1.0.0"].into_iter()), None);
+        assert_eq!(
+            unsupported_version(["evil:escape/network@1.0.0"].into_iter()),
+            None
+        );
     }
 
     #[test]

@@ -137,8 +137,8 @@ pub async fn observe(pool: &PgPool, dead_after: Duration) -> Result<Observation,
              SELECT node_id FROM members WHERE last_heartbeat < now() - interval '1 hour' \
              FOR UPDATE SKIP LOCKED)",
     )
-        .execute(&mut *tx)
-        .await?;
+    .execute(&mut *tx)
+    .await?;
     let members = sqlx::query(
         "SELECT node_id, address, state, last_heartbeat, \
                 last_heartbeat >= now() - make_interval(secs => $1::double precision / 1000) AS alive \

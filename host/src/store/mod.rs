@@ -25,8 +25,8 @@ pub mod groups;
 pub mod jsonb;
 pub mod plugins;
 pub mod read;
-pub mod rekey;
 pub mod regions;
+pub mod rekey;
 pub mod tail;
 
 use std::time::Duration;

@@ -342,14 +342,12 @@ pub async fn read_all(
     filter: &EventFilter,
 ) -> Result<Vec<StoredEvent>, StoreError> {
     let after = order_key(pool, after).await?;
-    Ok(
-        read_after(pool, after, None, limit, PAGE_BYTES, filter)
-            .await?
-            .events
-            .into_iter()
-            .map(|(_, event)| event)
-            .collect(),
-    )
+    Ok(read_after(pool, after, None, limit, PAGE_BYTES, filter)
+        .await?
+        .events
+        .into_iter()
+        .map(|(_, event)| event)
+        .collect())
 }
 
 /// Up to `limit` events after `after` in the region's commit order, with their keys,

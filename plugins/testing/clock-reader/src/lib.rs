@@ -59,7 +59,9 @@ impl Aggregate for ClockReader {
             // list was allocated with the component's allocator, whose bump arena takes
             // it back after the call.
             #[allow(unsafe_code)]
-            unsafe { get_random_bytes(count as i64, &mut ret) };
+            unsafe {
+                get_random_bytes(count as i64, &mut ret)
+            };
             return Ok(vec![Event::Drew {
                 bytes: ret[1] as u64,
             }]);
