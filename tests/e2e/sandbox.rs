@@ -404,3 +404,46 @@ async fn limits_the_plugin_cannot_run_under_are_refused() {
     );
     still_serves(&api, "after-loose").await;
 }
+
+/// A plugin cannot make the host hold an unbounded number of resources for it: they
+/// live in host memory, outside the memory cap, and survive from call to call on a
+/// reused instance. Past 10,000 the call fails and the instance is dropped; wasmtime's
+/// own limit is a million per instance.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_cannot_hoard_host_resources() {
+    let db = TestDb::new("hoard").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api
+        .upload("clock-reader", wasm_bytes("clock-reader"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let hold = |id: &'static str, pollables: u32| {
+        let api = api.clone();
+        async move {
+            api.command(
+                "clock-reader",
+                id,
+                json!({"command": {"pollables": pollables}}),
+            )
+            .await
+        }
+    };
+    let (status, body) = hold("p1", 100).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = hold("p2", 50_000).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (500, Some("plugin_trapped")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("clock-reader@v1")),
+        "{body}"
+    );
+    // The plugin serves on, on a fresh instance.
+    let (status, body) = hold("p3", 100).await;
+    assert_eq!(status, 200, "{body}");
+}

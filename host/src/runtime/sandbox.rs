@@ -55,6 +55,13 @@ pub const FIXED_WALL_CLOCK_SECS: u64 = 1_735_689_600;
 /// 64 MiB. Seeding a hash map takes 16 bytes, an interpreter's start-up a few dozen.
 pub const MAX_RANDOM_BYTES_PER_CALL: u64 = 1024 * 1024;
 
+/// Most host resources (streams, pollables, ...) one instance may hold at once. They
+/// live in host memory, which the memory cap does not count, and an instance is reused
+/// from call to call: a guest that makes them and never drops them (a pollable a loop
+/// iteration) would otherwise grow the host by wasmtime's default of a million
+/// entries, per pooled instance. A plugin uses a handful; an interpreter a few dozen.
+pub const MAX_RESOURCES_PER_INSTANCE: usize = 10_000;
+
 /// The store data of one plugin instance.
 pub(crate) struct GuestState {
     wasi: WasiCtx,
@@ -90,7 +97,11 @@ impl GuestState {
         Self {
             wasi,
             stderr,
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_RESOURCES_PER_INSTANCE);
+                table
+            },
             limiter: MemoryLimiter::new(memory_bytes),
             rng_state,
             ticks_left: 0,

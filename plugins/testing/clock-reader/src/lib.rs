@@ -2,7 +2,9 @@
 //! number in one `Observed` event, so a test can check both are fixed by the host and
 //! the same on every call. Sent `{"random_bytes": n}` it instead asks the host for `n`
 //! random bytes in one call and reports how many it got (`Drew`), so a test can check
-//! how large a draw the host serves.
+//! how large a draw the host serves; sent `{"pollables": n}` it subscribes to the
+//! monotonic clock `n` times and keeps every pollable, to see how many host resources
+//! one instance may hold.
 
 use meridian_guest::{Aggregate, Rejection};
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,11 @@ pub enum Event {
         /// A `u64` from `wasi:random/random` (via getrandom), 0 if that failed.
         random: u64,
     },
+    /// How many pollables it made and kept.
+    Held {
+        /// How many.
+        pollables: u32,
+    },
     /// What one `get-random-bytes` call returned.
     Drew {
         /// How many bytes.
@@ -34,6 +41,9 @@ pub struct Probe {
     /// Draw this many random bytes in one call instead of observing.
     #[serde(default)]
     random_bytes: Option<u64>,
+    /// Create this many pollables and keep them, instead of observing.
+    #[serde(default)]
+    pollables: Option<u32>,
 }
 
 // `wasi:random/random.get-random-bytes`, declared by hand as getrandom declares its
@@ -46,6 +56,14 @@ unsafe extern "C" {
     fn get_random_bytes(len: i64, ret: *mut [usize; 2]);
 }
 
+// `wasi:clocks/monotonic-clock.subscribe-duration`: a pollable handle, never dropped here.
+#[allow(unsafe_code)]
+#[link(wasm_import_module = "wasi:clocks/monotonic-clock@0.2.0")]
+unsafe extern "C" {
+    #[link_name = "subscribe-duration"]
+    fn subscribe_duration(nanoseconds: i64) -> i32;
+}
+
 impl Aggregate for ClockReader {
     const TYPE: &'static str = "clock-reader";
     type State = ();
@@ -53,6 +71,14 @@ impl Aggregate for ClockReader {
     type Event = Event;
 
     fn handle(_state: &(), command: Probe) -> Result<Vec<Event>, Rejection> {
+        if let Some(count) = command.pollables {
+            for _ in 0..count {
+                #[allow(unsafe_code)]
+                // SAFETY: takes a plain integer, returns a handle the guest owns.
+                unsafe { subscribe_duration(1_000_000_000) };
+            }
+            return Ok(vec![Event::Held { pollables: count }]);
+        }
         if let Some(count) = command.random_bytes {
             let mut ret = [0usize; 2];
             // SAFETY: the host writes the list's pointer and length into `ret`; the
