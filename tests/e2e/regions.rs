@@ -1543,3 +1543,68 @@ async fn a_forced_move_takes_an_aggregate_over_from_a_lost_region_which_then_def
         .await;
     assert_eq!(state["state"]["balance"], 26, "{state}");
 }
+
+/// A host of the home region drained while other regions forward commands to it over
+/// NATS fails none of them. Its share of the region's queue group used to stop at once
+/// at SIGTERM: requests already delivered to it and not yet read were dropped, and the
+/// sending region waited out its forward timeout (503 `home_region_timeout`) for a
+/// command that may have run. It now stops taking requests and answers what it has.
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_a_home_host_fails_no_command_forwarded_from_another_region() {
+    let r = TwoRegions::start("drain_rpc").await;
+    let ids: Vec<String> = (0..16).map(|i| format!("dr-{i}")).collect();
+    for id in &ids {
+        let (status, body, _) = send(&r.east[0], id, json!({"type":"Open","owner":"o"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Sixteen clients deposit through west, each into its own east account, until told
+    // to stop; each counts what failed.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let west = r.west[0].url.clone();
+    let clients: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (stop, west, id) = (stop.clone(), west.clone(), id.clone());
+            tokio::spawn(async move {
+                let (mut sent, mut failed) = (0, Vec::new());
+                while !stop.is_cancelled() {
+                    let (status, body, _) =
+                        send_command(&west, &id, None, json!({"type":"Deposit","amount":1})).await;
+                    sent += 1;
+                    if status != 200 {
+                        failed.push(format!("{status} {body}"));
+                    }
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut r = r;
+    let mut leaving = r.east.remove(1);
+    leaving.signal("TERM");
+    let (code, log) = tokio::task::spawn_blocking(move || {
+        let code = leaving.wait_exit(Duration::from_secs(60));
+        (code, leaving.log_tail())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "the drained host did not exit 0: {log}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let mut sent = 0;
+    let mut failed = Vec::new();
+    for client in clients {
+        let (s, f) = client.await.unwrap();
+        sent += s;
+        failed.extend(f);
+    }
+    assert!(sent > 100, "only {sent} commands sent");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} commands failed while an east host drained: {:?}{}",
+        failed.len(),
+        &failed[..failed.len().min(3)],
+        r.logs()
+    );
+}
