@@ -857,7 +857,9 @@ impl Regions {
 }
 
 /// Answers requests on `subject` in the queue group of this region's hosts (so each
-/// request is answered once), each on its own task, until `stop`.
+/// request is answered once), each on its own task, until `stop`. Then it leaves the
+/// queue group, answers the requests already delivered to it, and ends once every
+/// answer is sent: a draining host fails none of the requests it was given.
 fn serve_queue<F, Fut>(
     nats: async_nats::Client,
     subject: String,
@@ -880,18 +882,44 @@ where
                 return;
             }
         };
+        // Answers in flight: awaited before the task ends, so a host that stops
+        // answers what it took (the host awaits this task before it exits).
+        let mut answering = tokio::task::JoinSet::new();
+        let mut draining = false;
         loop {
-            let message = tokio::select! {
-                _ = stop.cancelled() => break,
-                m = subscriber.next() => match m { Some(m) => m, None => break },
+            let message = if draining {
+                // Drained: the messages delivered before the server saw us leave the
+                // queue group, then the end. Bounded, should the end never come.
+                match tokio::time::timeout(DRAIN_WAIT, subscriber.next()).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) | Err(_) => break,
+                }
+            } else {
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        // Leave the queue group so requests go to the region's other
+                        // hosts, but take what was already delivered here: dropped, its
+                        // sender would wait out its timeout for a command that may
+                        // have run.
+                        draining = true;
+                        if let Err(error) = subscriber.drain().await {
+                            tracing::warn!(%error, subject, "cannot drain a subscription");
+                            break;
+                        }
+                        continue;
+                    }
+                    m = subscriber.next() => match m { Some(m) => m, None => break },
+                }
             };
+            // Answered ones are let go as the loop turns.
+            while answering.try_join_next().is_some() {}
             let Some(reply) = message.reply.clone() else {
                 continue;
             };
             let answer = handle(message);
             let nats = nats.clone();
             let subject = subject.clone();
-            tokio::spawn(async move {
+            answering.spawn(async move {
                 let (mut headers, mut body) = answer.await;
                 // An answer too large for one message would be dropped, and the caller
                 // would wait out its timeout for a command that may well have run.
@@ -908,11 +936,20 @@ where
                 if let Err(error) = nats.publish_with_headers(reply, headers, body).await {
                     tracing::warn!(%error, subject, "cannot answer a request");
                 }
+                // Sent before the process may exit.
+                let _ = nats.flush().await;
             });
         }
-        let _ = subscriber.unsubscribe().await;
+        if !draining {
+            let _ = subscriber.unsubscribe().await;
+        }
+        while answering.join_next().await.is_some() {}
     })
 }
+
+/// How long a stopping host waits for the requests delivered to it before it left its
+/// queue group.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Bytes a header map takes in a NATS message, about: `name: value\r\n` per value.
 fn headers_len(headers: &async_nats::HeaderMap) -> usize {
