@@ -46,22 +46,50 @@ pub struct Probe {
     pollables: Option<u32>,
 }
 
-// `wasi:random/random.get-random-bytes`, declared by hand as getrandom declares its
-// imports (its type comes with std's). The list comes back through a return area:
-// a pointer and a length.
+/// The raw WASI calls the probes make, declared by hand as getrandom declares its
+/// imports (their types come with std's). Natively there is no host to call.
+#[cfg(target_arch = "wasm32")]
 #[allow(unsafe_code)]
-#[link(wasm_import_module = "wasi:random/random@0.2.0")]
-unsafe extern "C" {
-    #[link_name = "get-random-bytes"]
-    fn get_random_bytes(len: i64, ret: *mut [usize; 2]);
+mod host_calls {
+    #[link(wasm_import_module = "wasi:random/random@0.2.0")]
+    unsafe extern "C" {
+        // The list comes back through a return area: a pointer and a length.
+        #[link_name = "get-random-bytes"]
+        fn get_random_bytes(len: i64, ret: *mut [usize; 2]);
+    }
+
+    #[link(wasm_import_module = "wasi:clocks/monotonic-clock@0.2.0")]
+    unsafe extern "C" {
+        #[link_name = "subscribe-duration"]
+        fn subscribe_duration(nanoseconds: i64) -> i32;
+    }
+
+    /// How many bytes one `get-random-bytes(count)` call gave.
+    pub fn random_bytes(count: u64) -> u64 {
+        let mut ret = [0usize; 2];
+        // SAFETY: the host writes the list's pointer and length into `ret`; the list
+        // was allocated with the component's allocator, whose bump arena takes it back
+        // after the call.
+        unsafe { get_random_bytes(count as i64, &mut ret) };
+        ret[1] as u64
+    }
+
+    /// Makes `count` pollables and never drops them.
+    pub fn hold_pollables(count: u32) {
+        for _ in 0..count {
+            // SAFETY: takes a plain integer and returns a handle the guest owns.
+            unsafe { subscribe_duration(1_000_000_000) };
+        }
+    }
 }
 
-// `wasi:clocks/monotonic-clock.subscribe-duration`: a pollable handle, never dropped here.
-#[allow(unsafe_code)]
-#[link(wasm_import_module = "wasi:clocks/monotonic-clock@0.2.0")]
-unsafe extern "C" {
-    #[link_name = "subscribe-duration"]
-    fn subscribe_duration(nanoseconds: i64) -> i32;
+#[cfg(not(target_arch = "wasm32"))]
+mod host_calls {
+    pub fn random_bytes(_count: u64) -> u64 {
+        0
+    }
+
+    pub fn hold_pollables(_count: u32) {}
 }
 
 impl Aggregate for ClockReader {
@@ -72,24 +100,12 @@ impl Aggregate for ClockReader {
 
     fn handle(_state: &(), command: Probe) -> Result<Vec<Event>, Rejection> {
         if let Some(count) = command.pollables {
-            for _ in 0..count {
-                #[allow(unsafe_code)]
-                // SAFETY: takes a plain integer, returns a handle the guest owns.
-                unsafe { subscribe_duration(1_000_000_000) };
-            }
+            host_calls::hold_pollables(count);
             return Ok(vec![Event::Held { pollables: count }]);
         }
         if let Some(count) = command.random_bytes {
-            let mut ret = [0usize; 2];
-            // SAFETY: the host writes the list's pointer and length into `ret`; the
-            // list was allocated with the component's allocator, whose bump arena takes
-            // it back after the call.
-            #[allow(unsafe_code)]
-            unsafe {
-                get_random_bytes(count as i64, &mut ret)
-            };
             return Ok(vec![Event::Drew {
-                bytes: ret[1] as u64,
+                bytes: host_calls::random_bytes(count),
             }]);
         }
         let system_time_nanos = SystemTime::now()
