@@ -414,9 +414,7 @@ async fn a_plugin_cannot_hoard_host_resources() {
     let db = TestDb::new("hoard").await;
     let host = Host::start(&db, HostOptions::default()).await;
     let api = host.client();
-    let (status, body) = api
-        .upload("clock-reader", wasm_bytes("clock-reader"))
-        .await;
+    let (status, body) = api.upload("clock-reader", wasm_bytes("clock-reader")).await;
     assert_eq!(status, 201, "{body}");
     let hold = |id: &'static str, pollables: u32| {
         let api = api.clone();
