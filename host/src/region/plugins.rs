@@ -3,10 +3,12 @@
 //! **Rule for version numbers.** A plugin version number is allocated by an atomic
 //! `create` of the key `<type>.<version>` in the directory's [`PLUGINS_BUCKET`]. An
 //! upload tries the next number after the directory's newest (its region may not have
-//! imported that yet; bytes that are the newest get its number back); if another
-//! region created that key first with different bytes, it tries the next, so two
-//! regions uploading at once end with two consecutive versions, never two different
-//! "version 3"s. The same bytes racing with themselves get the same version.
+//! imported that yet; bytes that are the newest get its number back). If another
+//! region created that key first with different bytes, the upload was checked against
+//! the histories of a version that is no longer the newest: it is refused (409
+//! `plugin_changed`, to be sent again) unless forced, when it tries the next number.
+//! Never two different "version 3"s; the same bytes racing with themselves get the
+//! same version.
 //!
 //! **Bytes.** The uploading region keeps the component in its own object store
 //! ([`PLUGIN_OBJECTS`], named by sha256); every region's relay leader lists the
