@@ -118,8 +118,8 @@ struct Inner {
     slot_generation: std::sync::atomic::AtomicU64,
     addresses: Mutex<HashMap<NodeId, String>>,
     status: Mutex<Option<store::cluster::Observation>>,
-    /// When the last observation that succeeded was started (see [`Cluster::in_touch`]).
-    observed_at: Mutex<Option<std::time::Instant>>,
+    /// When the last heartbeat that was stored was started (see [`Cluster::in_touch`]).
+    heartbeat_at: Mutex<Option<std::time::Instant>>,
     membership_epoch: AtomicI64,
     /// Set once the drained node removed its member row.
     left: std::sync::atomic::AtomicBool,
@@ -169,7 +169,7 @@ impl Cluster {
                 slot_generation: std::sync::atomic::AtomicU64::new(0),
                 addresses: Mutex::new(HashMap::new()),
                 status: Mutex::new(None),
-                observed_at: Mutex::new(None),
+                heartbeat_at: Mutex::new(None),
                 membership_epoch: AtomicI64::new(0),
                 left: std::sync::atomic::AtomicBool::new(false),
                 member_row: tokio::sync::Mutex::new(()),
@@ -236,16 +236,19 @@ impl Cluster {
             )
     }
 
-    /// Whether this host read the membership less than `dead_after` ago. Longer, and
-    /// the other hosts have most likely declared it dead (its heartbeats go to the same
-    /// database) and taken its partitions: it must not answer from what it holds for
-    /// them, and should not be sent work. Judged by this host's own monotonic clock,
-    /// so clock skew does not matter.
+    /// Whether this host stored a heartbeat less than `dead_after` ago (timed from
+    /// before it was sent). Longer, and the other hosts have most likely declared it
+    /// dead and taken its partitions: it must not answer from what it holds for them,
+    /// and should not be sent work. Heartbeats run on their own timer and
+    /// connection, so a driver loop busy taking partitions does not count against it;
+    /// judged by this host's monotonic clock, so clock skew does not matter. A host
+    /// that has left the region (drained) stops heartbeating and is out of touch a
+    /// moment later, which is what it is.
     pub fn in_touch(&self) -> bool {
         self.inner
-            .observed_at
+            .heartbeat_at
             .lock()
-            .expect("observed_at poisoned")
+            .expect("heartbeat_at poisoned")
             .is_some_and(|at| at.elapsed() < self.inner.config.dead_after)
     }
 
@@ -325,8 +328,13 @@ impl Cluster {
                 .lock()
                 .expect("node poisoned")
                 .announced_state();
-            if let Err(error) = self.write_member(state).await {
-                tracing::warn!(%error, "heartbeat failed");
+            let started = std::time::Instant::now();
+            match self.write_member(state).await {
+                Ok(()) => {
+                    *self.inner.heartbeat_at.lock().expect("heartbeat_at poisoned") =
+                        Some(started);
+                }
+                Err(error) => tracing::warn!(%error, "heartbeat failed"),
             }
         }
     }
@@ -343,10 +351,8 @@ impl Cluster {
     }
 
     async fn poll(&self) {
-        let started = std::time::Instant::now();
         match store::cluster::observe(&self.inner.pool, self.inner.config.dead_after).await {
             Ok(observation) => {
-                *self.inner.observed_at.lock().expect("observed_at poisoned") = Some(started);
                 {
                     let mut addresses = self.inner.addresses.lock().expect("addresses poisoned");
                     addresses.clear();

@@ -777,7 +777,10 @@ impl Plugin {
         // The guest's last stderr line (a panic message) says more than the trap.
         let trap = match error.downcast_ref::<Trap>() {
             Some(trap) => trap.to_string(),
-            None => first_line(&format!("{error:#}")),
+            // A host function's own error (a random draw too large, a full resource
+            // table): its words are at the bottom of the chain, under wasmtime's
+            // "error while executing at wasm backtrace".
+            None => first_line(&error.root_cause().to_string()),
         };
         let message = match instance.store.data().stderr.last_message() {
             Some(line) => format!("{line} ({trap})"),

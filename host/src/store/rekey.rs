@@ -9,9 +9,16 @@
 //! before them, behind the positions readers resume from. Nothing fails; feeds are
 //! simply empty. (`pg_upgrade` keeps the counter, so an upgrade in place is fine.)
 //!
-//! So a host refuses to start on such a database ([`check`]), and
-//! `meridian migrate --rekey-transaction-ids` ([`rekey`]) renumbers the stored ids to
-//! small ones in the same order, which every later transaction follows.
+//! So a host refuses to start on such a database ([`check`]). Two ways out, both keeping
+//! the order:
+//! - on the stopped new server, `pg_resetwal -e <epoch>` with an epoch past the old
+//!   ids' (the error names it). A transaction id is `epoch << 32 | xid`; the epoch is
+//!   stored nowhere else, so PostgreSQL documents any value as safe. Every new id is
+//!   then past every old one, and nothing is rewritten. This fits any size.
+//! - `meridian migrate --rekey-transaction-ids` ([`rekey`]) renumbers the stored ids to
+//!   3, 4, 5, … in their order, below the server's counter — possible while fewer
+//!   transactions wrote the events than the new server has used ids, so for small
+//!   regions (or after the server has run a while).
 
 use sqlx::PgPool;
 
@@ -24,8 +31,12 @@ pub enum RekeyError {
     #[error(
         "the events were written on another PostgreSQL server: their transaction ids reach \
          {newest}, and this server's next is {next}, so every feed would leave them out and \
-         order new events before them. Stop every host of the region, run \
-         `meridian migrate --rekey-transaction-ids` once, and start them again"
+         order new events before them. Stop every host of the region, then either stop \
+         PostgreSQL and run `pg_resetwal -e {epoch} <data directory>` (it only moves the \
+         transaction id epoch past the old ids'; any size), or run \
+         `meridian migrate --rekey-transaction-ids` (renumbers the stored ids; fits while \
+         fewer transactions wrote them than this server has used), and start them again",
+        epoch = (newest >> 32) + 1
     )]
     Foreign {
         /// The newest stored transaction id.
@@ -36,13 +47,18 @@ pub enum RekeyError {
     /// More distinct transaction ids are stored than this server has used.
     #[error(
         "cannot renumber: {count} transactions wrote the stored events, and this server has \
-         used only {next} transaction ids; the renumbered ids would still be ahead of it"
+         used only {next} transaction ids, so the renumbered ids would still be ahead of it. \
+         Stop PostgreSQL and run `pg_resetwal -e {epoch} <data directory>` instead: it moves \
+         the transaction id epoch past the old ids', rewriting nothing",
+        epoch = (newest >> 32) + 1
     )]
     TooMany {
         /// Distinct stored transaction ids.
         count: i64,
         /// The server's next transaction id.
         next: i64,
+        /// The newest stored transaction id.
+        newest: i64,
     },
     /// The database failed.
     #[error(transparent)]
@@ -89,16 +105,21 @@ pub async fn rekey(pool: &PgPool) -> Result<u64, RekeyError> {
     )
     .fetch_one(&mut *tx)
     .await?;
-    if newest.is_none_or(|newest| newest < next) {
+    let Some(newest) = newest.filter(|newest| *newest >= next) else {
         return Ok(0);
-    }
+    };
     let count: i64 = sqlx::query_scalar("SELECT count(DISTINCT tx_id) FROM events")
         .fetch_one(&mut *tx)
         .await?;
-    // 0, 1 and 2 are the server's own (invalid, bootstrap, frozen); this transaction's
-    // id, taken by the updates below, is at least `next`.
-    if count + 3 >= next {
-        return Err(RekeyError::TooMany { count, next });
+    // 0, 1 and 2 are the server's own (invalid, bootstrap, frozen): the new ids are
+    // 3..=count + 2, all below `next` (this transaction's own id, taken by the updates
+    // below, is at least `next`).
+    if count + 2 >= next {
+        return Err(RekeyError::TooMany {
+            count,
+            next,
+            newest,
+        });
     }
     sqlx::query(
         "CREATE TEMPORARY TABLE meridian_rekey ON COMMIT DROP AS \
