@@ -936,20 +936,36 @@ where
                 if let Err(error) = nats.publish_with_headers(reply, headers, body).await {
                     tracing::warn!(%error, subject, "cannot answer a request");
                 }
-                // Sent before the process may exit.
-                let _ = nats.flush().await;
+                // Sent before the process may exit; with NATS away the answer is lost
+                // anyway, and a flush would wait for it to come back.
+                let _ = tokio::time::timeout(DRAIN_WAIT, nats.flush()).await;
             });
         }
         if !draining {
             let _ = subscriber.unsubscribe().await;
         }
-        while answering.join_next().await.is_some() {}
+        let answered = tokio::time::timeout(ANSWERS_WAIT, async {
+            while answering.join_next().await.is_some() {}
+        })
+        .await;
+        if answered.is_err() {
+            tracing::warn!(
+                subject,
+                unanswered = answering.len(),
+                "stopping with requests unanswered"
+            );
+            answering.shutdown().await;
+        }
     })
 }
 
 /// How long a stopping host waits for the requests delivered to it before it left its
-/// queue group.
+/// queue group, and for each answer to reach NATS.
 const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a stopping host waits for the answers to the requests it took (a command
+/// waits for its partition's owner at most its route timeout, 10 s by default).
+const ANSWERS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Bytes a header map takes in a NATS message, about: `name: value\r\n` per value.
 fn headers_len(headers: &async_nats::HeaderMap) -> usize {
