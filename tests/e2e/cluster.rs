@@ -1175,3 +1175,53 @@ async fn a_host_cut_off_from_the_database_turns_unready_and_serves_no_stale_stat
     let (status, body) = api.get("/v1/aggregates/bank-account/cut-1").await;
     assert_eq!((status, body["version"].as_i64()), (200, Some(1)), "{body}");
 }
+
+/// A host listening on every interface without an advertise URL advertises an address
+/// no other host can reach (connecting to 0.0.0.0 reaches the connecting host itself,
+/// so forwards would come back to their sender). Alone it runs; it joins no region with
+/// other hosts, and no host joins a region where it runs — each refusing to start with
+/// a message naming what to set.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_address_other_hosts_cannot_reach_runs_only_alone() {
+    let db = TestDb::new("unspecified").await;
+    let everywhere = |port: u16| HostOptions {
+        port: Some(port),
+        env: vec![("MERIDIAN_HTTP_ADDR".into(), format!("0.0.0.0:{port}"))],
+        ..options()
+    };
+    let alone = Host::start(&db, everywhere(crate::harness::free_port())).await;
+    let (status, _) = alone.client().get("/v1/cluster").await;
+    assert_eq!(status, 200);
+
+    for (options, says) in [
+        (options(), "advertises http://0.0.0.0:"),
+        (everywhere(crate::harness::free_port()), "--advertise-url"),
+    ] {
+        let mut refused = Host::spawn(&db.url, options);
+        let (code, log) = tokio::task::spawn_blocking(move || {
+            let code = refused.wait_exit(Duration::from_secs(60));
+            (code, refused.log_tail())
+        })
+        .await
+        .unwrap();
+        assert!(
+            matches!(code, Some(c) if c != 0) && log.contains(says),
+            "exit {code:?}: {log}"
+        );
+    }
+    // Given an advertise URL, it is reachable, and a second host joins.
+    drop(alone);
+    let port = crate::harness::free_port();
+    let mut fixed = everywhere(port);
+    fixed
+        .env
+        .push(("MERIDIAN_ADVERTISE_URL".into(), format!("http://127.0.0.1:{port}")));
+    let first = Host::start(&db, fixed).await;
+    let second = Host::start(&db, options()).await;
+    let (status, body) = first
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    wait_balanced(&[first, second]).await;
+}

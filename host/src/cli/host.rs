@@ -264,7 +264,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // The driver outlives the HTTP drain, so it has its own token.
     let driver_stop = CancellationToken::new();
-    let advertise = advertise_url(args.advertise_url.as_deref(), local_addr)?;
+    let advertise = advertise_checked(&pool, &args, &node_id, local_addr).await?;
     let cluster = Cluster::start(
         ClusterConfig {
             node_id: node_id.clone(),
@@ -457,6 +457,60 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     }
 }
 
+/// [`advertise_url`], checked against the region: a host listening on every interface
+/// without an advertise URL may run alone (nobody forwards to it), but joins no region
+/// with other hosts; and no host joins a region where a live host advertises an address
+/// no one can reach — commands routed there would come back to their sender.
+async fn advertise_checked(
+    pool: &sqlx::PgPool,
+    args: &HostArgs,
+    node_id: &str,
+    listening: SocketAddr,
+) -> anyhow::Result<String> {
+    let dead_after = Duration::from_millis(args.dead_after_ms);
+    let others: Vec<(String, String)> = store::cluster::live_addresses(pool, dead_after)
+        .await?
+        .into_iter()
+        .filter(|(id, _)| id != node_id)
+        .collect();
+    let url = match advertise_url(args.advertise_url.as_deref(), listening) {
+        Err(error) if args.advertise_url.is_none() && others.is_empty() => {
+            tracing::warn!(
+                %error,
+                "running alone with an address other hosts cannot reach; set --advertise-url before adding hosts to this region"
+            );
+            format!("http://{listening}")
+        }
+        other => other?,
+    };
+    if let Some((id, address)) = others
+        .iter()
+        .find(|(_, address)| unreachable_address(address))
+    {
+        anyhow::bail!(
+            "host {id} of this region advertises {address}, which no other host can reach \
+             (it listens on every interface and has no advertise URL): set \
+             --advertise-url (MERIDIAN_ADVERTISE_URL) on it to its address as the other \
+             hosts see it and restart it, then start this one"
+        );
+    }
+    Ok(url)
+}
+
+/// Whether an advertised URL names no host: 0.0.0.0 or [::].
+fn unreachable_address(url: &str) -> bool {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .and_then(|host| {
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .ok()
+        })
+        .is_some_and(|ip| ip.is_unspecified())
+}
+
 /// The URL other hosts of the region forward commands to: the one configured, or the
 /// listening address. Not an unspecified one (0.0.0.0 or [::]): another host connecting
 /// there reaches itself, so every forward would come back to its sender.
@@ -561,5 +615,9 @@ mod tests {
             advertise_url(Some("https://meridian-1.internal"), every).unwrap(),
             "https://meridian-1.internal"
         );
+        assert!(unreachable_address("http://0.0.0.0:8080"));
+        assert!(unreachable_address("http://[::]:8080"));
+        assert!(!unreachable_address("http://10.0.0.5:8080"));
+        assert!(!unreachable_address("http://[::1]:8080"));
     }
 }

@@ -88,6 +88,21 @@ async fn bump_membership_epoch(tx: &mut sqlx::PgConnection) -> Result<(), StoreE
     Ok(())
 }
 
+/// The ids and addresses of the members whose heartbeat is within `dead_after`.
+pub async fn live_addresses(
+    pool: &PgPool,
+    dead_after: Duration,
+) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT node_id, address FROM members \
+         WHERE last_heartbeat >= now() - make_interval(secs => $1::double precision / 1000) \
+         ORDER BY node_id",
+    )
+    .bind(dead_after.as_millis() as i64)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Removes this node's row when it leaves cleanly.
 pub async fn leave(pool: &PgPool, node: &str) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
