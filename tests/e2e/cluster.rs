@@ -1189,7 +1189,7 @@ async fn an_address_other_hosts_cannot_reach_runs_only_alone() {
         env: vec![("MERIDIAN_HTTP_ADDR".into(), format!("0.0.0.0:{port}"))],
         ..options()
     };
-    let alone = Host::start(&db, everywhere(crate::harness::free_port())).await;
+    let mut alone = Host::start(&db, everywhere(crate::harness::free_port())).await;
     let (status, _) = alone.client().get("/v1/cluster").await;
     assert_eq!(status, 200);
 
@@ -1209,8 +1209,13 @@ async fn an_address_other_hosts_cannot_reach_runs_only_alone() {
             "exit {code:?}: {log}"
         );
     }
-    // Given an advertise URL, it is reachable, and a second host joins.
-    drop(alone);
+    // Given an advertise URL, it is reachable, and a second host joins. (Stopped
+    // cleanly, its member row goes at once.)
+    alone.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || alone.wait_exit(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
     let port = crate::harness::free_port();
     let mut fixed = everywhere(port);
     fixed
