@@ -1218,9 +1218,10 @@ async fn an_address_other_hosts_cannot_reach_runs_only_alone() {
     assert_eq!(code, Some(0));
     let port = crate::harness::free_port();
     let mut fixed = everywhere(port);
-    fixed
-        .env
-        .push(("MERIDIAN_ADVERTISE_URL".into(), format!("http://127.0.0.1:{port}")));
+    fixed.env.push((
+        "MERIDIAN_ADVERTISE_URL".into(),
+        format!("http://127.0.0.1:{port}"),
+    ));
     let first = Host::start(&db, fixed).await;
     let second = Host::start(&db, options()).await;
     let (status, body) = first

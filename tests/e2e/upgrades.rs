@@ -148,8 +148,10 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
                 .await
         }
     });
-    // Once it is replaying, another version lands (forced: no check of its own). The
-    // JavaScript component compiles first: seconds, more on a busy machine.
+    // Once it is replaying, another version lands, stored straight into the plugins
+    // table as an upload through another host would store it (no compile or check to
+    // race with). The JavaScript component compiles first: seconds, more on a busy
+    // machine.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
     while !host.log_tail().contains("checking a long history") {
         assert!(
@@ -159,14 +161,16 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let (status, body) = api
-        .put_raw(
-            "/v1/plugins/bank-account?force=true",
-            with_custom_section(b"another build"),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    assert_eq!(body["version"], 2, "{body}");
+    let other = with_custom_section(b"another build");
+    let sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&other))
+    };
+    let (stored, created) = store::plugins::store(&pool, "bank-account", &sha256, 1, &other, None)
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(stored.version, 2);
 
     let (status, body) = checked.await.unwrap();
     assert_eq!(

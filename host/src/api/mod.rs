@@ -589,6 +589,9 @@ async fn run_command(
         ));
     }
     let mut body = parse_command_body(&body)?;
+    // The caller's own id is named even in an answer given before the command runs
+    // (`overloaded`).
+    *assigned = body.command_id;
     let correlation_id = correlation_id(&headers)?;
     let Some(_permit) = state.commands_in_flight.admit() else {
         return Ok(state.commands_in_flight.overloaded());

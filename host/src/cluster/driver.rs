@@ -331,8 +331,11 @@ impl Cluster {
             let started = std::time::Instant::now();
             match self.write_member(state).await {
                 Ok(()) => {
-                    *self.inner.heartbeat_at.lock().expect("heartbeat_at poisoned") =
-                        Some(started);
+                    *self
+                        .inner
+                        .heartbeat_at
+                        .lock()
+                        .expect("heartbeat_at poisoned") = Some(started);
                 }
                 Err(error) => tracing::warn!(%error, "heartbeat failed"),
             }

@@ -56,11 +56,13 @@ pub const FIXED_WALL_CLOCK_SECS: u64 = 1_735_689_600;
 pub const MAX_RANDOM_BYTES_PER_CALL: u64 = 1024 * 1024;
 
 /// Most host resources (streams, pollables, ...) one instance may hold at once. They
-/// live in host memory, which the memory cap does not count, and an instance is reused
-/// from call to call: a guest that makes them and never drops them (a pollable a loop
-/// iteration) would otherwise grow the host by wasmtime's default of a million
-/// entries, per pooled instance. A plugin uses a handful; an interpreter a few dozen.
-pub const MAX_RESOURCES_PER_INSTANCE: usize = 10_000;
+/// live in host memory (about 100 bytes each), which the memory cap does not count, and
+/// an instance is reused from call to call: a guest that makes them and never drops
+/// them (a pollable a loop iteration) would otherwise grow the host by wasmtime's
+/// default of a million entries, per pooled instance. A plugin uses a handful, an
+/// interpreter a few dozen; ten times an instance's calls leaves room for one that
+/// leaks one a call.
+pub const MAX_RESOURCES_PER_INSTANCE: usize = 10 * super::INSTANCE_MAX_CALLS as usize;
 
 /// The store data of one plugin instance.
 pub(crate) struct GuestState {
