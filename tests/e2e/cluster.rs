@@ -1231,3 +1231,47 @@ async fn an_address_other_hosts_cannot_reach_runs_only_alone() {
     assert_eq!(status, 201, "{body}");
     wait_balanced(&[first, second]).await;
 }
+
+/// Two processes given one node id shared one member row and took each other's
+/// partitions back and forth. A host now refuses to start while another process
+/// heartbeats as its node id, naming the setting to change — after waiting out a row
+/// that is only its own predecessor's, killed a moment ago (the restart below).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_with_a_node_id_in_use_refuses_to_start() {
+    let db = TestDb::new("twin").await;
+    let twin = || HostOptions {
+        node_id: Some("twin".into()),
+        ..options()
+    };
+    let mut first = Host::start(&db, twin()).await;
+    let mut second = Host::spawn(&db.url, twin());
+    let (code, log) = tokio::task::spawn_blocking(move || {
+        let code = second.wait_exit(Duration::from_secs(60));
+        (code, second.log_tail())
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(code, Some(c) if c != 0)
+            && log.contains("another process runs as node twin")
+            && log.contains("MERIDIAN_NODE_ID"),
+        "exit {code:?}: {log}"
+    );
+    let (status, body) = first
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // Killed and started again at once, the same node waits for its old row to go
+    // quiet, then takes it.
+    first.restart().await;
+    let (status, body) = first
+        .client()
+        .command(
+            "bank-account",
+            "twin-1",
+            json!({"command": {"type": "Open", "owner": "t"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -129,6 +129,11 @@ impl From<StoreError> for ApiError {
                      command_id (answered in x-meridian-command-id), which never applies twice",
                 )
             }
+            StoreError::NodeIdTaken { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_id_taken",
+                error.to_string(),
+            ),
             StoreError::Closed => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",

@@ -265,8 +265,10 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     // The driver outlives the HTTP drain, so it has its own token.
     let driver_stop = CancellationToken::new();
     let advertise = advertise_checked(&pool, &args, &node_id, local_addr).await?;
+    let incarnation = claim_node_id(&pool, &node_id, &advertise, &args).await?;
     let cluster = Cluster::start(
         ClusterConfig {
+            incarnation,
             node_id: node_id.clone(),
             address: advertise,
             partitions: args.partitions,
@@ -453,6 +455,45 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
         Err(error) => {
             tracing::warn!(%error, "metrics disabled");
             None
+        }
+    }
+}
+
+/// Takes the node id for this process, waiting out a live member row of another one:
+/// this host's own predecessor, killed a moment ago, stops heartbeating within
+/// `dead_after`; a row still heartbeating after twice that belongs to another process
+/// given the same node id, and this one refuses to start.
+async fn claim_node_id(
+    pool: &sqlx::PgPool,
+    node_id: &str,
+    advertise: &str,
+    args: &HostArgs,
+) -> anyhow::Result<uuid::Uuid> {
+    let incarnation = uuid::Uuid::new_v4();
+    let dead_after = Duration::from_millis(args.dead_after_ms);
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match store::cluster::claim(pool, node_id, incarnation, dead_after).await? {
+            store::cluster::Claim::Claimed => return Ok(incarnation),
+            store::cluster::Claim::HeldBy { address } => {
+                if started.elapsed() > dead_after * 2 {
+                    anyhow::bail!(
+                        "another process runs as node {node_id} (its heartbeats are current; it \
+                         advertises {address}, this one {advertise}): give each host its own \
+                         --node-id (MERIDIAN_NODE_ID), or stop the other one first"
+                    );
+                }
+                if !said {
+                    tracing::info!(
+                        node_id,
+                        other = %address,
+                        "waiting for the last process that ran as this node to stop heartbeating"
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(args.heartbeat_ms).min(dead_after)).await;
+            }
         }
     }
 }

@@ -59,6 +59,8 @@ pub struct ClusterConfig {
     pub poll_interval: Duration,
     /// How long a command waits for an owner.
     pub route_timeout: Duration,
+    /// This process's claim on `node_id` (see [`store::cluster::claim`]).
+    pub incarnation: uuid::Uuid,
 }
 
 /// Errors refusing a command before any owner ran it.
@@ -287,7 +289,12 @@ impl Cluster {
             return;
         }
         if let Err(error) =
-            store::cluster::leave(&self.inner.pool, &self.inner.config.node_id).await
+            store::cluster::leave(
+                &self.inner.pool,
+                &self.inner.config.node_id,
+                self.inner.config.incarnation,
+            )
+            .await
         {
             tracing::warn!(%error, "could not remove the member row; it will expire");
         }
@@ -337,6 +344,13 @@ impl Cluster {
                         .lock()
                         .expect("heartbeat_at poisoned") = Some(started);
                 }
+                Err(error @ StoreError::NodeIdTaken { .. }) => {
+                    // Heartbeating on would take the row back and forth with the other
+                    // process. Out of touch from now on, this host turns unready, and
+                    // the partitions it holds are fenced as the other one takes them.
+                    tracing::error!(%error, "node id taken over");
+                    return;
+                }
                 Err(error) => tracing::warn!(%error, "heartbeat failed"),
             }
         }
@@ -350,7 +364,14 @@ impl Cluster {
             return Ok(());
         }
         let config = &self.inner.config;
-        store::cluster::heartbeat(&self.inner.pool, &config.node_id, &config.address, state).await
+        store::cluster::heartbeat(
+            &self.inner.pool,
+            &config.node_id,
+            &config.address,
+            state,
+            config.incarnation,
+        )
+        .await
     }
 
     async fn poll(&self) {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
+use uuid::Uuid;
 
 use super::StoreError;
 use crate::cluster::core::{Lease, MemberState, MemberView};
@@ -51,29 +52,42 @@ pub struct Observation {
 
 /// Writes this node's row: heartbeat now, with its state and address. A change of
 /// state (or a return from the dead) counts as a membership change.
+///
+/// `incarnation` is this process's: a row another process has taken over (see
+/// [`claim`]) is left alone, and the answer is [`StoreError::NodeIdTaken`].
 pub async fn heartbeat(
     pool: &PgPool,
     node: &str,
     address: &str,
     state: MemberState,
+    incarnation: Uuid,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    let old: Option<(String, bool)> =
-        sqlx::query_as("SELECT state, dead FROM members WHERE node_id = $1 FOR UPDATE")
-            .bind(node)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let old: Option<(String, bool, Option<Uuid>)> = sqlx::query_as(
+        "SELECT state, dead, incarnation FROM members WHERE node_id = $1 FOR UPDATE",
+    )
+    .bind(node)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((_, _, Some(other))) = &old
+        && *other != incarnation
+    {
+        return Err(StoreError::NodeIdTaken {
+            node: node.to_string(),
+        });
+    }
     sqlx::query(
-        "INSERT INTO members (node_id, address, state) VALUES ($1, $2, $3) \
+        "INSERT INTO members (node_id, address, state, incarnation) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (node_id) DO UPDATE SET last_heartbeat = now(), state = EXCLUDED.state, \
-         address = EXCLUDED.address, dead = false",
+         address = EXCLUDED.address, dead = false, incarnation = EXCLUDED.incarnation",
     )
     .bind(node)
     .bind(address)
     .bind(state.as_str())
+    .bind(incarnation)
     .execute(&mut *tx)
     .await?;
-    let changed = old.is_none_or(|(old_state, dead)| dead || old_state != state.as_str());
+    let changed = old.is_none_or(|(old_state, dead, _)| dead || old_state != state.as_str());
     if changed {
         bump_membership_epoch(&mut tx).await?;
     }
@@ -86,6 +100,57 @@ async fn bump_membership_epoch(tx: &mut sqlx::PgConnection) -> Result<(), StoreE
         .execute(tx)
         .await?;
     Ok(())
+}
+
+/// What [`claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The node id is this process's now.
+    Claimed,
+    /// Another process heartbeats as this node id, from `address`.
+    HeldBy {
+        /// The address its row advertises.
+        address: String,
+    },
+}
+
+/// Takes the node id for the process `incarnation`: free when no row has it, when the
+/// row is this process's or was written before incarnations existed, or when its last
+/// heartbeat is older than `dead_after` (its process died, or was cut off long enough
+/// for the region to count it dead). A live row of another process is
+/// [`Claim::HeldBy`]: that one may be this node's own predecessor, killed a moment ago,
+/// so the caller waits `dead_after` before it believes it.
+pub async fn claim(
+    pool: &PgPool,
+    node: &str,
+    incarnation: Uuid,
+    dead_after: Duration,
+) -> Result<Claim, StoreError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(Option<Uuid>, String, bool)> = sqlx::query_as(
+        "SELECT incarnation, address, \
+                last_heartbeat >= now() - make_interval(secs => $2::double precision / 1000) \
+         FROM members WHERE node_id = $1 FOR UPDATE",
+    )
+    .bind(node)
+    .bind(dead_after.as_millis() as i64)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match row {
+        Some((Some(other), address, true)) if other != incarnation => {
+            return Ok(Claim::HeldBy { address });
+        }
+        Some(_) => {
+            sqlx::query("UPDATE members SET incarnation = $2 WHERE node_id = $1")
+                .bind(node)
+                .bind(incarnation)
+                .execute(&mut *tx)
+                .await?;
+        }
+        None => {}
+    }
+    tx.commit().await?;
+    Ok(Claim::Claimed)
 }
 
 /// The ids and addresses of the members whose heartbeat is within `dead_after`.
@@ -103,13 +168,17 @@ pub async fn live_addresses(
     .await?)
 }
 
-/// Removes this node's row when it leaves cleanly.
-pub async fn leave(pool: &PgPool, node: &str) -> Result<(), StoreError> {
+/// Removes this node's row when it leaves cleanly (unless another process has taken
+/// it over: see [`claim`]).
+pub async fn leave(pool: &PgPool, node: &str, incarnation: Uuid) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("DELETE FROM members WHERE node_id = $1")
-        .bind(node)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "DELETE FROM members WHERE node_id = $1 AND (incarnation IS NULL OR incarnation = $2)",
+    )
+    .bind(node)
+    .bind(incarnation)
+    .execute(&mut *tx)
+    .await?;
     // Read only for live members; without this, hosts with a fresh name per start
     // (containers) would leave a row per plugin each.
     sqlx::query("DELETE FROM plugins_running WHERE node_id = $1")

@@ -86,6 +86,14 @@ pub enum StoreError {
     /// The committer has shut down.
     #[error("the event store is shutting down")]
     Closed,
+    /// Another process took over this host's node id (its member row).
+    #[error(
+        "another process now runs as node {node}; this one stops heartbeating (give each host its own MERIDIAN_NODE_ID)"
+    )]
+    NodeIdTaken {
+        /// The node id.
+        node: String,
+    },
     /// Another version of the plugin was stored while an upload was being checked
     /// against the one before it: the upload's history check no longer holds.
     #[error(
