@@ -288,13 +288,12 @@ impl Cluster {
         if self.inner.left.swap(true, Ordering::Relaxed) {
             return;
         }
-        if let Err(error) =
-            store::cluster::leave(
-                &self.inner.pool,
-                &self.inner.config.node_id,
-                self.inner.config.incarnation,
-            )
-            .await
+        if let Err(error) = store::cluster::leave(
+            &self.inner.pool,
+            &self.inner.config.node_id,
+            self.inner.config.incarnation,
+        )
+        .await
         {
             tracing::warn!(%error, "could not remove the member row; it will expire");
         }
