@@ -6,8 +6,11 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
+# The demo's cluster is its own: a database exported for another purpose is not used.
+unset MERIDIAN_DATABASE_URL
 bash scripts/install-deps.sh
 export MERIDIAN_NATS_SERVER_BIN="${MERIDIAN_NATS_SERVER_BIN:-$REPO/.tools/bin/nats-server}"
 bash plugins/build.sh
 cargo build --release -p meridian-host
-exec target/release/meridian dev "$@"
+TARGET="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+exec "$TARGET/release/meridian" dev --plugin "$TARGET/wasm32-wasip2/release/bank_account.wasm" "$@"

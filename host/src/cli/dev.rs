@@ -104,11 +104,11 @@ pub struct DevArgs {
     #[arg(long, value_delimiter = ',', default_value = "east,west")]
     pub regions: Vec<String>,
     /// Hosts per region, comma-separated in the order of --regions; the last number
-    /// also counts for the regions after it.
+    /// also counts for the regions after it. Default: 2 in the first region, 1 in each
+    /// of the others.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "2,1",
         value_parser = clap::value_parser!(u16).range(1..=64)
     )]
     pub hosts: Vec<u16>,
@@ -203,10 +203,15 @@ async fn shut_down(cluster: &mut Cluster, stop: &mut StopSignals, keep: bool) {
     cluster.work.remove_unless(keep);
 }
 
-/// SIGINT and SIGTERM, both meaning "stop everything".
+/// SIGINT, SIGTERM, SIGHUP and SIGQUIT, all meaning "stop everything". SIGHUP comes
+/// when the terminal closes (a tab, an SSH session dropped): the hosts, nats-servers and
+/// PostgreSQL run in process groups of their own and get no signal from the terminal,
+/// so left unhandled it would end this process alone and leave them all running.
 struct StopSignals {
     interrupt: Signal,
     terminate: Signal,
+    hangup: Signal,
+    quit: Signal,
 }
 
 impl StopSignals {
@@ -214,6 +219,8 @@ impl StopSignals {
         Ok(Self {
             interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
             terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            hangup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+            quit: signal(SignalKind::quit()).context("cannot handle SIGQUIT")?,
         })
     }
 
@@ -222,6 +229,8 @@ impl StopSignals {
         tokio::select! {
             _ = self.interrupt.recv() => "Ctrl-C",
             _ = self.terminate.recv() => "SIGTERM",
+            _ = self.hangup.recv() => "SIGHUP (the terminal closed)",
+            _ = self.quit.recv() => "SIGQUIT",
         }
     }
 }
@@ -259,18 +268,23 @@ impl Plan {
                 bail!("--regions names `{name}` twice");
             }
         }
-        if args.hosts.len() > names.len() {
+        // The default fits however many regions are named; counts given must.
+        let hosts = if args.hosts.is_empty() {
+            vec![2, 1]
+        } else if args.hosts.len() > names.len() {
             bail!(
                 "--hosts gives {} counts for {} regions",
                 args.hosts.len(),
                 names.len()
             );
-        }
-        let last = *args.hosts.last().context("--hosts gives no count")?;
+        } else {
+            args.hosts.clone()
+        };
+        let last = *hosts.last().context("--hosts gives no count")?;
         let regions: Vec<(String, u16)> = names
             .into_iter()
             .enumerate()
-            .map(|(i, name)| (name, args.hosts.get(i).copied().unwrap_or(last)))
+            .map(|(i, name)| (name, hosts.get(i).copied().unwrap_or(last)))
             .collect();
 
         let nats = if !args.nats_url.is_empty() {
@@ -1144,6 +1158,13 @@ fn spawn_host(spec: &HostSpec, region: &RegionEnv, admin_token: &str) -> anyhow:
     create_parent(&spec.log)?;
     let log = open_log(&spec.log)?;
     let mut command = Command::new(exe);
+    // The calling shell's host settings (a MERIDIAN_ADVERTISE_URL, a tokens file, a
+    // database) are not this cluster's: each host gets only what is set below.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MERIDIAN_") {
+            command.env_remove(name);
+        }
+    }
     command
         .arg("host")
         .args(["--region", &spec.region])
