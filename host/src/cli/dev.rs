@@ -1159,9 +1159,11 @@ fn spawn_host(spec: &HostSpec, region: &RegionEnv, admin_token: &str) -> anyhow:
     let log = open_log(&spec.log)?;
     let mut command = Command::new(exe);
     // The calling shell's host settings (a MERIDIAN_ADVERTISE_URL, a tokens file, a
-    // database) are not this cluster's: each host gets only what is set below.
+    // database) are not this cluster's: each host gets only what is set below, and
+    // the log filter.
     for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MERIDIAN_") {
+        let text = name.to_string_lossy();
+        if text.starts_with("MERIDIAN_") && text != "MERIDIAN_LOG" {
             command.env_remove(name);
         }
     }
