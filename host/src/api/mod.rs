@@ -588,11 +588,11 @@ async fn run_command(
             ),
         ));
     }
-    let mut body = parse_command_body(&body)?;
+    let mut body = parse_command_body(body)?;
     // The caller's own id is named even in an answer given before the command runs
     // (`overloaded`).
     *assigned = body.command_id;
-    let correlation_id = correlation_id(&headers)?;
+    let correlation_id = correlation_id(headers)?;
     let Some(_permit) = state.commands_in_flight.admit() else {
         return Ok(state.commands_in_flight.overloaded());
     };
@@ -622,7 +622,7 @@ async fn run_command(
         );
     }
     // Written only in its home region: anywhere else, the home region answers.
-    if let Some(answer) = regions::route_command(&state, &key, &headers, &forward_body).await? {
+    if let Some(answer) = regions::route_command(&state, &key, headers, &forward_body).await? {
         return Ok(answer);
     }
     let routed_key = key.clone();
@@ -668,7 +668,7 @@ async fn run_command(
     {
         state.regions.forget(&routed_key);
         if let Some(answer) =
-            regions::route_command(&state, &routed_key, &headers, &forward_body).await?
+            regions::route_command(&state, &routed_key, headers, &forward_body).await?
         {
             return Ok(answer);
         }
@@ -1318,9 +1318,11 @@ async fn upload_plugin(
         .register_plugin(
             &state.pool,
             &aggregate_type,
-            &validated.sha256,
-            validated.schema_version,
-            &body,
+            crate::region::plugins::Component {
+                sha256: &validated.sha256,
+                schema_version: validated.schema_version,
+                bytes: &body,
+            },
             newest,
             query.force,
         )

@@ -56,6 +56,17 @@ pub struct VersionEntry {
     pub region: String,
 }
 
+/// An uploaded component, validated: what [`Regions::register_plugin`] stores.
+#[derive(Debug, Clone, Copy)]
+pub struct Component<'a> {
+    /// Hex sha256 of the bytes.
+    pub sha256: &'a str,
+    /// The schema version the component reports.
+    pub schema_version: u32,
+    /// The component.
+    pub bytes: &'a Bytes,
+}
+
 impl Regions {
     /// Registers an uploaded (and already validated) component. With several regions
     /// its version number comes from the directory (so every region stores these bytes
@@ -71,12 +82,15 @@ impl Regions {
         &self,
         pool: &PgPool,
         aggregate_type: &str,
-        sha256: &str,
-        schema_version: u32,
-        bytes: &Bytes,
+        component: Component<'_>,
         newest: Option<NewestPlugin>,
         forced: bool,
     ) -> Result<(PluginInfo, bool), RegionError> {
+        let Component {
+            sha256,
+            schema_version,
+            bytes,
+        } = component;
         if !self.enabled() {
             let judged_by = (!forced).then(|| newest.as_ref().map(|n| n.version));
             return Ok(store::plugins::store(
