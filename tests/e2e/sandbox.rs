@@ -330,6 +330,13 @@ async fn output_far_over_the_caps_fails_before_it_is_copied() {
     let api = host.client();
     let (status, body) = api.upload("bad-output", wasm_bytes("bad-output")).await;
     assert_eq!(status, 201, "{body}");
+    // Building 10 MB of events can take the guest longer than the default 100 ms on a
+    // busy machine; the deadline is not what this is about.
+    assert_eq!(
+        api.put_limits("bad-output", json!({"deadline_ms": 10_000}))
+            .await,
+        200
+    );
     let (status, body) = api
         .command(
             "bad-output",
@@ -370,28 +377,23 @@ async fn limits_the_plugin_cannot_run_under_are_refused() {
     let api = host.client();
     let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
     assert_eq!(status, 201, "{body}");
-    for (limits, says) in [
-        // A Rust component's start-up alone takes more than 1 MiB (its stack).
-        (json!({"memory_bytes": 1_048_576}), "ran out of memory"),
-        (json!({"max_component_bytes": 1_000}), "byte limit"),
-    ] {
-        let (status, body) = api
-            .put_raw(
-                "/v1/plugins/bank-account/limits",
-                limits.to_string().into_bytes(),
-            )
-            .await;
-        assert_eq!(
-            (status, body["error"]["code"].as_str()),
-            (400, Some("limits_too_tight")),
-            "{limits}: {body}"
-        );
-        let message = body["error"]["message"].as_str().unwrap_or_default();
-        assert!(
-            message.contains("version 1 of `bank-account`") && message.contains(says),
-            "{limits}: {body}"
-        );
-    }
+    // A Rust component's start-up alone takes more than 1 MiB (its stack).
+    let (status, body) = api
+        .put_raw(
+            "/v1/plugins/bank-account/limits",
+            json!({"memory_bytes": 1_048_576}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("limits_too_tight")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("version 1 of `bank-account`") && message.contains("ran out of memory"),
+        "{body}"
+    );
     // Nothing changed: the defaults hold and commands run.
     let (_, limits) = api.get("/v1/plugins/bank-account/limits").await;
     assert_eq!(limits["memory_bytes"], 64 * 1024 * 1024, "{limits}");

@@ -1502,24 +1502,28 @@ async fn set_limits(
         json_object(&body).map_err(|e| ApiError::bad_request(format!("malformed limits: {e}")))?;
     limits.validate().map_err(ApiError::bad_request)?;
     // Limits within their ranges can still be too tight for the component in use (too
-    // little memory for its start-up, a deadline shorter than its instantiation, a
-    // size cap below it): every command of the type would then fail. Run the newest
-    // version under them first, as an upload is run.
+    // little memory for its start-up, a deadline shorter than its instantiation): every
+    // command of the type would then fail. Run the newest version under them first, as
+    // an upload is run. (A size cap applies to uploads: below the version in use, it
+    // only refuses larger ones from now on.)
     if let Some((info, bytes)) =
         store::plugins::latest_with_bytes(&state.pool, &aggregate_type).await?
     {
         use crate::runtime::PluginError;
+        let running = SandboxLimits {
+            max_component_bytes: limits.max_component_bytes.max(bytes.len() as u64),
+            ..limits
+        };
         state
             .executor
             .plugins()
             .runtime()
-            .validate(Bytes::from(bytes), &limits)
+            .validate(Bytes::from(bytes), &running)
             .await
             .map_err(|e| match e {
                 e @ (PluginError::Trap { .. }
                 | PluginError::DeadlineExceeded { .. }
-                | PluginError::OutOfMemory { .. }
-                | PluginError::TooLarge { .. }) => ApiError::new(
+                | PluginError::OutOfMemory { .. }) => ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "limits_too_tight",
                     format!(
