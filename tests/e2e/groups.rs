@@ -7,7 +7,7 @@ use std::time::Duration;
 use meridian::store::groups::member_of;
 use serde_json::{Value, json};
 
-use crate::harness::{Api, Host, HostOptions, TestDb, wasm_bytes};
+use crate::harness::{Api, Host, HostOptions, TestDb, store_events, wasm_bytes};
 use crate::subscriptions::SseReader;
 
 /// Opens `count` accounts and deposits into each `deposits` times, interleaved across
@@ -482,9 +482,6 @@ async fn cli_tail_as_a_group_member_acknowledges_and_resumes() {
 /// until `next` stops moving (what the README says) gets every event.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_page_past_other_members_events_moves_on_though_empty() {
-    use meridian::store::{self, AppendRequest, CommitterConfig, NewEvent};
-    use serde_json::value::RawValue;
-
     let db = TestDb::new("group_scan_budget").await;
     let host = Host::start(&db, HostOptions::default()).await;
     let api = host.client();
@@ -497,35 +494,11 @@ async fn a_group_page_past_other_members_events_moves_on_though_empty() {
             .unwrap()
     };
     let (busy, quiet) = (of(0), of(1));
-    let config = CommitterConfig::default();
-    let raw = |text: &str| RawValue::from_string(text.to_string()).unwrap();
-    let append = |id: String, expected: i64, count: usize| AppendRequest {
-        aggregate_type: "bank-account".into(),
-        aggregate_id: id,
-        expected_version: expected,
-        events: (0..count)
-            .map(|_| NewEvent {
-                event_id: uuid::Uuid::now_v7(),
-                event_type: "Deposited".into(),
-                payload: raw(r#"{"amount":1}"#),
-                metadata: raw("{}"),
-            })
-            .collect(),
-        command_id: None,
-        fence: None,
-    };
+    let deposits = vec![("Deposited", r#"{"amount":1}"#); 1_000];
     for page in 0..25 {
-        let request = append(busy.clone(), page * 1_000, 1_000);
-        let outcome = store::append::append_batch(&pool, &config, &[&request])
-            .await
-            .unwrap();
-        assert!(outcome[0].is_ok(), "{outcome:?}");
+        store_events(&pool, "bank-account", &busy, page * 1_000, &deposits).await;
     }
-    let request = append(quiet.clone(), 0, 1);
-    let outcome = store::append::append_batch(&pool, &config, &[&request])
-        .await
-        .unwrap();
-    assert!(outcome[0].is_ok(), "{outcome:?}");
+    store_events(&pool, "bank-account", &quiet, 0, &deposits[..1]).await;
     // Readable once no older transaction on the server is open.
     crate::harness::eventually(|| async {
         let (_, page) = api

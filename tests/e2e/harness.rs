@@ -516,3 +516,38 @@ impl DbProxy {
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Stores `events` (type and payload JSON each) for `<aggregate_type>/<id>` after
+/// `expected_version`, straight into the store and not through a host: for tests that
+/// need long histories quickly.
+pub async fn store_events(
+    pool: &sqlx::PgPool,
+    aggregate_type: &str,
+    id: &str,
+    expected_version: i64,
+    events: &[(&str, &str)],
+) {
+    use meridian::store::{self, AppendRequest, CommitterConfig, NewEvent};
+    use serde_json::value::RawValue;
+    let raw = |text: &str| RawValue::from_string(text.to_string()).unwrap();
+    let request = AppendRequest {
+        aggregate_type: aggregate_type.into(),
+        aggregate_id: id.into(),
+        expected_version,
+        events: events
+            .iter()
+            .map(|(event_type, payload)| NewEvent {
+                event_id: uuid::Uuid::now_v7(),
+                event_type: (*event_type).into(),
+                payload: raw(payload),
+                metadata: raw("{}"),
+            })
+            .collect(),
+        command_id: None,
+        fence: None,
+    };
+    let outcome = store::append::append_batch(pool, &CommitterConfig::default(), &[&request])
+        .await
+        .unwrap();
+    assert!(outcome[0].is_ok(), "{outcome:?}");
+}

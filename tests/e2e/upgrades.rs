@@ -4,7 +4,7 @@
 
 use serde_json::json;
 
-use crate::harness::{Host, HostOptions, TestDb, wasm_bytes, with_custom_section};
+use crate::harness::{Host, HostOptions, TestDb, store_events, wasm_bytes, with_custom_section};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_version_that_cannot_replay_stored_histories_is_refused_unless_forced() {
@@ -97,8 +97,7 @@ async fn a_version_that_cannot_replay_stored_histories_is_refused_unless_forced(
 /// replays 100,000 stored events (seconds), and while it does, a forced upload lands.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
-    use meridian::store::{self, AppendRequest, CommitterConfig, NewEvent};
-    use serde_json::value::RawValue;
+    use meridian::store;
 
     let db = TestDb::new("upload_race").await;
     let host = Host::start(&db, HostOptions::default()).await;
@@ -107,37 +106,14 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
     assert_eq!(status, 201, "{body}");
     // Ten accounts of 10,000 events each, written straight to the store.
     let pool = db.pool().await;
-    let config = CommitterConfig::default();
-    let raw = |text: &str| RawValue::from_string(text.to_string()).unwrap();
     for account in 0..10 {
         for page in 0..10i64 {
-            let events = (0..1_000)
-                .map(|i| {
-                    let opened = page == 0 && i == 0;
-                    NewEvent {
-                        event_id: uuid::Uuid::now_v7(),
-                        event_type: if opened { "Opened" } else { "Deposited" }.into(),
-                        payload: raw(if opened {
-                            r#"{"owner":"x"}"#
-                        } else {
-                            r#"{"amount":1}"#
-                        }),
-                        metadata: raw("{}"),
-                    }
-                })
-                .collect();
-            let request = AppendRequest {
-                aggregate_type: "bank-account".into(),
-                aggregate_id: format!("long-{account}"),
-                expected_version: page * 1_000,
-                events,
-                command_id: None,
-                fence: None,
-            };
-            let outcome = store::append::append_batch(&pool, &config, &[&request])
-                .await
-                .unwrap();
-            assert!(outcome[0].is_ok(), "{outcome:?}");
+            let mut events = vec![("Deposited", r#"{"amount":1}"#); 1_000];
+            if page == 0 {
+                events[0] = ("Opened", r#"{"owner":"x"}"#);
+            }
+            let id = format!("long-{account}");
+            store_events(&pool, "bank-account", &id, page * 1_000, &events).await;
         }
     }
 
