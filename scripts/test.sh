@@ -29,7 +29,7 @@ psql -w -X -q -h 127.0.0.1 -U postgres -d postgres -Atc \
        AND datname NOT IN (SELECT datname FROM pg_stat_activity WHERE datname IS NOT NULL)" \
     2>/dev/null | while read -r db; do
         psql -w -X -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true
-    done
+    done || true
 
 step "building plugins"
 bash plugins/build.sh || fail "plugins/build.sh"
