@@ -1563,10 +1563,14 @@ async fn a_forced_move_takes_an_aggregate_over_from_a_lost_region_which_then_def
 }
 
 /// A host of the home region drained while other regions forward commands to it over
-/// NATS fails none of them. Its share of the region's queue group used to stop at once
+/// NATS loses none of them. Its share of the region's queue group used to stop at once
 /// at SIGTERM: requests already delivered to it and not yet read were dropped, and the
 /// sending region waited out its forward timeout (503 `home_region_timeout`) for a
-/// command that may have run. It now stops taking requests and answers what it has.
+/// command that may have run. It now leaves the queue group by draining and answers
+/// what it was given. A request on the wire as it leaves can still go unanswered
+/// (async-nats forgets the subscription once its UNSUB is written), so the clients here
+/// do what a 503 tells them — send the same command id again — and every deposit must
+/// end up applied exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn draining_a_home_host_fails_no_command_forwarded_from_another_region() {
     let r = TwoRegions::start("drain_rpc").await;
@@ -1576,7 +1580,8 @@ async fn draining_a_home_host_fails_no_command_forwarded_from_another_region() {
         assert_eq!(status, 200, "{body}");
     }
     // Sixteen clients deposit through west, each into its own east account, until told
-    // to stop; each counts what failed.
+    // to stop, retrying a 503 with the same command id; each counts its deposits and
+    // what failed for good.
     let stop = tokio_util::sync::CancellationToken::new();
     let west = r.west[0].url.clone();
     let clients: Vec<_> = ids
@@ -1584,16 +1589,36 @@ async fn draining_a_home_host_fails_no_command_forwarded_from_another_region() {
         .map(|id| {
             let (stop, west, id) = (stop.clone(), west.clone(), id.clone());
             tokio::spawn(async move {
-                let (mut sent, mut failed) = (0, Vec::new());
+                let http = reqwest::Client::new();
+                let (mut sent, mut retried, mut failed) = (0, 0, Vec::new());
                 while !stop.is_cancelled() {
-                    let (status, body, _) =
-                        send_command(&west, &id, None, json!({"type":"Deposit","amount":1})).await;
-                    sent += 1;
-                    if status != 200 {
-                        failed.push(format!("{status} {body}"));
+                    let body = json!({
+                        "command": {"type": "Deposit", "amount": 1},
+                        "command_id": uuid::Uuid::now_v7(),
+                    });
+                    let mut tries = 0;
+                    loop {
+                        let response = http
+                            .post(format!("{west}/v1/aggregates/bank-account/{id}"))
+                            .json(&body)
+                            .send()
+                            .await
+                            .unwrap();
+                        let status = response.status().as_u16();
+                        if status == 200 {
+                            break;
+                        }
+                        let answer: Value = response.json().await.unwrap_or(Value::Null);
+                        tries += 1;
+                        if status != 503 || tries == 5 {
+                            failed.push(format!("{status} {answer}"));
+                            break;
+                        }
+                        retried += 1;
                     }
+                    sent += 1;
                 }
-                (sent, failed)
+                (id, sent, retried, failed)
             })
         })
         .collect();
@@ -1610,19 +1635,33 @@ async fn draining_a_home_host_fails_no_command_forwarded_from_another_region() {
     assert_eq!(code, Some(0), "the drained host did not exit 0: {log}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();
-    let mut sent = 0;
-    let mut failed = Vec::new();
+    let (mut sent, mut retried, mut failed, mut deposited) = (0, 0, Vec::new(), Vec::new());
     for client in clients {
-        let (s, f) = client.await.unwrap();
+        let (id, s, r, f) = client.await.unwrap();
         sent += s;
+        retried += r;
         failed.extend(f);
+        deposited.push((id, s));
     }
     assert!(sent > 100, "only {sent} commands sent");
     assert!(
         failed.is_empty(),
-        "{} of {sent} commands failed while an east host drained: {:?}{}",
+        "{} of {sent} commands failed while an east host drained ({retried} retried): {:?}{}",
         failed.len(),
         &failed[..failed.len().min(3)],
         r.logs()
     );
+    // Each deposit applied once, retried or not.
+    for (id, deposits) in deposited {
+        let (status, state) = r.east[0]
+            .client()
+            .get(&format!("/v1/aggregates/bank-account/{id}"))
+            .await;
+        assert_eq!(status, 200, "{state}");
+        assert_eq!(
+            state["state"]["balance"].as_i64(),
+            Some(deposits as i64),
+            "{id}: {state}"
+        );
+    }
 }
