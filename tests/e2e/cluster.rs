@@ -1211,13 +1211,8 @@ async fn an_address_other_hosts_cannot_reach_runs_only_alone() {
         (options(), "advertises http://0.0.0.0:"),
         (everywhere(crate::harness::free_port()), "--advertise-url"),
     ] {
-        let mut refused = Host::spawn(&db.url, options);
-        let (code, log) = tokio::task::spawn_blocking(move || {
-            let code = refused.wait_exit(Duration::from_secs(60));
-            (code, refused.log_tail())
-        })
-        .await
-        .unwrap();
+        let refused = Host::spawn(&db.url, options);
+        let (code, log) = refused.exit_and_log().await;
         assert!(
             matches!(code, Some(c) if c != 0) && log.contains(says),
             "exit {code:?}: {log}"
@@ -1258,13 +1253,8 @@ async fn a_second_process_with_a_node_id_in_use_refuses_to_start() {
         ..options()
     };
     let mut first = Host::start(&db, twin()).await;
-    let mut second = Host::spawn(&db.url, twin());
-    let (code, log) = tokio::task::spawn_blocking(move || {
-        let code = second.wait_exit(Duration::from_secs(60));
-        (code, second.log_tail())
-    })
-    .await
-    .unwrap();
+    let second = Host::spawn(&db.url, twin());
+    let (code, log) = second.exit_and_log().await;
     assert!(
         matches!(code, Some(c) if c != 0)
             && log.contains("another process runs as node twin")

@@ -264,6 +264,17 @@ impl Host {
         }
     }
 
+    /// Waits (off the async workers) up to a minute for the process to exit; its exit
+    /// code and the tail of its log.
+    pub async fn exit_and_log(mut self) -> (Option<i32>, String) {
+        tokio::task::spawn_blocking(move || {
+            let code = self.wait_exit(Duration::from_secs(60));
+            (code, self.log_tail())
+        })
+        .await
+        .unwrap()
+    }
+
     /// Starts the same host again (same port, node id and database).
     pub async fn restart(&mut self) {
         self.kill9();

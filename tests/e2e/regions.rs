@@ -1624,14 +1624,9 @@ async fn draining_a_home_host_fails_no_command_forwarded_from_another_region() {
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut r = r;
-    let mut leaving = r.east.remove(1);
+    let leaving = r.east.remove(1);
     leaving.signal("TERM");
-    let (code, log) = tokio::task::spawn_blocking(move || {
-        let code = leaving.wait_exit(Duration::from_secs(60));
-        (code, leaving.log_tail())
-    })
-    .await
-    .unwrap();
+    let (code, log) = leaving.exit_and_log().await;
     assert_eq!(code, Some(0), "the drained host did not exit 0: {log}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();

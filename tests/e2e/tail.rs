@@ -425,18 +425,12 @@ async fn a_database_restored_onto_another_server_is_refused_until_renumbered() {
         .execute(&pool)
         .await
         .unwrap();
-    let mut refused = Host::spawn(&db.url, HostOptions::default());
-    let code = tokio::task::spawn_blocking(move || {
-        let code = refused.wait_exit(Duration::from_secs(60));
-        (code, refused.log_tail())
-    })
-    .await
-    .unwrap();
+    let (code, log) = Host::spawn(&db.url, HostOptions::default())
+        .exit_and_log()
+        .await;
     assert!(
-        matches!(code.0, Some(c) if c != 0) && code.1.contains("--rekey-transaction-ids"),
-        "exit {:?}: {}",
-        code.0,
-        code.1
+        matches!(code, Some(c) if c != 0) && log.contains("--rekey-transaction-ids"),
+        "exit {code:?}: {log}"
     );
 
     let output = std::process::Command::new(meridian_bin())

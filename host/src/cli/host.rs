@@ -542,14 +542,17 @@ async fn advertise_checked(
 fn unreachable_address(url: &str) -> bool {
     reqwest::Url::parse(url)
         .ok()
-        .and_then(|u| u.host_str().map(str::to_string))
-        .and_then(|host| {
-            host.trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .ok()
-        })
+        .and_then(|url| ip_of(&url))
         .is_some_and(|ip| ip.is_unspecified())
+}
+
+/// The IP address a URL names as its host, if it names one rather than a host name.
+fn ip_of(url: &reqwest::Url) -> Option<std::net::IpAddr> {
+    match url.host()? {
+        url::Host::Ipv4(ip) => Some(ip.into()),
+        url::Host::Ipv6(ip) => Some(ip.into()),
+        url::Host::Domain(_) => None,
+    }
 }
 
 /// The URL other hosts of the region forward commands to: the one configured, or the
@@ -575,11 +578,7 @@ fn advertise_url(configured: Option<&str>, listening: SocketAddr) -> anyhow::Res
             "--advertise-url `{url}` must be an http(s) URL with a host, e.g. http://10.0.0.5:8080"
         );
     }
-    let ip = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<std::net::IpAddr>()
-        .ok();
+    let ip = ip_of(&parsed);
     if ip.is_some_and(|ip| ip.is_unspecified()) {
         anyhow::bail!(
             "--advertise-url `{url}` names no host (every interface): other hosts connecting \

@@ -72,12 +72,12 @@ impl From<sqlx::Error> for RekeyError {
 }
 
 /// The newest stored transaction id and the server's next one.
-async fn ids(pool: &PgPool) -> Result<(Option<i64>, i64), sqlx::Error> {
+async fn ids<'e>(executor: impl sqlx::PgExecutor<'e>) -> Result<(Option<i64>, i64), sqlx::Error> {
     sqlx::query_as(
         "SELECT (SELECT max(tx_id)::text::bigint FROM events), \
                 pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
     )
-    .fetch_one(pool)
+    .fetch_one(executor)
     .await
 }
 
@@ -99,12 +99,7 @@ pub async fn rekey(pool: &PgPool) -> Result<u64, RekeyError> {
     sqlx::query("LOCK TABLE events, consumer_group_positions IN EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
-    let (newest, next): (Option<i64>, i64) = sqlx::query_as(
-        "SELECT (SELECT max(tx_id)::text::bigint FROM events), \
-                pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    let (newest, next) = ids(&mut *tx).await?;
     let Some(newest) = newest.filter(|newest| *newest >= next) else {
         return Ok(0);
     };
