@@ -233,6 +233,14 @@ async fn a_member_resumes_after_its_acknowledged_position() {
     // Nothing acknowledged: the member starts at the beginning.
     let first = read_pages(&api, "group=app&member=1&members=2", None, 1000).await;
     assert_eq!(first, mine);
+    // A page that found nothing from the beginning says `next: 0`; acknowledging it, as
+    // the README says to acknowledge a page's `next`, stores nothing and is no error.
+    let (status, body) = ack(&api, "app", 1, 2, 0).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["position"].as_i64(), body["advanced"].as_bool()),
+        (Some(0), Some(false))
+    );
 
     // Acknowledge the third of its events; a reconnect (JSON or stream) resumes right
     // after it: the acknowledged ones are not delivered again, nothing later is lost.
@@ -256,6 +264,13 @@ async fn a_member_resumes_after_its_acknowledged_position() {
     // The position lives in PostgreSQL: a restarted host (and member) resumes there.
     let (status, body) = ack(&api, "app", 1, 2, pos(&mine[4])).await;
     assert_eq!((status, body["advanced"].clone()), (200, json!(true)));
+    let (status, body) = ack(&api, "app", 1, 2, 0).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["position"].as_i64(), body["advanced"].as_bool()),
+        (Some(pos(&mine[4])), Some(false)),
+        "an ack of 0 leaves the stored position"
+    );
     host.restart().await;
     let api = host.client();
     let resumed = read_pages(&api, "group=app&member=1&members=2", None, 1000).await;
@@ -380,7 +395,7 @@ async fn bad_group_parameters_are_refused_clearly() {
         ),
         (
             "/v1/groups/g/members/0/ack",
-            json!({"position": 0, "members": 1}),
+            json!({"position": -1, "members": 1}),
             "a position you received",
         ),
         (
@@ -394,6 +409,22 @@ async fn bad_group_parameters_are_refused_clearly() {
         let message = answer["error"]["message"].as_str().unwrap();
         assert!(message.contains(says), "{path} {body}: {message}");
     }
+    // A refused value is quoted cut short, not echoed whole.
+    let long = "g".repeat(5000);
+    let (status, answer) = api
+        .post_raw(
+            &format!("/v1/groups/{long}/members/0/ack"),
+            json!({"position": 1, "members": 1})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("invalid group") && message.len() < 300,
+        "{message}"
+    );
 }
 
 type Lines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;

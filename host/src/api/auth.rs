@@ -122,19 +122,35 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token in an `Authorization` value. The scheme name is case-insensitive
+/// (RFC 9110 §11.1), so `bearer x` is as good as `Bearer x`.
+fn bearer(value: &str) -> Result<&str, &'static str> {
+    let (scheme, token) = value.trim().split_once(' ').ok_or("it holds no token")?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err("only the `Bearer` scheme is accepted");
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err("it holds no token");
+    }
+    Ok(token)
+}
+
 fn mask(token: &str) -> String {
     format!("{}…", token.chars().take(4).collect::<String>())
 }
 
 /// The scope a request needs, or `None` for the open probes.
 fn required(method: &Method, path: &str) -> Option<Scope> {
-    if path == "/healthz" || path == "/readyz" || (path == "/" && method == Method::GET) {
+    // axum answers HEAD with the GET handler, so HEAD must need what GET needs.
+    let reads = method == Method::GET || method == Method::HEAD;
+    if path == "/healthz" || path == "/readyz" || (path == "/" && reads) {
         return None;
     }
     if path.starts_with("/v1/groups/") {
         return Some(Scope::Read);
     }
-    if path.starts_with("/v1/plugins") && method != Method::GET {
+    if path.starts_with("/v1/plugins") && !reads {
         return Some(Scope::Admin);
     }
     if let Some(rest) = path.strip_prefix("/v1/aggregates/")
@@ -157,13 +173,20 @@ pub async fn authenticate(State(tokens): State<Tokens>, request: Request, next: 
     let Some(needed) = required(request.method(), request.uri().path()) else {
         return next.run(request).await;
     };
-    let presented = request
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(presented) = presented else {
+    let presented = request.headers().get("authorization").map(|v| {
+        v.to_str()
+            .map_err(|_| "it is not ASCII text")
+            .and_then(bearer)
+    });
+    if let Some(Err(problem)) = presented {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            format!("the `Authorization` header cannot be read: {problem}; send `Authorization: Bearer <token>`"),
+        )
+        .into_response();
+    }
+    let Some(Ok(presented)) = presented else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
@@ -229,5 +252,16 @@ mod tests {
         );
         assert_eq!(required(&Method::GET, "/"), None);
         assert_eq!(required(&Method::POST, "/"), Some(Scope::Read));
+        assert_eq!(required(&Method::HEAD, "/"), None);
+        assert_eq!(required(&Method::HEAD, "/v1/plugins/x"), Some(Scope::Read));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_case() {
+        assert_eq!(bearer("Bearer abc"), Ok("abc"));
+        assert_eq!(bearer("bearer  abc "), Ok("abc"));
+        assert_eq!(bearer("BEARER abc"), Ok("abc"));
+        assert!(bearer("Basic YWxhZGRpbjpvcGVu").is_err());
+        assert!(bearer("Bearer").is_err());
     }
 }

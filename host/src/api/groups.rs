@@ -42,14 +42,18 @@ fn validate_group(group: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!(
-            "invalid group `{group}`: use 1-64 characters of A-Z, a-z, 0-9 and `-_.`"
+            "invalid group `{}`: use 1-64 characters of A-Z, a-z, 0-9 and `-_.`",
+            super::shown(group)
         )))
     }
 }
 
 fn parse_count(name: &str, value: &str) -> Result<u32, ApiError> {
     value.trim().parse::<u32>().map_err(|_| {
-        ApiError::bad_request(format!("`{name}` must be a whole number, got `{value}`"))
+        ApiError::bad_request(format!(
+            "`{name}` must be a whole number, got `{}`",
+            super::shown(value)
+        ))
     })
 }
 
@@ -193,9 +197,9 @@ pub(super) async fn ack(
         ))
     })?;
     let slot = slot(&group, member, body.members)?;
-    if body.position <= 0 {
+    if body.position < 0 {
         return Err(ApiError::bad_request(
-            "`position` must be a position you received (above 0)",
+            "`position` must be a position you received, or the `next` of a page (0 or above)",
         ));
     }
     let (position, advanced) = match store_groups::ack(&state.pool, &slot, body.position).await? {

@@ -456,7 +456,21 @@ pub fn validate_id(aggregate_id: &str) -> Result<(), ApiError> {
 /// A refused value as an error message quotes it: at most 80 characters and with
 /// control characters escaped, so a megabyte of garbage or a NUL byte does not end up
 /// in the answer and the logs as it came.
-fn shown(value: &str) -> String {
+/// Whether a component's failure while it is validated (its `describe` run) is the
+/// component's fault, a 400 for whoever uploads it or tightens its limits, rather than
+/// the host's: it trapped, ran out of time or memory, or returned what the host refuses.
+fn components_fault(error: &crate::runtime::PluginError) -> bool {
+    use crate::runtime::PluginError;
+    matches!(
+        error,
+        PluginError::Trap { .. }
+            | PluginError::DeadlineExceeded { .. }
+            | PluginError::OutOfMemory { .. }
+            | PluginError::InvalidOutput { .. }
+    )
+}
+
+pub(super) fn shown(value: &str) -> String {
     const MAX: usize = 80;
     let mut out: String = value
         .chars()
@@ -1088,7 +1102,8 @@ async fn stream_events(
             match text.trim().parse::<i64>() {
                 Ok(position) if position >= 0 => Ok(position),
                 _ => Err(ApiError::bad_request(format!(
-                    "Last-Event-ID `{text}` is not a position: send the `id` of the last event received (0 or more)"
+                    "Last-Event-ID `{}` is not a position: send the `id` of the last event received (0 or more)",
+                    shown(&text)
                 ))),
             }
         })
@@ -1238,18 +1253,13 @@ async fn upload_plugin(
         size = body.len(),
         "validating uploaded plugin"
     );
-    let validated = runtime
-        .validate(bytes, &limits)
-        .await
-        .map_err(|e| match e {
-            // A component that traps in `describe` is broken, not a server fault.
-            e @ (crate::runtime::PluginError::Trap { .. }
-            | crate::runtime::PluginError::DeadlineExceeded { .. }
-            | crate::runtime::PluginError::OutOfMemory { .. }) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "plugin_invalid", e.to_string())
-            }
-            e => e.into(),
-        })?;
+    let validated = runtime.validate(bytes, &limits).await.map_err(|e| {
+        if components_fault(&e) {
+            ApiError::new(StatusCode::BAD_REQUEST, "plugin_invalid", e.to_string())
+        } else {
+            e.into()
+        }
+    })?;
     if validated.aggregate_type != aggregate_type {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -1509,7 +1519,6 @@ async fn set_limits(
     if let Some((info, bytes)) =
         store::plugins::latest_with_bytes(&state.pool, &aggregate_type).await?
     {
-        use crate::runtime::PluginError;
         let running = SandboxLimits {
             max_component_bytes: limits.max_component_bytes.max(bytes.len() as u64),
             ..limits
@@ -1521,9 +1530,7 @@ async fn set_limits(
             .validate(Bytes::from(bytes), &running)
             .await
             .map_err(|e| match e {
-                e @ (PluginError::Trap { .. }
-                | PluginError::DeadlineExceeded { .. }
-                | PluginError::OutOfMemory { .. }) => ApiError::new(
+                e if components_fault(&e) => ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "limits_too_tight",
                     format!(
@@ -1537,4 +1544,30 @@ async fn set_limits(
     store::plugins::set_limits(&state.pool, &aggregate_type, &limits).await?;
     state.executor.plugins().invalidate(&aggregate_type).await;
     Ok(Json(limits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::PluginError;
+
+    #[test]
+    fn a_component_that_fails_its_validation_is_refused_not_a_server_fault() {
+        let invalid = PluginError::InvalidOutput {
+            plugin: "t@v1".into(),
+            call: "describe",
+            message: "it passed the host more than 2 MiB in one call".into(),
+        };
+        assert!(components_fault(&invalid));
+        assert!(!components_fault(&PluginError::Internal(
+            "disk full".into()
+        )));
+    }
+
+    #[test]
+    fn a_refused_value_is_quoted_short_and_escaped() {
+        let quoted = shown(&format!("a\u{0}{}", "x".repeat(10_000)));
+        assert!(quoted.starts_with("a\\0x"), "{quoted}");
+        assert!(quoted.chars().count() <= 90, "{quoted}");
+    }
 }

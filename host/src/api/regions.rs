@@ -102,7 +102,8 @@ async fn forward(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
-    let hops = hops(headers) + 1;
+    // The header can come from a client: a huge value must not wrap past the limit.
+    let hops = hops(headers).saturating_add(1);
     let via = match headers.get(VIA_HEADER).and_then(|v| v.to_str().ok()) {
         Some(before) => format!("{before},{}", state.regions.local()),
         None => state.regions.local().to_string(),
@@ -238,7 +239,7 @@ pub(super) async fn move_home(
         let known: Vec<&str> = state.regions.known().collect();
         return Err(ApiError::bad_request(format!(
             "unknown region `{}`; this region knows {}",
-            request.region,
+            super::shown(&request.region),
             known.join(", ")
         )));
     }
@@ -366,10 +367,16 @@ async fn wait_for_target(
     let pass = passed_headers(headers);
     let deadline = tokio::time::Instant::now() + confirmation_wait(state);
     while tokio::time::Instant::now() < deadline {
-        if let Ok(answer) = state
-            .regions
-            .forward(target, key, "GET", &path, &pass, Bytes::new())
-            .await
+        // One question may take the whole forward timeout (a target host that stopped
+        // without leaving its queue group): the wait is bounded by the deadline instead.
+        let asked = tokio::time::timeout_at(
+            deadline,
+            state
+                .regions
+                .forward(target, key, "GET", &path, &pass, Bytes::new()),
+        )
+        .await;
+        if let Ok(Ok(answer)) = asked
             && let Ok(home) = serde_json::from_slice::<HomeView>(&answer.body)
             && home.home_region.as_deref() == Some(target)
             && home.version >= version

@@ -49,16 +49,7 @@ pub enum StartFrom {
 
 /// The position a member resumes after (0: the beginning) and where it came from.
 pub async fn start(pool: &PgPool, slot: &GroupMember) -> Result<(i64, StartFrom), StoreError> {
-    let own: Option<i64> = sqlx::query_scalar(
-        "SELECT position FROM consumer_group_positions \
-         WHERE group_name = $1 AND members = $2 AND member = $3",
-    )
-    .bind(&slot.group)
-    .bind(slot.members as i32)
-    .bind(slot.member as i32)
-    .fetch_optional(pool)
-    .await?;
-    if let Some(position) = own {
+    if let Some(position) = acknowledged(pool, slot).await? {
         return Ok((position, StartFrom::Acknowledged));
     }
     // Not the same layout: a member of this layout that has not acknowledged yet may be
@@ -81,6 +72,19 @@ pub async fn start(pool: &PgPool, slot: &GroupMember) -> Result<(i64, StartFrom)
         Some(position) => (position, StartFrom::OtherLayout),
         None => (0, StartFrom::Beginning),
     })
+}
+
+/// The member's own acknowledged position, if it has one.
+async fn acknowledged(pool: &PgPool, slot: &GroupMember) -> Result<Option<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT position FROM consumer_group_positions \
+         WHERE group_name = $1 AND members = $2 AND member = $3",
+    )
+    .bind(&slot.group)
+    .bind(slot.members as i32)
+    .bind(slot.member as i32)
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// What an acknowledgement did.
@@ -106,6 +110,12 @@ pub async fn ack(
     slot: &GroupMember,
     position: i64,
 ) -> Result<AckOutcome, StoreError> {
+    // 0 is the `next` of a page from the beginning that found nothing: acknowledging
+    // it is acknowledging nothing, which leaves any stored position as it is.
+    if position == 0 {
+        let stored = acknowledged(pool, slot).await?.unwrap_or(0);
+        return Ok(AckOutcome::Ignored { stored });
+    }
     // Only a position the tail could have delivered (below the horizon of running
     // transactions) is accepted: resuming after a later one could skip an event that
     // commits afterwards with a smaller transaction id.
