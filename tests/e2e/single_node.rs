@@ -1384,6 +1384,134 @@ async fn a_batch_on_a_connection_gone_silent_commits_on_a_new_one() {
     assert_eq!(stored, 2);
 }
 
+/// A batch that times out waiting on a lock (a row an operator's session holds, DDL on
+/// the events table) must not leave its session waiting on the server: that session
+/// keeps every lock the batch took, and each retry would leave another. The committer
+/// ends the sessions of its timed-out batches; the batch fails, writes nothing, and
+/// the aggregate takes appends again once the lock is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_that_times_out_on_a_lock_leaves_no_session_holding_locks() {
+    use meridian::store::{self, Changes, Committer, CommitterConfig};
+
+    let db = TestDb::new("lock_timeout").await;
+    let admin = db.pool().await;
+    store::migrate(&admin).await.unwrap();
+    let pool = store::connect(&store::DatabaseConfig {
+        url: db.url.clone(),
+        max_connections: 4,
+    })
+    .await
+    .unwrap();
+    let committer = Committer::start(
+        pool,
+        CommitterConfig {
+            workers: 1,
+            batch_timeout: Duration::from_millis(800),
+            ..CommitterConfig::default()
+        },
+        Changes::default(),
+    );
+    committer.append(noted("locked", 0, "{}")).await.unwrap();
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'meridian' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+    };
+
+    // Held briefly: an open transaction holds back every test's global feed.
+    let mut holder = admin.begin().await.unwrap();
+    sqlx::query("SELECT version FROM streams WHERE aggregate_id = 'locked' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let answer = committer.append(noted("locked", 1, "{}")).await;
+    assert!(
+        answer.is_err(),
+        "the batch waited on the lock past its timeout: {answer:?}"
+    );
+    let mut left = waiting().await;
+    for _ in 0..40 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = waiting().await;
+    }
+    assert_eq!(
+        left, 0,
+        "sessions of timed-out batches still wait on the lock"
+    );
+    holder.rollback().await.unwrap();
+
+    committer.append(noted("locked", 1, "{}")).await.unwrap();
+    let versions: Vec<i64> = sqlx::query_scalar(
+        "SELECT version FROM events WHERE aggregate_id = 'locked' ORDER BY version",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(versions, [1, 2], "the timed-out batch wrote nothing");
+}
+
+/// One request of a batch that breaks a constraint the SQL function does not judge per
+/// request (an event id stored already) fails the batch's one statement; the batch is
+/// then sent again request by request, so only that request fails and every other
+/// command of the batch commits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_breaking_a_constraint_fails_alone_in_its_batch() {
+    use meridian::store::{self, Changes, Committer, CommitterConfig};
+
+    let db = TestDb::new("batch_culprit").await;
+    let admin = db.pool().await;
+    store::migrate(&admin).await.unwrap();
+    let pool = store::connect(&store::DatabaseConfig {
+        url: db.url.clone(),
+        max_connections: 2,
+    })
+    .await
+    .unwrap();
+    // One worker: while it commits the first request, the rest queue into one batch.
+    let committer = Committer::start(
+        pool,
+        CommitterConfig {
+            workers: 1,
+            ..CommitterConfig::default()
+        },
+        Changes::default(),
+    );
+    let stored = noted("first", 0, "{}");
+    let reused = stored.events[0].event_id;
+    committer.append(stored).await.unwrap();
+    let mut culprit = noted("culprit", 0, "{}");
+    culprit.events[0].event_id = reused;
+    let mut requests: Vec<_> = (0..30)
+        .map(|i| noted(&format!("ok-{i}"), 0, "{}"))
+        .collect();
+    requests.insert(10, culprit);
+    let answers =
+        futures::future::join_all(requests.into_iter().map(|r| committer.append(r))).await;
+    let failed: Vec<usize> = answers
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.is_err())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        failed,
+        [10],
+        "only the request reusing an event id fails: {answers:?}"
+    );
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(count, 31);
+}
+
 /// A page of events stops once its events reach 16 MiB, however many `limit` allows,
 /// and `next` reads on from there with nothing skipped or repeated: a page of 10,000
 /// large events was read into the host's memory, and sent, whole.

@@ -63,6 +63,11 @@ pub struct HostArgs {
     /// How long, at most, a small batch lingers.
     #[arg(long, env = "MERIDIAN_COMMIT_LINGER_MS", default_value_t = 2)]
     pub commit_linger_ms: u64,
+    /// Milliseconds an append batch may wait for the database before its connection is
+    /// given up for dead and its session ended; the batch is then sent once more on a
+    /// fresh connection, and fails with 503 `store_unavailable` if that times out too.
+    #[arg(long, env = "MERIDIAN_APPEND_TIMEOUT_MS", default_value_t = store::DEFAULT_BATCH_TIMEOUT.as_millis() as u64)]
+    pub append_timeout_ms: u64,
     /// Aggregate states cached in memory.
     #[arg(long, env = "MERIDIAN_CACHE_CAPACITY", default_value_t = executor::DEFAULT_CACHE_CAPACITY)]
     pub cache_capacity: usize,
@@ -244,6 +249,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
             linger: std::time::Duration::from_millis(args.commit_linger_ms),
             region: args.region.clone(),
             node_id: node_id.clone(),
+            batch_timeout: std::time::Duration::from_millis(args.append_timeout_ms.max(1)),
             ..CommitterConfig::default()
         },
         changes.clone(),
@@ -384,7 +390,18 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         })
     };
 
-    shutdown.cancelled().await;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = cluster.superseded() => {
+            // Draining would hand over, and leaving would remove, what is now the
+            // other process's: this one stops at once and fails, so that a supervisor
+            // restarting it with the same id hears about it.
+            ready.store(false, Ordering::Release);
+            anyhow::bail!(
+                "another process took node id {node_id} over while this one was out of touch with the database (paused or cut off for longer than MERIDIAN_DEAD_AFTER_MS); this one stops, taking no further part in the region. Give every host its own MERIDIAN_NODE_ID"
+            );
+        }
+    }
     ready.store(false, Ordering::Release);
     let unready_at = tokio::time::Instant::now();
     // Requests forwarded from other regions go to this region's other hosts now.

@@ -278,7 +278,7 @@ async fn commit(
                 let _ = pending.reply.send(Err(error));
             }
         }
-        Err(error) if !error.is_unavailable() => {
+        Err(error) if !error.is_unavailable() || one_request_at_fault(&error) => {
             tracing::warn!(%error, size = batch.len(), "batch append failed; retrying its requests one by one");
             for pending in batch {
                 let result = match link.append(config, &[&pending.request]).await {
@@ -308,14 +308,35 @@ async fn commit(
 /// keeps its connection pays neither. The price is noticing a dead connection (the
 /// server restarted, or an operator terminated the session) only when a batch fails on
 /// it; then the batch is sent again once, on a connection the pool has just tested.
+///
+/// A batch that times out is not over on the server: the session goes on waiting (on a
+/// row lock, say) and keeps every lock the batch took, and the aggregates' next
+/// commands, sent again on a new connection, would queue behind it and leave sessions
+/// of their own. So the worker knows its session's process id and ends it then.
 struct Link {
     pool: PgPool,
     conn: Option<PoolConnection<Postgres>>,
+    /// The server process of `conn`, when it could be asked.
+    pid: Option<i32>,
 }
 
 impl Link {
     fn new(pool: PgPool) -> Self {
-        Self { pool, conn: None }
+        Self {
+            pool,
+            conn: None,
+            pid: None,
+        }
+    }
+
+    /// Takes a fresh connection from the pool and learns its server process.
+    async fn connect(&mut self) -> Result<&mut PoolConnection<Postgres>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        self.pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .ok();
+        Ok(self.conn.insert(conn))
     }
 
     /// One `meridian_append` call (see [`append_batch`]), sent again on a fresh
@@ -330,16 +351,16 @@ impl Link {
         requests: &[&AppendRequest],
     ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
         let reused = self.conn.is_some();
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => self.conn.insert(self.pool.acquire().await?),
+        let conn = match self.conn {
+            Some(ref mut conn) => conn,
+            None => self.connect().await?,
         };
         let outcome = match timed(config, append_batch(&mut **conn, config, requests)).await {
             Err(StoreError::Database(error)) if reused && connection_lost(&error) => {
                 tracing::warn!(%error, "the committer's database connection was lost; sending the batch again on a new one");
                 metrics::counter!("meridian_append_reconnects_total").increment(1);
                 self.drop_connection(&error);
-                let conn = self.conn.insert(self.pool.acquire().await?);
+                let conn = self.connect().await?;
                 timed(config, append_batch(&mut **conn, config, requests)).await
             }
             outcome => outcome,
@@ -354,12 +375,37 @@ impl Link {
 
     /// Lets go of the kept connection after `error`. A broken one goes back to the
     /// pool, which tests it before anyone uses it again; a silent one is closed, since
-    /// that test would wait on it too.
+    /// that test would wait on it too, and its session ended on the server.
     fn drop_connection(&mut self, error: &sqlx::Error) {
+        let pid = self.pid.take();
         if let Some(conn) = self.conn.take()
             && matches!(error, sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut)
         {
             drop(conn.detach());
+            if let Some(pid) = pid {
+                tokio::spawn(terminate(self.pool.clone(), pid));
+            }
+        }
+    }
+}
+
+/// Ends the server session `pid`, whose batch timed out: closing the socket alone does
+/// not, since a session waiting on a lock does not notice, and it keeps its locks. A
+/// database that went silent will not answer this either; the pool's acquire timeout
+/// bounds the try.
+async fn terminate(pool: PgPool, pid: i32) {
+    let ended: Result<bool, sqlx::Error> = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&pool)
+        .await;
+    match ended {
+        Ok(ended) => tracing::warn!(
+            pid,
+            ended,
+            "ended the database session of a batch that timed out"
+        ),
+        Err(error) => {
+            tracing::warn!(pid, %error, "cannot end the database session of a batch that timed out")
         }
     }
 }
@@ -402,6 +448,16 @@ fn refused_data(error: StoreError) -> StoreError {
         }
         other => other,
     }
+}
+
+/// Whether a batch's failure, though the database reported it, may be one request's
+/// doing rather than the database's: an integrity violation (SQLSTATE class 23: an
+/// event id stored already) or a transaction rolled back (class 40: a deadlock with
+/// another batch that claimed two of the same command ids in the other order). Sent
+/// one by one, the others commit and only the culprit fails.
+fn one_request_at_fault(error: &StoreError) -> bool {
+    matches!(error, StoreError::Database(sqlx::Error::Database(db))
+        if db.code().is_some_and(|code| code.starts_with("23") || code.starts_with("40")))
 }
 
 /// Whether an error means the connection itself is gone (rather than the statement

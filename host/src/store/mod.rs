@@ -34,7 +34,10 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
-pub use append::{AppendOutcome, AppendRequest, Committer, CommitterConfig, Fence, NewEvent};
+pub use append::{
+    AppendOutcome, AppendRequest, Committer, CommitterConfig, DEFAULT_BATCH_TIMEOUT, Fence,
+    NewEvent,
+};
 pub use changes::Changes;
 pub use read::{AggregateKey, EventFilter, OrderKey, StoredEvent};
 pub use tail::{Subscription, Tail, TailConfig};
