@@ -1660,3 +1660,64 @@ async fn draining_a_home_host_fails_no_command_forwarded_from_another_region() {
         );
     }
 }
+
+/// A relay leader that stops without its process ending (a frozen VM, SIGSTOP, a host
+/// cut off) keeps its database connection, and with it the leader lock, open as far as
+/// the server can tell. The server must end that session once it goes silent, so that
+/// the region's other host takes the relay over: east's events keep reaching west.
+/// Resumed, the old leader finds its session gone and gives the leadership up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_relay_leader_is_replaced_and_events_keep_reaching_the_other_region() {
+    let r = TwoRegions::start("frozen_leader").await;
+    let (status, body, _) = send(&r.east[0], "fl-0", json!({"type":"Open","owner":"o"})).await;
+    assert_eq!(status, 200, "{body}");
+    r.wait_until_west_holds("fl-0", 1).await;
+    const LEADS: &str = "this host is the region's relay leader";
+    let leads = |h: &Host| {
+        std::fs::read_to_string(&h.log)
+            .unwrap_or_default()
+            .matches(LEADS)
+            .count()
+    };
+    let leader = (0..2)
+        .find(|&i| leads(&r.east[i]) == 1)
+        .unwrap_or_else(|| panic!("no east host leads the relay{}", r.logs()));
+    let other = &r.east[1 - leader];
+    let frozen = &r.east[leader];
+    frozen.signal("STOP");
+    // The frozen host may own the account's partition until the other host declares it
+    // dead: a 503 then says to retry with the same command id.
+    let request =
+        json!({"command": {"type":"Open","owner":"o"}, "command_id": uuid::Uuid::now_v7()});
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(4))
+        .build()
+        .unwrap();
+    eventually(|| {
+        let sent = http
+            .post(format!("{}/v1/aggregates/bank-account/fl-1", other.url))
+            .json(&request)
+            .send();
+        async move { sent.await.ok().filter(|r| r.status() == 200).map(drop) }
+    })
+    .await;
+    r.wait_until_west_holds("fl-1", 1).await;
+    assert_eq!(leads(other), 1, "the other east host leads now{}", r.logs());
+
+    frozen.signal("CONT");
+    eventually(|| async {
+        let log = std::fs::read_to_string(&frozen.log).unwrap_or_default();
+        log.contains("relay leadership lost").then_some(())
+    })
+    .await;
+    let (status, body, _) = send(other, "fl-2", json!({"type":"Open","owner":"o"})).await;
+    assert_eq!(status, 200, "{body}");
+    r.wait_until_west_holds("fl-2", 1).await;
+    for id in ["fl-0", "fl-1", "fl-2"] {
+        assert_eq!(
+            events_of(&r.west[0], id).await.len(),
+            1,
+            "{id} stored once in west"
+        );
+    }
+}

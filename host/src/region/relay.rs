@@ -22,7 +22,13 @@
 //!
 //! **Leader.** Whoever holds a session-level PostgreSQL advisory lock on a dedicated
 //! connection. If that host dies, its connection closes, the lock is released, and
-//! another host takes over within [`LEADER_RETRY`].
+//! another host takes over within [`LEADER_RETRY`]. A leader that stops without its
+//! connection closing (a frozen VM, SIGSTOP, a network cut) stops pinging it, and the
+//! server ends that session after [`LEADER_SILENCE`] (`idle_session_timeout`), which
+//! releases the lock: without it the server would hold the lock until TCP keepalive
+//! gives up, two hours by default. Two leaders overlapping for a moment (the old one
+//! still running until its next ping fails) is safe: publishes are conditional on the
+//! stream's last message and storing an event already stored does nothing.
 
 use std::time::Duration;
 
@@ -41,6 +47,11 @@ use crate::store::{self, EventFilter, StoredEvent};
 
 /// How often a host that is not the leader tries to become it.
 pub const LEADER_RETRY: Duration = Duration::from_secs(1);
+
+/// How long the leader's lock connection may go without a ping before the server ends
+/// it (and with it the lock); also how long a ping may take before the leader gives
+/// up its leadership. Several pings ([`LEADER_RETRY`] apart) fit in it.
+pub const LEADER_SILENCE: Duration = Duration::from_secs(5);
 
 /// How long published events are remembered by JetStream for de-duplication.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -96,6 +107,13 @@ async fn lead(regions: &Regions, pool: &PgPool, stop: &CancellationToken) -> any
         let _ = conn.close().await;
         return Ok(false);
     }
+    // Ends this session, releasing the lock, if this host goes silent while it leads.
+    sqlx::query(&format!(
+        "SET idle_session_timeout = {}",
+        LEADER_SILENCE.as_millis()
+    ))
+    .execute(&mut conn)
+    .await?;
     tracing::info!(
         region = regions.local(),
         "this host is the region's relay leader"
@@ -125,15 +143,19 @@ async fn lead(regions: &Regions, pool: &PgPool, stop: &CancellationToken) -> any
         tokio::select! {
             _ = stop.cancelled() => break Ok(true),
             _ = tokio::time::sleep(LEADER_RETRY) => {
-                if let Err(error) = conn.ping().await {
-                    break Err(error.into());
+                // A ping that hangs (the database cut off) must end the leadership as
+                // surely as one that fails: by then the server may have let the lock go.
+                match tokio::time::timeout(LEADER_SILENCE, conn.ping()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => break Err(error.into()),
+                    Err(_) => break Err(anyhow::anyhow!("the lock connection did not answer a ping within {LEADER_SILENCE:?}")),
                 }
             }
         }
     };
     tasks.cancel();
     while set.join_next().await.is_some() {}
-    let _ = conn.close().await;
+    let _ = tokio::time::timeout(LEADER_SILENCE, conn.close()).await;
     result
 }
 
