@@ -1279,3 +1279,50 @@ async fn a_second_process_with_a_node_id_in_use_refuses_to_start() {
         .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A host paused for longer than the region waits for a heartbeat is declared dead,
+/// and its supervisor may start a replacement under the same node id, which takes the
+/// id's partitions. Resumed, the old process found its heartbeat refused but went on
+/// deciding in that id's name: it took the replacement's leases back, which took them
+/// back again, and so on until someone killed it. Now it stops at once, failing, and
+/// the replacement keeps every partition and runs every command.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_host_replaced_under_its_node_id_stops_when_it_resumes() {
+    let db = TestDb::new("superseded").await;
+    let named = || HostOptions {
+        node_id: Some("solo".into()),
+        ..options()
+    };
+    let mut hosts = start_region_with(&db, 1, named()).await;
+    let old = hosts.remove(0);
+    let ids = open_accounts(std::slice::from_ref(&old), 8).await;
+    old.signal("STOP");
+    // The replacement waits out the old row (dead after 3 s), then takes the id.
+    let replacement = Host::start(&db, named()).await;
+    let status = wait_balanced(std::slice::from_ref(&replacement)).await;
+    let epochs = status["partition_epochs"].clone();
+    old.signal("CONT");
+    let (code, log) = old.exit_and_log().await;
+    assert!(
+        matches!(code, Some(c) if c != 0) && log.contains("another process took node id solo over"),
+        "exit {code:?}: {log}"
+    );
+    // The replacement's leases stayed where they were: nobody took them back and forth.
+    let (_, now) = replacement.client().get("/v1/cluster").await;
+    assert_eq!(
+        now["partition_epochs"], epochs,
+        "partitions moved after the old process resumed"
+    );
+    for id in &ids {
+        let (status, body) = replacement
+            .client()
+            .command(
+                "bank-account",
+                id,
+                json!({"command": {"type": "Deposit", "amount": 1}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    check_history(&db, &[]).await;
+}

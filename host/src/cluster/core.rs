@@ -488,7 +488,10 @@ impl Node {
                         });
                     }
                 }
-                None if !self.acquiring.contains(&partition) => {
+                // Once exited (drained, out of the membership), a lease in our name is
+                // a successor's under the same id, started while this process still
+                // forwards what reaches it: not ours to give back.
+                None if !self.acquiring.contains(&partition) && self.phase != Phase::Exited => {
                     // A lease in our name that we do not hold: we restarted, were
                     // declared dead and came back, or a release or an acquisition
                     // reached the store but its answer did not reach us. Nobody takes
@@ -678,6 +681,43 @@ mod tests {
         }));
         let actions = node.step(Input::Released { partition: 0 });
         assert_eq!(actions, vec![Action::Exit]);
+    }
+
+    /// A drained node keeps observing until its listener closes. A replacement started
+    /// under its id meanwhile takes leases in that id: the exited node must leave them.
+    #[test]
+    fn an_exited_node_gives_back_no_lease_in_its_name() {
+        let mut node = Node::new("a", 8);
+        node.step(Input::CaughtUp);
+        node.step(Input::Observed {
+            members: vec![member("a", MemberState::Ready, true)],
+            leases: vec![],
+        });
+        // Every acquisition lost (another host was quicker): holding nothing, it exits
+        // as soon as it drains.
+        for partition in node.pending().1 {
+            node.step(Input::Acquired {
+                partition,
+                epoch: None,
+            });
+        }
+        assert!(node.step(Input::Drain).contains(&Action::Exit));
+        let actions = node.step(Input::Observed {
+            members: vec![member("a", MemberState::Ready, true)],
+            leases: (0..8)
+                .map(|p| Lease {
+                    partition: p,
+                    owner: Some("a".into()),
+                    epoch: 9,
+                })
+                .collect(),
+        });
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::Release { .. } | Action::Acquire { .. })),
+            "{actions:?}"
+        );
     }
 
     #[test]

@@ -125,6 +125,9 @@ struct Inner {
     membership_epoch: AtomicI64,
     /// Set once the drained node removed its member row.
     left: std::sync::atomic::AtomicBool,
+    /// Cancelled when another process took this node id over (see
+    /// [`Cluster::superseded`]).
+    superseded: CancellationToken,
     /// Held while the member row is written or removed: a heartbeat in flight when
     /// the node leaves would otherwise put the row back after its removal.
     member_row: tokio::sync::Mutex<()>,
@@ -174,6 +177,7 @@ impl Cluster {
                 heartbeat_at: Mutex::new(None),
                 membership_epoch: AtomicI64::new(0),
                 left: std::sync::atomic::AtomicBool::new(false),
+                superseded: CancellationToken::new(),
                 member_row: tokio::sync::Mutex::new(()),
                 inputs,
                 nudge: tokio::sync::Notify::new(),
@@ -214,6 +218,15 @@ impl Cluster {
         let _ = self.inner.inputs.send(Input::CaughtUp);
     }
 
+    /// Resolves once another process has taken this node id over: this host was out
+    /// of touch long enough to be declared dead (paused, cut off) and a replacement
+    /// started under its id. Leases name a node by id, so this process must act on
+    /// none of them again — the driver stops at once, and the host should stop too,
+    /// without draining: what it would hand over belongs to the replacement.
+    pub async fn superseded(&self) {
+        self.inner.superseded.cancelled().await;
+    }
+
     /// Starts handing every partition away (SIGTERM).
     pub fn drain(&self) {
         let _ = self.inner.inputs.send(Input::Drain);
@@ -247,11 +260,13 @@ impl Cluster {
     /// that has left the region (drained) stops heartbeating and is out of touch a
     /// moment later, which is what it is.
     pub fn in_touch(&self) -> bool {
-        self.inner
-            .heartbeat_at
-            .lock()
-            .expect("heartbeat_at poisoned")
-            .is_some_and(|at| at.elapsed() < self.inner.config.dead_after)
+        !self.inner.superseded.is_cancelled()
+            && self
+                .inner
+                .heartbeat_at
+                .lock()
+                .expect("heartbeat_at poisoned")
+                .is_some_and(|at| at.elapsed() < self.inner.config.dead_after)
     }
 
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Input>, shutdown: CancellationToken) {
@@ -261,6 +276,11 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
+                _ = self.inner.superseded.cancelled() => {
+                    tracing::error!("another process runs as this node now; this host takes no further part in the region");
+                    return;
+                }
                 _ = shutdown.cancelled() => {
                     // The host may stop this loop before a tick noticed the exit (the
                     // phase can change outside it); the row must go all the same.
@@ -363,18 +383,35 @@ impl Cluster {
             return Ok(());
         }
         let config = &self.inner.config;
-        store::cluster::heartbeat(
+        let written = store::cluster::heartbeat(
             &self.inner.pool,
             &config.node_id,
             &config.address,
             state,
             config.incarnation,
         )
-        .await
+        .await;
+        if let Err(StoreError::NodeIdTaken { .. }) = &written {
+            self.inner.superseded.cancel();
+        }
+        written
     }
 
     async fn poll(&self) {
         match store::cluster::observe(&self.inner.pool, self.inner.config.dead_after).await {
+            // Checked before the core sees the observation: resumed after a long pause,
+            // this process must not take one lease in the id's name before its own
+            // heartbeat (on its own timer) finds the row taken over.
+            Ok(observation)
+                if observation.members.iter().any(|m| {
+                    m.id == self.inner.config.node_id
+                        && m.incarnation
+                            .is_some_and(|i| i != self.inner.config.incarnation)
+                }) =>
+            {
+                tracing::error!("the member row of this node id belongs to another process now");
+                self.inner.superseded.cancel();
+            }
             Ok(observation) => {
                 {
                     let mut addresses = self.inner.addresses.lock().expect("addresses poisoned");

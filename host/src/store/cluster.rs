@@ -26,6 +26,9 @@ pub struct MemberRow {
     pub alive: bool,
     /// Last heartbeat.
     pub last_heartbeat: DateTime<Utc>,
+    /// The process heartbeating as this node (`None`: a row from before processes
+    /// were told apart).
+    pub incarnation: Option<uuid::Uuid>,
 }
 
 impl MemberRow {
@@ -224,7 +227,7 @@ pub async fn observe(pool: &PgPool, dead_after: Duration) -> Result<Observation,
     .execute(&mut *tx)
     .await?;
     let members = sqlx::query(
-        "SELECT node_id, address, state, last_heartbeat, \
+        "SELECT node_id, address, state, last_heartbeat, incarnation, \
                 last_heartbeat >= now() - make_interval(secs => $1::double precision / 1000) AS alive \
          FROM members ORDER BY node_id",
     )
@@ -240,6 +243,7 @@ pub async fn observe(pool: &PgPool, dead_after: Duration) -> Result<Observation,
             state: MemberState::parse(&state)?,
             alive: row.try_get("alive").ok()?,
             last_heartbeat: row.try_get("last_heartbeat").ok()?,
+            incarnation: row.try_get("incarnation").ok()?,
         })
     })
     .collect();
