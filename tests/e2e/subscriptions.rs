@@ -381,3 +381,79 @@ async fn sigterm_ends_open_streams_and_the_host_exits() {
         "the host had not exited 30 s after SIGTERM (drain timeout: 120 s)"
     );
 }
+
+/// A host serves a bounded number of live streams: each one catching up holds a page
+/// of events and reads through the connections commands use. Past the bound a new
+/// stream is a 503 `overloaded` that says to retry, commands keep running, and a
+/// stream that ends gives its place back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_at_its_stream_limit_turns_new_streams_away_and_keeps_running_commands() {
+    let db = TestDb::new("stream_limit").await;
+    let host = Host::start(
+        &db,
+        HostOptions {
+            env: vec![("MERIDIAN_MAX_EVENT_STREAMS".into(), "2".into())],
+            ..HostOptions::default()
+        },
+    )
+    .await;
+    let api = host.client();
+    api.upload("bank-account", wasm_bytes("bank-account")).await;
+    let open = |id: &'static str| {
+        api.command(
+            "bank-account",
+            id,
+            json!({"command": {"type": "Open", "owner": "o"}}),
+        )
+    };
+    assert_eq!(open("sl-1").await.0, 200);
+    let url = format!("{}/v1/events", host.url);
+    let mut first = SseReader::open(&url, None).await;
+    let second = SseReader::open(&url, None).await;
+    assert_eq!(first.next().await.1["aggregate_id"], "sl-1");
+
+    let refused = reqwest::Client::new()
+        .get(&url)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MERIDIAN_MAX_EVENT_STREAMS"),
+        "{body}"
+    );
+    // Pages are not streams: they are still served, and commands still run.
+    let (status, _) = api.get("/v1/events?limit=10").await;
+    assert_eq!(status, 200);
+    assert_eq!(open("sl-2").await.0, 200);
+    assert_eq!(first.next().await.1["aggregate_id"], "sl-2");
+    let (_, cluster) = api.get("/v1/cluster").await;
+    assert_eq!(cluster["load"]["max_event_streams"], 2, "{cluster}");
+
+    // A client that goes away gives its place back.
+    drop(second);
+    // (The host notices the closed connection when it next writes to it: at the
+    // latest, the keep-alive comment every 15 s.)
+    let mut again = None;
+    for _ in 0..250 {
+        let response = reqwest::Client::new()
+            .get(&url)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            again = Some(response);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.is_some(), "the closed stream's place never came back");
+}

@@ -151,8 +151,9 @@ pub(super) async fn page(
 #[serde(deny_unknown_fields)]
 pub struct AckBody {
     /// The position to resume after: the last event this member has processed (or the
-    /// `next` of a page it has processed).
-    #[schema(minimum = 1)]
+    /// `next` of a page it has processed; 0, a page from the beginning that found
+    /// nothing, stores nothing).
+    #[schema(minimum = 0)]
     pub position: i64,
     /// How many members the group has (the layout this member belongs to).
     #[schema(minimum = 1, maximum = 1024)]

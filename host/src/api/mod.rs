@@ -43,6 +43,9 @@ pub const DEFAULT_MAX_COMMAND_BYTES: usize = 1024 * 1024;
 /// Default cap on the commands one host runs or forwards at once.
 pub const DEFAULT_MAX_COMMANDS_IN_FLIGHT: usize = 2048;
 
+/// Default bound on live event streams per host (`MERIDIAN_MAX_EVENT_STREAMS`).
+pub const DEFAULT_MAX_EVENT_STREAMS: usize = 1024;
+
 /// What a host adds to a command body it forwards (the `command_id` it gives it, an
 /// explicit `expected_version`); the owner takes that much over the limit from a peer,
 /// so a command just under the limit is not refused by the host it is forwarded to.
@@ -86,6 +89,8 @@ pub struct AppState {
     pub tail: store::Tail,
     /// Admission: one permit per command this host is running or forwarding.
     pub commands_in_flight: Admission,
+    /// Admission: one permit per live event stream (SSE) open on this host.
+    pub event_streams: Admission,
     /// Cancelled when the host starts draining (SIGTERM): live streams end then.
     pub draining: tokio_util::sync::CancellationToken,
     /// How long an upload waits for every live host of the region to run the new
@@ -97,10 +102,15 @@ pub struct AppState {
 /// 503 `overloaded` with `Retry-After` straight away, before anything is decided or
 /// written, instead of queueing: under overload a queue only makes every command late,
 /// and a client that gave up would still have its command run after it left.
+///
+/// Live event streams are bounded the same way ([`Admission::streams`]): each one
+/// catching up holds a page of events in memory and reads through the pool commands
+/// use, so without a bound enough readers would starve the commands.
 #[derive(Clone)]
 pub struct Admission {
     permits: Arc<tokio::sync::Semaphore>,
     limit: usize,
+    streams: bool,
 }
 
 impl Admission {
@@ -110,6 +120,15 @@ impl Admission {
         Self {
             permits: Arc::new(tokio::sync::Semaphore::new(limit)),
             limit,
+            streams: false,
+        }
+    }
+
+    /// Admits at most `limit` live event streams at once (at least one).
+    pub fn streams(limit: usize) -> Self {
+        Self {
+            streams: true,
+            ..Self::new(limit)
         }
     }
 
@@ -117,6 +136,11 @@ impl Admission {
     /// full.
     fn admit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
         self.permits.try_acquire().ok()
+    }
+
+    /// A permit a live stream carries until it ends; `None` when the host is full.
+    fn admit_owned(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
     }
 
     /// Commands admitted and not yet answered.
@@ -127,6 +151,23 @@ impl Admission {
     /// The answer to a command turned away (a 503, so with `Retry-After`; logged at
     /// debug level only, since under overload there is one per command).
     fn overloaded(&self) -> Response {
+        if self.streams {
+            metrics::counter!("meridian_event_streams_refused_total").increment(1);
+            tracing::debug!(
+                limit = self.limit,
+                "event stream turned away: host at its limit"
+            );
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "this host already serves {} live event streams (MERIDIAN_MAX_EVENT_STREAMS): \
+                     retry after a moment (with Last-Event-ID to resume), or on another host",
+                    self.limit
+                ),
+            )
+            .render();
+        }
         metrics::counter!("meridian_commands_overloaded_total").increment(1);
         tracing::debug!(limit = self.limit, "command turned away: host overloaded");
         ApiError::new(
@@ -764,6 +805,7 @@ async fn cluster_status(State(state): State<AppState>) -> Result<Json<RegionalSt
             commands_in_flight: state.commands_in_flight.in_use(),
             max_commands_in_flight: state.commands_in_flight.limit,
             event_streams_open: state.tail.open_streams(),
+            max_event_streams: state.event_streams.limit,
         },
     }))
 }
@@ -777,6 +819,9 @@ pub struct HostLoad {
     pub max_commands_in_flight: usize,
     /// Live event streams (SSE) open on it.
     pub event_streams_open: usize,
+    /// Past this many live streams it answers 503 `overloaded`
+    /// (`MERIDIAN_MAX_EVENT_STREAMS`).
+    pub max_event_streams: usize,
 }
 
 /// `GET /v1/cluster`: this region's cluster, and the relay from every other region.
@@ -1000,6 +1045,7 @@ pub struct EventsQuery {
     responses(
         (status = 200, body = EventsPage, description = "a page, or (text/event-stream) a live stream of `event` messages whose data is a StoredEvent"),
         (status = 400, body = ErrorBody, description = "unknown position, bad limit, a filter no aggregate could match, or bad group parameters"),
+        (status = 503, body = ErrorBody, description = "a live stream asked of a host already serving `MERIDIAN_MAX_EVENT_STREAMS` (`overloaded`, with `Retry-After`); retry, resuming with Last-Event-ID"),
     )
 )]
 async fn list_events(
@@ -1120,43 +1166,52 @@ async fn stream_events(
     };
     // Resolve the resume point now, so a bad one is a 400 rather than a stream that ends.
     let after = store::read::order_key(&state.pool, after).await?;
+    let Some(permit) = state.event_streams.admit_owned() else {
+        return Ok(state.event_streams.overloaded());
+    };
     let subscription = state.tail.subscribe(after, filter);
     let draining = state.draining.clone();
-    let stream = futures::stream::unfold(subscription, move |mut subscription| {
-        let group = group.clone();
-        let draining = draining.clone();
-        async move {
-            loop {
-                // A draining host ends its streams: the server waits for every open
-                // response before it exits, and a stream would otherwise hold it until
-                // the drain timeout. Clients resume from their last id on another host.
-                let next = tokio::select! {
-                    _ = draining.cancelled() => return None,
-                    next = subscription.next() => next,
-                };
-                let event = match next {
-                    Ok(event) => event,
-                    Err(error) => {
-                        tracing::warn!(%error, "event stream read failed; retrying");
-                        tokio::select! {
-                            _ = draining.cancelled() => return None,
-                            _ = tokio::time::sleep(STREAM_RETRY) => continue,
+    // The permit goes with the stream, and is given back when the response is dropped
+    // (the client went away, or the stream ended).
+    let stream =
+        futures::stream::unfold((subscription, permit), move |(mut subscription, permit)| {
+            let group = group.clone();
+            let draining = draining.clone();
+            async move {
+                loop {
+                    // A draining host ends its streams: the server waits for every open
+                    // response before it exits, and a stream would otherwise hold it until
+                    // the drain timeout. Clients resume from their last id on another host.
+                    let next = tokio::select! {
+                        _ = draining.cancelled() => return None,
+                        next = subscription.next() => next,
+                    };
+                    let event = match next {
+                        Ok(event) => event,
+                        Err(error) => {
+                            tracing::warn!(%error, "event stream read failed; retrying");
+                            tokio::select! {
+                                _ = draining.cancelled() => return None,
+                                _ = tokio::time::sleep(STREAM_RETRY) => continue,
+                            }
                         }
+                    };
+                    // Another member's event: move past it without sending it.
+                    if group.as_ref().is_some_and(|g| !groups::keeps(g, &event)) {
+                        continue;
                     }
-                };
-                // Another member's event: move past it without sending it.
-                if group.as_ref().is_some_and(|g| !groups::keeps(g, &event)) {
-                    continue;
+                    let data = serde_json::to_string(&event).unwrap_or_default();
+                    let sse = Event::default()
+                        .id(event.position.to_string())
+                        .event("event")
+                        .data(data);
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(sse),
+                        (subscription, permit),
+                    ));
                 }
-                let data = serde_json::to_string(&event).unwrap_or_default();
-                let sse = Event::default()
-                    .id(event.position.to_string())
-                    .event("event")
-                    .data(data);
-                return Some((Ok::<_, std::convert::Infallible>(sse), subscription));
             }
-        }
-    });
+        });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())

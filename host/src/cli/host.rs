@@ -86,6 +86,10 @@ pub struct HostArgs {
           default_value_t = api::DEFAULT_MAX_COMMANDS_IN_FLIGHT as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_commands_in_flight: u32,
+    /// Live event streams (SSE) this host serves at once; past it a new stream is
+    /// answered 503 `overloaded` with `Retry-After`.
+    #[arg(long, env = "MERIDIAN_MAX_EVENT_STREAMS", default_value_t = api::DEFAULT_MAX_EVENT_STREAMS as u32)]
+    pub max_event_streams: u32,
     /// Largest plugin upload accepted by this host, in bytes (per-type limits apply too).
     #[arg(long, env = "MERIDIAN_MAX_UPLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_upload_bytes: usize,
@@ -303,6 +307,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         max_command_bytes: args.max_command_bytes,
         max_upload_bytes: args.max_upload_bytes,
         commands_in_flight: api::Admission::new(args.max_commands_in_flight as usize),
+        event_streams: api::Admission::streams(args.max_event_streams as usize),
         draining: shutdown.clone(),
         plugin_rollout_timeout: Duration::from_millis(args.plugin_rollout_timeout_ms),
         regions: regions.clone(),

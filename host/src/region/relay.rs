@@ -207,7 +207,11 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
         "publishing events"
     );
     let mut published = 0u64;
-    // Only events committed here: received ones are in their own region's stream.
+    // Only events committed here are published: received ones are in their own
+    // region's stream. They are told apart here rather than in SQL, so that the cursor
+    // moves past received events too: filtered in SQL, a read found nothing to move it
+    // on, and a region that mostly receives read every event received since its last
+    // own one again on every poll, a hundred times a second.
     let own = EventFilter {
         origin_region: Some(region.clone()),
         ..EventFilter::default()
@@ -228,7 +232,7 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
             None,
             PUBLISH_BATCH,
             store::read::PAGE_BYTES,
-            &own,
+            &EventFilter::default(),
         )
         .await?;
         let more = read.more(PUBLISH_BATCH);
@@ -244,9 +248,16 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
             }
             continue;
         };
-        after = publish_page(&js, &region, after, page.iter().map(|(_, e)| e)).await?;
-        metrics::counter!("meridian_relay_published_total").increment(page.len() as u64);
-        published += page.len() as u64;
+        let mine: Vec<&StoredEvent> = page
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| own.matches(e))
+            .collect();
+        if !mine.is_empty() {
+            after = publish_page(&js, &region, after, mine.iter().copied()).await?;
+        }
+        metrics::counter!("meridian_relay_published_total").increment(mine.len() as u64);
+        published += mine.len() as u64;
         if more {
             tracing::info!(published, position = last_key.position, "relay catching up");
         }

@@ -231,18 +231,36 @@ async fn next_batch(
     Some(without_repeats(batch, carry))
 }
 
-/// The batch without a second request for a command id or an aggregate already in it;
-/// those go to `carry`, for the next batch.
+/// The most event bytes one batch carries (its first request goes whatever its size).
+/// A batch is one statement, and PostgreSQL refuses a message over 1 GB by closing the
+/// connection: with output caps raised, a few dozen large commands at once would make
+/// every batch fail, be sent again, and fail again.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// The batch without a second request for a command id or an aggregate already in it,
+/// and without what goes past [`MAX_BATCH_BYTES`]; those go to `carry`, for the next
+/// batch.
 fn without_repeats(batch: Vec<Pending>, carry: &mut Vec<Pending>) -> Vec<Pending> {
     let mut seen_commands = HashSet::new();
     let mut seen_aggregates = HashSet::new();
     let mut keep = Vec::with_capacity(batch.len());
+    let mut bytes = 0usize;
     for pending in batch {
         let r = &pending.request;
+        let size: usize = r
+            .events
+            .iter()
+            .map(|e| e.payload.get().len() + e.metadata.get().len() + e.event_type.len())
+            .sum();
+        if !keep.is_empty() && bytes.saturating_add(size) > MAX_BATCH_BYTES {
+            carry.push(pending);
+            continue;
+        }
         let fresh_command = r.command_id.is_none_or(|id| seen_commands.insert(id));
         let fresh_aggregate =
             seen_aggregates.insert((r.aggregate_type.clone(), r.aggregate_id.clone()));
         if fresh_command && fresh_aggregate {
+            bytes = bytes.saturating_add(size);
             keep.push(pending);
         } else {
             carry.push(pending);
@@ -594,4 +612,64 @@ pub async fn append_batch<'c>(
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(id: &str, payload_bytes: usize) -> Pending {
+        let payload = format!("\"{}\"", "x".repeat(payload_bytes));
+        Pending {
+            request: AppendRequest {
+                aggregate_type: "t".into(),
+                aggregate_id: id.into(),
+                expected_version: 0,
+                events: vec![NewEvent {
+                    event_id: Uuid::now_v7(),
+                    event_type: "E".into(),
+                    payload: serde_json::value::RawValue::from_string(payload).unwrap(),
+                    metadata: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                }],
+                command_id: Some(Uuid::now_v7()),
+                fence: None,
+            },
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_byte_cap_and_carries_the_rest() {
+        let mb = 1 << 20;
+        let batch: Vec<Pending> = (0..40).map(|i| pending(&format!("a{i}"), 5 * mb)).collect();
+        let mut carry = Vec::new();
+        let kept = without_repeats(batch, &mut carry);
+        let ids = |p: &[Pending]| {
+            p.iter()
+                .map(|p| p.request.aggregate_id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            kept.len(),
+            MAX_BATCH_BYTES / (5 * mb + 10),
+            "{:?}",
+            ids(&kept)
+        );
+        assert_eq!(kept.len() + carry.len(), 40, "nothing dropped");
+        assert_eq!(
+            ids(&carry)[0],
+            format!("a{}", kept.len()),
+            "the rest keeps its order"
+        );
+        // One request over the cap still goes, alone.
+        let mut carry = Vec::new();
+        let kept = without_repeats(
+            vec![pending("big", 80 * mb), pending("small", 1)],
+            &mut carry,
+        );
+        assert_eq!(
+            (ids(&kept), ids(&carry)),
+            (vec!["big".to_string()], vec!["small".to_string()])
+        );
+    }
 }
