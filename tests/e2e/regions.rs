@@ -1721,3 +1721,63 @@ async fn a_frozen_relay_leader_is_replaced_and_events_keep_reaching_the_other_re
         );
     }
 }
+
+/// The relay replaces a peer's inbound consumer at every start: it deletes the old one
+/// and creates a new one at the old one's acknowledgement floor. If the new one never
+/// got created (a JetStream timeout during a NATS restart, the host dying in between),
+/// the next start found no consumer and had the peer's whole stream delivered again.
+/// The floor is kept in PostgreSQL before the delete, and a missing consumer resumes
+/// there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_inbound_consumer_resumes_at_the_last_floor_not_the_start() {
+    let mut r = TwoRegions::start("resume_floor").await;
+    let ids: Vec<String> = (0..20).map(|i| format!("rf-{i}")).collect();
+    for id in &ids {
+        let (status, body, _) = send(&r.east[0], id, json!({"type":"Open","owner":"o"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for id in &ids {
+        r.wait_until_west_holds(id, 1).await;
+    }
+    // A restart replaces the consumer, keeping its floor; then the consumer is lost.
+    r.west[0].restart().await;
+    let receiving = |h: &Host| {
+        std::fs::read_to_string(&h.log)
+            .unwrap_or_default()
+            .contains("receiving events")
+    };
+    eventually(|| async { receiving(&r.west[0]).then_some(()) }).await;
+    let js = r.west_nats.jetstream().await;
+    let inbound = js
+        .get_stream("meridian-from-east")
+        .await
+        .expect("inbound stream");
+    inbound
+        .delete_consumer("meridian-inbound")
+        .await
+        .expect("delete the consumer");
+    r.west[0].restart().await;
+    eventually(|| async { receiving(&r.west[0]).then_some(()) }).await;
+    let (status, body, _) = send(&r.east[0], "rf-new", json!({"type":"Open","owner":"o"})).await;
+    assert_eq!(status, 200, "{body}");
+    r.wait_until_west_holds("rf-new", 1).await;
+    let inbound = js
+        .get_stream("meridian-from-east")
+        .await
+        .expect("inbound stream");
+    let info = inbound
+        .consumer_info("meridian-inbound")
+        .await
+        .expect("the relay made a consumer again");
+    // The new event, and at most an old one or two whose acknowledgement the first
+    // restart's kill -9 may have cut off; not the twenty again.
+    assert!(
+        info.delivered.consumer_sequence <= 3,
+        "the new consumer delivered {} messages: the peer's old events again{}",
+        info.delivered.consumer_sequence,
+        r.logs()
+    );
+    for id in &ids {
+        assert_eq!(events_of(&r.west[0], id).await.len(), 1, "{id} stored once");
+    }
+}

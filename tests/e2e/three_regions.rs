@@ -601,3 +601,66 @@ async fn after_a_forced_move_a_third_region_gets_the_lost_regions_events_from_th
         2.0
     );
 }
+
+/// Two transactions storing the same event at once (the gap fetch and the stream task,
+/// or two relay leaders overlapping for a moment) both find it absent; the one that
+/// waited for the aggregate's stream row then finds it stored by the other. That is a
+/// duplicate: counted as divergent, it told operators that histories differ.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_event_stored_twice_at_once_is_a_duplicate_not_a_divergence() {
+    use meridian::store::regions::{RelayedEvent, store_remote};
+    use sqlx::Connection;
+    let db = TestDb::new("dupstore").await;
+    let pool = db.pool().await;
+    meridian::store::migrate(&pool).await.expect("migrate");
+    let event = |version: i64| RelayedEvent {
+        region: EAST.into(),
+        position: version,
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_type: "bank-account".into(),
+        aggregate_id: "d-1".into(),
+        version,
+        event_type: "Deposited".into(),
+        payload: serde_json::value::RawValue::from_string(r#"{"amount":1}"#.into()).unwrap(),
+        metadata: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+        recorded_at: chrono::Utc::now(),
+    };
+    let v2 = event(2);
+    assert_eq!(
+        store_remote(&pool, SOUTH, &[event(1)])
+            .await
+            .unwrap()
+            .stored,
+        1
+    );
+    // Both stores get past their look for the event while a third session holds the
+    // aggregate's stream row; then it lets go.
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM streams WHERE aggregate_id = 'd-1' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let stores: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, v2) = (db.url.clone(), v2.clone());
+            tokio::spawn(async move {
+                let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+                store_remote(&mut conn, SOUTH, &[v2]).await.unwrap()
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let mut outcomes = Vec::new();
+    for store in stores {
+        let o = store.await.unwrap();
+        outcomes.push((o.stored, o.duplicates, o.divergent));
+    }
+    outcomes.sort();
+    assert_eq!(
+        outcomes,
+        [(0, 1, 0), (1, 0, 0)],
+        "stored, duplicates, divergent"
+    );
+}

@@ -732,7 +732,7 @@ async fn receive(
             ..Default::default()
         })
         .await?;
-    let consumer = inbound_consumer(&stream, &peer).await?;
+    let consumer = inbound_consumer(&stream, &pool, &peer).await?;
     tracing::info!(
         from = peer,
         stream = inbound_stream(&peer),
@@ -806,10 +806,22 @@ async fn receive(
 /// the failed batch unstored: events lost for this region. Starting again from the
 /// acknowledgement floor resends it, in order; storing is idempotent on event id, so
 /// what was stored without being acknowledged is counted as a duplicate.
+///
+/// The floor is written to PostgreSQL before the delete: a failure between the delete
+/// and the create would otherwise leave nothing to resume from, and every event of the
+/// peer's stream would be delivered again.
 async fn inbound_consumer(
     stream: &stream::Stream,
+    pool: &PgPool,
     peer: &str,
 ) -> anyhow::Result<consumer::PullConsumer> {
+    // Which stream a saved floor belongs to, to PostgreSQL's microsecond.
+    let created = stream.cached_info().created;
+    let created = chrono::DateTime::<Utc>::from_timestamp(
+        created.unix_timestamp(),
+        created.nanosecond() / 1_000 * 1_000,
+    )
+    .unwrap_or_default();
     // An operator's pause (`$JS.API.CONSUMER.PAUSE`) outlives the replacement.
     let mut pause_until = None;
     let deliver_policy = match stream.consumer_info(INBOUND_CONSUMER).await {
@@ -824,13 +836,28 @@ async fn inbound_consumer(
                     "resuming after the last acknowledged event"
                 );
             }
+            store::regions::save_inbound_resume(pool, peer, created, start_sequence as i64).await?;
             stream
                 .delete_consumer(INBOUND_CONSUMER)
                 .await
                 .map_err(|e| anyhow::anyhow!("replacing the inbound consumer: {e}"))?;
             consumer::DeliverPolicy::ByStartSequence { start_sequence }
         }
-        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => consumer::DeliverPolicy::All,
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+            match store::regions::inbound_resume(pool, peer, created).await? {
+                Some(start_sequence) => {
+                    tracing::warn!(
+                        from = peer,
+                        start_sequence,
+                        "the inbound consumer is missing; resuming where the last one was replaced"
+                    );
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: start_sequence as u64,
+                    }
+                }
+                None => consumer::DeliverPolicy::All,
+            }
+        }
         Err(e) => anyhow::bail!("reading the inbound consumer: {e}"),
     };
     Ok(stream

@@ -309,6 +309,47 @@ pub async fn set_relay_status(
     Ok(())
 }
 
+/// Records where `region`'s inbound consumer resumes should it go missing: stream
+/// sequence `sequence` of the inbound stream created at `stream_created`.
+pub async fn save_inbound_resume(
+    pool: &PgPool,
+    region: &str,
+    stream_created: DateTime<Utc>,
+    sequence: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO relay_status (region, lag_ms, pending, inbound_resume_sequence, inbound_stream_created) \
+         VALUES ($1, 0, 0, $2, $3) \
+         ON CONFLICT (region) DO UPDATE SET inbound_resume_sequence = EXCLUDED.inbound_resume_sequence, \
+             inbound_stream_created = EXCLUDED.inbound_stream_created",
+    )
+    .bind(region)
+    .bind(sequence)
+    .bind(stream_created)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Where `region`'s inbound consumer resumes should it go missing, if recorded for
+/// the inbound stream created at `stream_created`.
+pub async fn inbound_resume(
+    pool: &PgPool,
+    region: &str,
+    stream_created: DateTime<Utc>,
+) -> Result<Option<i64>, StoreError> {
+    let saved: Option<(Option<i64>, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT inbound_resume_sequence, inbound_stream_created FROM relay_status WHERE region = $1",
+    )
+    .bind(region)
+    .fetch_optional(pool)
+    .await?;
+    Ok(match saved {
+        Some((Some(sequence), Some(created))) if created == stream_created => Some(sequence),
+        _ => None,
+    })
+}
+
 /// The relay status of every other region this region receives from.
 pub async fn relay_status(pool: &PgPool) -> Result<Vec<RelayStatus>, StoreError> {
     let rows = sqlx::query(
