@@ -113,6 +113,10 @@ pub enum Input {
     Idle {
         /// The partition.
         partition: Partition,
+        /// The epoch the [`Action::StopServing`] stopped. A report that arrives late,
+        /// after the partition was taken again and is stopping at a newer epoch, is
+        /// not about the commands of that one and is ignored.
+        epoch: u64,
     },
     /// An [`Action::Release`] finished (successfully or because the lease had already
     /// moved on: either way this node no longer holds it).
@@ -146,11 +150,13 @@ pub enum Action {
         /// The lease epoch.
         epoch: u64,
     },
-    /// Stop starting commands for the partition; report [`Input::Idle`] once none is
-    /// in flight.
+    /// Stop starting commands for the partition; report [`Input::Idle`] (with this
+    /// epoch) once none is in flight.
     StopServing {
         /// The partition.
         partition: Partition,
+        /// The epoch it was served at.
+        epoch: u64,
     },
     /// Give the lease up; report [`Input::Released`].
     Release {
@@ -384,8 +390,8 @@ impl Node {
                     }
                 }
             }
-            Input::Idle { partition } => {
-                if let Some(Holding::Stopping(epoch)) = self.held.get(&partition).copied() {
+            Input::Idle { partition, epoch } => {
+                if self.held.get(&partition).copied() == Some(Holding::Stopping(epoch)) {
                     self.held.insert(partition, Holding::Releasing(epoch));
                     actions.push(Action::Evict { partition });
                     actions.push(Action::Release { partition, epoch });
@@ -410,8 +416,8 @@ impl Node {
             // Declared dead (a long pause?): others may already hold our partitions.
             // Stop at once; the fence refuses whatever is still in flight.
             for (partition, holding) in std::mem::take(&mut self.held) {
-                if let Holding::Serving(_) | Holding::Stopping(_) = holding {
-                    actions.push(Action::StopServing { partition });
+                if let Holding::Serving(epoch) | Holding::Stopping(epoch) = holding {
+                    actions.push(Action::StopServing { partition, epoch });
                 }
                 actions.push(Action::Evict { partition });
             }
@@ -436,8 +442,8 @@ impl Node {
             .collect();
         for partition in lost {
             let holding = self.held.remove(&partition).expect("listed above");
-            if let Holding::Serving(_) | Holding::Stopping(_) = holding {
-                actions.push(Action::StopServing { partition });
+            if let Holding::Serving(epoch) | Holding::Stopping(epoch) = holding {
+                actions.push(Action::StopServing { partition, epoch });
             }
             actions.push(Action::Evict { partition });
         }
@@ -467,7 +473,7 @@ impl Node {
                     && (desired.is_some() || self.phase != Phase::Ready) =>
                 {
                     self.held.insert(partition, Holding::Stopping(epoch));
-                    actions.push(Action::StopServing { partition });
+                    actions.push(Action::StopServing { partition, epoch });
                 }
                 Some(_) => {}
                 None if mine && !self.acquiring.contains(&partition) => {
@@ -669,18 +675,65 @@ mod tests {
             epoch: Some(1),
         });
         let actions = node.step(Input::Drain);
-        assert!(actions.contains(&Action::StopServing { partition: 0 }));
+        assert!(actions.contains(&Action::StopServing {
+            partition: 0,
+            epoch: 1
+        }));
         assert!(
             !actions.iter().any(|a| matches!(a, Action::Release { .. })),
             "released with commands in flight"
         );
-        let actions = node.step(Input::Idle { partition: 0 });
+        let actions = node.step(Input::Idle {
+            partition: 0,
+            epoch: 1,
+        });
         assert!(actions.contains(&Action::Release {
             partition: 0,
             epoch: 1
         }));
         let actions = node.step(Input::Released { partition: 0 });
         assert_eq!(actions, vec![Action::Exit]);
+    }
+
+    /// A stop's idle report names the epoch it stopped: one about an older stop of the
+    /// partition (commands admitted at another epoch, finishing late) says nothing of
+    /// the commands admitted at this one, and must not release the lease under them.
+    #[test]
+    fn an_idle_report_of_another_epoch_releases_nothing() {
+        let mut node = Node::new("a", 1);
+        node.step(Input::CaughtUp);
+        node.step(Input::Observed {
+            members: vec![member("a", MemberState::Ready, true)],
+            leases: vec![],
+        });
+        node.step(Input::Acquired {
+            partition: 0,
+            epoch: Some(4),
+        });
+        let actions = node.step(Input::Drain);
+        assert!(
+            actions.contains(&Action::StopServing {
+                partition: 0,
+                epoch: 4
+            }),
+            "{actions:?}"
+        );
+        let actions = node.step(Input::Idle {
+            partition: 0,
+            epoch: 3,
+        });
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Release { .. })),
+            "released on another epoch's idle report: {actions:?}"
+        );
+        let actions = node.step(Input::Idle {
+            partition: 0,
+            epoch: 4,
+        });
+        assert!(actions.contains(&Action::Release {
+            partition: 0,
+            epoch: 4
+        }));
     }
 
     /// A drained node keeps observing until its listener closes. A replacement started
@@ -740,8 +793,14 @@ mod tests {
             members: vec![member("a", MemberState::Ready, false)],
             leases: vec![],
         });
-        assert!(actions.contains(&Action::StopServing { partition: 0 }));
-        assert!(actions.contains(&Action::StopServing { partition: 1 }));
+        assert!(actions.contains(&Action::StopServing {
+            partition: 0,
+            epoch: 1
+        }));
+        assert!(actions.contains(&Action::StopServing {
+            partition: 1,
+            epoch: 1
+        }));
         assert!(node.serving().is_empty());
     }
 

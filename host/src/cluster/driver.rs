@@ -319,7 +319,9 @@ impl Cluster {
         }
     }
 
-    fn set_slot(&self, partition: Partition, value: Option<u64>, report_idle: bool) {
+    /// Sets the partition's slot once the commands holding it are done; `idle_at`: the
+    /// epoch a stop ends, reported as [`Input::Idle`] then.
+    fn set_slot(&self, partition: Partition, value: Option<u64>, idle_at: Option<u64>) {
         let generation = self.inner.slot_generation.fetch_add(1, Ordering::Relaxed) + 1;
         let cluster = self.clone();
         tokio::spawn(async move {
@@ -329,8 +331,8 @@ impl Cluster {
                     *slot = (generation, value);
                 }
             }
-            if report_idle {
-                let _ = cluster.inner.inputs.send(Input::Idle { partition });
+            if let Some(epoch) = idle_at {
+                let _ = cluster.inner.inputs.send(Input::Idle { partition, epoch });
             }
         });
     }
@@ -507,11 +509,11 @@ impl Cluster {
                 // the core decided, makes the later decision win whichever task gets
                 // the lock first.
                 Action::Serve { partition, epoch } => {
-                    self.set_slot(partition, Some(epoch), false);
+                    self.set_slot(partition, Some(epoch), None);
                     None
                 }
-                Action::StopServing { partition } => {
-                    self.set_slot(partition, None, true);
+                Action::StopServing { partition, epoch } => {
+                    self.set_slot(partition, None, Some(epoch));
                     None
                 }
                 Action::Release { partition, epoch } => {

@@ -105,7 +105,8 @@ enum Ctl {
     Tick,
     CaughtUp,
     Drain,
-    Idle(Partition),
+    /// The partition and the epoch its stop ended.
+    Idle(Partition, u64),
 }
 
 /// What a node's outstanding database request is for.
@@ -198,7 +199,8 @@ struct Host {
     tick_permille: u64,
     rate_gen: u32,
     serving: BTreeMap<Partition, u64>,
-    stopping: BTreeSet<Partition>,
+    /// Partitions told to stop, with the epoch they were served at.
+    stopping: BTreeMap<Partition, u64>,
     inflight: BTreeMap<Partition, u32>,
     cache: BTreeMap<usize, u64>,
     db_wait: BTreeMap<u64, Wait>,
@@ -228,7 +230,7 @@ impl Host {
             tick_permille: 1000,
             rate_gen: 0,
             serving: BTreeMap::new(),
-            stopping: BTreeSet::new(),
+            stopping: BTreeMap::new(),
             inflight: BTreeMap::new(),
             cache: BTreeMap::new(),
             db_wait: BTreeMap::new(),

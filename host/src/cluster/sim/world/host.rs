@@ -48,10 +48,10 @@ impl World {
                 }
                 Some(Ctl::CaughtUp) => self.step(n, Input::CaughtUp),
                 Some(Ctl::Drain) => self.step(n, Input::Drain),
-                Some(Ctl::Idle(partition)) => {
-                    if h.stopping.contains(&partition) && h.inflight(partition) == 0 {
+                Some(Ctl::Idle(partition, epoch)) => {
+                    if h.stopping.get(&partition) == Some(&epoch) && h.inflight(partition) == 0 {
                         h.stopping.remove(&partition);
-                        self.step(n, Input::Idle { partition });
+                        self.step(n, Input::Idle { partition, epoch });
                     }
                 }
                 None => return,
@@ -136,11 +136,11 @@ impl World {
                 h.serving.insert(partition, epoch);
                 h.stopping.remove(&partition);
             }
-            Action::StopServing { partition } => {
+            Action::StopServing { partition, epoch } => {
                 h.serving.remove(&partition);
-                h.stopping.insert(partition);
+                h.stopping.insert(partition, epoch);
                 if h.inflight(partition) == 0 {
-                    h.ctl.push_back(Ctl::Idle(partition));
+                    h.ctl.push_back(Ctl::Idle(partition, epoch));
                 }
             }
             Action::Release { partition, epoch } => {
@@ -350,8 +350,10 @@ impl World {
         *count -= 1;
         if *count == 0 {
             h.inflight.remove(&e.partition);
-            if h.stopping.contains(&e.partition) && !h.ctl.contains(&Ctl::Idle(e.partition)) {
-                h.ctl.push_back(Ctl::Idle(e.partition));
+            if let Some(&epoch) = h.stopping.get(&e.partition)
+                && !h.ctl.contains(&Ctl::Idle(e.partition, epoch))
+            {
+                h.ctl.push_back(Ctl::Idle(e.partition, epoch));
             }
         }
         match e.target {

@@ -132,7 +132,9 @@ pub(super) fn actions_text(actions: &[Action]) -> String {
                 expected_owner.as_deref().unwrap_or("-")
             ),
             Action::Serve { partition, epoch } => write!(s, "Serve(p{partition}@{epoch})"),
-            Action::StopServing { partition } => write!(s, "StopServing(p{partition})"),
+            Action::StopServing { partition, epoch } => {
+                write!(s, "StopServing(p{partition}@{epoch})")
+            }
             Action::Release { partition, epoch } => write!(s, "Release(p{partition}@{epoch})"),
             Action::Evict { partition } => write!(s, "Evict(p{partition})"),
             Action::Exit => write!(s, "Exit"),
