@@ -102,7 +102,12 @@ pub fn wasm_bytes(name: &str) -> Vec<u8> {
 /// The bank-account component with a custom section appended: other bytes (another
 /// sha256), the same behaviour.
 pub fn with_custom_section(tag: &[u8]) -> Vec<u8> {
-    let mut bytes = wasm_bytes("bank-account");
+    plus_custom_section(wasm_bytes("bank-account"), tag)
+}
+
+/// `bytes` (a component) with a custom section holding `tag`: another version of the
+/// same behaviour.
+pub fn plus_custom_section(mut bytes: Vec<u8>, tag: &[u8]) -> Vec<u8> {
     let name = b"meridian-test";
     let mut section = vec![name.len() as u8];
     section.extend_from_slice(name);

@@ -925,6 +925,71 @@ async fn a_foreign_message_on_the_events_stream_neither_stops_nor_repeats_the_re
     );
 }
 
+/// A copy of one of the relay's old messages, published again with its headers (as
+/// replay tooling does) after JetStream's duplicate window, made the relay's restart
+/// take it for its checkpoint: the cursor went back to the old event and every event
+/// since was published again. A message counts as the checkpoint only if it carries
+/// the event at the position it names.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_of_an_old_message_does_not_send_the_relay_back() {
+    let r = TwoRegions::start("copy").await;
+    let (status, body, _) = send(&r.east[0], "copy-1", json!({"type": "Open", "owner": "o"})).await;
+    assert_eq!(status, 200, "{body}");
+    for amount in 1..=2 {
+        let (status, body, _) = send(
+            &r.east[0],
+            "copy-1",
+            json!({"type": "Deposit", "amount": amount}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    r.wait_until_west_holds("copy-1", 3).await;
+    let js = r.east_nats.jetstream().await;
+    let stream = js.get_stream("meridian-events-east").await.expect("stream");
+    // A short duplicate window, so the copy is not dropped as a duplicate.
+    let mut config = stream.cached_info().config.clone();
+    config.duplicate_window = Duration::from_millis(500);
+    js.update_stream(config)
+        .await
+        .expect("shorten the duplicate window");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first = stream.get_raw_message(1).await.expect("the first message");
+    let mut headers = async_nats::HeaderMap::new();
+    for name in ["Meridian-Region", "Meridian-Position"] {
+        let value = first
+            .headers
+            .get(name)
+            .expect("relay header")
+            .as_str()
+            .to_string();
+        headers.insert(name, value.as_str());
+    }
+    headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
+    js.publish_with_headers(first.subject.to_string(), headers, first.payload.clone())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored in the events stream");
+    // The next publish finds the copy at the stream's end and the relay starts again.
+    let (status, body, _) = send(
+        &r.east[0],
+        "copy-1",
+        json!({"type": "Deposit", "amount": 3}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    r.wait_until_west_holds("copy-1", 4).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut stream = js.get_stream("meridian-events-east").await.expect("stream");
+    assert_eq!(
+        stream.info().await.expect("info").state.messages,
+        5,
+        "four events once each, and the copy{}",
+        r.logs()
+    );
+}
+
 /// After the peer region's NATS restarts, nats-server leaves the source of the local
 /// copy silent for 10–30 s; the relay restarts it. And if the source is gone from the
 /// stream's configuration (a restart cut off half-way), the relay puts it back. Either

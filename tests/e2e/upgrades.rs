@@ -4,7 +4,9 @@
 
 use serde_json::json;
 
-use crate::harness::{Host, HostOptions, TestDb, store_events, wasm_bytes, with_custom_section};
+use crate::harness::{
+    Host, HostOptions, TestDb, plus_custom_section, store_events, wasm_bytes, with_custom_section,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_version_that_cannot_replay_stored_histories_is_refused_unless_forced() {
@@ -170,4 +172,59 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
         .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["version"], 3, "{body}");
+}
+
+/// A command that waits for its aggregate behind a slow one runs the version that is
+/// current when its turn comes. It took its version when it arrived, so after an
+/// upload was answered ("every host runs it") it could still decide, and store events
+/// tagged, with the version before — after events of the new one, which the old one
+/// may not even know.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_queued_during_an_upload_runs_the_new_version() {
+    let db = TestDb::new("queued_upgrade").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("sleeper", wasm_bytes("sleeper")).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        api.put_limits("sleeper", json!({"deadline_ms": 8000}))
+            .await,
+        200
+    );
+    // `Go` runs until its deadline, holding the aggregate meanwhile.
+    let slow = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.command("sleeper", "q", json!({"command": {"type": "Go"}}))
+                .await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let queued = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.command("sleeper", "q", json!({"command": {"type": "Nap"}}))
+                .await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, body) = api
+        .upload("sleeper", plus_custom_section(wasm_bytes("sleeper"), b"v2"))
+        .await;
+    assert_eq!((status, body["version"].as_i64()), (201, Some(2)), "{body}");
+    assert!(
+        !slow.is_finished(),
+        "the slow command ended before the upload was answered: nothing was queued"
+    );
+    assert_eq!(slow.await.unwrap().0, 500);
+    let (status, body) = queued.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (_, events) = api.get("/v1/aggregates/sleeper/q/events").await;
+    let versions: Vec<_> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["metadata"]["plugin_version"].clone())
+        .collect();
+    assert_eq!(versions, [json!(2)], "{events}");
 }

@@ -297,11 +297,16 @@ impl Executor {
 
     /// Executes one command.
     pub async fn execute(&self, command: Command) -> Result<CommandResult, CommandError> {
-        let plugin = self.inner.plugins.get(&command.key.aggregate_type).await?;
+        // Known type or not, before a cache slot is made for it.
+        self.inner.plugins.get(&command.key.aggregate_type).await?;
         let slot = self.inner.cache.slot(&command.key);
         let mut guard = slot.lock().await;
         let mut attempt = 0;
         loop {
+            // Taken with the aggregate in hand (and again on every retry), not on
+            // arrival: a command that waited behind others while a new version was
+            // uploaded must not decide with the one before, after the new one wrote.
+            let plugin = self.inner.plugins.get(&command.key.aggregate_type).await?;
             let (loaded, cached) = match guard.take() {
                 Some(loaded) if loaded.plugin_version == plugin.version() => {
                     metrics::counter!("meridian_cache_hits_total").increment(1);

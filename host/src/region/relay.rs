@@ -200,7 +200,7 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
         .await?;
     let state = stream.info().await?.state.clone();
     let mut after = Published::Sequence(state.last_sequence);
-    let cursor = checkpoint(&stream, &region, &state).await?;
+    let cursor = checkpoint(&stream, &pool, &region, &state).await?;
     tracing::info!(
         stream = events_stream(&region),
         after = cursor,
@@ -274,8 +274,14 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
 /// message deleted from the stream is stepped over too. With none of the relay's
 /// messages left (the stream purged) it publishes again from the first event; other
 /// regions store each event once, however often it arrives.
+///
+/// A message counts only if its `Nats-Msg-Id` is the id of this region's own event at
+/// the position it names: a copy of an old message published again with its headers
+/// (replay tooling does that) would otherwise send the cursor back, and every event
+/// since would be published again, past JetStream's duplicate window.
 async fn checkpoint(
     stream: &stream::Stream,
+    pool: &PgPool,
     region: &str,
     state: &stream::State,
 ) -> anyhow::Result<i64> {
@@ -289,7 +295,23 @@ async fn checkpoint(
                     .and(message.headers.get("Meridian-Position"))
                     .and_then(|v| v.as_str().parse::<i64>().ok());
                 if let Some(position) = position {
-                    return Ok(position);
+                    let id: Option<uuid::Uuid> = sqlx::query_scalar(
+                        "SELECT event_id FROM events WHERE position = $1 AND received_at IS NULL",
+                    )
+                    .bind(position)
+                    .fetch_optional(pool)
+                    .await?;
+                    let claimed = message.headers.get("Nats-Msg-Id").map(|v| v.as_str());
+                    if id.is_some_and(|id| Some(id.to_string().as_str()) == claimed) {
+                        return Ok(position);
+                    }
+                    tracing::warn!(
+                        stream = events_stream(region),
+                        sequence,
+                        position,
+                        "a message in the events stream names an event it does not carry (a copy published again?); stepping over it"
+                    );
+                    continue;
                 }
                 tracing::warn!(
                     stream = events_stream(region),
