@@ -1384,16 +1384,13 @@ async fn a_batch_on_a_connection_gone_silent_commits_on_a_new_one() {
     assert_eq!(stored, 2);
 }
 
-/// A batch that times out waiting on a lock (a row an operator's session holds, DDL on
-/// the events table) must not leave its session waiting on the server: that session
-/// keeps every lock the batch took, and each retry would leave another. The committer
-/// ends the sessions of its timed-out batches; the batch fails, writes nothing, and
-/// the aggregate takes appends again once the lock is gone.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_batch_that_times_out_on_a_lock_leaves_no_session_holding_locks() {
+/// A migrated database's pool, and a group committer with one worker on it whose
+/// batches time out after `batch_timeout`.
+async fn one_worker_committer(
+    db: &TestDb,
+    batch_timeout: Duration,
+) -> (sqlx::PgPool, meridian::store::Committer) {
     use meridian::store::{self, Changes, Committer, CommitterConfig};
-
-    let db = TestDb::new("lock_timeout").await;
     let admin = db.pool().await;
     store::migrate(&admin).await.unwrap();
     let pool = store::connect(&store::DatabaseConfig {
@@ -1406,11 +1403,23 @@ async fn a_batch_that_times_out_on_a_lock_leaves_no_session_holding_locks() {
         pool,
         CommitterConfig {
             workers: 1,
-            batch_timeout: Duration::from_millis(800),
+            batch_timeout,
             ..CommitterConfig::default()
         },
         Changes::default(),
     );
+    (admin, committer)
+}
+
+/// A batch that times out waiting on a lock (a row an operator's session holds, DDL on
+/// the events table) must not leave its session waiting on the server: that session
+/// keeps every lock the batch took, and each retry would leave another. The committer
+/// ends the sessions of its timed-out batches; the batch fails, writes nothing, and
+/// the aggregate takes appends again once the lock is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_that_times_out_on_a_lock_leaves_no_session_holding_locks() {
+    let db = TestDb::new("lock_timeout").await;
+    let (admin, committer) = one_worker_committer(&db, Duration::from_millis(800)).await;
     committer.append(noted("locked", 0, "{}")).await.unwrap();
     let waiting = || async {
         sqlx::query_scalar::<_, i64>(
@@ -1463,26 +1472,10 @@ async fn a_batch_that_times_out_on_a_lock_leaves_no_session_holding_locks() {
 /// command of the batch commits.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_breaking_a_constraint_fails_alone_in_its_batch() {
-    use meridian::store::{self, Changes, Committer, CommitterConfig};
-
     let db = TestDb::new("batch_culprit").await;
-    let admin = db.pool().await;
-    store::migrate(&admin).await.unwrap();
-    let pool = store::connect(&store::DatabaseConfig {
-        url: db.url.clone(),
-        max_connections: 2,
-    })
-    .await
-    .unwrap();
     // One worker: while it commits the first request, the rest queue into one batch.
-    let committer = Committer::start(
-        pool,
-        CommitterConfig {
-            workers: 1,
-            ..CommitterConfig::default()
-        },
-        Changes::default(),
-    );
+    let (admin, committer) =
+        one_worker_committer(&db, meridian::store::DEFAULT_BATCH_TIMEOUT).await;
     let stored = noted("first", 0, "{}");
     let reused = stored.events[0].event_id;
     committer.append(stored).await.unwrap();

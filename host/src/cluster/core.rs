@@ -557,6 +557,17 @@ fn mix(mut z: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// A caught-up node that has seen itself as the region's only, ready member.
+    fn alone(id: &str, partitions: u32) -> Node {
+        let mut node = Node::new(id, partitions);
+        node.step(Input::CaughtUp);
+        node.step(Input::Observed {
+            members: vec![member(id, MemberState::Ready, true)],
+            leases: vec![],
+        });
+        node
+    }
+
     fn member(id: &str, state: MemberState, alive: bool) -> MemberView {
         MemberView {
             id: id.into(),
@@ -700,12 +711,7 @@ mod tests {
     /// the commands admitted at this one, and must not release the lease under them.
     #[test]
     fn an_idle_report_of_another_epoch_releases_nothing() {
-        let mut node = Node::new("a", 1);
-        node.step(Input::CaughtUp);
-        node.step(Input::Observed {
-            members: vec![member("a", MemberState::Ready, true)],
-            leases: vec![],
-        });
+        let mut node = alone("a", 1);
         node.step(Input::Acquired {
             partition: 0,
             epoch: Some(4),
@@ -740,12 +746,7 @@ mod tests {
     /// under its id meanwhile takes leases in that id: the exited node must leave them.
     #[test]
     fn an_exited_node_gives_back_no_lease_in_its_name() {
-        let mut node = Node::new("a", 8);
-        node.step(Input::CaughtUp);
-        node.step(Input::Observed {
-            members: vec![member("a", MemberState::Ready, true)],
-            leases: vec![],
-        });
+        let mut node = alone("a", 8);
         // Every acquisition lost (another host was quicker): holding nothing, it exits
         // as soon as it drains.
         for partition in node.pending().1 {
@@ -775,12 +776,7 @@ mod tests {
 
     #[test]
     fn a_node_declared_dead_stops_serving_everything() {
-        let mut node = Node::new("a", 2);
-        node.step(Input::CaughtUp);
-        node.step(Input::Observed {
-            members: vec![member("a", MemberState::Ready, true)],
-            leases: vec![],
-        });
+        let mut node = alone("a", 2);
         node.step(Input::Acquired {
             partition: 0,
             epoch: Some(1),
