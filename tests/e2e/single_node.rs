@@ -1646,3 +1646,66 @@ async fn every_answer_names_the_command_id() {
     let (status, id, body) = send(json!({"command": "not an object", "nope": 1})).await;
     assert_eq!((status, id), (400, None), "{body}");
 }
+
+/// The compile cache keeps what stored versions load, and loses the rest when a host
+/// starts: components of dry runs and refused uploads, files an older engine wrote,
+/// writes a crash cut short. It only grew before. Other files stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_starting_host_prunes_the_compile_cache_to_stored_versions() {
+    let cache = tempfile::tempdir().unwrap();
+    let options = HostOptions {
+        env: vec![(
+            "MERIDIAN_CACHE_DIR".into(),
+            cache.path().display().to_string(),
+        )],
+        ..HostOptions::default()
+    };
+    let (_db, mut host) = host_with("cache_prune", options).await;
+    let api = host.client();
+    let (status, body) = api
+        .put_raw(
+            "/v1/plugins/bank-account?dry_run=true",
+            crate::harness::with_custom_section(b"dry"),
+        )
+        .await;
+    assert!(status < 300, "dry run: {status} {body}");
+    let (status, body) = api
+        .upload("file-reader", wasm_bytes("forbidden-import"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let sha = |bytes: &[u8]| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(bytes))
+    };
+    let stored = sha(&wasm_bytes("bank-account"));
+    let old_engine = format!("{stored}-0123456789abcdef.cwasm");
+    let torn = format!("{stored}-0123456789abcdef.tmp4242");
+    for name in [&old_engine, &torn, &"notes.txt".to_string()] {
+        std::fs::write(cache.path().join(name), b"x").unwrap();
+    }
+    let names = || {
+        let mut names: Vec<String> = std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let cwasm = |names: &[String]| names.iter().filter(|n| n.ends_with(".cwasm")).count();
+    assert!(cwasm(&names()) >= 3, "{:?}", names());
+
+    host.restart().await;
+    let left = names();
+    assert_eq!(cwasm(&left), 1, "{left:?}");
+    assert!(
+        left.iter()
+            .any(|n| n.starts_with(&stored) && n.ends_with(".cwasm") && *n != old_engine),
+        "the stored version's component stays: {left:?}"
+    );
+    assert!(
+        left.contains(&"notes.txt".to_string()) && !left.contains(&torn),
+        "{left:?}"
+    );
+    let (status, body) = open(&host.client(), "cached-1", "o").await;
+    assert_eq!(status, 200, "{body}");
+}

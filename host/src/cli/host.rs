@@ -351,6 +351,20 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     };
     if let Some(loaded) = loaded {
         tracing::info!(plugins = loaded, "caught up");
+        if args.cache_dir.is_some() {
+            match store::plugins::stored_sha256s(&pool).await {
+                Ok(keep) => {
+                    let removed = plugins.runtime().prune_cache(&keep);
+                    tracing::info!(
+                        removed,
+                        "compile cache pruned of components no stored version uses"
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot list stored plugins; the compile cache is left as it is")
+                }
+            }
+        }
         cluster.caught_up();
     }
     let mut phase = cluster.phase();

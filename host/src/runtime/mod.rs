@@ -396,6 +396,46 @@ impl Runtime {
         Ok((component, from_cache))
     }
 
+    /// Removes from the compile cache what no stored version will load: components
+    /// whose sha256 is not in `keep` (dry runs, refused uploads) and files an older
+    /// engine wrote (their names carry its compatibility hash), plus temporary files a
+    /// crash left. Without it the directory only grows. Other files are left alone.
+    /// Returns how many were removed.
+    pub fn prune_cache(&self, keep: &std::collections::HashSet<String>) -> usize {
+        let Some(dir) = &self.inner.cache_dir else {
+            return 0;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some((sha, rest)) = name.split_once('-') else {
+                continue;
+            };
+            if !hex(sha, 64) {
+                continue;
+            }
+            let stale = match rest.strip_suffix(".cwasm") {
+                Some(engine) if hex(engine, 16) => {
+                    engine != self.inner.engine_hash || !keep.contains(sha)
+                }
+                Some(_) => false,
+                // `<sha>-<engine>.tmp<pid>`: a write a crash cut short.
+                None => rest.split_once(".tmp").is_some_and(|(engine, pid)| {
+                    hex(engine, 16) && pid.bytes().all(|b| b.is_ascii_digit())
+                }),
+            };
+            if stale && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     fn compile_or_load(
         &self,
         sha256: &str,

@@ -115,6 +115,16 @@ pub async fn list_latest(pool: &PgPool) -> Result<Vec<PluginInfo>, StoreError> {
     .collect()
 }
 
+/// The sha256 of every stored version, of every type.
+pub async fn stored_sha256s(
+    pool: &PgPool,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let shas: Vec<String> = sqlx::query_scalar("SELECT DISTINCT sha256 FROM plugins")
+        .fetch_all(pool)
+        .await?;
+    Ok(shas.into_iter().collect())
+}
+
 /// Every version of one aggregate type, newest first.
 pub async fn versions(pool: &PgPool, aggregate_type: &str) -> Result<Vec<PluginInfo>, StoreError> {
     sqlx::query(&format!(
