@@ -225,6 +225,10 @@ impl Runtime {
         wasm_config
             .wasm_component_model(true)
             .epoch_interruption(true)
+            // No guest needs 64-bit memories (every toolchain targets wasm32), and
+            // they would take the memory cap's arithmetic and the address space's
+            // reservations past what the sandbox is sized for.
+            .wasm_memory64(false)
             // A deep recursion in a guest must trap, not take the host thread's stack.
             .max_wasm_stack(1024 * 1024);
         // `perf` cannot name JIT-compiled guest code without a map file; profiling a
@@ -834,26 +838,7 @@ impl Plugin {
     }
 
     async fn instantiate(&self) -> Result<Instance, PluginError> {
-        let mut store = Store::new(
-            &self.inner.engine,
-            GuestState::new(self.inner.limits.memory_bytes),
-        );
-        store.limiter(|state| &mut state.limiter);
-        store.set_hostcall_fuel(self.inner.limits.hostcall_fuel());
-        // Each epoch tick gives the async runtime its thread back for a moment; once
-        // the call has used up its ticks it traps. So a slow plugin never holds an
-        // async worker for long, and a runaway one stops at its deadline.
-        store.epoch_deadline_callback(|mut store| {
-            let ticks = &mut store.data_mut().ticks_left;
-            if *ticks <= 1 {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                *ticks -= 1;
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
-        // Instantiation runs the component's start code, which gets the same deadline.
-        arm_deadline(&mut store, self.inner.limits.deadline_ticks());
+        let mut store = sandboxed_store(&self.inner.engine, &self.inner.limits);
         let instantiated = match &self.inner.pre {
             Pre::Current(pre) => pre
                 .instantiate_async(&mut store)
@@ -1072,9 +1057,92 @@ fn check_event_type(event_type: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A store with the sandbox's limits in force (memory, instances, hostcall fuel) and
+/// its deadline armed: what every instance of a plugin lives in.
+fn sandboxed_store(engine: &Engine, limits: &SandboxLimits) -> Store<GuestState> {
+    let mut store = Store::new(engine, GuestState::new(limits.memory_bytes));
+    store.limiter(|state| &mut state.limiter);
+    store.set_hostcall_fuel(limits.hostcall_fuel());
+    // Each epoch tick gives the async runtime its thread back for a moment; once the
+    // call has used up its ticks it traps. So a slow plugin never holds an async
+    // worker for long, and a runaway one stops at its deadline.
+    store.epoch_deadline_callback(|mut store| {
+        let ticks = &mut store.data_mut().ticks_left;
+        if *ticks <= 1 {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            *ticks -= 1;
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    // Instantiation runs the component's start code, which gets the same deadline.
+    arm_deadline(&mut store, limits.deadline_ticks());
+    store
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A component of one core module that defines `memories` empty linear memories
+    /// (and, when `memory64`, makes them 64-bit), instantiated once.
+    fn component_with_memories(memories: u8, memory64: bool) -> Vec<u8> {
+        let flags = if memory64 { 0x04 } else { 0x00 };
+        let mut memory_section = vec![memories];
+        for _ in 0..memories {
+            memory_section.extend([flags, 0x00]);
+        }
+        let mut module = b"\0asm\x01\0\0\0".to_vec();
+        module.push(0x05);
+        module.push(memory_section.len() as u8);
+        module.extend(memory_section);
+        let mut component = b"\0asm\x0d\0\x01\0".to_vec();
+        component.push(0x01);
+        component.push(module.len() as u8);
+        component.extend(module);
+        // One core instance: instantiate module 0 with no arguments.
+        component.extend([0x02, 0x04, 0x01, 0x00, 0x00, 0x00]);
+        component
+    }
+
+    async fn instantiate_raw(runtime: &Runtime, bytes: &[u8]) -> Result<(), String> {
+        let engine = &runtime.inner.engine;
+        let component =
+            wasmtime::component::Component::new(engine, bytes).map_err(|e| format!("{e:#}"))?;
+        let mut store = sandboxed_store(engine, &SandboxLimits::default());
+        wasmtime::component::Linker::<GuestState>::new(engine)
+            .instantiate_async(&mut store, &component)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Every memory reserves address space for as long as its instance lives, however
+    /// small: an instance past the sandbox's count of memories is refused, so many
+    /// instances of a hostile plugin cannot use up the host's address space.
+    #[tokio::test]
+    async fn an_instance_with_more_memories_than_the_sandbox_allows_is_refused() {
+        let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
+        let allowed = sandbox::MAX_MEMORIES as u8;
+        instantiate_raw(&runtime, &component_with_memories(allowed, false))
+            .await
+            .expect("as many memories as allowed");
+        let refused = instantiate_raw(&runtime, &component_with_memories(allowed + 1, false))
+            .await
+            .expect_err("one memory more than allowed");
+        assert!(refused.contains("memor"), "{refused}");
+    }
+
+    /// A 64-bit memory could ask to grow by nearly 2^64 bytes; no toolchain a plugin is
+    /// built with needs one, so such a component does not compile.
+    #[tokio::test]
+    async fn a_component_with_a_64_bit_memory_does_not_compile() {
+        let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
+        let refused = instantiate_raw(&runtime, &component_with_memories(1, true))
+            .await
+            .expect_err("64-bit memories are off");
+        assert!(refused.contains("64"), "{refused}");
+    }
 
     #[test]
     fn event_types_that_cannot_travel_are_refused() {

@@ -248,6 +248,9 @@ pub(crate) struct MemoryLimiter {
     pub(crate) exceeded: Arc<AtomicBool>,
 }
 
+/// Most linear memories of one instance (all its core modules together).
+pub(crate) const MAX_MEMORIES: usize = 4;
+
 /// Most table elements (function references) of one instance, all tables together; a
 /// million is far beyond any real plugin.
 const MAX_TABLE_ELEMENTS: u64 = 1_000_000;
@@ -278,7 +281,13 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let total = (self.used_bytes + desired as u64).saturating_sub(current as u64);
+        // Saturating: wasmtime asks before it checks a growth against the memory's own
+        // maximum, so `desired` can be near `usize::MAX`; a wrapped sum would pass as
+        // small and reset what the instance is counted to hold.
+        let total = self
+            .used_bytes
+            .saturating_sub(current as u64)
+            .saturating_add(desired as u64);
         if total > self.max_bytes {
             self.exceeded.store(true, Ordering::Relaxed);
             return Err(wasmtime::format_err!(
@@ -296,7 +305,10 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let total = (self.used_elements + desired as u64).saturating_sub(current as u64);
+        let total = self
+            .used_elements
+            .saturating_sub(current as u64)
+            .saturating_add(desired as u64);
         if total > MAX_TABLE_ELEMENTS {
             return Ok(false);
         }
@@ -304,14 +316,20 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    // Far more than any component needs (a Rust one has a handful of core instances,
-    // one or two memories), far fewer than wasmtime's default of 10,000 each.
+    // Far more than any component needs (a Rust one has three core instances, one
+    // memory and two tables; componentize-py's fourteen core instances still share one
+    // memory), far fewer than wasmtime's default of 10,000 each.
     fn instances(&self) -> usize {
         100
     }
 
+    // Each memory, even of zero pages, reserves 4 GiB of address space and a kernel
+    // mapping for as long as its instance lives (idle instances included): a hundred
+    // per instance would let a few hundred concurrent instances of one plugin use up
+    // the host's address space or its mapping count, and fail every allocation of the
+    // host after it. Four leave room for multi-memory toolchains.
     fn memories(&self) -> usize {
-        100
+        MAX_MEMORIES
     }
 
     fn tables(&self) -> usize {
@@ -562,6 +580,29 @@ mod tests {
 
         let mut tables = MemoryLimiter::new(64 * MIB as u64);
         assert!(tables.table_growing(0, 600_000, None).unwrap());
+        assert!(!tables.table_growing(0, 600_000, None).unwrap());
+    }
+
+    /// wasmtime asks the limiter before it checks a growth against the memory's own
+    /// maximum, so a guest can ask for nearly `usize::MAX` bytes and see the growth
+    /// fail with -1, not a trap. That request must not wrap the count back to zero,
+    /// or the guest could repeat it between real growths and hold any amount.
+    #[test]
+    fn a_growth_past_the_address_space_neither_wraps_nor_resets_the_count() {
+        const MIB: usize = 1024 * 1024;
+        let mut limiter = MemoryLimiter::new(64 * MIB as u64);
+        assert!(limiter.memory_growing(0, 60 * MIB, None).unwrap());
+        assert!(
+            limiter
+                .memory_growing(60 * MIB, usize::MAX - 65535, None)
+                .is_err()
+        );
+        // The 60 MiB are still counted: a second memory of 60 MiB is over the cap.
+        assert!(limiter.memory_growing(0, 60 * MIB, None).is_err());
+
+        let mut tables = MemoryLimiter::new(64 * MIB as u64);
+        assert!(tables.table_growing(0, 600_000, None).unwrap());
+        assert!(!tables.table_growing(600_000, usize::MAX, None).unwrap());
         assert!(!tables.table_growing(0, 600_000, None).unwrap());
     }
 
