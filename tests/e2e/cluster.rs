@@ -927,6 +927,17 @@ async fn a_draining_host_accepts_commands_for_its_grace_after_handing_over() {
             .then_some(())
     })
     .await;
+    // A new live stream would end at once: the host says to go elsewhere instead.
+    let stream = reqwest::Client::new()
+        .get(format!("{}/v1/events", leaving.url))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 503, "a draining host opened a live stream");
+    assert_eq!(stream.headers()["retry-after"], "1");
+    let body: Value = stream.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "draining", "{body}");
     // Handed over; a client that has not noticed sends it commands all the same.
     let api = leaving.client();
     for i in 0..5 {
@@ -944,6 +955,63 @@ async fn a_draining_host_accepts_commands_for_its_grace_after_handing_over() {
         .await
         .unwrap();
     assert_eq!(code, Some(0), "the drained host did not exit 0");
+}
+
+/// `MERIDIAN_DRAIN_TIMEOUT_SECS` is one budget for the whole drain, as an orchestrator
+/// gives one between SIGTERM and SIGKILL. A command that never finishes holds both the
+/// hand-over of its partition and the server's drain; the host must still exit within
+/// the budget (not once per phase), and with a failure status, since it abandoned a
+/// request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_held_up_by_a_command_ends_within_its_timeout_and_fails() {
+    const BUDGET_SECS: u64 = 5;
+    let db = TestDb::new("c_drain_budget").await;
+    let mut opts = options();
+    opts.env.extend([
+        (
+            "MERIDIAN_DRAIN_TIMEOUT_SECS".into(),
+            BUDGET_SECS.to_string(),
+        ),
+        ("MERIDIAN_DRAIN_GRACE_MS".into(), "0".into()),
+    ]);
+    let host = Host::start(&db, opts).await;
+    let api = host.client();
+    let (status, body) = api.upload("spin-loop", wasm_bytes("spin-loop")).await;
+    assert_eq!(status, 201, "{body}");
+    // The longest deadline there is: the command spins for a minute.
+    assert_eq!(
+        api.put_limits("spin-loop", json!({"deadline_ms": 60_000}))
+            .await,
+        200
+    );
+    let spinning = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.command("spin-loop", "s1", json!({"command": {"type": "Go"}}))
+                .await
+        }
+    });
+    eventually(|| async {
+        let (_, cluster) = api.get("/v1/cluster").await;
+        (cluster["load"]["commands_in_flight"].as_u64()? >= 1).then_some(())
+    })
+    .await;
+
+    let signalled = Instant::now();
+    host.signal("TERM");
+    let (code, log) = host.exit_and_log().await;
+    let took = signalled.elapsed();
+    spinning.abort();
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "a drain that abandoned a command exited {code:?}: {log}"
+    );
+    assert!(log.contains("drain timed out"), "{log}");
+    // Once per phase it took twice the budget.
+    assert!(
+        took < Duration::from_secs(BUDGET_SECS * 2 - 1),
+        "the drain took {took:?} with a budget of {BUDGET_SECS} s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

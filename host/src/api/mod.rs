@@ -1045,7 +1045,7 @@ pub struct EventsQuery {
     responses(
         (status = 200, body = EventsPage, description = "a page, or (text/event-stream) a live stream of `event` messages whose data is a StoredEvent"),
         (status = 400, body = ErrorBody, description = "unknown position, bad limit, a filter no aggregate could match, or bad group parameters"),
-        (status = 503, body = ErrorBody, description = "a live stream asked of a host already serving `MERIDIAN_MAX_EVENT_STREAMS` (`overloaded`, with `Retry-After`); retry, resuming with Last-Event-ID"),
+        (status = 503, body = ErrorBody, description = "a live stream asked of a host already serving `MERIDIAN_MAX_EVENT_STREAMS` (`overloaded`), or of a host shutting down (`draining`); with `Retry-After`: retry, on another host for `draining`, resuming with Last-Event-ID"),
     )
 )]
 async fn list_events(
@@ -1164,6 +1164,16 @@ async fn stream_events(
         aggregate_id: query.aggregate_id,
         origin_region: None,
     };
+    // A draining host would end the stream at once, with a 200 and no events, and a
+    // client reconnecting through the same load balancer would loop on it until the
+    // listener closes: a 503 says to go elsewhere (or come back), as a full host does.
+    if state.draining.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this host is shutting down and opens no new event streams: retry on another host of the region (with Last-Event-ID to resume)",
+        ));
+    }
     // Resolve the resume point now, so a bad one is a 400 rather than a stream that ends.
     let after = store::read::order_key(&state.pool, after).await?;
     let Some(permit) = state.event_streams.admit_owned() else {

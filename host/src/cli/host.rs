@@ -93,8 +93,10 @@ pub struct HostArgs {
     /// Largest plugin upload accepted by this host, in bytes (per-type limits apply too).
     #[arg(long, env = "MERIDIAN_MAX_UPLOAD_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_upload_bytes: usize,
-    /// How long draining may take after SIGTERM (handing partitions away, finishing
-    /// in-flight requests), in seconds.
+    /// How long the whole drain may take after SIGTERM, in seconds: handing partitions
+    /// away, the grace below and finishing in-flight requests together. Past it the
+    /// host exits with status 1, abandoning what is still in flight; give the
+    /// orchestrator's kill timeout a few seconds more than this.
     #[arg(long, env = "MERIDIAN_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
     /// After SIGTERM, how long the host goes on accepting requests (and passing
@@ -427,34 +429,46 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     rpc_stop.cancel();
     tracing::info!("draining: handing partitions to other hosts");
     cluster.drain();
-    let drain_deadline = Duration::from_secs(args.drain_timeout_secs);
+    // One budget for the whole drain, not one per phase: an orchestrator kills the
+    // process a fixed time after SIGTERM, and a hand-over that used up the budget must
+    // not leave the requests in flight a second one it does not have.
+    let deadline = unready_at + Duration::from_secs(args.drain_timeout_secs);
     // `wait_for` returns a read guard on the phase; holding it would block the
     // driver's next phase update, so only whether it happened is kept.
-    let handed_over = tokio::time::timeout(
-        drain_deadline,
+    let handed_over = tokio::time::timeout_at(
+        deadline,
         phase.wait_for(|p| *p == cluster::core::Phase::Exited),
     )
     .await
     .is_ok_and(|r| r.is_ok());
     if handed_over {
-        // Out of the membership now: the process may end before the driver's next turn.
-        cluster.leave_if_exited().await;
+        // Out of the membership now: the process may end before the driver's next
+        // turn. A database gone silent must not hold the drain past its budget: the
+        // member row expires by itself.
+        if tokio::time::timeout_at(deadline, cluster.leave_if_exited())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "drain timed out leaving the membership; this host's row expires by itself"
+            );
+        }
     } else {
         tracing::warn!(
             "drain timed out with partitions still held; they move when this host's heartbeat expires"
         );
     }
-    let grace = Duration::from_millis(args.drain_grace_ms);
-    if unready_at.elapsed() < grace {
+    let grace_ends = (unready_at + Duration::from_millis(args.drain_grace_ms)).min(deadline);
+    if tokio::time::Instant::now() < grace_ends {
         tracing::info!(
             grace_ms = args.drain_grace_ms,
             "still accepting requests until load balancers have seen /readyz fail"
         );
-        tokio::time::sleep_until(unready_at + grace).await;
+        tokio::time::sleep_until(grace_ends).await;
     }
     // The driver keeps routing (observing leases) until the listener has closed.
     server_stop.cancel();
-    let drained = tokio::time::timeout(drain_deadline, server).await;
+    let drained = tokio::time::timeout_at(deadline, server).await;
     driver_stop.cancel();
     refresher.abort();
     relay_stop.cancel();
@@ -468,7 +482,13 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         Ok(Ok(Ok(()))) => tracing::info!("stopped"),
         Ok(Ok(Err(error))) => return Err(error).context("HTTP server"),
         Ok(Err(error)) => return Err(error).context("HTTP server task"),
-        Err(_) => tracing::warn!("drain timed out; exiting with requests in flight"),
+        // Not a clean stop: a supervisor must be able to tell, and the clients cut off
+        // may not know whether their commands ran (a retry with the same command id
+        // finds out).
+        Err(_) => anyhow::bail!(
+            "drain timed out after {} s (MERIDIAN_DRAIN_TIMEOUT_SECS) with requests in flight; they were abandoned",
+            args.drain_timeout_secs
+        ),
     }
     Ok(())
 }
