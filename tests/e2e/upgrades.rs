@@ -97,6 +97,8 @@ async fn a_version_that_cannot_replay_stored_histories_is_refused_unless_forced(
 /// against the histories of a version that is no longer the newest, so it is refused
 /// (409 `plugin_changed`) rather than stored unchecked. Here a JavaScript version
 /// replays 100,000 stored events (seconds), and while it does, a forced upload lands.
+/// Likewise an upload and a change of limits: each is checked against what the other
+/// replaces, so the one stored second is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
     use meridian::store;
@@ -144,9 +146,17 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(&other))
     };
-    let (stored, created) = store::plugins::store(&pool, "bank-account", &sha256, 1, &other, None)
-        .await
-        .unwrap();
+    let (stored, created) = store::plugins::store(
+        &pool,
+        "bank-account",
+        &sha256,
+        1,
+        &other,
+        None,
+        &meridian::runtime::SandboxLimits::default(),
+    )
+    .await
+    .unwrap();
     assert!(created);
     assert_eq!(stored.version, 2);
 
@@ -166,7 +176,58 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
     let (_, plugin) = api.get("/v1/plugins/bank-account").await;
     assert_eq!(plugin["active_version"], 2, "{plugin}");
 
-    // Sent again, it is checked against version 2 and stored.
+    // Limits checked against version 1 are not set over version 2: it may not start
+    // under them.
+    let outdated = store::plugins::set_limits(
+        &pool,
+        "bank-account",
+        &meridian::runtime::SandboxLimits::default(),
+        Some(1),
+    )
+    .await
+    .expect_err("limits checked against a version no longer newest");
+    assert!(
+        outdated
+            .to_string()
+            .contains("version 2 of `bank-account` was stored"),
+        "{outdated}"
+    );
+
+    // Sent again, it is checked against version 2, under the limits in force when it
+    // arrived. While it replays, other limits are set (checked against version 2, which
+    // they suit): it was never checked under them, so it is refused.
+    let mark = std::fs::metadata(&host.log).unwrap().len() as usize;
+    let checked = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.upload("bank-account", wasm_bytes("bank-account-js"))
+                .await
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while !std::fs::read_to_string(&host.log).unwrap()[mark..].contains("checking a long history") {
+        assert!(
+            !checked.is_finished() && std::time::Instant::now() < deadline,
+            "the upload never started replaying: {}",
+            host.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        api.put_limits("bank-account", json!({"deadline_ms": 250}))
+            .await,
+        200
+    );
+    let (status, body) = checked.await.unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("limits_changed")),
+        "{body}"
+    );
+    let (_, plugin) = api.get("/v1/plugins/bank-account").await;
+    assert_eq!(plugin["active_version"], 2, "{plugin}");
+
+    // Sent once more, it is checked under the new limits and stored.
     let (status, body) = api
         .upload("bank-account", wasm_bytes("bank-account-js"))
         .await;

@@ -116,8 +116,11 @@ impl From<StoreError> for ApiError {
                 format!("{error} (its home moved while the command ran); retry the command"),
             ),
             StoreError::UnknownPosition(_) => Self::bad_request(error.to_string()),
-            StoreError::PluginChanged { .. } => {
+            StoreError::PluginChanged { .. } | StoreError::LimitsOutdated { .. } => {
                 Self::new(StatusCode::CONFLICT, "plugin_changed", error.to_string())
+            }
+            StoreError::LimitsChanged { .. } => {
+                Self::new(StatusCode::CONFLICT, "limits_changed", error.to_string())
             }
             StoreError::Database(inner) => {
                 tracing::error!(error = %inner, "database error");

@@ -1293,7 +1293,7 @@ pub struct UploadQuery {
         (status = 201, body = UploadResult, description = "stored as a new version"),
         (status = 200, body = UploadResult, description = "the same bytes as the newest version, or a dry run that passed (`dry_run: true`, nothing stored)"),
         (status = 400, body = ErrorBody, description = "not a component, forbidden import, wrong world or type"),
-        (status = 409, body = ErrorBody, description = "`incompatible_with_history`: a stored aggregate of the type does not replay through the component (names it and the event); `plugin_changed`: another version was stored while this one was being checked (upload again). Nothing was stored"),
+        (status = 409, body = ErrorBody, description = "`incompatible_with_history`: a stored aggregate of the type does not replay through the component (names it and the event); `plugin_changed`: another version was stored while this one was being checked (upload again); `limits_changed`: the type's limits were changed while it was being checked under the previous ones (upload again). Nothing was stored"),
         (status = 413, body = ErrorBody, description = "over the size cap"),
     )
 )]
@@ -1400,6 +1400,7 @@ async fn upload_plugin(
             },
             newest,
             query.force,
+            &limits,
         )
         .await?;
     state.executor.plugins().invalidate(&aggregate_type).await;
@@ -1565,6 +1566,7 @@ async fn get_limits(
     responses(
         (status = 200, body = SandboxLimits),
         (status = 400, body = ErrorBody, description = "a limit out of its range, or `limits_too_tight`: the type's newest version cannot start under them (names the limit); nothing was changed"),
+        (status = 409, body = ErrorBody, description = "`plugin_changed`: a new version was stored while the limits were being checked against the one before; nothing was changed (set them again)"),
     )
 )]
 async fn set_limits(
@@ -1581,9 +1583,9 @@ async fn set_limits(
     // command of the type would then fail. Run the newest version under them first, as
     // an upload is run. (A size cap applies to uploads: below the version in use, it
     // only refuses larger ones from now on.)
-    if let Some((info, bytes)) =
-        store::plugins::latest_with_bytes(&state.pool, &aggregate_type).await?
-    {
+    let latest = store::plugins::latest_with_bytes(&state.pool, &aggregate_type).await?;
+    let checked_with = latest.as_ref().map(|(info, _)| info.version);
+    if let Some((info, bytes)) = latest {
         let running = SandboxLimits {
             max_component_bytes: limits.max_component_bytes.max(bytes.len() as u64),
             ..limits
@@ -1606,7 +1608,7 @@ async fn set_limits(
                 e => e.into(),
             })?;
     }
-    store::plugins::set_limits(&state.pool, &aggregate_type, &limits).await?;
+    store::plugins::set_limits(&state.pool, &aggregate_type, &limits, checked_with).await?;
     state.executor.plugins().invalidate(&aggregate_type).await;
     Ok(Json(limits))
 }

@@ -232,9 +232,17 @@ mod tests {
 
     async fn store(pool: &PgPool, bytes: &[u8]) -> i32 {
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let (info, _) = store::plugins::store(pool, "bank-account", &sha256, 1, bytes, None)
-            .await
-            .expect("store a version");
+        let (info, _) = store::plugins::store(
+            pool,
+            "bank-account",
+            &sha256,
+            1,
+            bytes,
+            None,
+            &crate::runtime::SandboxLimits::default(),
+        )
+        .await
+        .expect("store a version");
         info.version
     }
 

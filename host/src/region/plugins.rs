@@ -29,6 +29,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{DirectoryOp, PLUGIN_OBJECTS, PLUGINS_BUCKET, RegionError, Regions};
+use crate::runtime::SandboxLimits;
 use crate::store::{self, plugins::PluginInfo};
 
 /// How often the relay leader looks for plugin versions this region lacks.
@@ -78,6 +79,8 @@ impl Regions {
     /// Unless `forced`, a version stored by someone else after `newest` fails the
     /// upload with [`StoreError::PluginChanged`](store::StoreError::PluginChanged): the
     /// upload was checked against the histories `newest` wrote, not that version's.
+    /// Limits other than `checked_under`, the ones it was validated under, fail it with
+    /// [`StoreError::LimitsChanged`](store::StoreError::LimitsChanged).
     pub async fn register_plugin(
         &self,
         pool: &PgPool,
@@ -85,6 +88,7 @@ impl Regions {
         component: Component<'_>,
         newest: Option<NewestPlugin>,
         forced: bool,
+        checked_under: &SandboxLimits,
     ) -> Result<(PluginInfo, bool), RegionError> {
         let Component {
             sha256,
@@ -100,9 +104,14 @@ impl Regions {
                 schema_version,
                 bytes,
                 judged_by,
+                checked_under,
             )
             .await?);
         }
+        // Checked here, not with the version stored: once claimed in the directory,
+        // the version is every region's. A change of limits between this check and
+        // the store below still slips through; a single region has no such window.
+        store::plugins::ensure_limits(pool, aggregate_type, checked_under).await?;
         let unreachable = |e: String| RegionError::DirectoryUnreachable {
             aggregate: format!("plugin {aggregate_type}"),
             directory: self.config().directory.clone(),

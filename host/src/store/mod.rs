@@ -110,6 +110,28 @@ pub enum StoreError {
         /// The version stored meanwhile.
         stored: i32,
     },
+    /// The type's sandbox limits changed while an upload was checked under the ones
+    /// before: the check says nothing about whether the version starts under them.
+    #[error(
+        "the sandbox limits of `{aggregate_type}` were changed while this upload was being checked under the previous ones; nothing was stored: upload again to check it under the limits in force"
+    )]
+    LimitsChanged {
+        /// The aggregate type.
+        aggregate_type: String,
+    },
+    /// A new version of the plugin was stored while new limits were being checked
+    /// against the version before it.
+    #[error(
+        "version {stored} of `{aggregate_type}` was stored while these limits were being checked against {checked}; nothing was changed: set them again to check them against version {stored}"
+    )]
+    LimitsOutdated {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// What the limits were checked against (`version N`, or `no version`).
+        checked: String,
+        /// The version stored meanwhile.
+        stored: i32,
+    },
     /// PostgreSQL refused the request's data (SQLSTATE class 22 or 54, e.g. JSON `jsonb`
     /// cannot hold): sending it again cannot help, and it fails only its own request.
     #[error("PostgreSQL refused the events: {0}")]

@@ -46,6 +46,10 @@ const INFO_COLUMNS: &str =
 /// the upload may not replay the events that version wrote — so nothing is stored
 /// and the answer is [`StoreError::PluginChanged`]. `None` stores whatever is newest
 /// (a forced upload).
+///
+/// `checked_under` are the limits the upload was validated under: if the type's have
+/// changed since, nothing is stored ([`StoreError::LimitsChanged`]), as the version
+/// may not start under the new ones.
 pub async fn store(
     pool: &PgPool,
     aggregate_type: &str,
@@ -53,14 +57,10 @@ pub async fn store(
     schema_version: u32,
     bytes: &[u8],
     judged_by: Option<Option<i32>>,
+    checked_under: &SandboxLimits,
 ) -> Result<(PluginInfo, bool), StoreError> {
     let mut tx = pool.begin().await?;
-    // Serialises uploads of one type region-wide, so two uploads cannot both take the
-    // same next version number.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('meridian-plugin:' || $1, 0))")
-        .bind(aggregate_type)
-        .execute(&mut *tx)
-        .await?;
+    lock_type(&mut tx, aggregate_type).await?;
     let latest = sqlx::query(&format!(
         "SELECT {INFO_COLUMNS} FROM plugins WHERE aggregate_type = $1 ORDER BY version DESC LIMIT 1"
     ))
@@ -82,6 +82,11 @@ pub async fn store(
             aggregate_type: aggregate_type.to_string(),
             checked: judged.map_or("no version".to_string(), |v| format!("version {v}")),
             stored: newest.unwrap_or_default(),
+        });
+    }
+    if limits_of(&mut tx, aggregate_type).await? != *checked_under {
+        return Err(StoreError::LimitsChanged {
+            aggregate_type: aggregate_type.to_string(),
         });
     }
     let next = latest.map_or(1, |l| l.version + 1);
@@ -154,14 +159,49 @@ pub async fn latest_with_bytes(
         .transpose()
 }
 
+/// Serialises the changes of one type's versions and limits region-wide, until the
+/// transaction ends: two uploads cannot take the same next version number, and an
+/// upload and a change of limits cannot each pass its check against what the other
+/// is replacing.
+async fn lock_type(tx: &mut sqlx::PgConnection, aggregate_type: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('meridian-plugin:' || $1, 0))")
+        .bind(aggregate_type)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
 /// The sandbox limits of a type: the operator's, or the defaults.
 pub async fn limits(pool: &PgPool, aggregate_type: &str) -> Result<SandboxLimits, StoreError> {
+    limits_of(&mut *pool.acquire().await?, aggregate_type).await
+}
+
+async fn limits_of(
+    conn: &mut sqlx::PgConnection,
+    aggregate_type: &str,
+) -> Result<SandboxLimits, StoreError> {
     let stored: Option<sqlx::types::Json<SandboxLimits>> =
         sqlx::query_scalar("SELECT limits FROM plugin_limits WHERE aggregate_type = $1")
             .bind(aggregate_type)
-            .fetch_optional(pool)
+            .fetch_optional(conn)
             .await?;
     Ok(stored.map(|j| j.0).unwrap_or_default())
+}
+
+/// Fails with [`StoreError::LimitsChanged`] when the type's limits are no longer
+/// `checked_under`: what an upload registered elsewhere (the directory of several
+/// regions) checks before it claims a version number.
+pub async fn ensure_limits(
+    pool: &PgPool,
+    aggregate_type: &str,
+    checked_under: &SandboxLimits,
+) -> Result<(), StoreError> {
+    if limits(pool, aggregate_type).await? != *checked_under {
+        return Err(StoreError::LimitsChanged {
+            aggregate_type: aggregate_type.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// The sandbox limits of every type that has limits set (others run with the defaults).
@@ -175,20 +215,39 @@ pub async fn all_limits(
     Ok(rows.into_iter().map(|(t, l)| (t, l.0)).collect())
 }
 
-/// Sets the sandbox limits of a type.
+/// Sets the sandbox limits of a type. `checked_with` is the version the limits were
+/// checked to start (`None`: there was none): if another has been stored since, the
+/// check says nothing about it and nothing is changed
+/// ([`StoreError::LimitsOutdated`]).
 pub async fn set_limits(
     pool: &PgPool,
     aggregate_type: &str,
     limits: &SandboxLimits,
+    checked_with: Option<i32>,
 ) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    lock_type(&mut tx, aggregate_type).await?;
+    let newest: Option<i32> =
+        sqlx::query_scalar("SELECT max(version) FROM plugins WHERE aggregate_type = $1")
+            .bind(aggregate_type)
+            .fetch_one(&mut *tx)
+            .await?;
+    if newest != checked_with {
+        return Err(StoreError::LimitsOutdated {
+            aggregate_type: aggregate_type.to_string(),
+            checked: checked_with.map_or("no version".to_string(), |v| format!("version {v}")),
+            stored: newest.unwrap_or_default(),
+        });
+    }
     sqlx::query(
         "INSERT INTO plugin_limits (aggregate_type, limits) VALUES ($1, $2) \
          ON CONFLICT (aggregate_type) DO UPDATE SET limits = EXCLUDED.limits, updated_at = now()",
     )
     .bind(aggregate_type)
     .bind(sqlx::types::Json(limits))
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
