@@ -105,8 +105,8 @@ async fn the_events_stream_refuses_an_event_whose_predecessor_is_missing() {
     use meridian::region::relay::{self, Published};
     let nats = NatsServer::hub("east");
     let js = nats.jetstream().await;
-    let stream_name = relay::events_stream_config("east").name;
-    js.get_or_create_stream(relay::events_stream_config("east"))
+    let stream_name = relay::events_stream_config("east", 1).name;
+    js.get_or_create_stream(relay::events_stream_config("east", 1))
         .await
         .expect("create the events stream");
     let event = |version: i64| meridian::store::StoredEvent {

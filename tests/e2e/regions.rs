@@ -1856,3 +1856,45 @@ async fn a_missing_inbound_consumer_resumes_at_the_last_floor_not_the_start() {
         assert_eq!(events_of(&r.west[0], id).await.len(), 1, "{id} stored once");
     }
 }
+
+/// `MERIDIAN_NATS_REPLICAS` is what the streams and buckets Meridian creates are made
+/// with. A single server keeps one copy and refuses more, so a region set to three on
+/// one server cannot store a plugin's bytes, and says why: proof that the setting
+/// reaches JetStream (on a cluster of three it keeps each one on three servers).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_replicas_setting_is_what_jetstream_is_asked_for() {
+    let nats = NatsServer::hub(EAST);
+    let db = TestDb::new("replicas").await;
+    let mut opts = options(EAST, WEST, &nats);
+    opts.env.push(("MERIDIAN_NATS_REPLICAS".into(), "3".into()));
+    let host = Host::start(&db, opts).await;
+    let (status, body) = host
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("nats_unavailable")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("replicas"), "{body}");
+    // Nothing was stored: the plugin is not there.
+    let (status, _) = host.client().get("/v1/plugins/bank-account").await;
+    assert_eq!(status, 404);
+
+    // Out of range is refused at start, naming the setting.
+    let refused = Host::spawn(
+        &db.url,
+        HostOptions {
+            env: vec![("MERIDIAN_NATS_REPLICAS".into(), "0".into())],
+            ..options(EAST, WEST, &nats)
+        },
+    );
+    let (code, log) = refused.exit_and_log().await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(
+        log.contains("nats-replicas") || log.contains("NATS_REPLICAS"),
+        "{log}"
+    );
+}

@@ -47,6 +47,14 @@ pub struct HostArgs {
     /// plugin version numbers). Every region must name the same one.
     #[arg(long, env = "MERIDIAN_DIRECTORY_REGION")]
     pub directory_region: Option<String>,
+    /// Copies JetStream keeps of each stream and bucket Meridian creates (its events,
+    /// those received from other regions, the directory, plugin bytes): 3 on a NATS
+    /// cluster of three or more servers, so one server lost loses nothing; 1 on a
+    /// single server, which refuses more. Streams already made keep theirs (change
+    /// them with `nats stream edit --replicas`).
+    #[arg(long, env = "MERIDIAN_NATS_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
     /// Milliseconds a command forwarded to its home region may take.
     #[arg(long, env = "MERIDIAN_FORWARD_TIMEOUT_MS", default_value_t = 10_000)]
     pub forward_timeout_ms: u64,
@@ -236,6 +244,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| args.region.clone()),
             forward_timeout: Duration::from_millis(args.forward_timeout_ms),
+            replicas: args.nats_replicas.into(),
         },
         pool.clone(),
         nats,

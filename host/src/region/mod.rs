@@ -299,6 +299,8 @@ pub struct RegionConfig {
     pub directory: String,
     /// How long a command forwarded to another region may take.
     pub forward_timeout: Duration,
+    /// JetStream replicas of the streams and buckets this region creates.
+    pub replicas: usize,
 }
 
 /// A host's view of the regions. Cheap to clone. Without NATS every aggregate is
@@ -691,6 +693,7 @@ impl Regions {
                     bucket: bucket.to_string(),
                     history: 1,
                     storage: jetstream::stream::StorageType::File,
+                    num_replicas: self.inner.config.replicas,
                     ..Default::default()
                 })
                 .await

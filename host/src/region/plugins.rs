@@ -257,6 +257,7 @@ impl Regions {
                 .create_object_store(object_store::Config {
                     bucket: PLUGIN_OBJECTS.to_string(),
                     storage: async_nats::jetstream::stream::StorageType::File,
+                    num_replicas: self.config().replicas,
                     ..Default::default()
                 })
                 .await

@@ -196,7 +196,7 @@ async fn publish(regions: Regions, pool: PgPool, stop: CancellationToken) -> any
     let js = regions.local_js().expect("enabled");
     let region = regions.local().to_string();
     let mut stream = js
-        .get_or_create_stream(events_stream_config(&region))
+        .get_or_create_stream(events_stream_config(&region, regions.config().replicas))
         .await?;
     let state = stream.info().await?.state.clone();
     let mut after = Published::Sequence(state.last_sequence);
@@ -751,6 +751,7 @@ async fn receive(
             name: inbound_stream(&peer),
             sources: Some(vec![peer_source(&peer)]),
             storage: stream::StorageType::File,
+            num_replicas: regions.config().replicas,
             ..Default::default()
         })
         .await?;
@@ -997,12 +998,13 @@ const SOURCE_STALLED_AFTER: Duration = Duration::from_secs(3);
 const SOURCE_RESTART_SPACING: Duration = Duration::from_secs(5);
 
 /// The stream with this region's own events, as the relay creates it.
-pub fn events_stream_config(region: &str) -> stream::Config {
+pub fn events_stream_config(region: &str, replicas: usize) -> stream::Config {
     stream::Config {
         name: events_stream(region),
         subjects: vec![format!("meridian.events.{region}.>")],
         duplicate_window: DUPLICATE_WINDOW,
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     }
 }
