@@ -62,14 +62,10 @@ async fn a_version_that_cannot_replay_stored_histories_is_refused_unless_forced(
     // Nothing changed: version 2 still runs every command.
     let (_, plugin) = api.get("/v1/plugins/bank-account").await;
     assert_eq!(plugin["active_version"], 2, "{plugin}");
-    let (status, body) = api
-        .command(
-            "bank-account",
-            "acc-1",
-            json!({"command": {"type": "Deposit", "amount": 1}}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let retried =
+        json!({"command": {"type": "Deposit", "amount": 1}, "command_id": uuid::Uuid::new_v4()});
+    let (status, first) = api.command("bank-account", "acc-1", retried.clone()).await;
+    assert_eq!(status, 200, "{first}");
 
     // Forced, it becomes the active version, and the stored aggregates no longer load:
     // what the check is there to prevent.
@@ -91,6 +87,12 @@ async fn a_version_that_cannot_replay_stored_histories_is_refused_unless_forced(
         .await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["error"]["code"], "plugin_apply_failed", "{body}");
+    // A command that ran before, sent again (its answer lost): its first result, not
+    // the failure of running it again on a version that cannot load the aggregate.
+    let (status, again) = api.command("bank-account", "acc-1", retried).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["events"], first["events"], "{again}");
 }
 
 /// Two uploads of one type at once: the one that would be stored second was checked
@@ -248,11 +250,14 @@ async fn a_command_queued_during_an_upload_runs_the_new_version() {
     let (status, body) = api.upload("sleeper", wasm_bytes("sleeper")).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(
-        api.put_limits("sleeper", json!({"deadline_ms": 8000}))
+        api.put_limits("sleeper", json!({"deadline_ms": 20_000}))
             .await,
         200
     );
-    // `Go` runs until its deadline, holding the aggregate meanwhile.
+    // `Go` runs until its deadline, holding the aggregate meanwhile: long enough for
+    // the upload below to be answered first on a loaded machine (a version compiled,
+    // its history checked and rolled out), else `Nap` runs before it and proves
+    // nothing.
     let slow = tokio::spawn({
         let api = api.clone();
         async move {
@@ -267,6 +272,12 @@ async fn a_command_queued_during_an_upload_runs_the_new_version() {
             api.command("sleeper", "q", json!({"command": {"type": "Nap"}}))
                 .await
         }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // A read waits its turn behind both, and must read with the version current then.
+    let read = tokio::spawn({
+        let api = api.clone();
+        async move { api.get("/v1/aggregates/sleeper/q").await }
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let (status, body) = api
@@ -288,4 +299,65 @@ async fn a_command_queued_during_an_upload_runs_the_new_version() {
         .map(|e| e["metadata"]["plugin_version"].clone())
         .collect();
     assert_eq!(versions, [json!(2)], "{events}");
+    let (status, state) = read.await.unwrap();
+    assert_eq!(status, 200, "{state}");
+    assert_eq!(state["version"], 1, "{state}");
+    assert_eq!(state["plugin_version"], 2, "{state}");
+}
+
+/// A snapshot is only replaced by a newer one: of a newer plugin version, or of the
+/// same at a later aggregate version. A save from a host still on the previous
+/// version during a rollout (or one delayed past an upload) used to replace the
+/// running version's snapshot, and every load of the aggregate replayed its whole
+/// history until the next snapshot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_previous_plugin_versions_snapshot_does_not_replace_the_current_ones() {
+    use meridian::store::{
+        self, AggregateKey,
+        read::{Snapshot, save_snapshot},
+    };
+
+    let db = TestDb::new("snapshots").await;
+    let pool = db.pool().await;
+    store::migrate(&pool).await.unwrap();
+    let key = AggregateKey {
+        aggregate_type: "bank-account".into(),
+        aggregate_id: "s1".into(),
+    };
+    let save = |version: i64, plugin_version: i32| {
+        let (pool, key) = (pool.clone(), key.clone());
+        async move {
+            save_snapshot(
+                &pool,
+                &key,
+                &Snapshot {
+                    version,
+                    plugin_version,
+                    state: format!("{{\"v\":{version}}}").into_bytes(),
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let held = || async {
+        let row: (i64, i32) = sqlx::query_as(
+            "SELECT version, plugin_version FROM snapshots WHERE aggregate_id = 's1'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        row
+    };
+    save(300, 2).await;
+    // The previous version, behind or ahead: the current version's snapshot stays.
+    save(200, 1).await;
+    assert_eq!(held().await, (300, 2));
+    save(400, 1).await;
+    assert_eq!(held().await, (300, 2));
+    // The same version further on, or a newer version anywhere: replaced.
+    save(350, 2).await;
+    assert_eq!(held().await, (350, 2));
+    save(100, 3).await;
+    assert_eq!(held().await, (100, 3));
 }

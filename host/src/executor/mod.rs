@@ -301,6 +301,29 @@ impl Executor {
         self.inner.plugins.get(&command.key.aggregate_type).await?;
         let slot = self.inner.cache.slot(&command.key);
         let mut guard = slot.lock().await;
+        match self.execute_locked(&command, &mut guard).await {
+            // A retry is run again on today's state and plugin version, which can fail
+            // where its first run did not (a version uploaded since that cannot replay
+            // the aggregate, a deadline missed on a larger state, an event too large):
+            // a command id that already ran gets its first result, not that failure.
+            Err(
+                error @ (CommandError::Plugin(_)
+                | CommandError::Registry(_)
+                | CommandError::EventTooLarge { .. }),
+            ) => match self.first_result(&command).await {
+                Ok(Some(result)) => Ok(result),
+                _ => Err(error),
+            },
+            other => other,
+        }
+    }
+
+    /// [`Self::execute`] with the aggregate's slot locked.
+    async fn execute_locked(
+        &self,
+        command: &Command,
+        guard: &mut Option<Loaded>,
+    ) -> Result<CommandResult, CommandError> {
         let mut attempt = 0;
         loop {
             // Taken with the aggregate in hand (and again on every retry), not on
@@ -676,9 +699,14 @@ impl Executor {
         key: &AggregateKey,
         stored: Option<i64>,
     ) -> Result<AggregateState, CommandError> {
-        let plugin = self.inner.plugins.get(&key.aggregate_type).await?;
+        // An unknown type is refused before waiting for the aggregate ...
+        self.inner.plugins.get(&key.aggregate_type).await?;
         let slot = self.inner.cache.slot(key);
         let mut guard = slot.lock().await;
+        // ... and the version is taken once it is this read's turn, as a command takes
+        // it: a read that waited behind commands while a version was uploaded would
+        // otherwise load their events with the version before, and cache that.
+        let plugin = self.inner.plugins.get(&key.aggregate_type).await?;
         let loaded = match guard.take() {
             Some(loaded)
                 if loaded.plugin_version == plugin.version()

@@ -132,7 +132,10 @@ pub async fn snapshot(
     .transpose()
 }
 
-/// Stores a snapshot unless a newer one is already there.
+/// Stores a snapshot unless a newer one is already there: one of a newer plugin version
+/// (versions only grow: a rollback is a new version), or of the same version at a later
+/// aggregate version. A host still on the previous version during a rollout, or a save
+/// delayed past an upload, must not replace the snapshot the running version loads.
 pub async fn save_snapshot(
     pool: &PgPool,
     key: &AggregateKey,
@@ -144,7 +147,8 @@ pub async fn save_snapshot(
          ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
          SET version = EXCLUDED.version, plugin_version = EXCLUDED.plugin_version, \
              state = EXCLUDED.state, created_at = now() \
-         WHERE snapshots.version < EXCLUDED.version OR snapshots.plugin_version <> EXCLUDED.plugin_version",
+         WHERE snapshots.plugin_version < EXCLUDED.plugin_version \
+            OR (snapshots.plugin_version = EXCLUDED.plugin_version AND snapshots.version < EXCLUDED.version)",
     )
     .bind(&key.aggregate_type)
     .bind(&key.aggregate_id)
