@@ -398,6 +398,8 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
     // Read at scrape time rather than counted per command: exact, and free between
     // scrapes.
     metrics::gauge!("meridian_commands_in_flight").set(state.commands_in_flight.in_use() as f64);
+    metrics::gauge!("meridian_cached_aggregates").set(state.executor.cached_aggregates() as f64);
+    metrics::gauge!("meridian_cached_state_bytes").set(state.executor.cached_bytes() as f64);
     match &state.metrics {
         Some(handle) => (
             [("content-type", "text/plain; version=0.0.4")],

@@ -79,6 +79,10 @@ pub struct HostArgs {
     /// Aggregate states cached in memory.
     #[arg(long, env = "MERIDIAN_CACHE_CAPACITY", default_value_t = executor::DEFAULT_CACHE_CAPACITY)]
     pub cache_capacity: usize,
+    /// Bytes of aggregate states kept in memory: past them the least recently used
+    /// states go, however few (a state may be as large as its plugin's output cap).
+    #[arg(long, env = "MERIDIAN_CACHE_BYTES", default_value_t = executor::DEFAULT_CACHE_BYTES)]
+    pub cache_bytes: usize,
     /// Snapshot an aggregate every N events (0: never).
     #[arg(long, env = "MERIDIAN_SNAPSHOT_EVERY", default_value_t = executor::DEFAULT_SNAPSHOT_EVERY)]
     pub snapshot_every: i64,
@@ -275,6 +279,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         plugins.clone(),
         ExecutorConfig {
             cache_capacity: args.cache_capacity,
+            cache_bytes: args.cache_bytes,
             snapshot_every: args.snapshot_every,
             region: args.region.clone(),
             node_id: node_id.clone(),

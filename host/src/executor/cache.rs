@@ -1,6 +1,6 @@
 //! The bounded cache of aggregate states, one async mutex per aggregate.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -22,37 +22,96 @@ pub(super) struct Loaded {
 pub(super) type Slot = Arc<SlotState>;
 
 /// What a [`Slot`] holds.
-#[derive(Default)]
 pub(super) struct SlotState {
     state: tokio::sync::Mutex<Option<Loaded>>,
     /// Set when the slot was to be evicted while in use: what its user puts back was
     /// loaded before the eviction (e.g. before the partition was lost and regained, and
     /// another host wrote on), so the next [`lock`](Self::lock) drops it.
     stale: AtomicBool,
+    /// Bytes of the state held, as last counted in the cache's total.
+    bytes: AtomicUsize,
+    /// The cache's total of state bytes.
+    total: Arc<AtomicUsize>,
 }
 
 impl SlotState {
     /// Takes the slot, empty if it went stale since it was last taken.
-    pub(super) async fn lock(&self) -> tokio::sync::MutexGuard<'_, Option<Loaded>> {
+    pub(super) async fn lock(&self) -> SlotGuard<'_> {
         let mut guard = self.state.lock().await;
         if self.stale.swap(false, Ordering::AcqRel) {
             *guard = None;
         }
-        guard
+        SlotGuard { slot: self, guard }
     }
 }
 
+impl Drop for SlotState {
+    fn drop(&mut self) {
+        self.total
+            .fetch_sub(*self.bytes.get_mut(), Ordering::AcqRel);
+    }
+}
+
+/// A taken slot. What is in it when it is given back counts towards the cache's
+/// byte budget.
+pub(super) struct SlotGuard<'a> {
+    slot: &'a SlotState,
+    guard: tokio::sync::MutexGuard<'a, Option<Loaded>>,
+}
+
+impl std::ops::Deref for SlotGuard<'_> {
+    type Target = Option<Loaded>;
+
+    fn deref(&self) -> &Option<Loaded> {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for SlotGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Option<Loaded> {
+        &mut self.guard
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let now = self.guard.as_ref().map_or(0, |l| l.state.len());
+        let before = self.slot.bytes.swap(now, Ordering::AcqRel);
+        if now >= before {
+            self.slot.total.fetch_add(now - before, Ordering::AcqRel);
+        } else {
+            self.slot.total.fetch_sub(before - now, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The states of recently used aggregates, bounded by a count and by their bytes: a
+/// state may be as large as a plugin's output cap (megabytes), so a count alone would
+/// let a type with large states take the host's memory.
 pub(super) struct AggregateCache {
     capacity: usize,
+    max_bytes: usize,
+    bytes: Arc<AtomicUsize>,
     entries: Mutex<LruCache<AggregateKey, Slot>>,
 }
 
 impl AggregateCache {
-    pub(super) fn new(capacity: usize) -> Self {
+    pub(super) fn new(capacity: usize, max_bytes: usize) -> Self {
         Self {
             capacity: capacity.max(1),
+            max_bytes,
+            bytes: Arc::new(AtomicUsize::new(0)),
             entries: Mutex::new(LruCache::unbounded()),
         }
+    }
+
+    /// Bytes of the states held.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    fn over(&self, entries: &LruCache<AggregateKey, Slot>) -> bool {
+        entries.len() > self.capacity || self.bytes() > self.max_bytes
     }
 
     /// The slot of an aggregate, created if absent.
@@ -62,13 +121,23 @@ impl AggregateCache {
     /// therefore exceed its capacity by the number of commands in flight.
     pub(super) fn slot(&self, key: &AggregateKey) -> Slot {
         let mut entries = self.entries.lock().expect("cache poisoned");
-        if let Some(slot) = entries.get(key) {
-            return slot.clone();
-        }
-        let slot: Slot = Arc::new(SlotState::default());
-        entries.put(key.clone(), slot.clone());
+        let slot = match entries.get(key) {
+            Some(slot) => slot.clone(),
+            None => {
+                let slot: Slot = Arc::new(SlotState {
+                    state: tokio::sync::Mutex::new(None),
+                    stale: AtomicBool::new(false),
+                    bytes: AtomicUsize::new(0),
+                    total: self.bytes.clone(),
+                });
+                entries.put(key.clone(), slot.clone());
+                slot
+            }
+        };
+        // States grow without new aggregates coming in: the bytes are checked on
+        // every use, not only when a slot is added.
         let mut skipped = 0;
-        while entries.len() > self.capacity && skipped < 8 {
+        while self.over(&entries) && skipped < 8 {
             let Some((old_key, old_slot)) = entries.pop_lru() else {
                 break;
             };
@@ -120,7 +189,7 @@ mod tests {
 
     #[test]
     fn bounded_and_never_evicts_a_slot_in_use() {
-        let cache = AggregateCache::new(2);
+        let cache = AggregateCache::new(2, usize::MAX);
         let busy = cache.slot(&key("a"));
         cache.slot(&key("b"));
         cache.slot(&key("c"));
@@ -133,12 +202,50 @@ mod tests {
         assert_eq!(cache.len(), 2);
     }
 
+    async fn put(cache: &AggregateCache, id: &str, bytes: usize) -> Slot {
+        let slot = cache.slot(&key(id));
+        *slot.lock().await = Some(Loaded {
+            version: 1,
+            state: vec![b' '; bytes],
+            plugin_version: 1,
+        });
+        slot
+    }
+
+    /// States count by their bytes too: past the budget the least recently used go,
+    /// however few there are; a state that shrinks, or goes, gives its bytes back.
+    #[tokio::test]
+    async fn the_states_held_stay_within_their_byte_budget() {
+        let cache = AggregateCache::new(100, 1_000);
+        drop(put(&cache, "a", 400).await);
+        drop(put(&cache, "b", 400).await);
+        assert_eq!((cache.len(), cache.bytes()), (2, 800));
+        // A third takes the cache past its budget: the next use evicts "a".
+        drop(put(&cache, "c", 400).await);
+        cache.slot(&key("b"));
+        assert_eq!((cache.len(), cache.bytes()), (2, 800));
+        assert!(cache.slot(&key("a")).lock().await.is_none(), "a was kept");
+        // Shrinking gives bytes back; so does a state dropped after a failure.
+        let b = cache.slot(&key("b"));
+        b.lock().await.as_mut().unwrap().state.truncate(100);
+        assert_eq!(cache.bytes(), 500);
+        b.lock().await.take();
+        assert_eq!(cache.bytes(), 400);
+        // One slot in use is never evicted, whatever its size.
+        let big = put(&cache, "big", 5_000).await;
+        cache.slot(&key("d"));
+        assert!(Arc::ptr_eq(&big, &cache.slot(&key("big"))));
+        drop(big);
+        cache.slot(&key("e"));
+        assert!(cache.bytes() <= 1_000, "{} bytes held", cache.bytes());
+    }
+
     /// A slot in use when it is evicted (its partition lost) keeps its user's command
     /// alone on the aggregate, but what that command puts back — a state from before
     /// the eviction — is dropped when the slot is next taken, so it is loaded afresh.
     #[tokio::test]
     async fn a_slot_evicted_in_use_is_loaded_afresh_next_time() {
-        let cache = AggregateCache::new(8);
+        let cache = AggregateCache::new(8, usize::MAX);
         let slot = cache.slot(&key("a"));
         let mut guard = slot.lock().await;
         cache.retain(|_| false);

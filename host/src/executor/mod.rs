@@ -34,6 +34,9 @@ pub const MAX_CONFLICT_RETRIES: usize = 3;
 /// Default number of aggregate states kept in memory per host.
 pub const DEFAULT_CACHE_CAPACITY: usize = 100_000;
 
+/// Default bytes of aggregate states kept in memory per host.
+pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
+
 /// Default number of events between snapshots of an aggregate.
 pub const DEFAULT_SNAPSHOT_EVERY: i64 = 100;
 
@@ -45,6 +48,8 @@ const LOAD_PAGE: i64 = 10_000;
 pub struct ExecutorConfig {
     /// Aggregate states kept in memory.
     pub cache_capacity: usize,
+    /// Bytes of aggregate states kept in memory.
+    pub cache_bytes: usize,
     /// Snapshot an aggregate every this many events.
     pub snapshot_every: i64,
     /// This host's region, recorded in event metadata.
@@ -60,6 +65,7 @@ impl Default for ExecutorConfig {
     fn default() -> Self {
         Self {
             cache_capacity: DEFAULT_CACHE_CAPACITY,
+            cache_bytes: DEFAULT_CACHE_BYTES,
             snapshot_every: DEFAULT_SNAPSHOT_EVERY,
             region: "local".into(),
             node_id: "node".into(),
@@ -273,7 +279,7 @@ impl Executor {
                 pool,
                 committer,
                 plugins,
-                cache: AggregateCache::new(config.cache_capacity),
+                cache: AggregateCache::new(config.cache_capacity, config.cache_bytes),
                 config,
             }),
         }
@@ -287,6 +293,11 @@ impl Executor {
     /// Number of aggregate states cached.
     pub fn cached_aggregates(&self) -> usize {
         self.inner.cache.len()
+    }
+
+    /// Bytes of the aggregate states cached.
+    pub fn cached_bytes(&self) -> usize {
+        self.inner.cache.bytes()
     }
 
     /// Drops cached states of aggregates matching `predicate` (e.g. of a partition this
@@ -337,7 +348,7 @@ impl Executor {
                 }
                 _ => (self.load(&plugin, &command.key).await?, false),
             };
-            match self.decide_and_append(&plugin, &command, &loaded).await {
+            match self.decide_and_append(&plugin, command, &loaded).await {
                 Ok((result, next)) => {
                     // A retry answered with its first run's result: that run may have
                     // committed without passing through this cache (its answer lost and
