@@ -448,6 +448,20 @@ pub async fn region_metric(host: &Host, name: &str, region: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// An unlabelled metric of `host`'s `/metrics` (0 when absent).
+pub async fn metric(host: &Host, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", host.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A TCP proxy in front of a test database that a test can cut, as a network partition
 /// or a failover would: [`DbProxy::cut`] drops every connection through it and refuses
 /// new ones until [`DbProxy::restore`]. Hosts are pointed at [`DbProxy::url`].

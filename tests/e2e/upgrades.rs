@@ -5,7 +5,8 @@
 use serde_json::json;
 
 use crate::harness::{
-    Host, HostOptions, TestDb, plus_custom_section, store_events, wasm_bytes, with_custom_section,
+    Host, HostOptions, TestDb, metric, plus_custom_section, store_events, wasm_bytes,
+    with_custom_section,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -196,8 +197,11 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
     );
 
     // Sent again, it is checked against version 2, under the limits in force when it
-    // arrived. While it replays, other limits are set (checked against version 2, which
-    // they suit): it was never checked under them, so it is refused.
+    // began. While it replays, other limits are set through another host (checked
+    // against version 2, which they suit): it was never checked under them, so it is
+    // refused. (Through the same host, the limits would wait for the upload to be
+    // stored and be checked against it.)
+    let other = Host::start(&db, HostOptions::default()).await;
     let mark = std::fs::metadata(&host.log).unwrap().len() as usize;
     let checked = tokio::spawn({
         let api = api.clone();
@@ -216,7 +220,9 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(
-        api.put_limits("bank-account", json!({"deadline_ms": 250}))
+        other
+            .client()
+            .put_limits("bank-account", json!({"deadline_ms": 250}))
             .await,
         200
     );
@@ -229,12 +235,30 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
     let (_, plugin) = api.get("/v1/plugins/bank-account").await;
     assert_eq!(plugin["active_version"], 2, "{plugin}");
 
-    // Sent once more, it is checked under the new limits and stored.
-    let (status, body) = api
-        .upload("bank-account", wasm_bytes("bank-account-js"))
-        .await;
+    // Sent once more, it is checked under the new limits and stored. Limits set
+    // through the same host meanwhile wait for it, and are checked against it.
+    let mark = std::fs::metadata(&host.log).unwrap().len() as usize;
+    let stored = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.upload("bank-account", wasm_bytes("bank-account-js"))
+                .await
+        }
+    });
+    while !std::fs::read_to_string(&host.log).unwrap()[mark..].contains("checking a long history") {
+        assert!(!stored.is_finished(), "{}", host.log_tail());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        api.put_limits("bank-account", json!({"deadline_ms": 300}))
+            .await,
+        200
+    );
+    let (status, body) = stored.await.unwrap();
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["version"], 3, "{body}");
+    let (_, limits) = api.get("/v1/plugins/bank-account/limits").await;
+    assert_eq!(limits["deadline_ms"], 300, "{limits}");
 }
 
 /// A command that waits for its aggregate behind a slow one runs the version that is
@@ -360,4 +384,41 @@ async fn a_previous_plugin_versions_snapshot_does_not_replace_the_current_ones()
     assert_eq!(held().await, (350, 2));
     save(100, 3).await;
     assert_eq!(held().await, (100, 3));
+}
+
+/// A host checks one upload at a time: each compiles its component on every core (a
+/// JavaScript one for seconds) and replays histories through it, and several at once
+/// would take the CPU that commands' wall-clock deadlines are measured on. The others
+/// wait their turn, and `/metrics` says how many do.
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_are_checked_one_at_a_time() {
+    let db = TestDb::new("upload_queue").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    // Other bytes each, so each compiles.
+    let uploads: Vec<_> = (0..3u8)
+        .map(|i| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                api.put_raw(
+                    "/v1/plugins/bank-account?dry_run=true",
+                    plus_custom_section(wasm_bytes("bank-account-js"), &[b'q', i]),
+                )
+                .await
+            })
+        })
+        .collect();
+    let (mut most_checking, mut most_waiting) = (0.0f64, 0.0f64);
+    while !uploads.iter().all(|u| u.is_finished()) {
+        most_checking = most_checking.max(metric(&host, "meridian_plugin_uploads_checking").await);
+        most_waiting = most_waiting.max(metric(&host, "meridian_plugin_uploads_waiting").await);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for upload in uploads {
+        let (status, body) = upload.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["dry_run"], true, "{body}");
+    }
+    assert_eq!(most_checking, 1.0, "uploads checked at once");
+    assert!(most_waiting >= 1.0, "no upload waited for another's check");
 }

@@ -400,6 +400,9 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!("meridian_commands_in_flight").set(state.commands_in_flight.in_use() as f64);
     metrics::gauge!("meridian_cached_aggregates").set(state.executor.cached_aggregates() as f64);
     metrics::gauge!("meridian_cached_state_bytes").set(state.executor.cached_bytes() as f64);
+    let (checking, waiting) = state.executor.plugins().runtime().checks();
+    metrics::gauge!("meridian_plugin_uploads_checking").set(checking as f64);
+    metrics::gauge!("meridian_plugin_uploads_waiting").set(waiting as f64);
     match &state.metrics {
         Some(handle) => (
             [("content-type", "text/plain; version=0.0.4")],
@@ -1311,8 +1314,11 @@ async fn upload_plugin(
             "empty body: send the component bytes, e.g. `curl -T plugin.wasm`",
         ));
     }
-    let limits = store::plugins::limits(&state.pool, &aggregate_type).await?;
     let runtime = state.executor.plugins().runtime().clone();
+    // Held until the history check is done; the limits are read once it is this
+    // upload's turn, so a change of limits while it waited is not a conflict.
+    let check = runtime.check_permit().await;
+    let limits = store::plugins::limits(&state.pool, &aggregate_type).await?;
     let bytes = body.clone();
     let started = std::time::Instant::now();
     tracing::info!(
@@ -1405,6 +1411,8 @@ async fn upload_plugin(
             &limits,
         )
         .await?;
+    // Stored: a change of limits queued behind this upload now checks this version.
+    drop(check);
     state.executor.plugins().invalidate(&aggregate_type).await;
     tracing::info!(
         aggregate_type,
@@ -1585,6 +1593,9 @@ async fn set_limits(
     // command of the type would then fail. Run the newest version under them first, as
     // an upload is run. (A size cap applies to uploads: below the version in use, it
     // only refuses larger ones from now on.)
+    // After any upload of this host being checked: that one is stored by then, and
+    // these limits are checked against it rather than refused for it.
+    let _check = state.executor.plugins().runtime().check_permit().await;
     let latest = store::plugins::latest_with_bytes(&state.pool, &aggregate_type).await?;
     let checked_with = latest.as_ref().map(|(info, _)| info.version);
     if let Some((info, bytes)) = latest {

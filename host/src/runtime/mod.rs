@@ -22,7 +22,7 @@ mod limits;
 mod sandbox;
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
@@ -170,6 +170,28 @@ struct RuntimeInner {
     /// executor loads the same bytes right after, which must not compile twice (seconds
     /// for a Python or JavaScript component) when there is no disk cache.
     last_compiled: Mutex<Option<(String, Component)>>,
+    /// One upload (or change of limits) checked at a time: each compiles its component
+    /// on every core and replays histories through it, and several at once would take
+    /// the CPU the commands' wall-clock deadlines are measured on.
+    checks: Arc<tokio::sync::Semaphore>,
+    checks_waiting: AtomicUsize,
+    checks_running: AtomicUsize,
+}
+
+/// The right to check an upload, from [`Runtime::check_permit`]; the next one waits
+/// until this is dropped.
+pub struct CheckPermit {
+    runtime: Runtime,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for CheckPermit {
+    fn drop(&mut self) {
+        self.runtime
+            .inner
+            .checks_running
+            .fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What an uploaded component says about itself, after validation.
@@ -274,8 +296,44 @@ impl Runtime {
                 cache_dir: config.cache_dir,
                 engine_hash,
                 last_compiled: Mutex::new(None),
+                checks: Arc::new(tokio::sync::Semaphore::new(1)),
+                checks_waiting: AtomicUsize::new(0),
+                checks_running: AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// Waits for this host's turn to check an upload (compile it and replay histories
+    /// through it); uploads beyond the one being checked queue here.
+    pub async fn check_permit(&self) -> CheckPermit {
+        let inner = &self.inner;
+        inner.checks_waiting.fetch_add(1, Ordering::AcqRel);
+        let permit = match inner.checks.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                tracing::info!("waiting for another upload's check to end");
+                inner
+                    .checks
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed")
+            }
+        };
+        inner.checks_waiting.fetch_sub(1, Ordering::AcqRel);
+        inner.checks_running.fetch_add(1, Ordering::AcqRel);
+        CheckPermit {
+            runtime: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    /// Uploads being checked, and waiting for their turn: what `/metrics` shows.
+    pub fn checks(&self) -> (usize, usize) {
+        (
+            self.inner.checks_running.load(Ordering::Acquire),
+            self.inner.checks_waiting.load(Ordering::Acquire),
+        )
     }
 
     /// Checks an upload: size, that it is a component, its imports, its exports, and
