@@ -184,3 +184,39 @@ async fn each_scope_opens_exactly_its_routes_and_forwarding_keeps_the_token() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("bank-account"));
 }
+
+/// `--help` shows where each setting comes from, and clap prints an environment
+/// variable's value beside its name: the database's and NATS's URLs carry passwords,
+/// and help output lands in terminals, tickets and CI logs.
+#[test]
+fn help_never_shows_the_passwords_in_the_environment() {
+    for command in [
+        &["host", "--help"][..],
+        &["migrate", "--help"],
+        &["dev", "--help"],
+    ] {
+        let output = std::process::Command::new(crate::harness::meridian_bin())
+            .args(command)
+            .env(
+                "MERIDIAN_DATABASE_URL",
+                "postgres://app:s3cret-db@db.internal/events",
+            )
+            .env(
+                "MERIDIAN_NATS_URL",
+                "nats://app:s3cret-nats@nats.internal:4222",
+            )
+            .env("MERIDIAN_TOKENS", "s3cret-token-0123456789:admin")
+            .output()
+            .expect("run meridian");
+        assert!(output.status.success(), "{command:?}");
+        let shown = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            shown.contains("MERIDIAN_DATABASE_URL"),
+            "{command:?}: {shown}"
+        );
+        assert!(
+            !shown.contains("s3cret"),
+            "{command:?} shows a secret: {shown}"
+        );
+    }
+}

@@ -34,10 +34,10 @@ pub struct HostArgs {
     #[arg(long, env = "MERIDIAN_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
     /// PostgreSQL URL of the region's database.
-    #[arg(long, env = "MERIDIAN_DATABASE_URL")]
+    #[arg(long, env = "MERIDIAN_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// NATS URL of the region's NATS (JetStream enabled, NATS >= 2.10).
-    #[arg(long, env = "MERIDIAN_NATS_URL")]
+    #[arg(long, env = "MERIDIAN_NATS_URL", hide_env_values = true)]
     pub nats_url: Option<String>,
     /// The other regions whose events this region receives (comma-separated). Each
     /// must be reachable through this region's NATS as a JetStream domain.

@@ -8,7 +8,7 @@ use crate::store;
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
     /// PostgreSQL URL of the region's database.
-    #[arg(long, env = "MERIDIAN_DATABASE_URL")]
+    #[arg(long, env = "MERIDIAN_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// After restoring the region's database onto another PostgreSQL server (a dump, or
     /// logical replication): renumber the stored transaction ids the commit order is
