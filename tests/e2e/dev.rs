@@ -29,6 +29,12 @@ struct Dev {
 
 impl Dev {
     fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With `stderr_piped`, stderr is a pipe the test holds (see [`Self::close_stderr`])
+    /// rather than a file.
+    fn start_with(stderr_piped: bool) -> Self {
         let stderr = tempfile::NamedTempFile::new().expect("stderr file");
         let mut child = Command::new(meridian_bin())
             .args(["dev", "--port", "0", "--plugin"])
@@ -38,7 +44,11 @@ impl Dev {
             .env_remove("MERIDIAN_DATABASE_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(stderr.reopen().expect("stderr file"))
+            .stderr(if stderr_piped {
+                Stdio::piped()
+            } else {
+                stderr.reopen().expect("stderr file").into()
+            })
             .spawn()
             .expect("start meridian dev");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -78,6 +88,12 @@ impl Dev {
                 ),
             }
         }
+    }
+
+    /// Closes the only reader of a piped stderr: from now on every write there fails,
+    /// as when the `tee` it was piped to, or the terminal, is gone.
+    fn close_stderr(&mut self) {
+        drop(self.child.stderr.take().expect("stderr piped"));
     }
 
     fn stderr_text(&self) -> String {
@@ -201,5 +217,24 @@ async fn dev_runs_two_regions_forwards_from_west_and_cleans_up_on_ctrl_c() {
     ] {
         assert!(stderr.contains(stopped), "no `{stopped}` in:\n{stderr}");
     }
+    assert!(!data.exists(), "{} is still there", data.display());
+}
+
+/// `scripts/demo.sh 2>&1 | tee demo.log` and Ctrl-C: the interrupt reaches `tee` too,
+/// and everything `dev` says while it stops goes to a closed pipe. It used to panic on
+/// its first such line, and so kill its hosts undrained and PostgreSQL outright, and
+/// leave its data directory behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_stops_cleanly_when_its_output_is_gone() {
+    let mut dev = Dev::start_with(true);
+    let banner = dev.banner();
+    let data = PathBuf::from(field(&banner, "data"));
+    assert!(data.is_dir(), "{}", banner.join("\n"));
+    dev.close_stderr();
+    dev.interrupt();
+    let status = dev
+        .wait(EXIT_TIMEOUT)
+        .unwrap_or_else(|| panic!("meridian dev did not exit after Ctrl-C"));
+    assert!(status.success(), "exit status {status}");
     assert!(!data.exists(), "{} is still there", data.display());
 }

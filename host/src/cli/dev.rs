@@ -26,6 +26,17 @@ use tokio::time::Instant;
 use super::migrate::redact;
 use crate::region;
 
+/// `eprintln!` that cannot fail. What `dev` says goes to a terminal or a pipe (`| tee`)
+/// that may be gone by the time it stops — Ctrl-C reaches `tee` too, and closing the
+/// terminal is a way to stop it — and `eprintln!` panics then, which would skip the
+/// cleanup: hosts killed undrained, PostgreSQL killed, the data directory left.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// The aggregate type the example plugin is uploaded as.
 const PLUGIN_TYPE: &str = "bank-account";
 const HOST_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -175,12 +186,12 @@ pub async fn execute(args: DevArgs) -> anyhow::Result<()> {
         Ok(summary) => {
             cluster.print_banner(&summary);
             let signal = stop.recv().await;
-            eprintln!("\n{signal} received: stopping everything (again to kill it at once)");
+            say!("\n{signal} received: stopping everything (again to kill it at once)");
             shut_down(&mut cluster, &mut stop, args.keep).await;
             Ok(())
         }
         Err(error) => {
-            eprintln!("start-up failed; stopping what was started");
+            say!("start-up failed; stopping what was started");
             shut_down(&mut cluster, &mut stop, args.keep).await;
             Err(error)
         }
@@ -193,7 +204,7 @@ async fn shut_down(cluster: &mut Cluster, stop: &mut StopSignals, keep: bool) {
     let hurried = tokio::select! {
         () = cluster.stop() => false,
         signal = stop.recv() => {
-            eprintln!("{signal} again: killing what is still running");
+            say!("{signal} again: killing what is still running");
             true
         }
     };
@@ -492,7 +503,7 @@ impl Cluster {
         let several = plan.regions.len() > 1;
         let database_urls: Vec<String> = match (&args.database_url, &plan.postgres_bin) {
             (Some(url), _) => {
-                eprintln!("using PostgreSQL at {}", redact(url));
+                say!("using PostgreSQL at {}", redact(url));
                 plan.regions
                     .iter()
                     .map(|(region, _)| {
@@ -556,9 +567,10 @@ impl Cluster {
         let specs = plan_hosts(plan, args.port, &self.work.path)?;
         for host in &specs {
             if let Some(port) = host.displaced_from {
-                eprintln!(
+                say!(
                     "port {port} is in use; {} serves on {} instead",
-                    host.node_id, host.addr
+                    host.node_id,
+                    host.addr
                 );
             }
         }
@@ -568,7 +580,7 @@ impl Cluster {
                 .find(|r| r.name == spec.region)
                 .expect("every host's region is planned");
             let child = spawn_host(&spec, env, &admin_token)?;
-            eprintln!(
+            say!(
                 "started {} on {} (log: {})",
                 spec.node_id,
                 spec.url(),
@@ -599,7 +611,7 @@ impl Cluster {
                 .iter_mut()
                 .find(|h| h.spec.region == region.name)
                 .expect("every region has a host");
-            eprintln!("waiting for {} to import the plugin", region.name);
+            say!("waiting for {} to import the plugin", region.name);
             wait_for_plugin(&http, host, &plugin_version, &admin_token, deadline).await?;
         }
         Ok(Summary {
@@ -612,7 +624,7 @@ impl Cluster {
     /// Starts one nats-server per region, the hub first, and waits until each is healthy
     /// and every leaf has connected to the hub.
     async fn start_nats(&mut self, bin: &Path, plan: &Plan) -> anyhow::Result<()> {
-        eprintln!("starting nats-server ({})", bin.display());
+        say!("starting nats-server ({})", bin.display());
         for (region, _) in &plan.regions {
             let hub_leaf_port = self.nats.first().and_then(|hub| hub.leaf_port);
             let server = spawn_nats(bin, &self.work.path, region, hub_leaf_port).await?;
@@ -743,7 +755,13 @@ impl Cluster {
         }
         out.push_str(&format!("  {meridian} events tail --url {other_url}\n"));
         out.push_str("\nCtrl-C stops everything.\n");
-        print!("{out}");
+        {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout();
+            let _ = stdout
+                .write_all(out.as_bytes())
+                .and_then(|()| stdout.flush());
+        }
     }
 
     /// Stops the hosts, then the nats-servers, then PostgreSQL. Never fails: it is the
@@ -837,11 +855,11 @@ impl WorkDir {
         let path = &self.path;
         if self.temporary && !keep {
             match std::fs::remove_dir_all(path) {
-                Ok(()) => eprintln!("removed {}", path.display()),
-                Err(e) => eprintln!("could not remove {}: {e}", path.display()),
+                Ok(()) => say!("removed {}", path.display()),
+                Err(e) => say!("could not remove {}: {e}", path.display()),
             }
         } else {
-            eprintln!("logs and data kept in {}", path.display());
+            say!("logs and data kept in {}", path.display());
         }
     }
 }
@@ -913,7 +931,7 @@ async fn ensure_database(url: &str) -> anyhow::Result<()> {
         })?;
     let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
     match sqlx::raw_sql(&create).execute(&mut admin).await {
-        Ok(_) => eprintln!("created database {name}"),
+        Ok(_) => say!("created database {name}"),
         // Someone else created it in the meantime: that is all we wanted.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
         Err(e) => return Err(e).with_context(|| format!("cannot create database `{name}`")),
@@ -1035,7 +1053,7 @@ async fn spawn_private_postgres(
     let version = version
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    eprintln!(
+    say!(
         "starting a private PostgreSQL cluster ({version}, {})",
         bin.display()
     );
@@ -1389,7 +1407,7 @@ async fn spawn_nats(
     let child = command
         .spawn()
         .with_context(|| format!("cannot start {} for region {region}", bin.display()))?;
-    eprintln!(
+    say!(
         "started nats-server {region} on 127.0.0.1:{} (log: {})",
         ports.client,
         log.display()
@@ -1534,7 +1552,7 @@ async fn upload_plugin(
     admin_token: &str,
 ) -> anyhow::Result<String> {
     let url = format!("{base}/v1/plugins/{PLUGIN_TYPE}");
-    eprintln!("uploading {} as {PLUGIN_TYPE}", path.display());
+    say!("uploading {} as {PLUGIN_TYPE}", path.display());
     let response = reqwest::Client::new()
         .put(&url)
         .bearer_auth(admin_token)
@@ -1577,12 +1595,12 @@ async fn send_signal(child: &mut Child, signal: &str) {
 /// Waits for a signalled child until `deadline`, then kills it.
 async fn stop_child(child: &mut Child, name: &str, deadline: Instant) {
     match tokio::time::timeout_at(deadline, child.wait()).await {
-        Ok(Ok(_)) => eprintln!("stopped {name}"),
-        Ok(Err(e)) => eprintln!("could not wait for {name}: {e}"),
+        Ok(Ok(_)) => say!("stopped {name}"),
+        Ok(Err(e)) => say!("could not wait for {name}: {e}"),
         Err(_) => {
-            eprintln!("{name} did not stop in time; killing it");
+            say!("{name} did not stop in time; killing it");
             if let Err(e) = child.kill().await {
-                eprintln!("could not kill {name}: {e}");
+                say!("could not kill {name}: {e}");
             }
         }
     }
