@@ -990,6 +990,30 @@ async fn the_cli_uploads_commands_and_pages_events() {
     let out = run(vec!["plugin".into(), "list".into()]).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("bank-account"));
 
+    // Piped into a reader that is gone before the output comes (`| head -1` after its
+    // line): each command stops quietly with 0, not a panic's 101.
+    for args in [
+        &["plugin", "list"][..],
+        &["cluster", "status"],
+        &["events", "--all"],
+    ] {
+        let url = host.url.clone();
+        let status = tokio::task::spawn_blocking(move || {
+            let mut child = std::process::Command::new(crate::harness::meridian_bin())
+                .args(args)
+                .env("MERIDIAN_URL", url)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            drop(child.stdout.take());
+            child.wait().unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?} with its reader gone");
+    }
+
     // A host that is not there: one clear line saying what to do.
     let out = tokio::task::spawn_blocking(|| {
         std::process::Command::new(crate::harness::meridian_bin())

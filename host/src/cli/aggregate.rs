@@ -55,7 +55,7 @@ pub async fn execute(command: AggregateCommand) -> anyhow::Result<()> {
             if target.json {
                 print_json(&moved);
             } else {
-                println!(
+                out!(
                     "{aggregate_type}/{aggregate_id}: home moved from {} to {} at version {}{}",
                     moved["from"].as_str().unwrap_or("?"),
                     moved["to"].as_str().unwrap_or("?"),
@@ -80,12 +80,12 @@ pub async fn execute(command: AggregateCommand) -> anyhow::Result<()> {
                 print_json(&home);
             } else {
                 match home["home_region"].as_str() {
-                    Some(h) => println!(
+                    Some(h) => out!(
                         "{aggregate_type}/{aggregate_id}: homed in {h} (region {} holds version {})",
                         home["region"].as_str().unwrap_or("?"),
                         home["version"]
                     ),
-                    None => println!(
+                    None => out!(
                         "{aggregate_type}/{aggregate_id}: region {} holds no events of it",
                         home["region"].as_str().unwrap_or("?")
                     ),

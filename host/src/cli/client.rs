@@ -218,7 +218,7 @@ async fn read(response: reqwest::Response, url: &str) -> anyhow::Result<(u16, Va
 }
 
 pub(super) fn print_json(value: &Value) {
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
@@ -264,7 +264,7 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                 } else {
                     "unchanged, already"
                 };
-                println!(
+                out!(
                     "{aggregate_type}: {verb} version {}\n  size    {} bytes\n  sha256  {}",
                     body["version"],
                     body["size_bytes"],
@@ -277,12 +277,12 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                         .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
                         .unwrap_or_default();
                     if pending.is_empty() {
-                        println!(
+                        out!(
                             "  runs on every host of the region ({})",
                             rollout["hosts_running"]
                         );
                     } else {
-                        println!(
+                        out!(
                             "  runs on {} hosts; not yet on {} (they run the previous version until they have compiled it)",
                             rollout["hosts_running"],
                             pending.join(", ")
@@ -291,7 +291,7 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                 }
                 let checked = &body["history_checked"];
                 if checked.is_object() {
-                    println!(
+                    out!(
                         "  replays {} stored aggregates ({} events{})",
                         checked["aggregates"],
                         checked["events"],
@@ -312,16 +312,19 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             } else {
                 let plugins = body["plugins"].as_array().cloned().unwrap_or_default();
                 if plugins.is_empty() {
-                    println!(
+                    out!(
                         "no plugins uploaded yet; try `meridian plugin upload <type> <file.wasm>`"
                     );
                 }
-                println!(
+                out!(
                     "{:<24} {:>7} {:>10}  {:<16} uploaded",
-                    "TYPE", "VERSION", "SIZE", "SHA256"
+                    "TYPE",
+                    "VERSION",
+                    "SIZE",
+                    "SHA256"
                 );
                 for p in plugins {
-                    println!(
+                    out!(
                         "{:<24} {:>7} {:>10}  {:<16} {}",
                         p["aggregate_type"].as_str().unwrap_or(""),
                         p["version"],
@@ -422,7 +425,7 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
     if args.target.json {
         print_json(&result);
     } else {
-        println!(
+        out!(
             "{}/{} is now at version {}{}{}",
             args.aggregate_type,
             args.aggregate_id,
@@ -438,7 +441,7 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
             }
         );
         for event in result["events"].as_array().into_iter().flatten() {
-            println!(
+            out!(
                 "  v{:<6} {} {}",
                 event["version"],
                 event["type"].as_str().unwrap_or(""),
@@ -450,13 +453,10 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
 }
 
 fn print_event(e: &Value, json: bool) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let written = if json {
-        writeln!(out, "{e}")
+    if json {
+        out!("{e}");
     } else {
-        writeln!(
-            out,
+        out!(
             "{:>8}  {}/{} v{}  {} {}",
             e["position"],
             e["aggregate_type"].as_str().unwrap_or(""),
@@ -464,16 +464,7 @@ fn print_event(e: &Value, json: bool) {
             e["version"],
             e["type"].as_str().unwrap_or(""),
             e["payload"]
-        )
-    };
-    // Piped into `head`, the reader goes away after what it wanted: stop quietly, as
-    // other command-line tools do (`println!` would panic).
-    if let Err(error) = written {
-        if error.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("error: cannot write to stdout: {error}");
-        std::process::exit(1);
+        );
     }
 }
 
@@ -682,21 +673,27 @@ pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
         return Ok(());
     }
     let members = status["members"].as_array().cloned().unwrap_or_default();
-    println!(
+    out!(
         "partitions {}   membership epoch {}   answered by {}",
         status["partitions"],
         status["membership_epoch"],
         status["node_id"].as_str().unwrap_or("?")
     );
     let load = &status["load"];
-    println!(
+    out!(
         "that host: {} of {} commands in flight, {} event streams open",
-        load["commands_in_flight"], load["max_commands_in_flight"], load["event_streams_open"]
+        load["commands_in_flight"],
+        load["max_commands_in_flight"],
+        load["event_streams_open"]
     );
-    println!();
-    println!(
+    out!();
+    out!(
         "   {:<24} {:<9} {:<6} {:>10}  {:<32} last heartbeat",
-        "MEMBER", "STATE", "ALIVE", "PARTITIONS", "ADDRESS"
+        "MEMBER",
+        "STATE",
+        "ALIVE",
+        "PARTITIONS",
+        "ADDRESS"
     );
     // One letter per member, used in the partition map below.
     let letters: Vec<char> = ('A'..='Z').collect();
@@ -705,7 +702,7 @@ pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
         let id = m["id"].as_str().unwrap_or("");
         let letter = letters.get(i).copied().unwrap_or('*');
         letter_of.insert(id.to_string(), letter);
-        println!(
+        out!(
             "{letter}  {:<24} {:<9} {:<6} {:>10}  {:<32} {}",
             id,
             m["state"].as_str().unwrap_or(""),
@@ -719,8 +716,8 @@ pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
             m["last_heartbeat"].as_str().unwrap_or("")
         );
     }
-    println!();
-    println!("partition map (one character per partition, `.` = moving):");
+    out!();
+    out!("partition map (one character per partition, `.` = moving):");
     let owners = status["partition_owners"]
         .as_array()
         .cloned()
@@ -734,20 +731,23 @@ pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
                     .unwrap_or('.')
             })
             .collect();
-        println!("  {:>4}  {line}", row * 64);
+        out!("  {:>4}  {line}", row * 64);
     }
     if let Some(regions) = status["regions"].as_array().filter(|r| !r.is_empty()) {
-        println!();
-        println!(
+        out!();
+        out!(
             "region {}, receiving from:",
             status["region"].as_str().unwrap_or("?")
         );
-        println!(
+        out!(
             "   {:<16} {:>10} {:>10} {:>12}  last event",
-            "REGION", "LAG (ms)", "PENDING", "RECEIVED"
+            "REGION",
+            "LAG (ms)",
+            "PENDING",
+            "RECEIVED"
         );
         for r in regions {
-            println!(
+            out!(
                 "   {:<16} {:>10} {:>10} {:>12}  {}",
                 r["region"].as_str().unwrap_or("?"),
                 r["lag_ms"],

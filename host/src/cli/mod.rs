@@ -1,5 +1,17 @@
 //! The `meridian` command line: one file per command, each with an `execute` function.
 
+/// `println!` for what a command prints for its reader. Piped into `head`, the reader
+/// goes away once it has what it wanted: the command then ends quietly with status 0,
+/// as other command-line tools do, where `println!` would panic (status 101).
+macro_rules! out {
+    () => {
+        $crate::cli::write_out(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 mod aggregate;
 mod client;
 mod dev;
@@ -72,5 +84,18 @@ pub fn init_tracing() {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// What [`out!`] writes with: one line to stdout; a closed pipe ends the process with
+/// status 0, any other failure with 1.
+pub(crate) fn write_out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(error) = writeln!(std::io::stdout().lock(), "{line}") {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {error}");
+        std::process::exit(1);
     }
 }

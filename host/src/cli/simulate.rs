@@ -7,14 +7,6 @@ use std::time::Instant;
 
 use crate::cluster::sim::{self, SimOptions, SimReport, Stats};
 
-/// `println!` that ignores a closed pipe (`meridian simulate --seed S --trace | head`).
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
-}
-
 /// Counters summed over seeds.
 #[derive(Default)]
 struct Totals {
