@@ -13,4 +13,11 @@ export MERIDIAN_NATS_SERVER_BIN="${MERIDIAN_NATS_SERVER_BIN:-$REPO/.tools/bin/na
 bash plugins/build.sh
 cargo build --release -p meridian-host
 TARGET="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
-exec "$TARGET/release/meridian" dev --plugin "$TARGET/wasm32-wasip2/release/bank_account.wasm" "$@"
+# The example plugin unless the arguments name another.
+plugin=(--plugin "$TARGET/wasm32-wasip2/release/bank_account.wasm")
+for arg in "$@"; do
+    case "$arg" in
+        --plugin | --plugin=*) plugin=() ;;
+    esac
+done
+exec "$TARGET/release/meridian" dev "${plugin[@]}" "$@"
