@@ -1733,3 +1733,45 @@ async fn a_starting_host_prunes_the_compile_cache_to_stored_versions() {
     let (status, body) = open(&host.client(), "cached-1", "o").await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// Managed PostgreSQL services often refuse connections without TLS (RDS from
+/// PostgreSQL 15 on, Azure): `sslmode=require` in the URL must work, and the host's
+/// sessions must then be encrypted. (The test server is Debian's, with TLS on.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_requires_tls_is_reached_over_tls() {
+    let db = TestDb::new("tls").await;
+    let pool = db.pool().await;
+    let enabled: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(enabled, "on", "the test server has TLS off: turn `ssl` on");
+    let host = Host::spawn(
+        &format!("{}?sslmode=require", db.url),
+        HostOptions::default(),
+    );
+    host.wait_ready(Duration::from_secs(60)).await;
+    let api = host.client();
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = api
+        .command(
+            "bank-account",
+            "tls-1",
+            json!({"command": {"type": "Open", "owner": "t"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Every session on this database is encrypted: the host's, required, and the
+    // test's own, which `sslmode=prefer` (the default) encrypts where it can.
+    let (encrypted, plain): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.datname = current_database() AND a.backend_type = 'client backend'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(encrypted > 1, "{encrypted} encrypted sessions");
+    assert_eq!(plain, 0, "sessions without TLS");
+}
