@@ -1315,7 +1315,7 @@ async fn upload_plugin(
         ));
     }
     let runtime = state.executor.plugins().runtime().clone();
-    // Held until the history check is done; the limits are read once it is this
+    // Held until the upload is stored or refused; the limits are read once it is this
     // upload's turn, so a change of limits while it waited is not a conflict.
     let check = runtime.check_permit().await;
     let limits = store::plugins::limits(&state.pool, &aggregate_type).await?;
@@ -1339,7 +1339,8 @@ async fn upload_plugin(
             "type_mismatch",
             format!(
                 "the component describes itself as `{}` but was uploaded as `{aggregate_type}`; upload it to /v1/plugins/{}",
-                validated.aggregate_type, validated.aggregate_type
+                shown(&validated.aggregate_type),
+                shown(&validated.aggregate_type)
             ),
         ));
     }

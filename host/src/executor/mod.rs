@@ -120,7 +120,9 @@ pub struct CommandResult {
     /// True when this is the stored result of an earlier run of the same command id.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
-    /// The node that executed the command.
+    /// The node that executed the command; for a `duplicate`, the node that answered
+    /// with the stored result (which of the region's hosts first ran it is in each
+    /// event's metadata, `node_id`).
     pub executed_by: String,
 }
 

@@ -306,8 +306,17 @@ impl Runtime {
     /// Waits for this host's turn to check an upload (compile it and replay histories
     /// through it); uploads beyond the one being checked queue here.
     pub async fn check_permit(&self) -> CheckPermit {
+        /// Counts a waiting upload until it has its turn or gives up (its client went
+        /// away, dropping this future).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         let inner = &self.inner;
         inner.checks_waiting.fetch_add(1, Ordering::AcqRel);
+        let waiting = Waiting(&inner.checks_waiting);
         let permit = match inner.checks.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
@@ -320,7 +329,7 @@ impl Runtime {
                     .expect("the semaphore is never closed")
             }
         };
-        inner.checks_waiting.fetch_sub(1, Ordering::AcqRel);
+        drop(waiting);
         inner.checks_running.fetch_add(1, Ordering::AcqRel);
         CheckPermit {
             runtime: self.clone(),
