@@ -175,24 +175,14 @@ struct RuntimeInner {
     /// the CPU the commands' wall-clock deadlines are measured on.
     checks: Arc<tokio::sync::Semaphore>,
     checks_waiting: AtomicUsize,
-    checks_running: AtomicUsize,
 }
+
+/// Uploads (or changes of limits) a host checks at once.
+const CONCURRENT_CHECKS: usize = 1;
 
 /// The right to check an upload, from [`Runtime::check_permit`]; the next one waits
 /// until this is dropped.
-pub struct CheckPermit {
-    runtime: Runtime,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Drop for CheckPermit {
-    fn drop(&mut self) {
-        self.runtime
-            .inner
-            .checks_running
-            .fetch_sub(1, Ordering::AcqRel);
-    }
-}
+pub type CheckPermit = tokio::sync::OwnedSemaphorePermit;
 
 /// What an uploaded component says about itself, after validation.
 #[derive(Clone)]
@@ -296,9 +286,8 @@ impl Runtime {
                 cache_dir: config.cache_dir,
                 engine_hash,
                 last_compiled: Mutex::new(None),
-                checks: Arc::new(tokio::sync::Semaphore::new(1)),
+                checks: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHECKS)),
                 checks_waiting: AtomicUsize::new(0),
-                checks_running: AtomicUsize::new(0),
             }),
         })
     }
@@ -330,17 +319,13 @@ impl Runtime {
             }
         };
         drop(waiting);
-        inner.checks_running.fetch_add(1, Ordering::AcqRel);
-        CheckPermit {
-            runtime: self.clone(),
-            _permit: permit,
-        }
+        permit
     }
 
     /// Uploads being checked, and waiting for their turn: what `/metrics` shows.
     pub fn checks(&self) -> (usize, usize) {
         (
-            self.inner.checks_running.load(Ordering::Acquire),
+            CONCURRENT_CHECKS - self.inner.checks.available_permits(),
             self.inner.checks_waiting.load(Ordering::Acquire),
         )
     }
