@@ -9,6 +9,21 @@ use crate::harness::{
     with_custom_section,
 };
 
+/// Waits until `host` logs, past byte `mark` of its log, that an upload is replaying a
+/// long history; fails should `upload` end first, or after three minutes (a JavaScript
+/// component compiles first: seconds, more on a busy machine).
+async fn wait_for_long_replay<T>(host: &Host, mark: usize, upload: &tokio::task::JoinHandle<T>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while !std::fs::read_to_string(&host.log).unwrap()[mark..].contains("checking a long history") {
+        assert!(
+            !upload.is_finished() && std::time::Instant::now() < deadline,
+            "the upload never started replaying: {}",
+            host.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_version_that_cannot_replay_stored_histories_is_refused_unless_forced() {
     let db = TestDb::new("upgrades").await;
@@ -133,17 +148,8 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
     });
     // Once it is replaying, another version lands, stored straight into the plugins
     // table as an upload through another host would store it (no compile or check to
-    // race with). The JavaScript component compiles first: seconds, more on a busy
-    // machine.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
-    while !host.log_tail().contains("checking a long history") {
-        assert!(
-            !checked.is_finished() && std::time::Instant::now() < deadline,
-            "the upload never started replaying: {}",
-            host.log_tail()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // race with).
+    wait_for_long_replay(&host, 0, &checked).await;
     let other = with_custom_section(b"another build");
     let sha256 = {
         use sha2::Digest;
@@ -210,15 +216,7 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
                 .await
         }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
-    while !std::fs::read_to_string(&host.log).unwrap()[mark..].contains("checking a long history") {
-        assert!(
-            !checked.is_finished() && std::time::Instant::now() < deadline,
-            "the upload never started replaying: {}",
-            host.log_tail()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_long_replay(&host, mark, &checked).await;
     assert_eq!(
         other
             .client()
@@ -245,10 +243,7 @@ async fn an_upload_checked_against_a_version_no_longer_newest_is_refused() {
                 .await
         }
     });
-    while !std::fs::read_to_string(&host.log).unwrap()[mark..].contains("checking a long history") {
-        assert!(!stored.is_finished(), "{}", host.log_tail());
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_long_replay(&host, mark, &stored).await;
     assert_eq!(
         api.put_limits("bank-account", json!({"deadline_ms": 300}))
             .await,
