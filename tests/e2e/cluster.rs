@@ -1364,11 +1364,27 @@ async fn a_paused_host_replaced_under_its_node_id_stops_when_it_resumes() {
     let mut hosts = start_region_with(&db, 1, named()).await;
     let old = hosts.remove(0);
     let ids = open_accounts(std::slice::from_ref(&old), 8).await;
+    let (_, before) = old.client().get("/v1/cluster").await;
     old.signal("STOP");
-    // The replacement waits out the old row (dead after 3 s), then takes the id.
+    // The replacement waits out the old row (dead after 3 s), then takes the id. The
+    // leases already name the id, so "balanced" alone would be true before the
+    // replacement took any: wait until it holds every one under a newer epoch.
     let replacement = Host::start(&db, named()).await;
-    let status = wait_balanced(std::slice::from_ref(&replacement)).await;
-    let epochs = status["partition_epochs"].clone();
+    wait_balanced(std::slice::from_ref(&replacement)).await;
+    let api = replacement.client();
+    let epochs = eventually(|| {
+        let (api, before) = (api.clone(), before.clone());
+        async move {
+            let (_, status) = api.get("/v1/cluster").await;
+            let epochs = status["partition_epochs"].as_array()?.clone();
+            let taken = (0..PARTITIONS as usize).all(|p| {
+                status["partition_owners"][p] == "solo"
+                    && epochs[p].as_u64() > before["partition_epochs"][p].as_u64()
+            });
+            taken.then_some(Value::Array(epochs))
+        }
+    })
+    .await;
     old.signal("CONT");
     let (code, log) = old.exit_and_log().await;
     assert!(

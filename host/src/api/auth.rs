@@ -86,10 +86,22 @@ impl Tokens {
                 .split(['+', ' '])
                 .filter(|s| !s.trim().is_empty())
                 .map(|s| {
-                    Scope::parse(s)
-                        .ok_or_else(|| format!("unknown scope `{s}`; use read, write or admin"))
+                    // Masked: in `secret:more-secret read` the scope is part of a secret.
+                    Scope::parse(s).ok_or_else(|| {
+                        format!(
+                            "unknown scope `{}` for token `{}`; use read, write or admin",
+                            mask(s),
+                            mask(token)
+                        )
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            if scopes.is_empty() {
+                return Err(format!(
+                    "token `{}` has no scopes; write `<token>:read+write`",
+                    mask(token)
+                ));
+            }
             tokens.insert(token.to_string(), scopes);
         }
         Ok(Tokens {
@@ -227,6 +239,16 @@ mod tests {
         assert!(Tokens::parse("short:read").is_err());
         assert!(Tokens::parse("aaaaaaaaaaaaaaaa:root").is_err());
         assert!(!Tokens::parse("").unwrap().enabled());
+        // A token that can do nothing is a mistake, not a token.
+        assert!(Tokens::parse("aaaaaaaaaaaaaaaa:").is_err());
+    }
+
+    #[test]
+    fn an_unknown_scope_does_not_print_what_may_be_a_secret() {
+        // A token with a colon in it: what follows reads as scopes.
+        let error = Tokens::parse("0123456789abcdef:SECRETPART read").unwrap_err();
+        assert!(error.contains("unknown scope"), "{error}");
+        assert!(!error.contains("SECRETPART"), "{error}");
     }
 
     #[test]
