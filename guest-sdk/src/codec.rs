@@ -156,10 +156,19 @@ pub fn encode_event<E: Serialize>(event: &E) -> Result<EncodedEvent, String> {
             String::from_utf8_lossy(&json)
         )
     };
-    match json.first() {
+    // The bytes alone cannot tell `{"type":"On"}` from an externally tagged `type`
+    // variant: an internally tagged enum's unit variants would all be stored as events
+    // of type `type`. What the value asks of the serialiser can.
+    let Some(variant) = variant_name(event) else {
+        return Err(format!(
+            "{}; an `Event` enum takes no `#[serde(tag = ..)]` or `#[serde(untagged)]`",
+            not_a_variant()
+        ));
+    };
+    let (event_type, payload) = match json.first() {
         Some(b'"') => {
-            let event_type = serde_json::from_slice(&json).map_err(|_| not_a_variant())?;
-            Ok((event_type, b"null".to_vec()))
+            let event_type: String = serde_json::from_slice(&json).map_err(|_| not_a_variant())?;
+            (event_type, b"null".to_vec())
         }
         // The compact serialiser writes exactly `{"<variant>":<payload>}`.
         Some(b'{') => {
@@ -175,9 +184,143 @@ pub fn encode_event<E: Serialize>(event: &E) -> Result<EncodedEvent, String> {
             // A struct with several fields would leave `1,"b":2` here: not one value.
             serde_json::from_slice::<serde::de::IgnoredAny>(payload)
                 .map_err(|_| not_a_variant())?;
-            Ok((event_type, payload.to_vec()))
+            (event_type, payload.to_vec())
         }
-        _ => Err(not_a_variant()),
+        _ => return Err(not_a_variant()),
+    };
+    if event_type != variant {
+        return Err(not_a_variant());
+    }
+    Ok((event_type, payload))
+}
+
+/// The variant name `value` serialises as, when it serialises as an enum variant at
+/// all (what serde's derive does for an externally tagged enum); the payload is not
+/// serialised.
+fn variant_name<T: Serialize + ?Sized>(value: &T) -> Option<&'static str> {
+    match value.serialize(VariantProbe) {
+        Ok(variant) | Err(Probed(Some(variant))) => Some(variant),
+        Err(Probed(None)) => None,
+    }
+}
+
+/// A serialiser that accepts only an enum variant, and stops at its name.
+struct VariantProbe;
+
+/// How a probe ended: with the variant's name (a tuple or struct variant, whose
+/// serialiser the probe cannot give back), or without one.
+#[derive(Debug)]
+struct Probed(Option<&'static str>);
+
+impl std::fmt::Display for Probed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("not an enum variant")
+    }
+}
+
+impl std::error::Error for Probed {}
+
+impl serde::ser::Error for Probed {
+    fn custom<T: std::fmt::Display>(_: T) -> Self {
+        Probed(None)
+    }
+}
+
+/// The serialiser methods that are not a variant: each ends the probe without a name.
+macro_rules! not_a_variant {
+    ($($method:ident($($arg:ty),*) -> $out:ty;)*) => {
+        $(fn $method(self, $(_: $arg),*) -> Result<$out, Probed> {
+            Err(Probed(None))
+        })*
+    };
+}
+
+impl serde::Serializer for VariantProbe {
+    type Ok = &'static str;
+    type Error = Probed;
+    type SerializeSeq = serde::ser::Impossible<&'static str, Probed>;
+    type SerializeTuple = serde::ser::Impossible<&'static str, Probed>;
+    type SerializeTupleStruct = serde::ser::Impossible<&'static str, Probed>;
+    type SerializeTupleVariant = serde::ser::Impossible<&'static str, Probed>;
+    type SerializeMap = serde::ser::Impossible<&'static str, Probed>;
+    type SerializeStruct = serde::ser::Impossible<&'static str, Probed>;
+    type SerializeStructVariant = serde::ser::Impossible<&'static str, Probed>;
+
+    fn serialize_unit_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+    ) -> Result<&'static str, Probed> {
+        Ok(variant)
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        _: &T,
+    ) -> Result<&'static str, Probed> {
+        Ok(variant)
+    }
+
+    fn serialize_tuple_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeTupleVariant, Probed> {
+        Err(Probed(Some(variant)))
+    }
+
+    fn serialize_struct_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeStructVariant, Probed> {
+        Err(Probed(Some(variant)))
+    }
+
+    // A wrapper (`Box`, `Arc`, a `#[serde(transparent)]` newtype) passes the probe on.
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        value: &T,
+    ) -> Result<&'static str, Probed> {
+        value.serialize(self)
+    }
+
+    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<&'static str, Probed> {
+        Err(Probed(None))
+    }
+
+    not_a_variant! {
+        serialize_bool(bool) -> &'static str;
+        serialize_i8(i8) -> &'static str;
+        serialize_i16(i16) -> &'static str;
+        serialize_i32(i32) -> &'static str;
+        serialize_i64(i64) -> &'static str;
+        serialize_u8(u8) -> &'static str;
+        serialize_u16(u16) -> &'static str;
+        serialize_u32(u32) -> &'static str;
+        serialize_u64(u64) -> &'static str;
+        serialize_f32(f32) -> &'static str;
+        serialize_f64(f64) -> &'static str;
+        serialize_char(char) -> &'static str;
+        serialize_str(&str) -> &'static str;
+        serialize_bytes(&[u8]) -> &'static str;
+        serialize_none() -> &'static str;
+        serialize_unit() -> &'static str;
+        serialize_unit_struct(&'static str) -> &'static str;
+        serialize_seq(Option<usize>) -> Self::SerializeSeq;
+        serialize_tuple(usize) -> Self::SerializeTuple;
+        serialize_tuple_struct(&'static str, usize) -> Self::SerializeTupleStruct;
+        serialize_map(Option<usize>) -> Self::SerializeMap;
+        serialize_struct(&'static str, usize) -> Self::SerializeStruct;
     }
 }
 
@@ -246,6 +389,41 @@ mod tests {
         assert_eq!(
             decode_event::<Event>("Closed", b"null").unwrap(),
             Event::Closed
+        );
+    }
+
+    /// An internally tagged enum's unit variant serialises as a one-key object, which
+    /// the bytes alone would read as a variant named `type`: every event would be
+    /// stored under that one type.
+    #[test]
+    fn an_event_enum_that_is_not_externally_tagged_is_refused() {
+        #[derive(Serialize)]
+        #[serde(tag = "type")]
+        enum Internal {
+            SwitchedOn,
+        }
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Untagged {
+            Named { type_: String },
+        }
+        #[derive(Serialize)]
+        struct NotAnEnum {
+            type_: String,
+        }
+        let errors = [
+            encode_event(&Internal::SwitchedOn).unwrap_err(),
+            encode_event(&Untagged::Named { type_: "x".into() }).unwrap_err(),
+            encode_event(&NotAnEnum { type_: "x".into() }).unwrap_err(),
+        ];
+        for error in errors {
+            assert!(error.contains("#[serde(tag = ..)]"), "{error}");
+        }
+        // Behind a pointer, a variant is still one.
+        assert_eq!(encode_event(&Box::new(Event::Closed)).unwrap().0, "Closed");
+        assert_eq!(
+            encode_event(&Event::Renamed("x".into())).unwrap().0,
+            "Renamed"
         );
     }
 
@@ -460,8 +638,8 @@ mod tests {
         let error = encode_event(&NotAnEnum { a: 1, b: 2 }).unwrap_err();
         assert!(error.contains("externally tagged"), "{error}");
         let error = encode_event(&42).unwrap_err();
-        assert!(error.ends_with("got 42"), "{error}");
+        assert!(error.contains("got 42;"), "{error}");
         let error = encode_event(&std::collections::BTreeMap::<String, u8>::new()).unwrap_err();
-        assert!(error.ends_with("got {}"), "{error}");
+        assert!(error.contains("got {};"), "{error}");
     }
 }
