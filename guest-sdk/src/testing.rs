@@ -105,6 +105,20 @@ impl<A: Aggregate> AggregateTest<A> {
     pub fn when_json(self, command: &str) -> Outcome<A> {
         let result = codec::handle::<A>(&self.state, command.as_bytes());
         self.check_execute_agrees(command, &result);
+        if let Ok(events) = &result {
+            let refused = within_output_caps(events).and_then(|()| {
+                events.iter().try_for_each(|(event_type, payload)| {
+                    storable(event_type, &tagged(event_type, payload))
+                })
+            });
+            if let Err(why) = refused {
+                panic!(
+                    "the host would refuse {command} as `plugin_invalid_output`, with \
+                     nothing written: {why}\n{}",
+                    self.context(command)
+                );
+            }
+        }
         Outcome {
             test: self,
             command: command.to_owned(),
@@ -162,6 +176,11 @@ impl<A: Aggregate> AggregateTest<A> {
             panic!("{stage} event {event} would be refused by the host: {why}");
         }
         match codec::apply::<A>(&self.state, &event_type, &payload) {
+            Ok(state) if state.len() > DEFAULT_MAX_OUTPUT_BYTES => panic!(
+                "the state after {stage} event {event} would be refused by the host: {} \
+                 bytes, over the default limit of {DEFAULT_MAX_OUTPUT_BYTES}",
+                state.len()
+            ),
             Ok(state) => self.state = state,
             Err(error) => panic!(
                 "{stage} event {event} cannot be applied: {error}\n   state: {}",
@@ -288,16 +307,54 @@ fn tagged(event_type: &str, payload: &[u8]) -> Value {
     Value::Object(map)
 }
 
+/// How many events one command may decide under the host's default limits (an
+/// operator may set another `max_events_per_call` for a type).
+pub const DEFAULT_MAX_EVENTS_PER_CALL: usize = 1_000;
+
+/// How many bytes the events one command decides may take under the host's default
+/// limits, event types and compact payloads together; one state is held to the same
+/// (an operator may set another `max_output_bytes` for a type).
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
+
+/// The host's default caps on what one command decides. (The host also counts the
+/// bytes as PostgreSQL prints them, which are more when numbers have exponents:
+/// `1e300` comes back with every digit.)
+fn within_output_caps(events: &[EncodedEvent]) -> Result<(), String> {
+    if events.len() > DEFAULT_MAX_EVENTS_PER_CALL {
+        return Err(format!(
+            "{} events, over the default limit of {DEFAULT_MAX_EVENTS_PER_CALL} per command",
+            events.len()
+        ));
+    }
+    let bytes: usize = events
+        .iter()
+        .map(|(t, payload)| t.len() + payload.len())
+        .sum();
+    if bytes > DEFAULT_MAX_OUTPUT_BYTES {
+        return Err(format!(
+            "{bytes} bytes of events, over the default limit of {DEFAULT_MAX_OUTPUT_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
 /// What the host refuses in a decided event (it fails the call as
-/// `plugin_invalid_output`): an event type that is empty, over 256 bytes or holds a
-/// control character (it travels in NATS headers), and U+0000 in a string of the
-/// payload (PostgreSQL's `jsonb` cannot store it). Caught here, it fails `cargo test`
-/// rather than a command in production.
+/// `plugin_invalid_output`): an event type that is empty, over 256 bytes, holds a
+/// control character (it travels in NATS headers) or starts with `$` (reserved for
+/// Meridian's own events), and U+0000 in a string of the payload (PostgreSQL's
+/// `jsonb` cannot store it). Caught here, it fails `cargo test` rather than a command
+/// in production.
 fn storable(event_type: &str, event: &Value) -> Result<(), String> {
     if event_type.is_empty() || event_type.len() > 256 {
         return Err(format!(
             "an event type must be 1 to 256 bytes, this one is {}",
             event_type.len()
+        ));
+    }
+    if event_type.starts_with('$') {
+        return Err(format!(
+            "the event type {event_type:?} starts with `$`, which is reserved for \
+             Meridian's own events"
         ));
     }
     if event_type.chars().any(char::is_control) {
@@ -413,6 +470,78 @@ mod tests {
         AggregateTest::<Switch>::given(vec![Event::Off {
             reason: "nul\0".into(),
         }]);
+    }
+
+    /// Decides `count` events, of a type the host reserves when `reserved`.
+    struct Burst;
+
+    #[derive(Deserialize, Serialize)]
+    struct Emit {
+        count: usize,
+        reserved: bool,
+        bytes: usize,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    enum BurstEvent {
+        Noted(String),
+        #[serde(rename = "$Audit")]
+        Audit,
+    }
+
+    impl Aggregate for Burst {
+        const TYPE: &'static str = "burst";
+        type State = State;
+        type Command = Emit;
+        type Event = BurstEvent;
+
+        fn handle(_: &State, emit: Emit) -> Result<Vec<BurstEvent>, Rejection> {
+            Ok((0..emit.count)
+                .map(|_| match emit.reserved {
+                    true => BurstEvent::Audit,
+                    false => BurstEvent::Noted("x".repeat(emit.bytes)),
+                })
+                .collect())
+        }
+
+        fn apply(state: State, _: BurstEvent) -> State {
+            state
+        }
+    }
+
+    fn emit(count: usize, reserved: bool, bytes: usize) {
+        AggregateTest::<Burst>::new()
+            .when(Emit {
+                count,
+                reserved,
+                bytes,
+            })
+            .then_expect_rejection("never");
+    }
+
+    #[test]
+    #[should_panic(expected = "starts with `$`, which is reserved")]
+    fn a_reserved_event_type_fails_the_test() {
+        emit(1, true, 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "1001 events, over the default limit of 1000 per command")]
+    fn more_events_than_the_host_takes_from_one_command_fail_the_test() {
+        emit(DEFAULT_MAX_EVENTS_PER_CALL + 1, false, 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "bytes of events, over the default limit of 1048576")]
+    fn more_bytes_than_the_host_takes_from_one_command_fail_the_test() {
+        emit(2, false, DEFAULT_MAX_OUTPUT_BYTES / 2);
+    }
+
+    /// Within the caps, the same command is judged on its events.
+    #[test]
+    #[should_panic(expected = "expected a rejection containing \"never\"")]
+    fn a_command_within_the_caps_is_judged_on_its_events() {
+        emit(DEFAULT_MAX_EVENTS_PER_CALL, false, 100);
     }
 
     #[test]

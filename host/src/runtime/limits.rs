@@ -133,3 +133,23 @@ impl SandboxLimits {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plugin authors' `cargo test` refuses what these defaults refuse: the SDK's
+    /// harness keeps its own copy of them, since plugins do not link the host.
+    #[test]
+    fn the_sdk_harness_holds_plugins_to_these_defaults() {
+        use meridian_guest::testing;
+        assert_eq!(
+            testing::DEFAULT_MAX_EVENTS_PER_CALL,
+            DEFAULT_MAX_EVENTS_PER_CALL as usize
+        );
+        assert_eq!(
+            testing::DEFAULT_MAX_OUTPUT_BYTES,
+            DEFAULT_MAX_OUTPUT_BYTES as usize
+        );
+    }
+}
