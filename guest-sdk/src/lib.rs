@@ -47,7 +47,9 @@
 //!
 //!     fn handle(state: &State, command: Command) -> Result<Vec<Event>, Rejection> {
 //!         match command {
-//!             Command::Add { by } if state.value + by > 10 => {
+//!             // `saturating_add`: a `+` that overflows panics in `cargo test` and
+//!             // wraps in a release build, where this check would then pass.
+//!             Command::Add { by } if state.value.saturating_add(by) > 10 => {
 //!                 Err(Rejection::new(format!("limit is 10, value is {}", state.value)))
 //!             }
 //!             Command::Add { by } => Ok(vec![Event::Added { by }]),
@@ -75,6 +77,10 @@
 //!
 //! AggregateTest::<Counter>::given(vec![Event::Added { by: 9 }])
 //!     .when(Command::Add { by: 2 })
+//!     .then_expect_rejection("limit is 10");
+//!
+//! AggregateTest::<Counter>::given(vec![Event::Added { by: 9 }])
+//!     .when_json(r#"{"type":"Add","by":4294967295}"#)
 //!     .then_expect_rejection("limit is 10");
 //! ```
 //!
