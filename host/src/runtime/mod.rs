@@ -242,7 +242,13 @@ impl Runtime {
             // reservations past what the sandbox is sized for.
             .wasm_memory64(false)
             // A deep recursion in a guest must trap, not take the host thread's stack.
-            .max_wasm_stack(1024 * 1024);
+            .max_wasm_stack(1024 * 1024)
+            // Replay must decide what the first run decided on every host, whatever
+            // its CPU: the bits of a NaN and the rounding of a relaxed SIMD operation
+            // are otherwise the processor's (x86 and ARM differ, and x86 with and
+            // without FMA), and a plugin may branch on them or store them.
+            .cranelift_nan_canonicalization(true)
+            .relaxed_simd_deterministic(true);
         // `perf` cannot name JIT-compiled guest code without a map file; profiling a
         // slow plugin needs it (`perf report` then shows the guest's own functions).
         if std::env::var_os("MERIDIAN_WASM_PERFMAP").is_some() {
@@ -1194,6 +1200,34 @@ mod tests {
             .await
             .expect_err("64-bit memories are off");
         assert!(refused.contains("64"), "{refused}");
+    }
+
+    /// A NaN's bits are the processor's unless canonicalised: x86 divides 0 by 0
+    /// into `0xffc00000`, ARM into `0x7fc00000`. A plugin storing them would replay
+    /// differently on another host.
+    #[tokio::test]
+    async fn a_nan_has_the_same_bits_on_every_processor() {
+        let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
+        let engine = &runtime.inner.engine;
+        // (func (export "f") (param f32 f32) (result i32)
+        //   (i32.reinterpret_f32 (f32.div (local.get 0) (local.get 1))))
+        let module: &[u8] = &[
+            0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // header
+            0x01, 0x07, 0x01, 0x60, 0x02, 0x7d, 0x7d, 0x01, 0x7f, // type
+            0x03, 0x02, 0x01, 0x00, // function
+            0x07, 0x05, 0x01, 0x01, b'f', 0x00, 0x00, // export
+            0x0a, 0x0a, 0x01, 0x08, 0x00, 0x20, 0x00, 0x20, 0x01, 0x95, 0xbc, 0x0b, // code
+        ];
+        let module = wasmtime::Module::new(engine, module).unwrap();
+        let mut store = sandboxed_store(engine, &SandboxLimits::default());
+        let instance = wasmtime::Instance::new_async(&mut store, &module, &[])
+            .await
+            .unwrap();
+        let divide = instance
+            .get_typed_func::<(f32, f32), i32>(&mut store, "f")
+            .unwrap();
+        let bits = divide.call_async(&mut store, (0.0, 0.0)).await.unwrap();
+        assert_eq!(bits as u32, 0x7fc0_0000, "{:#x}", bits as u32);
     }
 
     #[test]
