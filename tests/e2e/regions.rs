@@ -296,6 +296,17 @@ async fn a_command_sent_to_west_for_an_east_aggregate_runs_in_east() {
         .await;
     assert_eq!(state["state"]["balance"], 21, "{state}");
 
+    // A client posing as a region that forwarded the command to west as to its home is
+    // not believed: west forwards it to east at once, as any other command, rather
+    // than waiting for a move that is not happening.
+    let response = deposit_with(&[
+        ("x-meridian-home", WEST),
+        ("x-meridian-home-version", "9223372036854775807"),
+    ])
+    .await;
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.headers()["x-meridian-region"], EAST);
+
     // A request that already went round the regions three times (views of a moving home
     // that disagree) is not forwarded again: a retryable 503 naming its path, and
     // nothing is written.
@@ -316,7 +327,7 @@ async fn a_command_sent_to_west_for_an_east_aggregate_runs_in_east() {
         .client()
         .get("/v1/aggregates/bank-account/fwd-1")
         .await;
-    assert_eq!(state["version"], 4, "{state}");
+    assert_eq!(state["version"], 5, "{state}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -247,6 +247,26 @@ pub fn router(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
+/// The API as served to clients over HTTP: [`router`] without the headers only
+/// another region may send.
+///
+/// A region forwarding a command names the home it forwarded to and the version at
+/// which it knew it (NATS headers, answered by the same router). From a client, that
+/// claim would send the host into waiting for a move that is not happening: a command
+/// slot and a database poll every 50 ms for seconds, per request. (The hop count and
+/// path are honoured from anyone: they can only make the sender's own request give up
+/// sooner.)
+pub fn for_clients(router: axum::Router) -> axum::Router {
+    router.layer(axum::middleware::map_request(
+        |mut request: axum::extract::Request| async move {
+            let headers = request.headers_mut();
+            headers.remove(crate::region::HOME_HEADER);
+            headers.remove(crate::region::HOME_VERSION_HEADER);
+            request
+        },
+    ))
+}
+
 /// axum refuses a body over a route's limit in plain text; the API answers every
 /// mistake in its one JSON error shape, here naming the limits and their settings.
 async fn body_limit_as_json(

@@ -339,8 +339,8 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     spawn_signal_handler(shutdown.clone());
 
     // Serve at once (health, readiness) but report ready only after catching up.
-    let app = api::router(state);
-    let rpc_router = app.clone();
+    let rpc_router = api::router(state);
+    let app = api::for_clients(rpc_router.clone());
     // The HTTP server keeps serving (and forwarding) while partitions are handed away.
     let server_shutdown = CancellationToken::new();
     let server_stop = server_shutdown.clone();
