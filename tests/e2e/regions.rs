@@ -206,6 +206,35 @@ async fn every_answer_of_a_two_region_host_matches_the_openapi_document() {
     assert_eq!(status, 200);
 }
 
+/// The relay's progress is read from the database, the members and partitions from
+/// the host's memory. A database outage used to make all of `/v1/cluster` a 503; the
+/// host's own view is still given, with why the relay's is missing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_status_outlives_a_database_outage() {
+    use super::harness::DbProxy;
+
+    let r = TwoRegions::start("status_cut").await;
+    let proxy = DbProxy::start(&r.west_db).await;
+    let host = Host::spawn(&proxy.url, options(WEST, EAST, &r.west_nats));
+    host.wait_ready(Duration::from_secs(60)).await;
+    let api = host.client();
+    let (status, body) = api.get("/v1/cluster").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("regions_error").is_none(), "{body}");
+
+    proxy.cut();
+    let (status, body) = api.get("/v1/cluster").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["regions_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot be read")),
+        "{body}"
+    );
+    assert_eq!(body["members"].as_array().map(Vec::len), Some(2), "{body}");
+    assert_eq!(body["region"], WEST);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_in_east_is_visible_in_west() {
     let r = TwoRegions::start("vis").await;

@@ -336,3 +336,57 @@ async fn status_page_draws_the_partition_map_and_shows_live_events() {
         json!("live-1")
     );
 }
+
+/// During a database outage the plugins cannot be listed, and the page used to redraw
+/// nothing: the member table and the partition map stayed as they were when the
+/// database went, just when an operator opens the page to see which hosts are alive.
+/// Each part is now drawn on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_page_keeps_drawing_the_cluster_while_the_database_is_away() {
+    use crate::harness::DbProxy;
+
+    chromium();
+    let db = TestDb::new("status_page_outage").await;
+    let proxy = DbProxy::start(&db).await;
+    let host = Host::spawn(&proxy.url, HostOptions::default());
+    host.wait_ready(Duration::from_secs(60)).await;
+    let url = format!("{}/", host.url);
+    let mut browser = tokio::task::block_in_place(|| Browser::open(&url));
+    browser
+        .wait_for("the cluster", "document.body.dataset.cluster === 'loaded'")
+        .await;
+    // Every draw of the cluster replaces the member table's rows.
+    browser.eval(
+        "window.draws = 0; new MutationObserver(() => window.draws++)\
+             .observe(document.getElementById('members'), { childList: true }); true",
+    );
+
+    proxy.cut();
+    browser
+        .wait_for(
+            "that the plugins cannot be loaded",
+            "document.getElementById('notice').textContent.startsWith('Cannot load the status')",
+        )
+        .await;
+    let draws = browser.eval("window.draws");
+    let draws = draws.as_f64().expect("a count of draws");
+    browser
+        .wait_for(
+            "the cluster redrawn while the database is away",
+            &format!(
+                "window.draws >= {} \
+                 && document.getElementById('notice').classList.contains('shown') \
+                 && document.querySelectorAll('#members tr[data-member]').length === 1",
+                draws + 2.0
+            ),
+        )
+        .await;
+
+    proxy.restore();
+    browser
+        .wait_for(
+            "the notice gone once the database is back",
+            "!document.getElementById('notice').classList.contains('shown')",
+        )
+        .await;
+}

@@ -816,23 +816,36 @@ async fn run_command(
 
 /// The cluster as this host sees it: members, partition owners, epochs.
 #[utoipa::path(get, path = "/v1/cluster", responses((status = 200, body = RegionalStatus)))]
-async fn cluster_status(State(state): State<AppState>) -> Result<Json<RegionalStatus>, ApiError> {
-    let regions = if state.regions.enabled() {
-        store::regions::relay_status(&state.pool).await?
+async fn cluster_status(State(state): State<AppState>) -> Json<RegionalStatus> {
+    // Members and partitions come from memory: an operator looking during a database
+    // outage needs them most, so a relay status that cannot be read does not take them
+    // down with it.
+    let (regions, regions_error) = if state.regions.enabled() {
+        match store::regions::relay_status(&state.pool).await {
+            Ok(regions) => (regions, None),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the relay's status");
+                (
+                    Vec::new(),
+                    Some(format!("the relay's status cannot be read: {error}")),
+                )
+            }
+        }
     } else {
-        Vec::new()
+        (Vec::new(), None)
     };
-    Ok(Json(RegionalStatus {
+    Json(RegionalStatus {
         cluster: state.cluster.status(),
         region: state.regions.local().to_string(),
         regions,
+        regions_error,
         load: HostLoad {
             commands_in_flight: state.commands_in_flight.in_use(),
             max_commands_in_flight: state.commands_in_flight.limit,
             event_streams_open: state.tail.open_streams(),
             max_event_streams: state.event_streams.limit,
         },
-    }))
+    })
 }
 
 /// What the answering host is working on right now.
@@ -857,8 +870,13 @@ pub struct RegionalStatus {
     pub cluster: ClusterStatus,
     /// This region.
     pub region: String,
-    /// The relay from each other region (empty for a single region).
+    /// The relay from each other region (empty for a single region, or when it cannot
+    /// be read: see `regions_error`).
     pub regions: Vec<store::regions::RelayStatus>,
+    /// Why the relay's progress is missing: the database did not answer. The rest of
+    /// the answer is the host's own view and is still given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regions_error: Option<String>,
     /// The answering host's load.
     pub load: HostLoad,
 }

@@ -756,6 +756,12 @@ pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
                 r["last_event_at"].as_str().unwrap_or("-")
             );
         }
+    } else if let Some(error) = status["regions_error"].as_str() {
+        out!();
+        out!(
+            "region {}: {error}",
+            status["region"].as_str().unwrap_or("?")
+        );
     }
     Ok(())
 }
