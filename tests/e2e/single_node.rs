@@ -427,6 +427,31 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             .contains("dry-run"),
         "{error}"
     );
+    // Refused before its body was read, the request's connection cannot carry another
+    // one: the answer says so, and the client's next request does not meet a
+    // connection the host is closing.
+    let refused = api
+        .http
+        .put(format!("{}/v1/plugins/bank-account?dry-run=true", api.base))
+        .body(crate::harness::with_custom_section(b"typo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    assert_eq!(
+        refused.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    // A refusal after the body was read keeps the connection.
+    let read = api
+        .http
+        .post(format!("{}/v1/aggregates/bank-account/acc-1", api.base))
+        .json(&json!({"command": {"type": "Withdraw", "amount": 1_000_000}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 422);
+    assert_eq!(read.headers().get("connection"), None);
     let (status, error) = api.get("/v1/events?type=Deposited").await;
     assert_eq!(status, 400, "{error}");
     // A resume point that cannot be read is refused, not taken as "from the start".

@@ -244,6 +244,7 @@ pub fn router(state: AppState) -> axum::Router {
             tokens,
             auth::authenticate,
         ))
+        .layer(axum::middleware::from_fn(close_when_body_unread))
         .with_state(state)
 }
 
@@ -265,6 +266,71 @@ pub fn for_clients(router: axum::Router) -> axum::Router {
             request
         },
     ))
+}
+
+/// Answers `Connection: close` to a request whose body was not read to its end.
+///
+/// A handler refusing a request on its query or path (or a body over the limit) does
+/// not read the body, and the server then closes the connection once it has answered,
+/// since it cannot tell where the next request starts. Without this header the client
+/// does not know: it sends its next request on that connection and gets it cut off
+/// (`IncompleteMessage` in Rust's clients), a failure that has nothing to do with the
+/// request.
+async fn close_when_body_unread(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    if axum::body::HttpBody::is_end_stream(&body) {
+        return next
+            .run(axum::extract::Request::from_parts(parts, body))
+            .await;
+    }
+    let read = Arc::new(AtomicBool::new(false));
+    let tracked = ReadToEnd {
+        inner: body,
+        read: read.clone(),
+    };
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::new(tracked));
+    let mut response = next.run(request).await;
+    if !read.load(Ordering::Acquire) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
+/// A request body that records whether it was read to its end.
+struct ReadToEnd {
+    inner: axum::body::Body,
+    read: Arc<AtomicBool>,
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        // A reader may stop at the last frame when the body says it has ended.
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.read.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// axum refuses a body over a route's limit in plain text; the API answers every
