@@ -56,7 +56,7 @@ fn decide<A: Aggregate>(
     let encoded = events
         .iter()
         .map(|event| {
-            encode_event(event).map_err(|error| Rejection::new(format!("aggregate bug: {error}")))
+            encode_event(event).map_err(|error| Rejection::fault(format!("aggregate bug: {error}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((state, encoded))
@@ -75,7 +75,8 @@ pub type Decision = (Vec<EncodedEvent>, Vec<u8>);
 /// command will decode it. A value that does not survive the trip (a NaN, which JSON
 /// writes as `null`; a `#[serde(skip)]` field; uneven custom impls) would otherwise be
 /// stored, and every later command and every replay of the aggregate would fail on it:
-/// the command is refused instead, with nothing written.
+/// the command fails instead, with nothing written, as a fault of the aggregate
+/// ([`Rejection::is_fault`]), on which the component traps.
 pub fn execute<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Decision, Rejection> {
     let (state, encoded) = decide::<A>(state, command)?;
     let state = encoded
@@ -84,15 +85,15 @@ pub fn execute<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Decision, R
             decode_event::<A::Event>(event_type, payload).map(|event| A::apply(state, event))
         })
         .map_err(|error| {
-            Rejection::new(format!(
+            Rejection::fault(format!(
                 "aggregate bug: a decided event does not read back from the JSON it is \
                  stored as, so it could not be replayed: {error}"
             ))
         })?;
-    let state =
-        encode_state(&state).map_err(|error| Rejection::new(format!("aggregate bug: {error}")))?;
+    let state = encode_state(&state)
+        .map_err(|error| Rejection::fault(format!("aggregate bug: {error}")))?;
     decode_state::<A>(&state).map_err(|error| {
-        Rejection::new(format!(
+        Rejection::fault(format!(
             "aggregate bug: the state after the events does not read back from its JSON, so \
              the next command could not use it: {error}"
         ))
@@ -533,6 +534,8 @@ mod tests {
         for value in ["1", "0"] {
             let command = format!(r#"{{"value":{value}}}"#);
             let error = execute::<Stats>(b"", command.as_bytes()).unwrap_err();
+            // The aggregate's bug, not a refusal of the command: the component traps.
+            assert!(error.is_fault(), "{error}");
             assert!(
                 error
                     .message()

@@ -45,9 +45,7 @@ impl<A: Aggregate> bindings::Guest for Export<A> {
                     payload,
                 })
                 .collect()),
-            Err(rejection) => Err(types::Rejection {
-                message: rejection.into_message(),
-            }),
+            Err(rejection) => Err(refusal(rejection)),
         }
     }
 
@@ -67,9 +65,20 @@ impl<A: Aggregate> bindings::Guest for Export<A> {
                     .collect(),
                 state,
             }),
-            Err(rejection) => Err(types::Rejection {
-                message: rejection.into_message(),
-            }),
+            Err(rejection) => Err(refusal(rejection)),
         }
+    }
+}
+
+/// A rejection as the contract returns it. A fault of the aggregate is not one: the
+/// contract says the component traps, so that the host reports a plugin fault (the
+/// panic's message reaches it through stderr) and the caller is not told the command
+/// was refused on its merits.
+fn refusal(rejection: crate::Rejection) -> types::Rejection {
+    if rejection.is_fault() {
+        panic!("{rejection}");
+    }
+    types::Rejection {
+        message: rejection.into_message(),
     }
 }

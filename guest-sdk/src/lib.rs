@@ -181,6 +181,7 @@ pub trait Aggregate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     message: String,
+    fault: bool,
 }
 
 impl Rejection {
@@ -188,7 +189,24 @@ impl Rejection {
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
+            fault: false,
         }
+    }
+
+    /// Not a refusal of the command but a bug in the aggregate: an event it decided or
+    /// the state it left cannot be stored and read back. The component traps on it
+    /// (the contract's rule), so the host reports a plugin fault, not a rejection.
+    pub(crate) fn fault(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            fault: true,
+        }
+    }
+
+    /// Whether this is the aggregate's own bug rather than a refusal of the command
+    /// (see [`codec::execute`]): the component traps instead of returning it.
+    pub fn is_fault(&self) -> bool {
+        self.fault
     }
 
     /// The message shown to the caller.

@@ -105,6 +105,16 @@ impl<A: Aggregate> AggregateTest<A> {
     pub fn when_json(self, command: &str) -> Outcome<A> {
         let result = codec::handle::<A>(&self.state, command.as_bytes());
         self.check_execute_agrees(command, &result);
+        if let Err(fault) = &result
+            && fault.is_fault()
+        {
+            panic!(
+                "the component would trap on {command} (a plugin fault, `plugin_trapped`), \
+                 with nothing written: {}\n{}",
+                fault.message(),
+                self.context(command)
+            );
+        }
         if let Ok(events) = &result {
             let refused = within_output_caps(events).and_then(|()| {
                 events.iter().try_for_each(|(event_type, payload)| {
@@ -158,7 +168,8 @@ impl<A: Aggregate> AggregateTest<A> {
                 "`execute` rejected {command} differently than `handle`"
             ),
             (Ok(_), Err(refused)) => panic!(
-                "the host would refuse {command}, with nothing written: {}",
+                "the component would trap on {command} (a plugin fault, `plugin_trapped`), \
+                 with nothing written: {}",
                 refused.message()
             ),
             (handled, executed) => panic!(

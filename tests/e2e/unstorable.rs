@@ -130,6 +130,45 @@ async fn an_event_type_with_a_line_break_fails_its_command_and_nothing_else() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// An event the aggregate decided that does not read back from its JSON (a NaN, written
+/// as `null`) is the aggregate's bug: the component traps, as the contract says, and
+/// the caller gets a plugin fault. It used to be told the command was refused on its
+/// merits (422 `rejected`), and plugin-fault alerts never heard of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_that_does_not_read_back_is_a_plugin_fault_not_a_rejection() {
+    let db = TestDb::new("not_a_number").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("bad-output", wasm_bytes("bad-output")).await;
+    assert_eq!(status, 201, "{body}");
+
+    let (status, body) = api
+        .command(
+            "bad-output",
+            "nan",
+            json!({"command": {"type": "NotANumber"}}),
+        )
+        .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "plugin_trapped", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("aggregate bug: a decided event does not read back"),
+        "{body}"
+    );
+    let (status, _) = api.get("/v1/aggregates/bad-output/nan").await;
+    assert_eq!(status, 404, "the event was written");
+
+    let (status, body) = api
+        .command(
+            "bad-output",
+            "nan",
+            json!({"command": {"type": "Write", "text": "fine"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// The committer's own guard, for what no check before it knows of: a batch PostgreSQL
 /// refuses for its data is sent again request by request, so the request at fault
 /// fails alone, told it cannot be stored rather than to retry.

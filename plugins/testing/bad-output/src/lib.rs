@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 pub struct BadOutput;
 
 /// `{"type":"Write","text":"…","nul":false}`, `{"type":"BreakLine"}`,
-/// `{"type":"Huge","count":3}`, `{"type":"Repeat","text":"…","count":3}` or
-/// `{"type":"Leak","megabytes":8}`.
+/// `{"type":"Huge","count":3}`, `{"type":"Repeat","text":"…","count":3}`,
+/// `{"type":"NotANumber"}` or `{"type":"Leak","megabytes":8}`.
 #[derive(Deserialize)]
 #[serde(tag = "type")]
 pub enum Command {
@@ -43,6 +43,9 @@ pub enum Command {
         /// How many times.
         count: u32,
     },
+    /// Decide a measurement of NaN, which JSON writes as `null`: an event that does
+    /// not read back, the aggregate's own bug.
+    NotANumber,
     /// Keep `megabytes` of memory for good, and write a note.
     Leak {
         /// How much.
@@ -92,6 +95,9 @@ impl Aggregate for BadOutput {
             Command::BreakLine => vec![Event::LineBreak],
             Command::Huge { count } => vec![Event::Measured {
                 values: vec![1e300; count as usize],
+            }],
+            Command::NotANumber => vec![Event::Measured {
+                values: vec![f64::NAN],
             }],
             Command::Repeat { text, count } => vec![Event::Written { text }; count as usize],
             Command::Leak { megabytes } => {
