@@ -465,6 +465,23 @@ impl utoipa::Modify for SharedAnswers {
                 responses
                     .entry("403".into())
                     .or_insert_with(|| error("the token lacks the scope this route needs").into());
+                // Every `/v1` route reads the database (or reaches another host or
+                // region), and says so with a retryable 503 when it cannot.
+                responses.entry("503".into()).or_insert_with(|| {
+                    let mut answer = error(
+                        "the database, NATS or another host is out of reach for now (`store_unavailable` and others); send again after Retry-After",
+                    );
+                    answer.headers.insert(
+                        "Retry-After".into(),
+                        utoipa::openapi::HeaderBuilder::new()
+                            .schema(utoipa::openapi::schema::Object::with_type(
+                                utoipa::openapi::schema::Type::Integer,
+                            ))
+                            .description(Some("seconds to wait before sending again"))
+                            .build(),
+                    );
+                    answer.into()
+                });
             }
         }
     }
@@ -665,13 +682,18 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
     request_body = CommandBody,
     params(AggregatePath),
     responses(
-        (status = 200, body = CommandResult, description = "events appended (or the stored result of a retried command id)"),
+        (status = 200, body = CommandResult, description = "events appended (or the stored result of a retried command id)",
+            headers(
+                ("x-meridian-command-id" = String, description = "the command's id: the `command_id` sent, or the one the host gave it (on every answer once the command has one)"),
+                ("x-meridian-region" = String, description = "the region that ran the command, when regions are configured"),
+            )),
         (status = 400, body = ErrorBody, description = "malformed request"),
         (status = 404, body = ErrorBody, description = "unknown aggregate type"),
         (status = 409, body = ErrorBody, description = "expected version does not match"),
-        (status = 413, body = ErrorBody, description = "body too large, or the command decided an event too large to relay to other regions (`event_too_large`)"),
+        (status = 413, body = ErrorBody, description = "body too large, the command too large to forward to its home region (`too_large_to_forward`), or the command decided an event too large to relay to other regions (`event_too_large`)"),
         (status = 422, body = ErrorBody, description = "the plugin rejected the command"),
         (status = 500, body = ErrorBody, description = "the plugin failed"),
+        (status = 502, body = ErrorBody, description = "the command ran in its home region, but the answer is too large to come back over NATS (`answer_too_large`); read the aggregate's events for the result"),
         (status = 503, body = ErrorBody, description = "store unavailable, partition moving, or the host overloaded (`overloaded`); send again with the same `command_id`",
             headers(("Retry-After" = u32, description = "seconds to wait before sending again"))),
     )
@@ -1747,6 +1769,38 @@ mod tests {
         assert!(!components_fault(&PluginError::Internal(
             "disk full".into()
         )));
+    }
+
+    /// Generated clients treat an answer the document does not list as undefined.
+    #[test]
+    fn the_document_lists_every_answer_a_command_can_get() {
+        use utoipa::openapi::RefOr;
+        let doc = ApiDoc::openapi();
+        let execute = doc.paths.paths["/v1/aggregates/{aggregate_type}/{aggregate_id}"]
+            .post
+            .as_ref()
+            .unwrap();
+        let answers = &execute.responses.responses;
+        for status in ["200", "400", "413", "422", "500", "502", "503"] {
+            assert!(answers.contains_key(status), "execute lacks {status}");
+        }
+        let RefOr::T(ok) = &answers["200"] else {
+            panic!("200 is inline")
+        };
+        assert!(ok.headers.contains_key("x-meridian-command-id"));
+        for (path, item) in doc
+            .paths
+            .paths
+            .iter()
+            .filter(|(p, _)| p.starts_with("/v1/"))
+        {
+            for operation in [&item.get, &item.put, &item.post].into_iter().flatten() {
+                assert!(
+                    operation.responses.responses.contains_key("503"),
+                    "{path} lacks 503"
+                );
+            }
+        }
     }
 
     #[test]

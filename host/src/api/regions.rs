@@ -214,6 +214,7 @@ pub struct MoveHomeResult {
         (status = 400, body = ErrorBody, description = "unknown region, or a forced move outside the target region"),
         (status = 404, body = ErrorBody, description = "the aggregate has no events"),
         (status = 409, body = ErrorBody, description = "already homed there (`already_home`)"),
+        (status = 413, body = ErrorBody, description = "the request is too large to forward to the home region (`too_large_to_forward`)"),
         (status = 503, body = ErrorBody, description = "the home region is unreachable (use force to take over)"),
     )
 )]
