@@ -10,6 +10,9 @@
 #
 # Usage: bash plugins/build.sh [extra cargo build arguments]
 set -euo pipefail
+# rustup's tools, in a shell that has not sourced it (CI, a fresh login).
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

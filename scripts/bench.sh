@@ -9,6 +9,9 @@
 # the load generator and PostgreSQL; commits are durable (synchronous_commit on, fsync
 # on) everywhere.
 set -euo pipefail
+# rustup's tools, in a shell that has not sourced it (CI, a fresh login).
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"

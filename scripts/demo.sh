@@ -2,6 +2,9 @@
 # Starts the whole local platform: dependencies, plugins, a release build of the host,
 # then `meridian dev` (arguments are passed through).
 set -euo pipefail
+# rustup's tools, in a shell that has not sourced it (CI, a fresh login).
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"

@@ -13,6 +13,9 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# rustup's tools, in a shell that has not sourced it (CI, a fresh login).
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 TOOLS_DIR="$REPO/.tools"
 BIN_DIR="$TOOLS_DIR/bin"
 CACHE_DIR="$TOOLS_DIR/cache"
@@ -192,6 +195,12 @@ PY
 }
 
 # Headless Chromium drives the status page test (tests/e2e/status_page.rs).
+# The benchmarks and the demo wait for hosts to be ready with curl, which Debian's
+# container images and minimal installs lack.
+ensure_curl() {
+    command -v curl >/dev/null 2>&1 || apt_install curl ca-certificates
+}
+
 ensure_chromium() {
     if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
         log "Chromium: $(command -v chromium || command -v chromium-browser)"
@@ -205,14 +214,15 @@ ensure_chromium() {
 
 ensure_rust() {
     if ! command -v rustup >/dev/null 2>&1; then
-        # Debian 13 packages rustup; on 12, it comes from https://rustup.rs.
-        if apt-cache show rustup >/dev/null 2>&1; then
-            log "installing rustup"
-            apt_install rustup
-            rustup default stable
-        else
-            die "rustup not found; install it from https://rustup.rs (then run this again)"
-        fi
+        # Debian 12 packages no rustup (and its rustc is older than the workspace
+        # needs): the official installer, into ~/.cargo as for any Rust user. The
+        # scripts source ~/.cargo/env, so a fresh shell finds it.
+        log "installing Rust (rustup, stable, minimal profile) from https://rustup.rs"
+        command -v curl >/dev/null 2>&1 || apt_install curl ca-certificates
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+            sh -s -- -y --profile minimal --default-toolchain stable --no-modify-path
+        # shellcheck disable=SC1091
+        . "$HOME/.cargo/env"
     fi
     # Build scripts and proc-macros are linked for this machine even when the target is
     # wasm, and some dependencies compile C.
@@ -224,7 +234,11 @@ ensure_rust() {
     need="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$REPO/Cargo.toml" | head -1)"
     have="$(rustc --version | cut -d' ' -f2)"
     if [ -n "$need" ] && [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]; then
-        die "Rust $have is older than the $need this workspace needs: run \`rustup update stable\`"
+        log "Rust $have is older than the $need this workspace needs: updating the stable toolchain"
+        rustup update stable
+        have="$(rustc --version | cut -d' ' -f2)"
+        [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" = "$need" ] ||
+            die "Rust $have is still older than $need: the default toolchain is not stable (\`rustup default stable\`)"
     fi
     if ! rustup target list --installed | grep -qx wasm32-wasip2; then
         log "adding Rust target wasm32-wasip2"
@@ -367,6 +381,7 @@ if [ "${1:-}" = "--plugin-toolchains" ]; then
     exit 0
 fi
 
+ensure_curl
 ensure_postgres
 ensure_nats
 ensure_rust

@@ -7,6 +7,9 @@
 #   MERIDIAN_NATS_SERVER_BIN  nats-server for the tests (default: .tools/bin/nats-server)
 #   MERIDIAN_SKIP_BENCH       set to skip the benchmark smoke run
 set -euo pipefail
+# rustup's tools, in a shell that has not sourced it (CI, a fresh login).
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -38,7 +41,8 @@ step "cargo test --release --workspace"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --release --workspace 2>&1 | tee "$log"
+# Every test binary runs even after one fails, so the totals cover the whole suite.
+cargo test --release --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # Sum cargo's per-binary "test result:" lines into one total for the closing line.
