@@ -1348,6 +1348,44 @@ async fn a_second_process_with_a_node_id_in_use_refuses_to_start() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// On a database slow enough that one poll of the membership takes longer than the
+/// poll interval, the driver's tick was ready again each time a poll ended, and being
+/// first in its loop it always won: the host's own inputs (caught up, drain, a
+/// partition gone idle) waited behind it for ever. Such a host never became ready, and
+/// a SIGTERM never drained it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_on_a_slow_database_becomes_ready_and_drains() {
+    use crate::harness::DbProxy;
+
+    let db = TestDb::new("slow_db").await;
+    // About ten round trips a poll: half a second each, against a 200 ms interval.
+    let proxy = DbProxy::start_slow(&db, Duration::from_millis(50)).await;
+    let mut slow = options();
+    slow.env.extend([
+        ("MERIDIAN_PARTITIONS".to_string(), "8".to_string()),
+        ("MERIDIAN_DRAIN_TIMEOUT_SECS".to_string(), "30".to_string()),
+    ]);
+    let host = Host::spawn(&proxy.url, slow);
+    host.wait_ready(Duration::from_secs(60)).await;
+    let (status, body) = host
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = host
+        .client()
+        .command(
+            "bank-account",
+            "slow-1",
+            json!({"command": {"type": "Open", "owner": "s"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    host.signal("TERM");
+    let (code, log) = host.exit_and_log().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
 /// A host paused for longer than the region waits for a heartbeat is declared dead,
 /// and its supervisor may start a replacement under the same node id, which takes the
 /// id's partitions. Resumed, the old process found its heartbeat refused but went on

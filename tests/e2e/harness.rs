@@ -473,6 +473,12 @@ struct ProxyState {
 
 impl DbProxy {
     pub async fn start(db: &TestDb) -> DbProxy {
+        Self::start_slow(db, Duration::ZERO).await
+    }
+
+    /// A proxy that holds each piece of the server's answers for `delay`: every round
+    /// trip to the database takes that much longer, as on a distant or overloaded one.
+    pub async fn start_slow(db: &TestDb, delay: Duration) -> DbProxy {
         use std::sync::atomic::Ordering;
         let target = url::Url::parse(&db.url).unwrap();
         let upstream = format!(
@@ -512,9 +518,24 @@ impl DbProxy {
                         }
                     });
                     tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let answers = async {
+                            let mut buffer = vec![0; 64 * 1024];
+                            loop {
+                                match server_read.read(&mut buffer).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => {
+                                        tokio::time::sleep(delay).await;
+                                        if client_write.write_all(&buffer[..n]).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                            }
+                        };
                         tokio::select! {
                             _ = cut.cancelled() => {}
-                            _ = tokio::io::copy(&mut server_read, &mut client_write) => {}
+                            _ = answers => {}
                         }
                     });
                 }

@@ -66,14 +66,21 @@ pub struct SimulateArgs {
     pub heartbeat_in_loop: bool,
 }
 
+impl SimulateArgs {
+    /// The simulator's options these arguments ask for.
+    fn options(&self) -> SimOptions {
+        SimOptions {
+            disable_fence: self.disable_fence,
+            slow_db: self.slow_db,
+            heartbeat_apart: !self.heartbeat_in_loop,
+            ..SimOptions::default()
+        }
+    }
+}
+
 /// Runs the seeds; fails (exit code 1) if any seed violated an invariant.
 pub async fn execute(args: SimulateArgs) -> anyhow::Result<()> {
-    let options = SimOptions {
-        disable_fence: args.disable_fence,
-        slow_db: args.slow_db,
-        heartbeat_apart: !args.heartbeat_in_loop,
-        ..SimOptions::default()
-    };
+    let options = args.options();
     if let Some(seed) = args.seed {
         let options = SimOptions {
             echo_trace: args.trace,
@@ -187,4 +194,41 @@ pub async fn execute(args: SimulateArgs) -> anyhow::Result<()> {
         failures.len(),
         seeds.join(" ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// A failing seed prints the command that replays it: that command must parse,
+    /// and run the seed with the options it failed with.
+    #[test]
+    fn the_printed_replay_command_runs_the_seed_as_it_failed() {
+        for bits in 0..8u8 {
+            let options = SimOptions {
+                disable_fence: bits & 1 != 0,
+                slow_db: bits & 2 != 0,
+                heartbeat_apart: bits & 4 != 0,
+                ..SimOptions::default()
+            };
+            let line = sim::replay_command(42, &options);
+            let cli = crate::cli::Cli::try_parse_from(line.split(' '))
+                .unwrap_or_else(|e| panic!("`{line}` does not parse: {e}"));
+            let crate::cli::Commands::Simulate(args) = cli.command else {
+                panic!("`{line}` is not a simulate command");
+            };
+            let parsed = args.options();
+            assert_eq!(args.seed, Some(42), "{line}");
+            assert_eq!(
+                (parsed.disable_fence, parsed.slow_db, parsed.heartbeat_apart),
+                (
+                    options.disable_fence,
+                    options.slow_db,
+                    options.heartbeat_apart
+                ),
+                "{line}"
+            );
+        }
+    }
 }

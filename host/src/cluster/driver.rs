@@ -287,9 +287,12 @@ impl Cluster {
                     self.leave_if_exited().await;
                     return;
                 }
+                // Inputs before polls: a poll slower than the tick (a slow database)
+                // leaves the tick ready again at once, and a drain or a partition's
+                // idle report behind it would then wait for ever.
+                Some(input) = rx.recv() => self.feed(input).await,
                 _ = tick.tick() => self.poll().await,
                 _ = self.inner.nudge.notified() => self.poll().await,
-                Some(input) = rx.recv() => self.feed(input).await,
             }
             // Gone from the membership, but keep observing: this host still forwards
             // what reaches it until its listener closes.
@@ -350,14 +353,8 @@ impl Cluster {
             if self.inner.left.load(Ordering::Relaxed) {
                 return;
             }
-            let state = self
-                .inner
-                .node
-                .lock()
-                .expect("node poisoned")
-                .announced_state();
             let started = std::time::Instant::now();
-            match self.write_member(state).await {
+            match self.write_member(None).await {
                 Ok(()) => {
                     *self
                         .inner
@@ -378,12 +375,22 @@ impl Cluster {
     }
 
     /// Writes this node's member row (a heartbeat, with the state to announce), unless
-    /// the node has left.
-    async fn write_member(&self, state: MemberState) -> Result<(), StoreError> {
+    /// the node has left. `None`: the state the node announces now, read once the row
+    /// is this call's: read before, a heartbeat could write back `ready` over the
+    /// `draining` an announce wrote while it waited, and the region would hand this
+    /// draining node partitions for a poll interval.
+    async fn write_member(&self, state: Option<MemberState>) -> Result<(), StoreError> {
         let _row = self.inner.member_row.lock().await;
         if self.inner.left.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let state = state.unwrap_or_else(|| {
+            self.inner
+                .node
+                .lock()
+                .expect("node poisoned")
+                .announced_state()
+        });
         let config = &self.inner.config;
         let written = store::cluster::heartbeat(
             &self.inner.pool,
@@ -470,7 +477,7 @@ impl Cluster {
         while let Some(action) = queue.pop_front() {
             let next = match action {
                 Action::Announce { state } => {
-                    if let Err(error) = self.write_member(state).await {
+                    if let Err(error) = self.write_member(Some(state)).await {
                         tracing::warn!(%error, "announce failed");
                     }
                     let phase = self.inner.node.lock().expect("node poisoned").phase();

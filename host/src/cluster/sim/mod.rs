@@ -198,27 +198,26 @@ impl fmt::Display for SimReport {
                 for line in &self.trace_tail {
                     writeln!(f, "  {line}")?;
                 }
-                let o = &self.options;
-                writeln!(
-                    f,
-                    "replay: meridian simulate --seed {} --trace{}{}{}",
-                    self.seed,
-                    if o.disable_fence {
-                        " --disable-fence"
-                    } else {
-                        ""
-                    },
-                    if o.slow_db { " --slow-db" } else { "" },
-                    if o.heartbeat_apart {
-                        " --heartbeat-apart"
-                    } else {
-                        ""
-                    },
-                )?;
+                writeln!(f, "replay: {}", replay_command(self.seed, &self.options))?;
             }
         }
         Ok(())
     }
+}
+
+/// The command line that runs `seed` again with `options`, its trace printed.
+pub fn replay_command(seed: u64, options: &SimOptions) -> String {
+    let mut command = format!("meridian simulate --seed {seed} --trace");
+    if options.disable_fence {
+        command.push_str(" --disable-fence");
+    }
+    if options.slow_db {
+        command.push_str(" --slow-db");
+    }
+    if !options.heartbeat_apart {
+        command.push_str(" --heartbeat-in-loop");
+    }
+    command
 }
 
 /// Runs one seed to its end: success, or the first violation.
