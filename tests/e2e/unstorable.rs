@@ -10,8 +10,8 @@ use futures::future::join_all;
 use meridian::store::{
     self, AppendRequest, Changes, Committer, CommitterConfig, NewEvent, StoreError,
 };
-use serde_json::json;
 use serde_json::value::RawValue;
+use serde_json::{Value, json};
 
 use crate::harness::{Host, HostOptions, TestDb, wasm_bytes};
 
@@ -98,36 +98,44 @@ async fn json_postgres_cannot_store_fails_only_its_own_command() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_event_type_with_a_line_break_fails_its_command_and_nothing_else() {
-    let db = TestDb::new("event_type").await;
+/// On a fresh host with `bad-output`, `command` fails with a 500 `code` whose message
+/// holds `says`, nothing is written, and the next command of the aggregate runs.
+async fn fails_alone(label: &str, command: Value, code: &str, says: &str) {
+    let db = TestDb::new(label).await;
     let host = Host::start(&db, HostOptions::default()).await;
     let api = host.client();
     let (status, body) = api.upload("bad-output", wasm_bytes("bad-output")).await;
     assert_eq!(status, 201, "{body}");
 
     let (status, body) = api
-        .command(
-            "bad-output",
-            "lb",
-            json!({"command": {"type": "BreakLine"}}),
-        )
+        .command("bad-output", label, json!({ "command": command }))
         .await;
     assert_eq!(status, 500, "{body}");
-    assert_eq!(body["error"]["code"], "plugin_invalid_output", "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("control character"), "{body}");
-    let (status, _) = api.get("/v1/aggregates/bad-output/lb").await;
+    assert!(message.contains(says), "{body}");
+    let (status, _) = api.get(&format!("/v1/aggregates/bad-output/{label}")).await;
     assert_eq!(status, 404, "the refused event was written");
 
     let (status, body) = api
         .command(
             "bad-output",
-            "lb",
+            label,
             json!({"command": {"type": "Write", "text": "fine"}}),
         )
         .await;
     assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_type_with_a_line_break_fails_its_command_and_nothing_else() {
+    fails_alone(
+        "event_type",
+        json!({"type": "BreakLine"}),
+        "plugin_invalid_output",
+        "control character",
+    )
+    .await;
 }
 
 /// An event the aggregate decided that does not read back from its JSON (a NaN, written
@@ -136,37 +144,13 @@ async fn an_event_type_with_a_line_break_fails_its_command_and_nothing_else() {
 /// merits (422 `rejected`), and plugin-fault alerts never heard of it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_that_does_not_read_back_is_a_plugin_fault_not_a_rejection() {
-    let db = TestDb::new("not_a_number").await;
-    let host = Host::start(&db, HostOptions::default()).await;
-    let api = host.client();
-    let (status, body) = api.upload("bad-output", wasm_bytes("bad-output")).await;
-    assert_eq!(status, 201, "{body}");
-
-    let (status, body) = api
-        .command(
-            "bad-output",
-            "nan",
-            json!({"command": {"type": "NotANumber"}}),
-        )
-        .await;
-    assert_eq!(status, 500, "{body}");
-    assert_eq!(body["error"]["code"], "plugin_trapped", "{body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(
-        message.contains("aggregate bug: a decided event does not read back"),
-        "{body}"
-    );
-    let (status, _) = api.get("/v1/aggregates/bad-output/nan").await;
-    assert_eq!(status, 404, "the event was written");
-
-    let (status, body) = api
-        .command(
-            "bad-output",
-            "nan",
-            json!({"command": {"type": "Write", "text": "fine"}}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    fails_alone(
+        "not_a_number",
+        json!({"type": "NotANumber"}),
+        "plugin_trapped",
+        "aggregate bug: a decided event does not read back",
+    )
+    .await;
 }
 
 /// The committer's own guard, for what no check before it knows of: a batch PostgreSQL
