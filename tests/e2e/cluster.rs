@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use meridian::cluster::core::{assign, partition_of};
 use serde_json::{Value, json};
 
-use crate::harness::{Api, Host, HostOptions, TestDb, eventually, wasm_bytes, with_custom_section};
+use crate::harness::{
+    Api, Host, HostOptions, TestDb, eventually, upload_and_open, wasm_bytes, with_custom_section,
+};
 use crate::subscriptions::SseReader;
 
 const PARTITIONS: u32 = 256;
@@ -1226,16 +1228,7 @@ async fn a_host_cut_off_from_the_database_turns_unready_and_serves_no_stale_stat
     let host = Host::spawn(&proxy.url, options());
     host.wait_ready(Duration::from_secs(60)).await;
     let api = host.client();
-    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = api
-        .command(
-            "bank-account",
-            "cut-1",
-            json!({"command": {"type": "Open", "owner": "a"}}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    upload_and_open(&api, "cut-1").await;
     let (status, _) = api.get("/v1/aggregates/bank-account/cut-1").await;
     assert_eq!(status, 200);
 
@@ -1367,20 +1360,7 @@ async fn a_host_on_a_slow_database_becomes_ready_and_drains() {
     ]);
     let host = Host::spawn(&proxy.url, slow);
     host.wait_ready(Duration::from_secs(60)).await;
-    let (status, body) = host
-        .client()
-        .upload("bank-account", wasm_bytes("bank-account"))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = host
-        .client()
-        .command(
-            "bank-account",
-            "slow-1",
-            json!({"command": {"type": "Open", "owner": "s"}}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    upload_and_open(&host.client(), "slow-1").await;
     host.signal("TERM");
     let (code, log) = host.exit_and_log().await;
     assert_eq!(code, Some(0), "{log}");

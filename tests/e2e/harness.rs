@@ -397,6 +397,21 @@ where
     }
 }
 
+/// Uploads bank-account through `api` and opens account `id` with it, each answered
+/// as it should be (201, 200): a host shown to take commands before a test goes on.
+pub async fn upload_and_open(api: &Api, id: &str) {
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "upload: {body}");
+    let (status, body) = api
+        .command(
+            "bank-account",
+            id,
+            serde_json::json!({"command": {"type": "Open", "owner": "o"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "open {id}: {body}");
+}
+
 /// Sends a bank-account command to `base` (with a bearer token when given) and returns
 /// the status, the body and the region that executed it when the command was
 /// forwarded to another region (`x-meridian-region`).

@@ -1776,17 +1776,7 @@ async fn a_database_that_requires_tls_is_reached_over_tls() {
         HostOptions::default(),
     );
     host.wait_ready(Duration::from_secs(60)).await;
-    let api = host.client();
-    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = api
-        .command(
-            "bank-account",
-            "tls-1",
-            json!({"command": {"type": "Open", "owner": "t"}}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    crate::harness::upload_and_open(&host.client(), "tls-1").await;
     // Every session on this database is encrypted: the host's, required, and the
     // test's own, which `sslmode=prefer` (the default) encrypts where it can.
     let (encrypted, plain): (i64, i64) = sqlx::query_as(
