@@ -244,12 +244,12 @@ pub fn router(state: AppState) -> axum::Router {
             tokens,
             auth::authenticate,
         ))
-        .layer(axum::middleware::from_fn(close_when_body_unread))
         .with_state(state)
 }
 
 /// The API as served to clients over HTTP: [`router`] without the headers only
-/// another region may send.
+/// another region may send, and with what an HTTP connection needs that a request
+/// over NATS does not ([`close_when_body_unread`]).
 ///
 /// A region forwarding a command names the home it forwarded to and the version at
 /// which it knew it (NATS headers, answered by the same router). From a client, that
@@ -258,14 +258,16 @@ pub fn router(state: AppState) -> axum::Router {
 /// path are honoured from anyone: they can only make the sender's own request give up
 /// sooner.)
 pub fn for_clients(router: axum::Router) -> axum::Router {
-    router.layer(axum::middleware::map_request(
-        |mut request: axum::extract::Request| async move {
-            let headers = request.headers_mut();
-            headers.remove(crate::region::HOME_HEADER);
-            headers.remove(crate::region::HOME_VERSION_HEADER);
-            request
-        },
-    ))
+    router
+        .layer(axum::middleware::map_request(
+            |mut request: axum::extract::Request| async move {
+                let headers = request.headers_mut();
+                headers.remove(crate::region::HOME_HEADER);
+                headers.remove(crate::region::HOME_VERSION_HEADER);
+                request
+            },
+        ))
+        .layer(axum::middleware::from_fn(close_when_body_unread))
 }
 
 /// Answers `Connection: close` to a request whose body was not read to its end.
