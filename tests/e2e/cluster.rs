@@ -1251,6 +1251,92 @@ async fn a_host_cut_off_from_the_database_turns_unready_and_serves_no_stale_stat
     assert_eq!((status, body["version"].as_i64()), (200, Some(1)), "{body}");
 }
 
+/// The database's connections going silent (no answer and no reset: a failover to
+/// another address, a firewall or NAT dropping a flow it forgot) froze the host's
+/// heartbeat and membership reads until the kernel gave up on the sockets, about a
+/// quarter of an hour: the region counted the host dead and moved its partitions, and
+/// the host could not come back, nor see that it had lost them. Each membership call
+/// now has `dead_after` to answer, and a connection that did not is dropped, not put
+/// back in the pool: the host heartbeats again on a new one within seconds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_whose_database_connections_go_silent_is_back_on_new_ones() {
+    use crate::harness::DbProxy;
+
+    let db = TestDb::new("silent_members").await;
+    // A slow database, so that the silence finds calls on their way: an idle
+    // connection gone silent is caught by the pool's check before it is lent out.
+    let proxy = DbProxy::start_slow(&db, Duration::from_millis(20)).await;
+    let mut through_proxy = options();
+    through_proxy
+        .env
+        .push(("MERIDIAN_APPEND_TIMEOUT_MS".into(), "2000".into()));
+    let silenced = Host::spawn(&proxy.url, through_proxy);
+    silenced.wait_ready(Duration::from_secs(60)).await;
+    let other = Host::start(&db, options()).await;
+    let hosts = [silenced, other];
+    wait_balanced(&hosts).await;
+    let (status, body) = hosts[1]
+        .client()
+        .upload("bank-account", wasm_bytes("bank-account"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let ids = open_accounts(&hosts, 8).await;
+
+    proxy.silence();
+    let silenced_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&db.pool().await)
+        .await
+        .unwrap();
+    // Seen from the other host: a heartbeat written after the silence, so on a new
+    // connection, and the region balanced over both again.
+    let api = hosts[1].client();
+    let node = hosts[0].node_id.clone();
+    eventually(|| {
+        let (api, node) = (api.clone(), node.clone());
+        async move {
+            let (_, status) = api.get("/v1/cluster").await;
+            let member = status["members"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == node.as_str())?
+                .clone();
+            let at =
+                chrono::DateTime::parse_from_rfc3339(member["last_heartbeat"].as_str()?).ok()?;
+            (member["alive"] == true && at > silenced_at + chrono::Duration::seconds(1))
+                .then_some(())
+        }
+    })
+    .await;
+    wait_balanced(&hosts).await;
+    // Commands through it run again. The first ones to meet a silent connection of the
+    // host's command pool get 503 (retryable) once its acquire timeout runs out.
+    let api = hosts[0].client();
+    futures::future::join_all(ids.iter().map(|id| {
+        let api = api.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let (status, body) = api
+                    .command(
+                        "bank-account",
+                        id,
+                        json!({"command": {"type": "Deposit", "amount": 1}}),
+                    )
+                    .await;
+                if status == 200 {
+                    return;
+                }
+                assert!(
+                    status == 503 && Instant::now() < deadline,
+                    "{id}: {status} {body}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }))
+    .await;
+}
+
 /// A host listening on every interface without an advertise URL advertises an address
 /// no other host can reach (connecting to 0.0.0.0 reaches the connecting host itself,
 /// so forwards would come back to their sender). Alone it runs; it joins no region with

@@ -475,7 +475,10 @@ async fn series(host: &Host, series: &str) -> f64 {
 
 /// A TCP proxy in front of a test database that a test can cut, as a network partition
 /// or a failover would: [`DbProxy::cut`] drops every connection through it and refuses
-/// new ones until [`DbProxy::restore`]. Hosts are pointed at [`DbProxy::url`].
+/// new ones until [`DbProxy::restore`]; [`DbProxy::silence`] makes the connections open
+/// so far pass nothing on any more, their sockets held open (no answer and no reset),
+/// as a failover to another address or a firewall dropping packets would. Hosts are
+/// pointed at [`DbProxy::url`].
 pub struct DbProxy {
     pub url: String,
     state: std::sync::Arc<ProxyState>,
@@ -484,6 +487,9 @@ pub struct DbProxy {
 struct ProxyState {
     cut: std::sync::atomic::AtomicBool,
     connections: std::sync::Mutex<tokio_util::sync::CancellationToken>,
+    /// Connections numbered below this pass nothing on.
+    silence_before: std::sync::atomic::AtomicU64,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl DbProxy {
@@ -508,6 +514,8 @@ impl DbProxy {
         let state = std::sync::Arc::new(ProxyState {
             cut: false.into(),
             connections: std::sync::Mutex::new(tokio_util::sync::CancellationToken::new()),
+            silence_before: 0.into(),
+            next_id: 0.into(),
         });
         tokio::spawn({
             let state = state.clone();
@@ -522,37 +530,44 @@ impl DbProxy {
                     let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                         continue;
                     };
+                    let id = state.next_id.fetch_add(1, Ordering::SeqCst);
                     let cut = state.connections.lock().unwrap().clone();
-                    let (mut client_read, mut client_write) = client.into_split();
-                    let (mut server_read, mut server_write) = server.into_split();
-                    let up = cut.clone();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = up.cancelled() => {}
-                            _ = tokio::io::copy(&mut client_read, &mut server_write) => {}
-                        }
-                    });
-                    tokio::spawn(async move {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let answers = async {
-                            let mut buffer = vec![0; 64 * 1024];
-                            loop {
-                                match server_read.read(&mut buffer).await {
-                                    Ok(0) | Err(_) => return,
-                                    Ok(n) => {
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    // The server's answers are held for `delay`; the client's requests
+                    // are not.
+                    for (mut from, mut to, delay) in [
+                        (client_read, server_write, Duration::ZERO),
+                        (server_read, client_write, delay),
+                    ] {
+                        let (cut, state) = (cut.clone(), state.clone());
+                        tokio::spawn(async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let pass = async {
+                                let mut buffer = vec![0; 64 * 1024];
+                                loop {
+                                    let n = match from.read(&mut buffer).await {
+                                        Ok(0) | Err(_) => return,
+                                        Ok(n) => n,
+                                    };
+                                    if id < state.silence_before.load(Ordering::SeqCst) {
+                                        // Silent, the sockets held open.
+                                        std::future::pending::<()>().await;
+                                    }
+                                    if !delay.is_zero() {
                                         tokio::time::sleep(delay).await;
-                                        if client_write.write_all(&buffer[..n]).await.is_err() {
-                                            return;
-                                        }
+                                    }
+                                    if to.write_all(&buffer[..n]).await.is_err() {
+                                        return;
                                     }
                                 }
+                            };
+                            tokio::select! {
+                                _ = cut.cancelled() => {}
+                                _ = pass => {}
                             }
-                        };
-                        tokio::select! {
-                            _ = cut.cancelled() => {}
-                            _ = answers => {}
-                        }
-                    });
+                        });
+                    }
                 }
             }
         });
@@ -576,6 +591,14 @@ impl DbProxy {
         self.state
             .cut
             .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes every connection open so far silent for good: what is sent on it goes
+    /// nowhere and no answer comes, yet it is not closed. New connections pass.
+    pub fn silence(&self) {
+        use std::sync::atomic::Ordering;
+        let opened = self.state.next_id.load(Ordering::SeqCst);
+        self.state.silence_before.store(opened, Ordering::SeqCst);
     }
 }
 

@@ -1348,63 +1348,15 @@ async fn a_request_held_for_the_next_batch_does_not_wait_for_other_traffic() {
 /// PostgreSQL stops passing anything on for the connections it already has.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_on_a_connection_gone_silent_commits_on_a_new_one() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     use meridian::store::{self, Changes, Committer, CommitterConfig};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::harness::DbProxy;
 
     let db = TestDb::new("silent").await;
     store::migrate(&db.pool().await).await.unwrap();
-    let target = url::Url::parse(&db.url).unwrap();
-    let upstream = format!(
-        "{}:{}",
-        target.host_str().unwrap(),
-        target.port().unwrap_or(5432)
-    );
-    // Connections numbered below `silence_before` pass nothing on any more.
-    let silence_before = Arc::new(AtomicU64::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut proxied = target.clone();
-    proxied
-        .set_port(Some(listener.local_addr().unwrap().port()))
-        .unwrap();
-    let next_id = Arc::new(AtomicU64::new(0));
-    tokio::spawn({
-        let (silence_before, next_id) = (silence_before.clone(), next_id.clone());
-        async move {
-            loop {
-                let (client, _) = listener.accept().await.unwrap();
-                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
-                let id = next_id.fetch_add(1, Ordering::SeqCst);
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)]
-                {
-                    let silence_before = silence_before.clone();
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            let n = match from.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            if id < silence_before.load(Ordering::SeqCst) {
-                                // Silent, the sockets held open.
-                                std::future::pending::<()>().await;
-                            }
-                            if to.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-            }
-        }
-    });
-
+    let proxy = DbProxy::start(&db).await;
     let pool = store::connect(&store::DatabaseConfig {
-        url: proxied.to_string(),
+        url: proxy.url.clone(),
         max_connections: 2,
     })
     .await
@@ -1421,7 +1373,7 @@ async fn a_batch_on_a_connection_gone_silent_commits_on_a_new_one() {
     let request = |id: &str| noted(id, 0, "{}");
     committer.append(request("before")).await.unwrap();
 
-    silence_before.store(next_id.load(Ordering::SeqCst), Ordering::SeqCst);
+    proxy.silence();
     let answer = tokio::time::timeout(Duration::from_secs(30), committer.append(request("during")))
         .await
         .expect("the append waited on the silent connection");

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{RwLock, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -311,12 +311,12 @@ impl Cluster {
         if self.inner.left.swap(true, Ordering::Relaxed) {
             return;
         }
-        if let Err(error) = store::cluster::leave(
-            &self.inner.pool,
-            &self.inner.config.node_id,
-            self.inner.config.incarnation,
-        )
-        .await
+        let config = &self.inner.config;
+        if let Err(error) = self
+            .bounded(async |conn| {
+                store::cluster::leave(conn, &config.node_id, config.incarnation).await
+            })
+            .await
         {
             tracing::warn!(%error, "could not remove the member row; it will expire");
         }
@@ -392,22 +392,58 @@ impl Cluster {
                 .announced_state()
         });
         let config = &self.inner.config;
-        let written = store::cluster::heartbeat(
-            &self.inner.pool,
-            &config.node_id,
-            &config.address,
-            state,
-            config.incarnation,
-        )
-        .await;
+        let written = self
+            .bounded(async |conn| {
+                store::cluster::heartbeat(
+                    conn,
+                    &config.node_id,
+                    &config.address,
+                    state,
+                    config.incarnation,
+                )
+                .await
+            })
+            .await;
         if let Err(StoreError::NodeIdTaken { .. }) = &written {
             self.inner.superseded.cancel();
         }
         written
     }
 
+    /// Runs one membership call on a connection of the driver's own pool, giving it
+    /// `dead_after` to answer: later, the region counts this node dead anyway. A
+    /// connection gone silent (a failover to another address, a firewall dropping the
+    /// flow: no answer and no reset) would otherwise hold the call until the kernel
+    /// gives up on it, about a quarter of an hour, with the heartbeat or the loop
+    /// behind it. One that did not answer in time is dropped, not handed back: the
+    /// pool checks a returned connection with a ping, which would wait as long.
+    async fn bounded<T>(
+        &self,
+        call: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let limit = self.inner.config.dead_after;
+        let mut conn = self.inner.pool.acquire().await?;
+        match tokio::time::timeout(limit, call(&mut conn)).await {
+            Ok(result) => result,
+            Err(_) => {
+                drop(conn.detach());
+                Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer from the database within {} ms; dropped the connection",
+                        limit.as_millis()
+                    ),
+                ))))
+            }
+        }
+    }
+
     async fn poll(&self) {
-        match store::cluster::observe(&self.inner.pool, self.inner.config.dead_after).await {
+        let dead_after = self.inner.config.dead_after;
+        match self
+            .bounded(async |conn| store::cluster::observe(conn, dead_after).await)
+            .await
+        {
             // Checked before the core sees the observation: resumed after a long pause,
             // this process must not take one lease in the id's name before its own
             // heartbeat (on its own timer) finds the row taken over.
@@ -490,14 +526,21 @@ impl Cluster {
                     expected_owner,
                     expected_epoch,
                 } => {
-                    let result = store::cluster::acquire(
-                        &self.inner.pool,
-                        partition,
-                        &self.inner.config.node_id,
-                        expected_owner.as_deref(),
-                        expected_epoch,
-                    )
-                    .await;
+                    // An acquire that timed out may still commit on the server (once a
+                    // lock it waited on is free): the next observation shows the lease
+                    // in this node's name, and the core takes it as its own again.
+                    let result = self
+                        .bounded(async |conn| {
+                            store::cluster::acquire(
+                                conn,
+                                partition,
+                                &self.inner.config.node_id,
+                                expected_owner.as_deref(),
+                                expected_epoch,
+                            )
+                            .await
+                        })
+                        .await;
                     let epoch = match result {
                         Ok(epoch) => epoch,
                         Err(error) => {
@@ -524,13 +567,17 @@ impl Cluster {
                     None
                 }
                 Action::Release { partition, epoch } => {
-                    if let Err(error) = store::cluster::release(
-                        &self.inner.pool,
-                        partition,
-                        &self.inner.config.node_id,
-                        epoch,
-                    )
-                    .await
+                    if let Err(error) = self
+                        .bounded(async |conn| {
+                            store::cluster::release(
+                                conn,
+                                partition,
+                                &self.inner.config.node_id,
+                                epoch,
+                            )
+                            .await
+                        })
+                        .await
                     {
                         // The core sees the lease still in our name at the next
                         // observation and releases it again; the fence keeps it safe.

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -59,13 +59,13 @@ pub struct Observation {
 /// `incarnation` is this process's: a row another process has taken over (see
 /// [`claim`]) is left alone, and the answer is [`StoreError::NodeIdTaken`].
 pub async fn heartbeat(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     node: &str,
     address: &str,
     state: MemberState,
     incarnation: Uuid,
 ) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let old: Option<(String, bool, Option<Uuid>)> = sqlx::query_as(
         "SELECT state, dead, incarnation FROM members WHERE node_id = $1 FOR UPDATE",
     )
@@ -173,8 +173,12 @@ pub async fn live_addresses(
 
 /// Removes this node's row when it leaves cleanly (unless another process has taken
 /// it over: see [`claim`]).
-pub async fn leave(pool: &PgPool, node: &str, incarnation: Uuid) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
+pub async fn leave(
+    conn: &mut PgConnection,
+    node: &str,
+    incarnation: Uuid,
+) -> Result<(), StoreError> {
+    let mut tx = conn.begin().await?;
     sqlx::query(
         "DELETE FROM members WHERE node_id = $1 AND (incarnation IS NULL OR incarnation = $2)",
     )
@@ -203,9 +207,12 @@ pub async fn leave(pool: &PgPool, node: &str, incarnation: Uuid) -> Result<(), S
 /// host's observations — and with them every hand-over in the region — for that long.
 /// Liveness itself is read without locks, so the paused host is still seen as dead and
 /// its partitions still move; only the count of membership changes waits for its row.
-pub async fn observe(pool: &PgPool, dead_after: Duration) -> Result<Observation, StoreError> {
+pub async fn observe(
+    conn: &mut PgConnection,
+    dead_after: Duration,
+) -> Result<Observation, StoreError> {
     let dead_ms = dead_after.as_millis() as i64;
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let newly_dead = sqlx::query(
         "UPDATE members SET dead = true WHERE node_id IN ( \
              SELECT node_id FROM members WHERE NOT dead \
@@ -275,7 +282,7 @@ pub async fn observe(pool: &PgPool, dead_after: Duration) -> Result<Observation,
 /// Takes a lease if it is still held by `expected_owner` at `expected_epoch` (a free,
 /// never-acquired partition is `None` at 0). Returns the new epoch on success.
 pub async fn acquire(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     partition: u32,
     node: &str,
     expected_owner: Option<&str>,
@@ -290,7 +297,7 @@ pub async fn acquire(
         )
         .bind(partition as i32)
         .bind(node)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
         .await?
     } else {
         sqlx::query_scalar(
@@ -302,7 +309,7 @@ pub async fn acquire(
         .bind(node)
         .bind(expected_epoch as i64)
         .bind(expected_owner)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
         .await?
     };
     Ok(epoch.map(|e| e as u64))
@@ -310,7 +317,7 @@ pub async fn acquire(
 
 /// Gives a lease up (if still held at `epoch`), keeping its epoch for the next owner.
 pub async fn release(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     partition: u32,
     node: &str,
     epoch: u64,
@@ -322,7 +329,7 @@ pub async fn release(
     .bind(partition as i32)
     .bind(node)
     .bind(epoch as i64)
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
