@@ -1341,6 +1341,81 @@ async fn a_request_held_for_the_next_batch_does_not_wait_for_other_traffic() {
     }
 }
 
+/// A read whose connection goes silent mid-call (no answer and no reset) waited until
+/// the kernel gave up on it, about a quarter of an hour: a command loading its
+/// aggregate held its partition (no hand-over, no drain) for that long, and the
+/// connection kept its place in the pool. Reads now have `MERIDIAN_READ_TIMEOUT_MS` to
+/// answer: past it they fail (503, retryable), the connection is dropped, and the
+/// host reads on new ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_on_a_connection_gone_silent_fails_in_time_and_reads_go_on() {
+    use crate::harness::{DbProxy, upload_and_open};
+
+    let db = TestDb::new("silent_reads").await;
+    // Slow, so that reads are on their way when the silence comes.
+    let proxy = DbProxy::start_slow(&db, Duration::from_millis(20)).await;
+    let mut options = HostOptions::default();
+    options
+        .env
+        .push(("MERIDIAN_READ_TIMEOUT_MS".into(), "2000".into()));
+    // Few partitions: taking each one is a round trip of that slow database.
+    options.env.push(("MERIDIAN_PARTITIONS".into(), "8".into()));
+    let host = Host::spawn(&proxy.url, options);
+    host.wait_ready(Duration::from_secs(60)).await;
+    let api = host.client();
+    upload_and_open(&api, "silent-read").await;
+
+    // Readers of the account's events (each read goes to the store), in a loop.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let (api, stop) = (api.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while !stop.is_cancelled() {
+                    let read = api.get("/v1/aggregates/bank-account/silent-read/events");
+                    let answer = tokio::time::timeout(Duration::from_secs(20), read).await;
+                    let (status, body) = answer.expect("a read waited on a silent connection");
+                    answers.push((status, body));
+                }
+                answers
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.silence();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.cancel();
+    let mut unavailable = 0;
+    for reader in readers {
+        for (status, body) in reader.await.unwrap() {
+            match status {
+                200 => assert_eq!(body["events"].as_array().map(Vec::len), Some(1), "{body}"),
+                503 => {
+                    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+                    unavailable += 1;
+                }
+                _ => panic!("{status}: {body}"),
+            }
+        }
+    }
+    // The silence caught reads on their way (else this test proves nothing).
+    assert!(unavailable > 0, "no read met the silence");
+    // And the host reads on, and runs commands, on new connections.
+    crate::harness::eventually(|| {
+        let api = api.clone();
+        async move {
+            let (status, _) = api
+                .get("/v1/aggregates/bank-account/silent-read/events")
+                .await;
+            (status == 200).then_some(())
+        }
+    })
+    .await;
+    let (status, body) = deposit(&api, "silent-read", 5).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// A database connection that goes silent mid-batch (no answer and no reset: a
 /// failover, a network dropping packets) holds a batch for the committer's batch
 /// timeout, not until the kernel gives up on it a quarter of an hour later; the batch

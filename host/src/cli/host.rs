@@ -76,6 +76,12 @@ pub struct HostArgs {
     /// fresh connection, and fails with 503 `store_unavailable` if that times out too.
     #[arg(long, env = "MERIDIAN_APPEND_TIMEOUT_MS", default_value_t = store::DEFAULT_BATCH_TIMEOUT.as_millis() as u64)]
     pub append_timeout_ms: u64,
+    /// Milliseconds a read (loading an aggregate, a page of events, the tail) may wait
+    /// for the database before its connection is given up for dead; the read then
+    /// fails (503 `store_unavailable` for a request) and the next one takes another
+    /// connection.
+    #[arg(long, env = "MERIDIAN_READ_TIMEOUT_MS", default_value_t = store::DEFAULT_READ_TIMEOUT.as_millis() as u64)]
+    pub read_timeout_ms: u64,
     /// Aggregate states cached in memory.
     #[arg(long, env = "MERIDIAN_CACHE_CAPACITY", default_value_t = executor::DEFAULT_CACHE_CAPACITY)]
     pub cache_capacity: usize,
@@ -133,7 +139,8 @@ pub struct HostArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_ms: u64,
     /// Bearer tokens, `token:scope[+scope]` separated by commas (scopes: read, write,
-    /// admin). When set, every route but /healthz and /readyz needs a token.
+    /// admin). When set, every route but /healthz, /readyz and the status page (GET /)
+    /// needs a token.
     #[arg(long, env = "MERIDIAN_TOKENS", hide_env_values = true)]
     pub tokens: Option<String>,
     /// A file of tokens, one `token scope [scope...]` per line (`#` comments).
@@ -185,6 +192,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
     let local_addr = listener.local_addr()?;
 
+    store::set_read_timeout(std::time::Duration::from_millis(args.read_timeout_ms));
     let pool = super::migrate::connect_and_migrate(
         &args.database_url,
         args.db_connections.max(args.commit_workers as u32 + 2),

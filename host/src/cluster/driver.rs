@@ -410,32 +410,13 @@ impl Cluster {
         written
     }
 
-    /// Runs one membership call on a connection of the driver's own pool, giving it
-    /// `dead_after` to answer: later, the region counts this node dead anyway. A
-    /// connection gone silent (a failover to another address, a firewall dropping the
-    /// flow: no answer and no reset) would otherwise hold the call until the kernel
-    /// gives up on it, about a quarter of an hour, with the heartbeat or the loop
-    /// behind it. One that did not answer in time is dropped, not handed back: the
-    /// pool checks a returned connection with a ping, which would wait as long.
+    /// Runs one membership call on the driver's own pool with `dead_after` to answer
+    /// (later, the region counts this node dead anyway); see [`store::bounded`].
     async fn bounded<T>(
         &self,
         call: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let limit = self.inner.config.dead_after;
-        let mut conn = self.inner.pool.acquire().await?;
-        match tokio::time::timeout(limit, call(&mut conn)).await {
-            Ok(result) => result,
-            Err(_) => {
-                drop(conn.detach());
-                Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no answer from the database within {} ms; dropped the connection",
-                        limit.as_millis()
-                    ),
-                ))))
-            }
-        }
+        store::bounded(&self.inner.pool, self.inner.config.dead_after, call).await
     }
 
     async fn poll(&self) {

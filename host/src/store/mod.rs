@@ -145,6 +145,62 @@ impl StoreError {
     }
 }
 
+/// Default [`set_read_timeout`]: as long as an append batch may take
+/// ([`DEFAULT_BATCH_TIMEOUT`]); a read that waits longer waits on a database gone silent.
+pub const DEFAULT_READ_TIMEOUT: Duration = DEFAULT_BATCH_TIMEOUT;
+
+/// [`set_read_timeout`]'s value, in milliseconds.
+static READ_TIMEOUT_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_READ_TIMEOUT.as_millis() as u64);
+
+/// Sets how long the reads of [`read`] wait for the database's answer, for the whole
+/// process: a host has one database, and the readers are everywhere (commands, the
+/// tail, the relay, the API), so the setting is not threaded through each of them.
+pub fn set_read_timeout(timeout: Duration) {
+    READ_TIMEOUT_MS.store(
+        timeout.as_millis().max(1) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The value [`set_read_timeout`] set.
+pub fn read_timeout() -> Duration {
+    Duration::from_millis(READ_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Runs `call` on a connection of `pool`, giving the database `limit` to answer.
+///
+/// A connection gone silent mid-call (a failover to another address, a firewall
+/// dropping the flow: no answer and no reset) would otherwise hold the call until the
+/// kernel gives up on it, about a quarter of an hour, and whatever waits on the call
+/// with it (a command and its partition, a heartbeat). One that did not answer in time
+/// is dropped, not handed back to the pool: the pool checks a returned connection with
+/// a ping, which would wait as long, keeping the connection's place in the pool.
+pub async fn bounded<T>(
+    pool: &PgPool,
+    limit: Duration,
+    call: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut conn = pool.acquire().await?;
+    match tokio::time::timeout(limit, call(&mut conn)).await {
+        Ok(result) => result,
+        Err(_) => {
+            drop(conn.detach());
+            tracing::warn!(
+                timeout_ms = limit.as_millis() as u64,
+                "no answer from the database in time; dropped the connection"
+            );
+            Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from the database within {} ms",
+                    limit.as_millis()
+                ),
+            ))))
+        }
+    }
+}
+
 /// How to reach the database.
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {

@@ -113,23 +113,26 @@ pub async fn snapshot(
     key: &AggregateKey,
     plugin_version: i32,
 ) -> Result<Option<Snapshot>, StoreError> {
-    let row = sqlx::query(
-        "SELECT version, plugin_version, state FROM snapshots \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 AND plugin_version = $3",
-    )
-    .bind(&key.aggregate_type)
-    .bind(&key.aggregate_id)
-    .bind(plugin_version)
-    .fetch_optional(pool)
-    .await?;
-    row.map(|row| {
-        Ok(Snapshot {
-            version: row.try_get("version")?,
-            plugin_version: row.try_get("plugin_version")?,
-            state: row.try_get("state")?,
+    super::bounded(pool, super::read_timeout(), async |conn| {
+        let row = sqlx::query(
+            "SELECT version, plugin_version, state FROM snapshots \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND plugin_version = $3",
+        )
+        .bind(&key.aggregate_type)
+        .bind(&key.aggregate_id)
+        .bind(plugin_version)
+        .fetch_optional(&mut *conn)
+        .await?;
+        row.map(|row| {
+            Ok(Snapshot {
+                version: row.try_get("version")?,
+                plugin_version: row.try_get("plugin_version")?,
+                state: row.try_get("state")?,
+            })
         })
+        .transpose()
     })
-    .transpose()
+    .await
 }
 
 /// Stores a snapshot unless a newer one is already there: one of a newer plugin version
@@ -141,23 +144,26 @@ pub async fn save_snapshot(
     key: &AggregateKey,
     snapshot: &Snapshot,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO snapshots (aggregate_type, aggregate_id, version, plugin_version, state) \
-         VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-         SET version = EXCLUDED.version, plugin_version = EXCLUDED.plugin_version, \
-             state = EXCLUDED.state, created_at = now() \
-         WHERE snapshots.plugin_version < EXCLUDED.plugin_version \
-            OR (snapshots.plugin_version = EXCLUDED.plugin_version AND snapshots.version < EXCLUDED.version)",
-    )
-    .bind(&key.aggregate_type)
-    .bind(&key.aggregate_id)
-    .bind(snapshot.version)
-    .bind(snapshot.plugin_version)
-    .bind(&snapshot.state)
-    .execute(pool)
-    .await?;
-    Ok(())
+    super::bounded(pool, super::read_timeout(), async |conn| {
+        sqlx::query(
+            "INSERT INTO snapshots (aggregate_type, aggregate_id, version, plugin_version, state) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+             SET version = EXCLUDED.version, plugin_version = EXCLUDED.plugin_version, \
+                 state = EXCLUDED.state, created_at = now() \
+             WHERE snapshots.plugin_version < EXCLUDED.plugin_version \
+                OR (snapshots.plugin_version = EXCLUDED.plugin_version AND snapshots.version < EXCLUDED.version)",
+        )
+        .bind(&key.aggregate_type)
+        .bind(&key.aggregate_id)
+        .bind(snapshot.version)
+        .bind(snapshot.plugin_version)
+        .bind(&snapshot.state)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    })
+    .await
 }
 
 /// One aggregate's events with `first <= version <= last`, in version order, all of
@@ -183,21 +189,24 @@ pub async fn aggregate_page(
     last: i64,
     max_bytes: usize,
 ) -> Result<Chunk<StoredEvent>, StoreError> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 AND version BETWEEN $3 AND $4 \
-         ORDER BY version"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(&key.aggregate_type)
-        .bind(&key.aggregate_id)
-        .bind(first)
-        .bind(last)
-        .fetch(pool);
-    within(rows, max_bytes, |row| {
-        let event = StoredEvent::from_row(row)?;
-        let bytes = event.bytes();
-        Ok((event, bytes))
+    super::bounded(pool, super::read_timeout(), async |conn| {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND version BETWEEN $3 AND $4 \
+             ORDER BY version"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(&key.aggregate_type)
+            .bind(&key.aggregate_id)
+            .bind(first)
+            .bind(last)
+            .fetch(&mut *conn);
+        within(rows, max_bytes, |row| {
+            let event = StoredEvent::from_row(row)?;
+            let bytes = event.bytes();
+            Ok((event, bytes))
+        })
+        .await
     })
     .await
 }
@@ -250,22 +259,25 @@ pub async fn oldest_and_newest(
     aggregate_type: &str,
     each_end: i64,
 ) -> Result<Vec<String>, StoreError> {
-    let ids = sqlx::query_scalar(
-        "SELECT aggregate_id FROM ( \
-             (SELECT aggregate_id, created_at FROM streams \
-              WHERE aggregate_type = $1 AND version > 0 \
-              ORDER BY created_at, aggregate_id LIMIT $2) \
-             UNION \
-             (SELECT aggregate_id, created_at FROM streams \
-              WHERE aggregate_type = $1 AND version > 0 \
-              ORDER BY created_at DESC, aggregate_id DESC LIMIT $2) \
-         ) sample ORDER BY created_at, aggregate_id",
-    )
-    .bind(aggregate_type)
-    .bind(each_end)
-    .fetch_all(pool)
-    .await?;
-    Ok(ids)
+    super::bounded(pool, super::read_timeout(), async |conn| {
+        let ids = sqlx::query_scalar(
+            "SELECT aggregate_id FROM ( \
+                 (SELECT aggregate_id, created_at FROM streams \
+                  WHERE aggregate_type = $1 AND version > 0 \
+                  ORDER BY created_at, aggregate_id LIMIT $2) \
+                 UNION \
+                 (SELECT aggregate_id, created_at FROM streams \
+                  WHERE aggregate_type = $1 AND version > 0 \
+                  ORDER BY created_at DESC, aggregate_id DESC LIMIT $2) \
+             ) sample ORDER BY created_at, aggregate_id",
+        )
+        .bind(aggregate_type)
+        .bind(each_end)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(ids)
+    })
+    .await
 }
 
 /// Which events a global read returns.
@@ -328,11 +340,15 @@ pub async fn order_key(pool: &PgPool, position: i64) -> Result<OrderKey, StoreEr
     if position <= 0 {
         return Ok(OrderKey::START);
     }
-    let tx: Option<i64> =
-        sqlx::query_scalar("SELECT tx_id::text::bigint FROM events WHERE position = $1")
-            .bind(position)
-            .fetch_optional(pool)
-            .await?;
+    let tx: Option<i64> = super::bounded(pool, super::read_timeout(), async |conn| {
+        Ok(
+            sqlx::query_scalar("SELECT tx_id::text::bigint FROM events WHERE position = $1")
+                .bind(position)
+                .fetch_optional(&mut *conn)
+                .await?,
+        )
+    })
+    .await?;
     tx.map(|tx| OrderKey { tx, position })
         .ok_or(StoreError::UnknownPosition(position))
 }
@@ -368,53 +384,59 @@ pub async fn read_after(
     max_bytes: usize,
     filter: &EventFilter,
 ) -> Result<Chunk<(OrderKey, StoredEvent)>, StoreError> {
-    let bound = if until.is_some() {
-        "AND (tx_id, position) <= ($7::text::xid8, $8) "
-    } else {
-        ""
-    };
-    let sql = format!(
-        "SELECT tx_id::text::bigint AS tx, {EVENT_COLUMNS} FROM events \
-         WHERE (tx_id, position) > ($1::text::xid8, $2) \
-           AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-           AND ($3::text IS NULL OR aggregate_type = $3) \
-           AND ($4::text IS NULL OR aggregate_id = $4) \
-           AND ($6::text IS NULL OR metadata->>'origin_region' = $6) \
-           {bound}\
-         ORDER BY tx_id, position LIMIT $5"
-    );
-    let mut query = sqlx::query(&sql)
-        .bind(after.tx.to_string())
-        .bind(after.position.max(0))
-        .bind(filter.aggregate_type.as_deref())
-        .bind(filter.aggregate_id.as_deref())
-        .bind(limit)
-        .bind(filter.origin_region.as_deref());
-    if let Some(until) = until {
-        query = query.bind(until.tx.to_string()).bind(until.position);
-    }
-    within(query.fetch(pool), max_bytes, |row| {
-        let event = StoredEvent::from_row(row)?;
-        let key = OrderKey {
-            tx: row.try_get("tx")?,
-            position: event.position,
+    super::bounded(pool, super::read_timeout(), async |conn| {
+        let bound = if until.is_some() {
+            "AND (tx_id, position) <= ($7::text::xid8, $8) "
+        } else {
+            ""
         };
-        let bytes = event.bytes();
-        Ok(((key, event), bytes))
+        let sql = format!(
+            "SELECT tx_id::text::bigint AS tx, {EVENT_COLUMNS} FROM events \
+             WHERE (tx_id, position) > ($1::text::xid8, $2) \
+               AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND ($3::text IS NULL OR aggregate_type = $3) \
+               AND ($4::text IS NULL OR aggregate_id = $4) \
+               AND ($6::text IS NULL OR metadata->>'origin_region' = $6) \
+               {bound}\
+             ORDER BY tx_id, position LIMIT $5"
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(after.tx.to_string())
+            .bind(after.position.max(0))
+            .bind(filter.aggregate_type.as_deref())
+            .bind(filter.aggregate_id.as_deref())
+            .bind(limit)
+            .bind(filter.origin_region.as_deref());
+        if let Some(until) = until {
+            query = query.bind(until.tx.to_string()).bind(until.position);
+        }
+        within(query.fetch(&mut *conn), max_bytes, |row| {
+            let event = StoredEvent::from_row(row)?;
+            let key = OrderKey {
+                tx: row.try_get("tx")?,
+                position: event.position,
+            };
+            let bytes = event.bytes();
+            Ok(((key, event), bytes))
+        })
+        .await
     })
     .await
 }
 
 /// The aggregate's current version in the store (0 if it has no events).
 pub async fn stream_version(pool: &PgPool, key: &AggregateKey) -> Result<i64, StoreError> {
-    let version: Option<i64> = sqlx::query_scalar(
-        "SELECT version FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2",
-    )
-    .bind(&key.aggregate_type)
-    .bind(&key.aggregate_id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(version.unwrap_or(0))
+    super::bounded(pool, super::read_timeout(), async |conn| {
+        let version: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2",
+        )
+        .bind(&key.aggregate_type)
+        .bind(&key.aggregate_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(version.unwrap_or(0))
+    })
+    .await
 }
 
 /// The versions a command id produced, if it ran: `(type, id, first, last)`.
@@ -422,23 +444,26 @@ pub async fn command_result(
     pool: &PgPool,
     command_id: Uuid,
 ) -> Result<Option<(AggregateKey, i64, i64)>, StoreError> {
-    let row = sqlx::query(
-        "SELECT aggregate_type, aggregate_id, first_version, last_version FROM commands WHERE command_id = $1",
-    )
-    .bind(command_id)
-    .fetch_optional(pool)
-    .await?;
-    row.map(|row| {
-        Ok((
-            AggregateKey {
-                aggregate_type: row.try_get("aggregate_type")?,
-                aggregate_id: row.try_get("aggregate_id")?,
-            },
-            row.try_get("first_version")?,
-            row.try_get("last_version")?,
-        ))
+    super::bounded(pool, super::read_timeout(), async |conn| {
+        let row = sqlx::query(
+            "SELECT aggregate_type, aggregate_id, first_version, last_version FROM commands WHERE command_id = $1",
+        )
+        .bind(command_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        row.map(|row| {
+            Ok((
+                AggregateKey {
+                    aggregate_type: row.try_get("aggregate_type")?,
+                    aggregate_id: row.try_get("aggregate_id")?,
+                },
+                row.try_get("first_version")?,
+                row.try_get("last_version")?,
+            ))
+        })
+        .transpose()
     })
-    .transpose()
+    .await
 }
 
 /// The newest event the tail has delivered in the region's commit order (0 when there
@@ -450,14 +475,17 @@ pub async fn head(pool: &PgPool) -> Result<i64, StoreError> {
 
 /// [`head`] with its key ([`OrderKey::START`] when there is no event yet).
 pub async fn head_key(pool: &PgPool) -> Result<OrderKey, StoreError> {
-    let key: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT tx_id::text::bigint, position FROM events \
-         WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY tx_id DESC, position DESC LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await?;
-    Ok(key.map_or(OrderKey::START, |(tx, position)| OrderKey { tx, position }))
+    super::bounded(pool, super::read_timeout(), async |conn| {
+        let key: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT tx_id::text::bigint, position FROM events \
+             WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY tx_id DESC, position DESC LIMIT 1",
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(key.map_or(OrderKey::START, |(tx, position)| OrderKey { tx, position }))
+    })
+    .await
 }
 
 #[cfg(test)]
