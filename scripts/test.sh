@@ -1,11 +1,26 @@
 #!/usr/bin/env bash
 # Runs every test: installs dependencies, builds the WASM plugins, runs the workspace
-# tests (release profile, as everywhere else), then smoke-tests the benchmarks.
-# Exits non-zero on the first failure.
+# tests (release profile, as everywhere else), then smoke-tests the benchmarks
+# (scripts/bench.sh --quick). Exits non-zero on the first failure.
 #
 # Environment:
 #   MERIDIAN_NATS_SERVER_BIN  nats-server for the tests (default: .tools/bin/nats-server)
-#   MERIDIAN_SKIP_BENCH       set to skip the benchmark smoke run
+#   MERIDIAN_SKIP_BENCH       set (to anything but empty) to skip the benchmark smoke run
+#   MERIDIAN_TEST_PG          PostgreSQL URL the tests create and drop a database per
+#                             test through (default:
+#                             postgres://postgres@127.0.0.1:5432/postgres; the role must
+#                             be allowed to create databases)
+#   MERIDIAN_CHROMIUM         Chromium for the status page test (default: `chromium` or
+#                             `chromium-browser` on PATH)
+#   MERIDIAN_SCHEMATHESIS     Schemathesis's `st` for the OpenAPI conformance test
+#                             (default: .tools/schemathesis/bin/st)
+#
+# Running tests yourself: once this script (or scripts/install-deps.sh --tests) has
+# installed the tools, cargo runs them directly, with the same variables and defaults;
+# for one module of the end-to-end tests,
+#   cargo test --release -p meridian-host --test e2e status_page::
+# Those tests load the components plugins/build.sh builds: run it again after changing
+# a plugin.
 set -euo pipefail
 # rustup's tools, in a shell that has not sourced it (CI, a fresh login).
 # shellcheck disable=SC1091

@@ -86,9 +86,9 @@
 //!
 //! # Building
 //!
-//! The plugin crate needs `crate-type = ["cdylib", "rlib"]` (`cdylib` for the component,
-//! `rlib` so tests and other crates can use it natively) and depends on `meridian-guest`
-//! and `serde` (with `derive`). Then:
+//! The plugin crate needs `crate-type = ["cdylib"]` (the component; `cargo test` still
+//! builds and runs the crate's own tests natively) and depends on `meridian-guest` and
+//! `serde` (with `derive`). Then:
 //!
 //! ```text
 //! rustup target add wasm32-wasip2        # once
@@ -97,6 +97,11 @@
 //!
 //! produces `target/wasm32-wasip2/release/<crate_name>.wasm`, already a component: the
 //! `wasm32-wasip2` target links components itself, so no other tool is needed.
+//!
+//! Keep the crate type `cdylib` alone: cargo silently skips LTO for a library that is
+//! also built as an `rlib`. If another crate must link the aggregate natively (a
+//! benchmark, a shared test suite), add `"rlib"` and build the component with
+//! `cargo rustc --release --target wasm32-wasip2 --crate-type cdylib` instead.
 //!
 //! # Event encoding
 //!

@@ -1,8 +1,8 @@
 //! Consumer groups for applications.
 //!
 //! `GET /v1/events?group=g&member=i&members=n` gives member `i` of a group of `n`
-//! every event of the aggregates that hash to it (FNV-1a of type and id, modulo `n`;
-//! see [`store::groups::member_of`]), in the region's gap-free commit order — so each
+//! every event of the aggregates that hash to it (type and id hashed as for partitions,
+//! modulo `n`; see [`store::groups::member_of`]), in the region's gap-free commit order — so each
 //! aggregate's events arrive at one member, in version order. Without an explicit resume
 //! point (`after`, or `Last-Event-ID` on a stream) a member starts after its
 //! acknowledged position, stored in PostgreSQL by

@@ -6,7 +6,10 @@ use super::client::{Target, client, print_json, send};
 #[derive(Debug, clap::Subcommand)]
 pub enum AggregateCommand {
     /// Move an aggregate's home to another region. Runs in its current home (any host
-    /// of any region forwards it there) and returns once the target holds every event.
+    /// of any region forwards it there), then waits for the target to confirm it holds
+    /// every event, at most half the home's forward timeout (5 s by default): past that
+    /// it returns anyway, saying the target is still receiving events (commands sent
+    /// there wait for them).
     MoveHome {
         /// Aggregate type.
         aggregate_type: String,

@@ -18,7 +18,9 @@ use sqlx::{PgPool, Row};
 use super::StoreError;
 
 /// The member of a group of `members` that an aggregate's events go to: the same stable
-/// FNV-1a hash of type and id the cluster uses for partitions, modulo `members`.
+/// hash of type and id the cluster uses for partitions (FNV-1a, then splitmix64's
+/// finaliser: see [`crate::cluster::core::partition_of`]), modulo `members`. Consumers
+/// may compute it themselves: the README spells it out, and a test keeps its example.
 pub fn member_of(aggregate_type: &str, aggregate_id: &str, members: u32) -> u32 {
     crate::cluster::core::partition_of(aggregate_type, aggregate_id, members)
 }
@@ -205,5 +207,17 @@ mod tests {
         assert_eq!(member_of("t", "x", 1), 0);
         // Stable: the same aggregate always lands on the same member.
         assert_eq!(member_of("t", "a-7", 4), member_of("t", "a-7", 4));
+    }
+
+    /// The README's worked example, for consumers computing members themselves.
+    #[test]
+    fn member_of_is_the_hash_the_readme_spells_out() {
+        let hash: u64 = 0x6d23_da6a_c54e_4ddd;
+        assert_eq!(member_of("bank-account", "acc-1", 4), (hash % 4) as u32);
+        assert_eq!(member_of("bank-account", "acc-1", 4), 1);
+        assert_eq!(
+            member_of("bank-account", "acc-1", 1_000_003),
+            (hash % 1_000_003) as u32
+        );
     }
 }
