@@ -1251,6 +1251,53 @@ async fn a_host_cut_off_from_the_database_turns_unready_and_serves_no_stale_stat
     assert_eq!((status, body["version"].as_i64()), (200, Some(1)), "{body}");
 }
 
+/// A host decides to take a dead member's leases on an observation that can be seconds
+/// old when its statement runs (a slow database, a queue of acquisitions behind it).
+/// If the member came back meanwhile, the lease moved away from a live owner and then
+/// back again: two moves no membership change called for (the simulator's stability
+/// check found it). The store now hands another node's lease over only while that node
+/// is dead by its own clock.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_is_taken_from_another_node_only_while_it_is_dead() {
+    use meridian::cluster::core::MemberState;
+    use meridian::store::{self, cluster};
+
+    let db = TestDb::new("takeover").await;
+    let pool = db.pool().await;
+    store::migrate(&pool).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let dead_after = Duration::from_secs(3);
+    let incarnation = uuid::Uuid::new_v4();
+    cluster::heartbeat(&mut conn, "a", "http://a", MemberState::Ready, incarnation)
+        .await
+        .unwrap();
+    let epoch = cluster::acquire(&mut conn, 0, "a", None, 0, dead_after)
+        .await
+        .unwrap();
+    assert_eq!(epoch, Some(1));
+
+    // "a" heartbeats: its lease stays its own, whatever "b" last saw.
+    let taken = cluster::acquire(&mut conn, 0, "b", Some("a"), 1, dead_after)
+        .await
+        .unwrap();
+    assert_eq!(taken, None, "the lease of a live node was taken");
+    // Its own process (a replacement under its id) takes it back at any time.
+    let again = cluster::acquire(&mut conn, 0, "a", Some("a"), 1, dead_after)
+        .await
+        .unwrap();
+    assert_eq!(again, Some(2));
+
+    // Silent past `dead_after`: now "b" takes it over.
+    sqlx::query("UPDATE members SET last_heartbeat = now() - interval '10 seconds'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let taken = cluster::acquire(&mut conn, 0, "b", Some("a"), 2, dead_after)
+        .await
+        .unwrap();
+    assert_eq!(taken, Some(3));
+}
+
 /// The database's connections going silent (no answer and no reset: a failover to
 /// another address, a firewall or NAT dropping a flow it forgot) froze the host's
 /// heartbeat and membership reads until the kernel gave up on the sockets, about a

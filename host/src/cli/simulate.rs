@@ -57,6 +57,10 @@ pub struct SimulateArgs {
     /// Turn off the store's fence check, to see the checker catch stale owners.
     #[arg(long, hide = true)]
     pub disable_fence: bool,
+    /// Have the store, once converged, read a live member as dead for a second, to see
+    /// the checker catch partitions moving with no membership change.
+    #[arg(long, hide = true)]
+    pub blind_observation: bool,
     /// Simulate a degraded database (2–60 ms per operation, one in ten 0.1–1.5 s more).
     #[arg(long)]
     pub slow_db: bool,
@@ -71,6 +75,7 @@ impl SimulateArgs {
     fn options(&self) -> SimOptions {
         SimOptions {
             disable_fence: self.disable_fence,
+            blind_observation: self.blind_observation,
             slow_db: self.slow_db,
             heartbeat_apart: !self.heartbeat_in_loop,
             ..SimOptions::default()
@@ -205,11 +210,12 @@ mod tests {
     /// and run the seed with the options it failed with.
     #[test]
     fn the_printed_replay_command_runs_the_seed_as_it_failed() {
-        for bits in 0..8u8 {
+        for bits in 0..16u8 {
             let options = SimOptions {
                 disable_fence: bits & 1 != 0,
                 slow_db: bits & 2 != 0,
                 heartbeat_apart: bits & 4 != 0,
+                blind_observation: bits & 8 != 0,
                 ..SimOptions::default()
             };
             let line = sim::replay_command(42, &options);
@@ -221,11 +227,17 @@ mod tests {
             let parsed = args.options();
             assert_eq!(args.seed, Some(42), "{line}");
             assert_eq!(
-                (parsed.disable_fence, parsed.slow_db, parsed.heartbeat_apart),
+                (
+                    parsed.disable_fence,
+                    parsed.slow_db,
+                    parsed.heartbeat_apart,
+                    parsed.blind_observation
+                ),
                 (
                     options.disable_fence,
                     options.slow_db,
-                    options.heartbeat_apart
+                    options.heartbeat_apart,
+                    options.blind_observation
                 ),
                 "{line}"
             );

@@ -518,6 +518,7 @@ impl Cluster {
                                 &self.inner.config.node_id,
                                 expected_owner.as_deref(),
                                 expected_epoch,
+                                self.inner.config.dead_after,
                             )
                             .await
                         })

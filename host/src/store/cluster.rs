@@ -281,12 +281,20 @@ pub async fn observe(
 
 /// Takes a lease if it is still held by `expected_owner` at `expected_epoch` (a free,
 /// never-acquired partition is `None` at 0). Returns the new epoch on success.
+///
+/// A lease held by another node is taken only while that node is dead by the
+/// database's clock (no heartbeat within `dead_after`): the decision to take it was
+/// made on an observation that may be seconds old by the time the statement runs (a
+/// slow database, a long queue of acquisitions), and the owner may have come back
+/// since. Taken anyway, the partition would move away from a live owner and then
+/// back: two moves, with no membership change to call for them.
 pub async fn acquire(
     conn: &mut PgConnection,
     partition: u32,
     node: &str,
     expected_owner: Option<&str>,
     expected_epoch: u64,
+    dead_after: Duration,
 ) -> Result<Option<u64>, StoreError> {
     let epoch: Option<i64> = if expected_epoch == 0 && expected_owner.is_none() {
         sqlx::query_scalar(
@@ -303,12 +311,16 @@ pub async fn acquire(
         sqlx::query_scalar(
             "UPDATE partition_leases SET owner = $2, epoch = epoch + 1, updated_at = now() \
              WHERE partition = $1 AND epoch = $3 AND owner IS NOT DISTINCT FROM $4 \
+             AND ($4::text IS NULL OR $4 = $2 OR NOT EXISTS ( \
+                 SELECT 1 FROM members WHERE node_id = $4 \
+                 AND last_heartbeat >= now() - make_interval(secs => $5::double precision / 1000))) \
              RETURNING epoch",
         )
         .bind(partition as i32)
         .bind(node)
         .bind(expected_epoch as i64)
         .bind(expected_owner)
+        .bind(dead_after.as_millis() as i64)
         .fetch_optional(&mut *conn)
         .await?
     };

@@ -135,6 +135,9 @@ pub struct Db {
     pub commands: BTreeMap<u64, (usize, u64)>,
     /// Heartbeat timeout.
     pub dead_after: Time,
+    /// A member the store reads as dead until the given time, whatever its heartbeats
+    /// (`SimOptions::blind_observation`, only to test the checker).
+    pub blind: Option<(usize, Time)>,
 }
 
 impl Db {
@@ -148,11 +151,18 @@ impl Db {
             events: vec![Vec::new(); aggregates],
             commands: BTreeMap::new(),
             dead_after,
+            blind: None,
         }
     }
 
     /// Whether `slot` heartbeated within the timeout, by the database's clock.
     pub fn alive(&self, slot: usize, now: Time) -> bool {
+        if self
+            .blind
+            .is_some_and(|(s, until)| s == slot && now < until)
+        {
+            return false;
+        }
         self.members
             .get(&slot)
             .is_some_and(|m| now.saturating_sub(m.heartbeat) < self.dead_after)
@@ -178,7 +188,7 @@ impl Db {
                     .map(|(s, m)| MemberView {
                         id: names[*s].clone(),
                         state: m.state,
-                        alive: now.saturating_sub(m.heartbeat) < self.dead_after,
+                        alive: self.alive(*s, now),
                     })
                     .collect(),
                 leases: self
@@ -197,9 +207,15 @@ impl Db {
                 expected_epoch,
             } => {
                 let row = self.leases.get(&partition).copied();
+                // Another node's lease only while it is dead (`store::cluster::acquire`).
+                let owner_alive = expected_owner.is_some_and(|o| o != slot && self.alive(o, now));
                 let taken = match row {
                     None if expected_owner.is_none() && expected_epoch == 0 => Some(1),
-                    Some(r) if r.owner == expected_owner && r.epoch == expected_epoch => {
+                    Some(r)
+                        if r.owner == expected_owner
+                            && r.epoch == expected_epoch
+                            && !owner_alive =>
+                    {
                         Some(r.epoch + 1)
                     }
                     _ => None,

@@ -22,13 +22,17 @@
 //! 4. (at the end) after every fault is healed the cluster converges — each partition
 //!    leased to the node the assignment picks, which serves it — and a probe command
 //!    on every partition succeeds within a bounded time;
+//! 5. partitions move only when the membership changes: once converged, no lease
+//!    changes hands (taken or given up) through the probes and a quiet spell after them
+//!    unless a member joined, left, changed state, or missed its heartbeats first;
 //!
 //! plus: a node only ever serves an epoch the store granted to it. The store's tables
 //! and the acknowledgements change only at those points, so checking there is checking
 //! after every step.
 //!
-//! [`SimOptions::disable_fence`] turns the store's fence off to prove the checker has
-//! teeth; [`SimOptions::slow_db`] makes the database slow (tens of milliseconds, with
+//! [`SimOptions::disable_fence`] turns the store's fence off, and
+//! [`SimOptions::blind_observation`] has the store read a live member as dead for a
+//! moment, to prove the checker has teeth; [`SimOptions::slow_db`] makes the database slow (tens of milliseconds, with
 //! second-long tails); [`SimOptions::heartbeat_apart`] (on by default, as in the real
 //! driver) keeps the heartbeat on its own timer; turned off, it models a driver whose
 //! heartbeat waits behind its lease operations, which a slow database turns into
@@ -56,6 +60,10 @@ pub struct SimOptions {
     /// Turn off the store's fence check (owner and epoch) in `meridian_append`. Only
     /// for testing the checker: the simulator must then find stale-owner appends.
     pub disable_fence: bool,
+    /// Once the region has converged, the store reads a live member as dead for a
+    /// second (its observations and its lease checks). Only for testing the checker:
+    /// the simulator must then find partitions moving with no membership change.
+    pub blind_observation: bool,
     /// Print every trace line to stdout as it happens.
     pub echo_trace: bool,
     /// How many of the last trace lines to keep for the report.
@@ -72,6 +80,7 @@ impl Default for SimOptions {
     fn default() -> Self {
         Self {
             disable_fence: false,
+            blind_observation: false,
             echo_trace: false,
             trace_ring: 400,
             slow_db: false,
@@ -96,6 +105,8 @@ pub enum Invariant {
     Liveness,
     /// A lease epoch was granted twice, or a node served an epoch not granted to it.
     Grant,
+    /// (5) A partition changed hands while the membership stayed as it was.
+    Stability,
 }
 
 /// A failed check.
@@ -211,6 +222,9 @@ pub fn replay_command(seed: u64, options: &SimOptions) -> String {
     if options.disable_fence {
         command.push_str(" --disable-fence");
     }
+    if options.blind_observation {
+        command.push_str(" --blind-observation");
+    }
     if options.slow_db {
         command.push_str(" --slow-db");
     }
@@ -321,5 +335,45 @@ mod tests {
             "seed {seed}: {violation:?}"
         );
         assert!(seed < 20, "the first violation took {seed} seeds");
+    }
+
+    /// Seeds in which a node, on an observation made while a member was dead, took that
+    /// member's partitions after it had come back and the region had converged: two
+    /// needless moves, until the store gave another node's lease only to take over
+    /// from a dead one.
+    #[test]
+    fn a_member_back_from_the_dead_keeps_its_partitions() {
+        sweep(3897..3898, &SimOptions::default());
+        sweep(6225..6226, &SimOptions::default());
+        let slow = SimOptions {
+            slow_db: true,
+            ..SimOptions::default()
+        };
+        sweep(1224..1225, &slow);
+        sweep(1264..1265, &slow);
+    }
+
+    /// A store that reads a live member as dead for a moment lets the others take its
+    /// partitions, which the stability check must catch: nothing in the membership
+    /// changed.
+    #[test]
+    fn a_partition_moving_with_no_membership_change_is_caught() {
+        let options = SimOptions {
+            blind_observation: true,
+            ..SimOptions::default()
+        };
+        let mut caught = 0;
+        for seed in 0..20 {
+            let report = run_seed(seed, &options);
+            if let Some(violation) = report.violation {
+                assert_eq!(
+                    violation.invariant,
+                    Invariant::Stability,
+                    "seed {seed}: {violation:?}"
+                );
+                caught += 1;
+            }
+        }
+        assert!(caught >= 15, "only {caught} of 20 seeds caught the move");
     }
 }

@@ -448,11 +448,17 @@ impl Net {
     }
 }
 
+/// How long the region runs on after its probes, for the stability check: many polls
+/// of every node, any of which could move a partition it should not.
+const QUIET: Time = 5 * SEC;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Chaos,
     Converging,
     Probing,
+    /// Probes answered; the region runs on undisturbed until `quiet_until`.
+    Quiet,
     Done,
 }
 
@@ -489,6 +495,10 @@ pub struct World {
     history: Vec<u64>,
     applied: BTreeMap<u64, (usize, u64)>,
     grants: BTreeMap<(Partition, u64), usize>,
+    /// Since when the region has been converged with its membership unchanged (`None`
+    /// before convergence, and for good once the membership changes after it).
+    stable_since: Option<Time>,
+    quiet_until: Time,
 }
 
 impl World {
@@ -562,6 +572,8 @@ impl World {
             history,
             applied: BTreeMap::new(),
             grants: BTreeMap::new(),
+            stable_since: None,
+            quiet_until: 0,
         };
         let summary = world.summary();
         tr!(world, Who::Sim, "seed {seed}: {summary}");

@@ -39,6 +39,9 @@ impl World {
                         format!("p{partition}@{epoch} granted to n{prev} and then to n{n}"),
                     );
                 }
+                if result.is_some() {
+                    self.audit_move(*partition, before);
+                }
             }
             (DbOp::Release { partition, epoch }, _) => {
                 let after = self.db.leases.get(partition).copied();
@@ -49,6 +52,9 @@ impl World {
                     row_text(before),
                     row_text(after)
                 );
+                if after != before {
+                    self.audit_move(*partition, before);
+                }
             }
             (DbOp::Append(r), DbReply::Append(outcome)) => {
                 tr!(
@@ -78,6 +84,81 @@ impl World {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// (5) A lease changed hands (`before` is its row before): fine while the region
+    /// converges or after its membership changed, a violation otherwise.
+    fn audit_move(&mut self, partition: Partition, before: Option<LeaseRow>) {
+        let Some(since) = self.stable_since else {
+            return;
+        };
+        // A member past its heartbeat timeout is a membership change (the real
+        // store marks it dead at the next observation), even before anyone saw it.
+        // By the rows themselves, not `Db::alive`, which a blinded store gets wrong.
+        let now = self.now;
+        let dead_after = self.db.dead_after;
+        if let Some(dead) = self
+            .db
+            .members
+            .iter()
+            .find(|(_, m)| now.saturating_sub(m.heartbeat) >= dead_after)
+            .map(|(n, _)| *n)
+        {
+            let why = format!("n{dead} missed its heartbeats");
+            self.membership_changed(why);
+            return;
+        }
+        let after = self.db.leases.get(&partition).copied();
+        let message = format!(
+            "p{partition} went from {} to {} {} ms after the region converged, with no membership change",
+            row_text(before),
+            row_text(after),
+            (now - since) / MS
+        );
+        self.fail(Invariant::Stability, message);
+    }
+
+    /// Notes a change of membership the store just saw from node `n`'s `op`: a member
+    /// joining, coming back from the dead, changing state, or leaving.
+    pub(super) fn audit_membership(
+        &mut self,
+        n: usize,
+        op: &DbOp,
+        before: Option<crate::cluster::sim::db::MemberRow>,
+    ) {
+        let why = match (op, before) {
+            (DbOp::Heartbeat(_) | DbOp::Announce(_), None) => format!("n{n} joined"),
+            (DbOp::Heartbeat(state) | DbOp::Announce(state), Some(m)) if m.state != *state => {
+                format!("n{n} is {} now", state.as_str())
+            }
+            (DbOp::Heartbeat(_) | DbOp::Announce(_), Some(m))
+                if self.now.saturating_sub(m.heartbeat) >= self.db.dead_after =>
+            {
+                format!("n{n} is back from the dead")
+            }
+            (DbOp::Leave, _) => format!("n{n} left"),
+            _ => return,
+        };
+        self.membership_changed(why);
+    }
+
+    fn membership_changed(&mut self, why: String) {
+        if self.stable_since.take().is_some() {
+            tr!(
+                self,
+                Who::Sim,
+                "membership changed after convergence ({why}): partitions may move again"
+            );
+        }
+    }
+
+    /// [`SimOptions::blind_observation`]: once the region has converged, the store
+    /// reads the owner of partition 0 as dead for a second, though it heartbeats.
+    fn blind_store(&mut self) {
+        if let Some(owner) = self.db.leases.get(&0).and_then(|l| l.owner) {
+            tr!(self, Who::Sim, "the store reads n{owner} as dead for 1 s");
+            self.db.blind = Some((owner, self.now + SEC));
         }
     }
 
@@ -170,6 +251,10 @@ impl World {
                         (self.now - self.settle_at) / MS
                     );
                     self.stage = Stage::Probing;
+                    self.stable_since = Some(self.now);
+                    if self.options.blind_observation {
+                        self.blind_store();
+                    }
                     self.stats.converged_after = self.now - self.settle_at;
                     self.probe_deadline = self.now + self.p.probe_bound;
                     for agg in self.probe_aggs.clone() {
@@ -203,11 +288,15 @@ impl World {
                     .map(|c| self.agg_names[c.agg].clone())
                     .collect();
                 if waiting.is_empty() {
-                    self.final_check();
-                    if self.violation.is_none() {
-                        tr!(self, Who::Sim, "every partition answered a probe: pass");
-                        self.stage = Stage::Done;
-                    }
+                    tr!(
+                        self,
+                        Who::Sim,
+                        "every partition answered a probe; {} ms undisturbed follow",
+                        QUIET / MS
+                    );
+                    self.stage = Stage::Quiet;
+                    self.quiet_until = self.now + QUIET;
+                    self.after(QUIET, Ev::Check);
                 } else if self.now >= self.probe_deadline {
                     let message = format!(
                         "probe commands not acknowledged within {} ms of convergence: {waiting:?}",
@@ -218,7 +307,18 @@ impl World {
                     self.after(100 * MS, Ev::Check);
                 }
             }
-            Stage::Chaos | Stage::Done => {}
+            Stage::Quiet if self.now >= self.quiet_until => {
+                self.final_check();
+                if self.violation.is_none() {
+                    tr!(
+                        self,
+                        Who::Sim,
+                        "no partition moved while nothing changed: pass"
+                    );
+                    self.stage = Stage::Done;
+                }
+            }
+            Stage::Quiet | Stage::Chaos | Stage::Done => {}
         }
     }
 

@@ -188,8 +188,10 @@ impl World {
             }
             _ => None,
         };
+        let member_before = self.db.members.get(&n).cloned();
         let reply = self.db.apply(n, &op, self.now, &self.names);
         self.audit(n, &op, &reply, lease_before);
+        self.audit_membership(n, &op, member_before);
         if self.net.db_link(n) && !self.rng.chance(self.net.drop) {
             let d = self.db_delay(n);
             self.after(d, Ev::DbReply { n, inc, req, reply });
