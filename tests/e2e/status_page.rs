@@ -390,3 +390,62 @@ async fn the_status_page_keeps_drawing_the_cluster_while_the_database_is_away() 
         )
         .await;
 }
+
+/// The live tail resumes after the last event it showed. When the store behind the
+/// address no longer has that event (restored from a backup, or the address reaches
+/// another region now), every resume was refused with 400 and the tail stayed
+/// "reconnecting" until the page was reloaded. It now starts again at the head.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_live_tail_starts_again_at_the_head_when_its_position_is_gone() {
+    chromium();
+    let port = crate::harness::free_port();
+    let at_port = || HostOptions {
+        port: Some(port),
+        ..HostOptions::default()
+    };
+    let first_db = TestDb::new("status_page_first").await;
+    let mut first = Host::start(&first_db, at_port()).await;
+    assert_eq!(wasm_upload(&first).send().await.unwrap().status(), 201);
+    let url = format!("{}/", first.url);
+    let mut browser = tokio::task::block_in_place(|| Browser::open(&url));
+    browser
+        .wait_for("the live stream", "document.body.dataset.stream === 'live'")
+        .await;
+    for id in ["first-1", "first-2"] {
+        send(&first, ADMIN, id, json!({"type": "Open", "owner": "a"})).await;
+    }
+    let shown = |id: &str| {
+        format!(
+            "[...document.querySelectorAll('#events li.event')].some(li => li.dataset.aggregateId === '{id}')"
+        )
+    };
+    browser
+        .wait_for("the first store's events", &shown("first-2"))
+        .await;
+
+    // Another store behind the same address, whose events have other positions.
+    first.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || first.wait_exit(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    let second_db = TestDb::new("status_page_second").await;
+    let second = Host::start(&second_db, at_port()).await;
+    assert_eq!(wasm_upload(&second).send().await.unwrap().status(), 201);
+    browser
+        .wait_for(
+            "the live stream again",
+            "document.body.dataset.stream === 'live'",
+        )
+        .await;
+    send(
+        &second,
+        ADMIN,
+        "second-1",
+        json!({"type": "Open", "owner": "b"}),
+    )
+    .await;
+    browser
+        .wait_for("the second store's event", &shown("second-1"))
+        .await;
+}

@@ -115,7 +115,13 @@ impl From<StoreError> for ApiError {
                 "not_home",
                 format!("{error} (its home moved while the command ran); retry the command"),
             ),
-            StoreError::UnknownPosition(_) => Self::bad_request(error.to_string()),
+            // Its own code: a client that follows the region resumes from the head (the
+            // store was restored, or the address now reaches another region).
+            StoreError::UnknownPosition(_) => Self::new(
+                StatusCode::BAD_REQUEST,
+                "unknown_position",
+                error.to_string(),
+            ),
             StoreError::PluginChanged { .. } | StoreError::LimitsOutdated { .. } => {
                 Self::new(StatusCode::CONFLICT, "plugin_changed", error.to_string())
             }
