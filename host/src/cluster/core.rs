@@ -526,6 +526,29 @@ pub fn assign<'a>(partition: Partition, members: &[&'a str]) -> Option<&'a str> 
         .max_by_key(|m| (mix(fnv1a(&[&partition.to_le_bytes(), m.as_bytes()])), *m))
 }
 
+/// Corrects an observation that shows `me` dead when a heartbeat of `me` that began
+/// after the observation began has been stored since: the observation is older than
+/// that heartbeat (a slow database answers late), and this node is alive. Stepped as
+/// it came, it would make the node drop and release every partition it holds, which
+/// the others then hand back: moves no membership change calls for. Returns whether
+/// it corrected anything. `T` is any clock both instants were read from.
+pub fn outdated_death<T: Ord>(
+    members: &mut [MemberView],
+    me: &str,
+    observed_from: T,
+    heartbeat_stored_from: Option<T>,
+) -> bool {
+    if heartbeat_stored_from.is_none_or(|at| at <= observed_from) {
+        return false;
+    }
+    let mut corrected = false;
+    for member in members.iter_mut().filter(|m| m.id == me && !m.alive) {
+        member.alive = true;
+        corrected = true;
+    }
+    corrected
+}
+
 /// The partition of an aggregate: a stable hash of its type and id.
 pub fn partition_of(aggregate_type: &str, aggregate_id: &str, partitions: u32) -> Partition {
     (mix(fnv1a(&[
@@ -556,6 +579,23 @@ fn mix(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_death_older_than_a_stored_heartbeat_is_corrected() {
+        let view = |id: &str, alive| MemberView {
+            id: id.into(),
+            state: MemberState::Ready,
+            alive,
+        };
+        let mut members = vec![view("a", false), view("b", false)];
+        // No heartbeat stored, or one sent before the observation: the death stands.
+        assert!(!outdated_death(&mut members, "a", 10, None));
+        assert!(!outdated_death(&mut members, "a", 10, Some(10)));
+        assert!(!members[0].alive);
+        // One sent after it: this node is alive; the other member is left as seen.
+        assert!(outdated_death(&mut members, "a", 10, Some(11)));
+        assert!(members[0].alive && !members[1].alive);
+    }
 
     /// A caught-up node that has seen itself as the region's only, ready member.
     fn alone(id: &str, partitions: u32) -> Node {

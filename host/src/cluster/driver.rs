@@ -421,6 +421,7 @@ impl Cluster {
 
     async fn poll(&self) {
         let dead_after = self.inner.config.dead_after;
+        let observed_from = Instant::now();
         match self
             .bounded(async |conn| store::cluster::observe(conn, dead_after).await)
             .await
@@ -456,8 +457,24 @@ impl Cluster {
                         "membership changed"
                     );
                 }
+                let mut members: Vec<_> = observation.members.iter().map(|m| m.view()).collect();
+                let heartbeat = *self
+                    .inner
+                    .heartbeat_at
+                    .lock()
+                    .expect("heartbeat_at poisoned");
+                if super::core::outdated_death(
+                    &mut members,
+                    &self.inner.config.node_id,
+                    observed_from,
+                    heartbeat,
+                ) {
+                    tracing::info!(
+                        "an observation older than this node's last heartbeat shows it dead; taken as alive"
+                    );
+                }
                 let input = Input::Observed {
-                    members: observation.members.iter().map(|m| m.view()).collect(),
+                    members,
                     leases: observation.leases.clone(),
                 };
                 let owned = observation

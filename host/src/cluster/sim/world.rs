@@ -13,7 +13,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use crate::cluster::core::{
-    Action, Input, MemberState, Node, Partition, Phase, Route, assign, partition_of,
+    Action, Input, MemberState, Node, Partition, Phase, Route, assign, outdated_death, partition_of,
 };
 
 use super::db::{AppendOutcome, AppendReq, Db, DbOp, DbReply, LeaseRow};
@@ -113,11 +113,12 @@ enum Ctl {
 #[derive(Debug, Clone, Copy)]
 enum Wait {
     Heartbeat,
-    /// A heartbeat sent by its own timer, outside the driver loop.
-    HeartbeatApart,
+    /// A heartbeat sent by its own timer, outside the driver loop, at this time.
+    HeartbeatApart(Time),
     /// The member row's deletion by a drained node.
     Leave,
-    Observe,
+    /// An observation asked for at this time.
+    Observe(Time),
     Announce,
     Acquire(Partition),
     Release(Partition),
@@ -212,6 +213,8 @@ struct Host {
     pause_on_observe: Option<Time>,
     /// Drained and deleted its member row: no more heartbeats.
     left: bool,
+    /// When the newest heartbeat stored (on its own timer) was sent.
+    heartbeat_stored_from: Option<Time>,
     last_view: String,
 }
 
@@ -238,6 +241,7 @@ impl Host {
             execs: BTreeMap::new(),
             pending: Vec::new(),
             pause_gen: 0,
+            heartbeat_stored_from: None,
             pause_on_observe: None,
             left: false,
             last_view: String::new(),
@@ -746,7 +750,8 @@ impl World {
             Ev::Heartbeat { n, inc } => {
                 if self.live(n, inc) && !self.hosts[n].left {
                     let state = self.hosts[n].node.announced_state();
-                    self.db_call(n, Wait::HeartbeatApart, DbOp::Heartbeat(state));
+                    let now = self.now;
+                    self.db_call(n, Wait::HeartbeatApart(now), DbOp::Heartbeat(state));
                     let d = self.p.poll * self.hosts[n].tick_permille / 1000;
                     self.after(d, Ev::Heartbeat { n, inc });
                 }
@@ -765,7 +770,7 @@ impl World {
                 let Some(wait) = self.hosts[n].db_wait.remove(&req) else {
                     return;
                 };
-                if let (Wait::Observe, DbReply::Observed { .. }) = (&wait, &reply)
+                if let (Wait::Observe(_), DbReply::Observed { .. }) = (&wait, &reply)
                     && let Some(duration) = self.hosts[n].pause_on_observe.take()
                 {
                     // SIGSTOP between reading the tables and acting on them: the

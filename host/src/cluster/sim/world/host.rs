@@ -40,7 +40,8 @@ impl World {
                     h.polling = true;
                     h.busy = true;
                     if self.heartbeat_apart || h.left {
-                        self.db_call(n, Wait::Observe, DbOp::Observe);
+                        let now = self.now;
+                        self.db_call(n, Wait::Observe(now), DbOp::Observe);
                     } else {
                         let state = h.node.announced_state();
                         self.db_call(n, Wait::Heartbeat, DbOp::Heartbeat(state));
@@ -204,12 +205,31 @@ impl World {
         match wait {
             Wait::Heartbeat => {
                 // The real driver observes whether or not the heartbeat went through.
-                self.db_call(n, Wait::Observe, DbOp::Observe);
+                let now = self.now;
+                self.db_call(n, Wait::Observe(now), DbOp::Observe);
             }
-            Wait::HeartbeatApart | Wait::Leave => {}
-            Wait::Observe => {
+            Wait::HeartbeatApart(sent) => {
+                if reply.is_some() {
+                    let stored = &mut self.hosts[n].heartbeat_stored_from;
+                    *stored = (*stored).max(Some(sent));
+                }
+            }
+            Wait::Leave => {}
+            Wait::Observe(sent) => {
                 self.hosts[n].busy = false;
-                if let Some(DbReply::Observed { members, leases }) = reply {
+                if let Some(DbReply::Observed {
+                    mut members,
+                    leases,
+                }) = reply
+                {
+                    let heartbeat = self.hosts[n].heartbeat_stored_from;
+                    if outdated_death(&mut members, &self.names[n], sent, heartbeat) {
+                        tr!(
+                            self,
+                            Who::Node(n),
+                            "an observation older than its last heartbeat shows it dead: taken as alive"
+                        );
+                    }
                     self.step(n, Input::Observed { members, leases });
                 }
                 self.pump(n);
