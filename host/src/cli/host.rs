@@ -80,7 +80,8 @@ pub struct HostArgs {
     /// for the database before its connection is given up for dead; the read then
     /// fails (503 `store_unavailable` for a request) and the next one takes another
     /// connection.
-    #[arg(long, env = "MERIDIAN_READ_TIMEOUT_MS", default_value_t = store::DEFAULT_READ_TIMEOUT.as_millis() as u64)]
+    #[arg(long, env = "MERIDIAN_READ_TIMEOUT_MS", default_value_t = store::DEFAULT_READ_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub read_timeout_ms: u64,
     /// Aggregate states cached in memory.
     #[arg(long, env = "MERIDIAN_CACHE_CAPACITY", default_value_t = executor::DEFAULT_CACHE_CAPACITY)]

@@ -154,10 +154,18 @@ impl Cluster {
         executor: Executor,
         shutdown: CancellationToken,
     ) -> Self {
+        // The server gives up on a statement when the driver does (`bounded`): an
+        // acquire waiting on a lease row's lock (an append still running under the old
+        // owner) would otherwise commit long after its caller moved on, on a check of
+        // the old owner's liveness made when it started waiting.
+        let options = (*pool.connect_options()).clone().options([(
+            "statement_timeout",
+            format!("{}ms", config.dead_after.as_millis()),
+        )]);
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(config.dead_after)
-            .connect_lazy_with((*pool.connect_options()).clone());
+            .connect_lazy_with(options);
         let (inputs, rx) = mpsc::unbounded_channel();
         let node = Node::new(config.node_id.clone(), config.partitions);
         let slots = (0..config.partitions)
@@ -416,7 +424,7 @@ impl Cluster {
         &self,
         call: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        store::bounded(&self.inner.pool, self.inner.config.dead_after, call).await
+        store::bounded(&self.inner.pool, Some(self.inner.config.dead_after), call).await
     }
 
     async fn poll(&self) {

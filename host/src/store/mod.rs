@@ -168,20 +168,25 @@ pub fn read_timeout() -> Duration {
     Duration::from_millis(READ_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
 }
 
-/// Runs `call` on a connection of `pool`, giving the database `limit` to answer.
+/// Runs `call` on a connection of `pool`, giving the database `limit` to answer (`None`:
+/// as long as it takes, for work that may rightly take longer than any such limit).
 ///
 /// A connection gone silent mid-call (a failover to another address, a firewall
 /// dropping the flow: no answer and no reset) would otherwise hold the call until the
 /// kernel gives up on it, about a quarter of an hour, and whatever waits on the call
 /// with it (a command and its partition, a heartbeat). One that did not answer in time
 /// is dropped, not handed back to the pool: the pool checks a returned connection with
-/// a ping, which would wait as long, keeping the connection's place in the pool.
+/// a ping, which would wait as long, keeping the connection's place in the pool. The
+/// limit starts once the connection is lent; lending it has the pool's own timeout.
 pub async fn bounded<T>(
     pool: &PgPool,
-    limit: Duration,
+    limit: Option<Duration>,
     call: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     let mut conn = pool.acquire().await?;
+    let Some(limit) = limit else {
+        return call(&mut conn).await;
+    };
     match tokio::time::timeout(limit, call(&mut conn)).await {
         Ok(result) => result,
         Err(_) => {

@@ -113,7 +113,7 @@ pub async fn snapshot(
     key: &AggregateKey,
     plugin_version: i32,
 ) -> Result<Option<Snapshot>, StoreError> {
-    super::bounded(pool, super::read_timeout(), async |conn| {
+    super::bounded(pool, Some(super::read_timeout()), async |conn| {
         let row = sqlx::query(
             "SELECT version, plugin_version, state FROM snapshots \
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND plugin_version = $3",
@@ -144,7 +144,7 @@ pub async fn save_snapshot(
     key: &AggregateKey,
     snapshot: &Snapshot,
 ) -> Result<(), StoreError> {
-    super::bounded(pool, super::read_timeout(), async |conn| {
+    super::bounded(pool, Some(super::read_timeout()), async |conn| {
         sqlx::query(
             "INSERT INTO snapshots (aggregate_type, aggregate_id, version, plugin_version, state) \
              VALUES ($1, $2, $3, $4, $5) \
@@ -189,7 +189,7 @@ pub async fn aggregate_page(
     last: i64,
     max_bytes: usize,
 ) -> Result<Chunk<StoredEvent>, StoreError> {
-    super::bounded(pool, super::read_timeout(), async |conn| {
+    super::bounded(pool, Some(super::read_timeout()), async |conn| {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events \
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND version BETWEEN $3 AND $4 \
@@ -259,7 +259,8 @@ pub async fn oldest_and_newest(
     aggregate_type: &str,
     each_end: i64,
 ) -> Result<Vec<String>, StoreError> {
-    super::bounded(pool, super::read_timeout(), async |conn| {
+    // Scans the type's rows: as long as that takes.
+    super::bounded(pool, None, async |conn| {
         let ids = sqlx::query_scalar(
             "SELECT aggregate_id FROM ( \
                  (SELECT aggregate_id, created_at FROM streams \
@@ -292,6 +293,18 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
+    /// How long a read with this filter may wait for the database: the read timeout
+    /// when unfiltered (the order index hands over the rows at once), no limit when
+    /// filtered, since the rows that pass may lie far apart in that index: such a read
+    /// can rightly scan for longer than any limit meant for a silent connection, and
+    /// cut off it would fail again each time it is retried.
+    pub fn scan_limit(&self) -> Option<std::time::Duration> {
+        let filtered = self.aggregate_type.is_some()
+            || self.aggregate_id.is_some()
+            || self.origin_region.is_some();
+        (!filtered).then(super::read_timeout)
+    }
+
     /// Whether `event` passes this filter: the same test `read_all` makes in SQL, for
     /// events that arrive some other way (a live stream's shared pages).
     pub fn matches(&self, event: &StoredEvent) -> bool {
@@ -340,7 +353,7 @@ pub async fn order_key(pool: &PgPool, position: i64) -> Result<OrderKey, StoreEr
     if position <= 0 {
         return Ok(OrderKey::START);
     }
-    let tx: Option<i64> = super::bounded(pool, super::read_timeout(), async |conn| {
+    let tx: Option<i64> = super::bounded(pool, Some(super::read_timeout()), async |conn| {
         Ok(
             sqlx::query_scalar("SELECT tx_id::text::bigint FROM events WHERE position = $1")
                 .bind(position)
@@ -384,7 +397,7 @@ pub async fn read_after(
     max_bytes: usize,
     filter: &EventFilter,
 ) -> Result<Chunk<(OrderKey, StoredEvent)>, StoreError> {
-    super::bounded(pool, super::read_timeout(), async |conn| {
+    super::bounded(pool, filter.scan_limit(), async |conn| {
         let bound = if until.is_some() {
             "AND (tx_id, position) <= ($7::text::xid8, $8) "
         } else {
@@ -426,7 +439,7 @@ pub async fn read_after(
 
 /// The aggregate's current version in the store (0 if it has no events).
 pub async fn stream_version(pool: &PgPool, key: &AggregateKey) -> Result<i64, StoreError> {
-    super::bounded(pool, super::read_timeout(), async |conn| {
+    super::bounded(pool, Some(super::read_timeout()), async |conn| {
         let version: Option<i64> = sqlx::query_scalar(
             "SELECT version FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2",
         )
@@ -444,7 +457,7 @@ pub async fn command_result(
     pool: &PgPool,
     command_id: Uuid,
 ) -> Result<Option<(AggregateKey, i64, i64)>, StoreError> {
-    super::bounded(pool, super::read_timeout(), async |conn| {
+    super::bounded(pool, Some(super::read_timeout()), async |conn| {
         let row = sqlx::query(
             "SELECT aggregate_type, aggregate_id, first_version, last_version FROM commands WHERE command_id = $1",
         )
@@ -475,7 +488,7 @@ pub async fn head(pool: &PgPool) -> Result<i64, StoreError> {
 
 /// [`head`] with its key ([`OrderKey::START`] when there is no event yet).
 pub async fn head_key(pool: &PgPool) -> Result<OrderKey, StoreError> {
-    super::bounded(pool, super::read_timeout(), async |conn| {
+    super::bounded(pool, Some(super::read_timeout()), async |conn| {
         let key: Option<(i64, i64)> = sqlx::query_as(
             "SELECT tx_id::text::bigint, position FROM events \
              WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \

@@ -308,6 +308,35 @@ mod tests {
         }
     }
 
+    /// As `store::cluster::acquire`: another node's lease only while it is dead; one's
+    /// own at any time.
+    #[test]
+    fn another_nodes_lease_is_taken_only_while_it_is_dead() {
+        let mut db = Db::new(1, 3_000_000, true);
+        let op = |owner, epoch| DbOp::Acquire {
+            partition: 0,
+            expected_owner: owner,
+            expected_epoch: epoch,
+        };
+        db.apply(0, &DbOp::Heartbeat(MemberState::Ready), 0, &names());
+        assert!(matches!(
+            db.apply(0, &op(None, 0), 0, &names()),
+            DbReply::Acquired(Some(1))
+        ));
+        assert!(matches!(
+            db.apply(1, &op(Some(0), 1), 2_999_999, &names()),
+            DbReply::Acquired(None)
+        ));
+        assert!(matches!(
+            db.apply(0, &op(Some(0), 1), 2_999_999, &names()),
+            DbReply::Acquired(Some(2))
+        ));
+        assert!(matches!(
+            db.apply(1, &op(Some(0), 2), 3_000_000, &names()),
+            DbReply::Acquired(Some(3))
+        ));
+    }
+
     #[test]
     fn the_model_follows_the_append_function() {
         let mut db = Db::new(1, 3_000_000, true);
