@@ -443,10 +443,7 @@ async fn timed<T>(
                 timeout_ms = config.batch_timeout.as_millis() as u64,
                 "an append batch got no answer from the database in time; giving its connection up"
             );
-            Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer from the database within the batch timeout",
-            ))))
+            Err(super::unanswered(config.batch_timeout))
         })
 }
 

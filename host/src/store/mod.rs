@@ -195,15 +195,22 @@ pub async fn bounded<T>(
                 timeout_ms = limit.as_millis() as u64,
                 "no answer from the database in time; dropped the connection"
             );
-            Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer from the database within {} ms",
-                    limit.as_millis()
-                ),
-            ))))
+            Err(unanswered(limit))
         }
     }
+}
+
+/// The error of a call that got no answer within `limit`: an I/O time-out, which callers
+/// take for a lost connection (the call's outcome is unknown, as when a connection
+/// breaks mid-call).
+pub(crate) fn unanswered(limit: Duration) -> StoreError {
+    StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "no answer from the database within {} ms",
+            limit.as_millis()
+        ),
+    )))
 }
 
 /// How to reach the database.

@@ -113,7 +113,7 @@ pub async fn snapshot(
     key: &AggregateKey,
     plugin_version: i32,
 ) -> Result<Option<Snapshot>, StoreError> {
-    super::bounded(pool, Some(super::read_timeout()), async |conn| {
+    bounded_read(pool, async |conn| {
         let row = sqlx::query(
             "SELECT version, plugin_version, state FROM snapshots \
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND plugin_version = $3",
@@ -144,7 +144,7 @@ pub async fn save_snapshot(
     key: &AggregateKey,
     snapshot: &Snapshot,
 ) -> Result<(), StoreError> {
-    super::bounded(pool, Some(super::read_timeout()), async |conn| {
+    bounded_read(pool, async |conn| {
         sqlx::query(
             "INSERT INTO snapshots (aggregate_type, aggregate_id, version, plugin_version, state) \
              VALUES ($1, $2, $3, $4, $5) \
@@ -189,7 +189,7 @@ pub async fn aggregate_page(
     last: i64,
     max_bytes: usize,
 ) -> Result<Chunk<StoredEvent>, StoreError> {
-    super::bounded(pool, Some(super::read_timeout()), async |conn| {
+    bounded_read(pool, async |conn| {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events \
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND version BETWEEN $3 AND $4 \
@@ -228,6 +228,15 @@ impl<T> Chunk<T> {
     pub fn more(&self, limit: i64) -> bool {
         self.cut || self.events.len() as i64 >= limit
     }
+}
+
+/// [`super::bounded`] with the process's [`super::read_timeout`]: the limit of a
+/// command's reads and of the unfiltered reads of the region's events.
+async fn bounded_read<T>(
+    pool: &PgPool,
+    call: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    super::bounded(pool, Some(super::read_timeout()), call).await
 }
 
 /// The rows' events, in order, up to and with the one that reaches `max_bytes`; the
@@ -353,7 +362,7 @@ pub async fn order_key(pool: &PgPool, position: i64) -> Result<OrderKey, StoreEr
     if position <= 0 {
         return Ok(OrderKey::START);
     }
-    let tx: Option<i64> = super::bounded(pool, Some(super::read_timeout()), async |conn| {
+    let tx: Option<i64> = bounded_read(pool, async |conn| {
         Ok(
             sqlx::query_scalar("SELECT tx_id::text::bigint FROM events WHERE position = $1")
                 .bind(position)
@@ -439,7 +448,7 @@ pub async fn read_after(
 
 /// The aggregate's current version in the store (0 if it has no events).
 pub async fn stream_version(pool: &PgPool, key: &AggregateKey) -> Result<i64, StoreError> {
-    super::bounded(pool, Some(super::read_timeout()), async |conn| {
+    bounded_read(pool, async |conn| {
         let version: Option<i64> = sqlx::query_scalar(
             "SELECT version FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2",
         )
@@ -457,7 +466,7 @@ pub async fn command_result(
     pool: &PgPool,
     command_id: Uuid,
 ) -> Result<Option<(AggregateKey, i64, i64)>, StoreError> {
-    super::bounded(pool, Some(super::read_timeout()), async |conn| {
+    bounded_read(pool, async |conn| {
         let row = sqlx::query(
             "SELECT aggregate_type, aggregate_id, first_version, last_version FROM commands WHERE command_id = $1",
         )
@@ -488,7 +497,7 @@ pub async fn head(pool: &PgPool) -> Result<i64, StoreError> {
 
 /// [`head`] with its key ([`OrderKey::START`] when there is no event yet).
 pub async fn head_key(pool: &PgPool) -> Result<OrderKey, StoreError> {
-    super::bounded(pool, Some(super::read_timeout()), async |conn| {
+    bounded_read(pool, async |conn| {
         let key: Option<(i64, i64)> = sqlx::query_as(
             "SELECT tx_id::text::bigint, position FROM events \
              WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \

@@ -19,6 +19,13 @@ pub struct MemberRow {
     pub heartbeat: Time,
 }
 
+impl MemberRow {
+    /// Whether its last heartbeat is within `dead_after` of `now`.
+    pub fn fresh(&self, now: Time, dead_after: Time) -> bool {
+        now.saturating_sub(self.heartbeat) < dead_after
+    }
+}
+
 /// One lease row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseRow {
@@ -165,7 +172,7 @@ impl Db {
         }
         self.members
             .get(&slot)
-            .is_some_and(|m| now.saturating_sub(m.heartbeat) < self.dead_after)
+            .is_some_and(|m| m.fresh(now, self.dead_after))
     }
 
     /// Executes one operation from node `slot` at database time `now`.

@@ -32,8 +32,8 @@
 //!
 //! [`SimOptions::disable_fence`] turns the store's fence off, and
 //! [`SimOptions::blind_observation`] has the store read a live member as dead for a
-//! moment, to prove the checker has teeth; [`SimOptions::slow_db`] makes the database slow (tens of milliseconds, with
-//! second-long tails); [`SimOptions::heartbeat_apart`] (on by default, as in the real
+//! moment, to prove the checker has teeth; [`SimOptions::slow_db`] makes the database
+//! slow (tens of milliseconds, with second-long tails); [`SimOptions::heartbeat_apart`] (on by default, as in the real
 //! driver) keeps the heartbeat on its own timer; turned off, it models a driver whose
 //! heartbeat waits behind its lease operations, which a slow database turns into
 //! flapping membership.

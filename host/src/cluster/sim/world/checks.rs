@@ -102,7 +102,7 @@ impl World {
             .db
             .members
             .iter()
-            .find(|(_, m)| now.saturating_sub(m.heartbeat) >= dead_after)
+            .find(|(_, m)| !m.fresh(now, dead_after))
             .map(|(n, _)| *n)
         {
             let why = format!("n{dead} missed its heartbeats");
@@ -133,7 +133,7 @@ impl World {
                 format!("n{n} is {} now", state.as_str())
             }
             (DbOp::Heartbeat(_) | DbOp::Announce(_), Some(m))
-                if self.now.saturating_sub(m.heartbeat) >= self.db.dead_after =>
+                if !m.fresh(self.now, self.db.dead_after) =>
             {
                 format!("n{n} is back from the dead")
             }
