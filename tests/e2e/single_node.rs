@@ -466,6 +466,22 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             .unwrap();
         assert_eq!(answer.status(), 400, "Last-Event-ID {last_event_id}");
     }
+    // A page size out of range, whether the answer would be a page or a stream.
+    for accept in ["application/json", "text/event-stream"] {
+        for limit in ["0", "-5", "10001"] {
+            let answer = api
+                .http
+                .get(format!("{}/v1/events?limit={limit}", api.base))
+                .header("accept", accept)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 400, "limit={limit} ({accept})");
+            let body: Value = answer.json().await.unwrap();
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("limit"), "limit={limit}: {body}");
+        }
+    }
     // An id URL parsers resolve away: a raw request, since clients resolve it first.
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1427,6 +1443,90 @@ async fn a_read_on_a_connection_gone_silent_fails_in_time_and_reads_go_on() {
         }
     })
     .await;
+}
+
+/// The registry's and the consumer groups' calls have the same limit as a command's
+/// reads: an upload check, a plugin list or an ack on a connection gone silent answers
+/// 503 in time instead of holding its request (and its pool slot) until the kernel gives
+/// up on the socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_and_group_calls_on_a_connection_gone_silent_fail_in_time() {
+    use crate::harness::{DbProxy, upload_and_open};
+
+    let db = TestDb::new("silent_registry").await;
+    let proxy = DbProxy::start_slow(&db, Duration::from_millis(20)).await;
+    let mut options = HostOptions::default();
+    options
+        .env
+        .push(("MERIDIAN_READ_TIMEOUT_MS".into(), "2000".into()));
+    options.env.push(("MERIDIAN_PARTITIONS".into(), "8".into()));
+    let host = Host::spawn(&proxy.url, options);
+    host.wait_ready(Duration::from_secs(60)).await;
+    let api = host.client();
+    upload_and_open(&api, "silent-registry").await;
+    let (status, head) = api.get("/v1/events/head").await;
+    assert_eq!(status, 200, "{head}");
+    let position = head["position"].as_i64().expect("a head position");
+    let ack = serde_json::json!({"position": position, "members": 1}).to_string();
+
+    // Two readers per call, each sending it back to back, so that every call has one
+    // on its way when the silence comes.
+    let calls: [(&str, Option<String>); 5] = [
+        ("/v1/plugins", None),
+        ("/v1/plugins/bank-account", None),
+        ("/v1/plugins/bank-account/limits", None),
+        ("/v1/groups/silent", None),
+        ("/v1/groups/silent/members/0/ack", Some(ack)),
+    ];
+    let stop = tokio_util::sync::CancellationToken::new();
+    let readers: Vec<_> = (0..calls.len() * 2)
+        .map(|i| {
+            let (api, stop) = (api.clone(), stop.clone());
+            let (path, body) = calls[i % calls.len()].clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while !stop.is_cancelled() {
+                    let call = async {
+                        match &body {
+                            Some(body) => api.post_raw(path, body.clone().into_bytes()).await,
+                            None => api.get(path).await,
+                        }
+                    };
+                    let answer = tokio::time::timeout(Duration::from_secs(20), call).await;
+                    let (status, body) =
+                        answer.unwrap_or_else(|_| panic!("{path} waited on a silent connection"));
+                    answers.push((path, status, body));
+                }
+                answers
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.silence();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.cancel();
+    let mut unavailable = 0;
+    for reader in readers {
+        for (path, status, body) in reader.await.unwrap() {
+            match status {
+                200 => {}
+                503 => {
+                    assert_eq!(body["error"]["code"], "store_unavailable", "{path}: {body}");
+                    unavailable += 1;
+                }
+                _ => panic!("{path}: {status}: {body}"),
+            }
+        }
+    }
+    assert!(unavailable > 0, "no call met the silence");
+    // The host goes on over new connections.
+    for (path, _) in &calls[..4] {
+        crate::harness::eventually(|| {
+            let api = api.clone();
+            async move { (api.get(path).await.0 == 200).then_some(()) }
+        })
+        .await;
+    }
 }
 
 /// A database connection that goes silent mid-batch (no answer and no reset: a

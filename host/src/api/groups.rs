@@ -90,6 +90,8 @@ pub(super) fn from_query(query: &EventsQuery) -> Result<Option<GroupMember>, Api
         return Ok(None);
     };
     let (Some(member), Some(members)) = (&query.member, &query.members) else {
+        // Not checked yet: shown escaped and cut, as any name a client sent.
+        let group = super::shown(group);
         return Err(ApiError::bad_request(format!(
             "group `{group}` needs both `member` (this member, from 0) and `members` (how many): send group={group}&member=<i>&members=<n>"
         )));

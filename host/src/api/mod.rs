@@ -1143,7 +1143,8 @@ pub struct EventsQuery {
     #[param(minimum = 0)]
     pub after: Option<i64>,
     /// Most events to return (default 1000, at most 10000; a page stops early once
-    /// its events reach 16 MiB).
+    /// its events reach 16 MiB). A stream has no pages, but a value out of range is
+    /// refused there too.
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<i64>,
     /// Only this aggregate type.
@@ -1201,10 +1202,12 @@ async fn list_events(
         validate_id(aggregate_id)?;
     }
     let group = groups::from_query(&query)?;
+    // Checked for a stream too, which has no pages: a `limit` out of range is a mistake
+    // either way, and the same query should not be refused or taken by its `Accept`.
+    let limit = page_limit(query.limit)?;
     if wants_stream {
         return stream_events(state, &headers, query, group).await;
     }
-    let limit = page_limit(query.limit)?;
     let filter = EventFilter {
         aggregate_type: query.aggregate_type,
         aggregate_id: query.aggregate_id,

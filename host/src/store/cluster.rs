@@ -161,14 +161,17 @@ pub async fn live_addresses(
     pool: &PgPool,
     dead_after: Duration,
 ) -> Result<Vec<(String, String)>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT node_id, address FROM members \
-         WHERE last_heartbeat >= now() - make_interval(secs => $1::double precision / 1000) \
-         ORDER BY node_id",
-    )
-    .bind(dead_after.as_millis() as i64)
-    .fetch_all(pool)
-    .await?)
+    super::bounded_read(pool, async |conn| {
+        Ok(sqlx::query_as(
+            "SELECT node_id, address FROM members \
+             WHERE last_heartbeat >= now() - make_interval(secs => $1::double precision / 1000) \
+             ORDER BY node_id",
+        )
+        .bind(dead_after.as_millis() as i64)
+        .fetch_all(conn)
+        .await?)
+    })
+    .await
 }
 
 /// Removes this node's row when it leaves cleanly (unless another process has taken

@@ -13,9 +13,9 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 
-use super::StoreError;
+use super::{StoreError, bounded_read};
 
 /// The member of a group of `members` that an aggregate's events go to: the same stable
 /// hash of type and id the cluster uses for partitions (FNV-1a, then splitmix64's
@@ -51,7 +51,14 @@ pub enum StartFrom {
 
 /// The position a member resumes after (0: the beginning) and where it came from.
 pub async fn start(pool: &PgPool, slot: &GroupMember) -> Result<(i64, StartFrom), StoreError> {
-    if let Some(position) = acknowledged(pool, slot).await? {
+    bounded_read(pool, async |conn| start_on(conn, slot).await).await
+}
+
+async fn start_on(
+    conn: &mut PgConnection,
+    slot: &GroupMember,
+) -> Result<(i64, StartFrom), StoreError> {
+    if let Some(position) = acknowledged(&mut *conn, slot).await? {
         return Ok((position, StartFrom::Acknowledged));
     }
     // Not the same layout: a member of this layout that has not acknowledged yet may be
@@ -67,7 +74,7 @@ pub async fn start(pool: &PgPool, slot: &GroupMember) -> Result<(i64, StartFrom)
     )
     .bind(&slot.group)
     .bind(slot.members as i32)
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await?;
     Ok(match oldest {
         Some(_) if incomplete => (0, StartFrom::OtherLayout),
@@ -77,7 +84,10 @@ pub async fn start(pool: &PgPool, slot: &GroupMember) -> Result<(i64, StartFrom)
 }
 
 /// The member's own acknowledged position, if it has one.
-async fn acknowledged(pool: &PgPool, slot: &GroupMember) -> Result<Option<i64>, StoreError> {
+async fn acknowledged(
+    conn: &mut PgConnection,
+    slot: &GroupMember,
+) -> Result<Option<i64>, StoreError> {
     Ok(sqlx::query_scalar(
         "SELECT position FROM consumer_group_positions \
          WHERE group_name = $1 AND members = $2 AND member = $3",
@@ -85,7 +95,7 @@ async fn acknowledged(pool: &PgPool, slot: &GroupMember) -> Result<Option<i64>, 
     .bind(&slot.group)
     .bind(slot.members as i32)
     .bind(slot.member as i32)
-    .fetch_optional(pool)
+    .fetch_optional(conn)
     .await?)
 }
 
@@ -112,10 +122,18 @@ pub async fn ack(
     slot: &GroupMember,
     position: i64,
 ) -> Result<AckOutcome, StoreError> {
+    bounded_read(pool, async |conn| ack_on(conn, slot, position).await).await
+}
+
+async fn ack_on(
+    conn: &mut PgConnection,
+    slot: &GroupMember,
+    position: i64,
+) -> Result<AckOutcome, StoreError> {
     // 0 is the `next` of a page from the beginning that found nothing: acknowledging
     // it is acknowledging nothing, which leaves any stored position as it is.
     if position == 0 {
-        let stored = acknowledged(pool, slot).await?.unwrap_or(0);
+        let stored = acknowledged(conn, slot).await?.unwrap_or(0);
         return Ok(AckOutcome::Ignored { stored });
     }
     // Only a position the tail could have delivered (below the horizon of running
@@ -137,7 +155,7 @@ pub async fn ack(
     .bind(slot.members as i32)
     .bind(slot.member as i32)
     .bind(position)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?;
     if advanced.is_some() {
         return Ok(AckOutcome::Advanced);
@@ -149,12 +167,12 @@ pub async fn ack(
                           AND tx_id < pg_snapshot_xmin(pg_current_snapshot()))",
     )
     .bind(position)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     if !delivered {
         return Ok(AckOutcome::NotDelivered);
     }
-    let (stored, _) = start(pool, slot).await?;
+    let (stored, _) = start_on(conn, slot).await?;
     Ok(AckOutcome::Ignored { stored })
 }
 
@@ -173,12 +191,15 @@ pub struct GroupPosition {
 
 /// Every stored position of a group, by layout and member.
 pub async fn positions(pool: &PgPool, group: &str) -> Result<Vec<GroupPosition>, StoreError> {
-    sqlx::query(
-        "SELECT members, member, position, acked_at FROM consumer_group_positions \
-         WHERE group_name = $1 ORDER BY members, member",
-    )
-    .bind(group)
-    .fetch_all(pool)
+    bounded_read(pool, async |conn| {
+        Ok(sqlx::query(
+            "SELECT members, member, position, acked_at FROM consumer_group_positions \
+             WHERE group_name = $1 ORDER BY members, member",
+        )
+        .bind(group)
+        .fetch_all(conn)
+        .await?)
+    })
     .await?
     .iter()
     .map(|row| {

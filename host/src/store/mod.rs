@@ -200,6 +200,16 @@ pub async fn bounded<T>(
     }
 }
 
+/// [`bounded`] with the process's [`read_timeout`]: the limit of every call whose
+/// work is small and known (a command's reads, the unfiltered reads of the region's
+/// events, the registry's, the groups' and the relay's bookkeeping).
+pub(crate) async fn bounded_read<T>(
+    pool: &PgPool,
+    call: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    bounded(pool, Some(read_timeout()), call).await
+}
+
 /// The error of a call that got no answer within `limit`: an I/O time-out, which callers
 /// take for a lost connection (the call's outcome is unknown, as when a connection
 /// breaks mid-call).

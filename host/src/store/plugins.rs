@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 
-use super::StoreError;
+use super::{StoreError, bounded_read};
 use crate::runtime::SandboxLimits;
 
 /// A stored plugin version, without its bytes.
@@ -109,11 +109,14 @@ pub async fn store(
 
 /// The newest version of every aggregate type.
 pub async fn list_latest(pool: &PgPool) -> Result<Vec<PluginInfo>, StoreError> {
-    sqlx::query(&format!(
-        "SELECT DISTINCT ON (aggregate_type) {INFO_COLUMNS} FROM plugins \
-         ORDER BY aggregate_type, version DESC"
-    ))
-    .fetch_all(pool)
+    bounded_read(pool, async |conn| {
+        Ok(sqlx::query(&format!(
+            "SELECT DISTINCT ON (aggregate_type) {INFO_COLUMNS} FROM plugins \
+             ORDER BY aggregate_type, version DESC"
+        ))
+        .fetch_all(conn)
+        .await?)
+    })
     .await?
     .iter()
     .map(info)
@@ -124,19 +127,25 @@ pub async fn list_latest(pool: &PgPool) -> Result<Vec<PluginInfo>, StoreError> {
 pub async fn stored_sha256s(
     pool: &PgPool,
 ) -> Result<std::collections::HashSet<String>, StoreError> {
-    let shas: Vec<String> = sqlx::query_scalar("SELECT DISTINCT sha256 FROM plugins")
-        .fetch_all(pool)
-        .await?;
+    let shas: Vec<String> = bounded_read(pool, async |conn| {
+        Ok(sqlx::query_scalar("SELECT DISTINCT sha256 FROM plugins")
+            .fetch_all(conn)
+            .await?)
+    })
+    .await?;
     Ok(shas.into_iter().collect())
 }
 
 /// Every version of one aggregate type, newest first.
 pub async fn versions(pool: &PgPool, aggregate_type: &str) -> Result<Vec<PluginInfo>, StoreError> {
-    sqlx::query(&format!(
-        "SELECT {INFO_COLUMNS} FROM plugins WHERE aggregate_type = $1 ORDER BY version DESC"
-    ))
-    .bind(aggregate_type)
-    .fetch_all(pool)
+    bounded_read(pool, async |conn| {
+        Ok(sqlx::query(&format!(
+            "SELECT {INFO_COLUMNS} FROM plugins WHERE aggregate_type = $1 ORDER BY version DESC"
+        ))
+        .bind(aggregate_type)
+        .fetch_all(conn)
+        .await?)
+    })
     .await?
     .iter()
     .map(info)
@@ -148,12 +157,15 @@ pub async fn latest_with_bytes(
     pool: &PgPool,
     aggregate_type: &str,
 ) -> Result<Option<(PluginInfo, Vec<u8>)>, StoreError> {
-    let row = sqlx::query(&format!(
-        "SELECT {INFO_COLUMNS}, component FROM plugins WHERE aggregate_type = $1 \
-         ORDER BY version DESC LIMIT 1"
-    ))
-    .bind(aggregate_type)
-    .fetch_optional(pool)
+    let row = bounded_read(pool, async |conn| {
+        Ok(sqlx::query(&format!(
+            "SELECT {INFO_COLUMNS}, component FROM plugins WHERE aggregate_type = $1 \
+             ORDER BY version DESC LIMIT 1"
+        ))
+        .bind(aggregate_type)
+        .fetch_optional(conn)
+        .await?)
+    })
     .await?;
     row.map(|row| Ok((info(&row)?, row.try_get("component")?)))
         .transpose()
@@ -173,7 +185,7 @@ async fn lock_type(tx: &mut sqlx::PgConnection, aggregate_type: &str) -> Result<
 
 /// The sandbox limits of a type: the operator's, or the defaults.
 pub async fn limits(pool: &PgPool, aggregate_type: &str) -> Result<SandboxLimits, StoreError> {
-    limits_of(&mut *pool.acquire().await?, aggregate_type).await
+    bounded_read(pool, async |conn| limits_of(conn, aggregate_type).await).await
 }
 
 async fn limits_of(
@@ -208,10 +220,14 @@ pub async fn ensure_limits(
 pub async fn all_limits(
     pool: &PgPool,
 ) -> Result<std::collections::HashMap<String, SandboxLimits>, StoreError> {
-    let rows: Vec<(String, sqlx::types::Json<SandboxLimits>)> =
-        sqlx::query_as("SELECT aggregate_type, limits FROM plugin_limits")
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<(String, sqlx::types::Json<SandboxLimits>)> = bounded_read(pool, async |conn| {
+        Ok(
+            sqlx::query_as("SELECT aggregate_type, limits FROM plugin_limits")
+                .fetch_all(conn)
+                .await?,
+        )
+    })
+    .await?;
     Ok(rows.into_iter().map(|(t, l)| (t, l.0)).collect())
 }
 
@@ -285,11 +301,14 @@ pub async fn store_version(
 
 /// Every `(aggregate_type, version)` stored in this region.
 pub async fn stored_versions(pool: &PgPool) -> Result<Vec<(String, i32)>, StoreError> {
-    Ok(
-        sqlx::query_as("SELECT aggregate_type, version FROM plugins")
-            .fetch_all(pool)
-            .await?,
-    )
+    bounded_read(pool, async |conn| {
+        Ok(
+            sqlx::query_as("SELECT aggregate_type, version FROM plugins")
+                .fetch_all(conn)
+                .await?,
+        )
+    })
+    .await
 }
 
 /// Records that `node` now runs `version` of `aggregate_type` (see [`hosts_running`]).
@@ -299,16 +318,19 @@ pub async fn record_running(
     aggregate_type: &str,
     version: i32,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO plugins_running (node_id, aggregate_type, version) VALUES ($1, $2, $3) \
-         ON CONFLICT (node_id, aggregate_type) DO UPDATE SET version = EXCLUDED.version, since = now()",
-    )
-    .bind(node)
-    .bind(aggregate_type)
-    .bind(version)
-    .execute(pool)
-    .await?;
-    Ok(())
+    bounded_read(pool, async |conn| {
+        sqlx::query(
+            "INSERT INTO plugins_running (node_id, aggregate_type, version) VALUES ($1, $2, $3) \
+             ON CONFLICT (node_id, aggregate_type) DO UPDATE SET version = EXCLUDED.version, since = now()",
+        )
+        .bind(node)
+        .bind(aggregate_type)
+        .bind(version)
+        .execute(conn)
+        .await?;
+        Ok(())
+    })
+    .await
 }
 
 /// The live hosts of the region (not found dead, a heartbeat within `live_within`), by
@@ -319,16 +341,18 @@ pub async fn hosts_running(
     version: i32,
     live_within: std::time::Duration,
 ) -> Result<Vec<(String, bool)>, StoreError> {
-    let rows: Vec<(String, bool)> = sqlx::query_as(
-        "SELECT m.node_id, coalesce(r.version >= $2, false) FROM members m \
-         LEFT JOIN plugins_running r ON r.node_id = m.node_id AND r.aggregate_type = $1 \
-         WHERE NOT m.dead AND m.last_heartbeat > now() - make_interval(secs => $3) \
-         ORDER BY m.node_id",
-    )
-    .bind(aggregate_type)
-    .bind(version)
-    .bind(live_within.as_secs_f64())
-    .fetch_all(pool)
-    .await?;
-    Ok(rows)
+    bounded_read(pool, async |conn| {
+        Ok(sqlx::query_as(
+            "SELECT m.node_id, coalesce(r.version >= $2, false) FROM members m \
+             LEFT JOIN plugins_running r ON r.node_id = m.node_id AND r.aggregate_type = $1 \
+             WHERE NOT m.dead AND m.last_heartbeat > now() - make_interval(secs => $3) \
+             ORDER BY m.node_id",
+        )
+        .bind(aggregate_type)
+        .bind(version)
+        .bind(live_within.as_secs_f64())
+        .fetch_all(conn)
+        .await?)
+    })
+    .await
 }

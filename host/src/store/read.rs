@@ -16,7 +16,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use super::StoreError;
+use super::{StoreError, bounded_read};
 
 /// An aggregate's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -228,15 +228,6 @@ impl<T> Chunk<T> {
     pub fn more(&self, limit: i64) -> bool {
         self.cut || self.events.len() as i64 >= limit
     }
-}
-
-/// [`super::bounded`] with the process's [`super::read_timeout`]: the limit of a
-/// command's reads and of the unfiltered reads of the region's events.
-async fn bounded_read<T>(
-    pool: &PgPool,
-    call: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    super::bounded(pool, Some(super::read_timeout()), call).await
 }
 
 /// The rows' events, in order, up to and with the one that reaches `max_bytes`; the

@@ -41,13 +41,16 @@ pub async fn home_and_version(
     pool: &PgPool,
     key: &AggregateKey,
 ) -> Result<Option<(String, i64)>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT home_region, version FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2",
-    )
-    .bind(&key.aggregate_type)
-    .bind(&key.aggregate_id)
-    .fetch_optional(pool)
-    .await?)
+    super::bounded_read(pool, async |conn| {
+        Ok(sqlx::query_as(
+            "SELECT home_region, version FROM streams WHERE aggregate_type = $1 AND aggregate_id = $2",
+        )
+        .bind(&key.aggregate_type)
+        .bind(&key.aggregate_id)
+        .fetch_optional(conn)
+        .await?)
+    })
+    .await
 }
 
 /// Why a home move was refused.
@@ -291,22 +294,25 @@ pub async fn set_relay_status(
     received: i64,
     last_event_at: Option<DateTime<Utc>>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO relay_status (region, lag_ms, pending, events_received, last_event_at) \
-         VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (region) DO UPDATE SET lag_ms = EXCLUDED.lag_ms, pending = EXCLUDED.pending, \
-             events_received = EXCLUDED.events_received, \
-             last_event_at = coalesce(EXCLUDED.last_event_at, relay_status.last_event_at), \
-             updated_at = now()",
-    )
-    .bind(region)
-    .bind(lag_ms)
-    .bind(pending)
-    .bind(received)
-    .bind(last_event_at)
-    .execute(pool)
-    .await?;
-    Ok(())
+    super::bounded_read(pool, async |conn| {
+        sqlx::query(
+            "INSERT INTO relay_status (region, lag_ms, pending, events_received, last_event_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (region) DO UPDATE SET lag_ms = EXCLUDED.lag_ms, pending = EXCLUDED.pending, \
+                 events_received = EXCLUDED.events_received, \
+                 last_event_at = coalesce(EXCLUDED.last_event_at, relay_status.last_event_at), \
+                 updated_at = now()",
+        )
+        .bind(region)
+        .bind(lag_ms)
+        .bind(pending)
+        .bind(received)
+        .bind(last_event_at)
+        .execute(conn)
+        .await?;
+        Ok(())
+    })
+    .await
 }
 
 /// Records where `region`'s inbound consumer resumes should it go missing: stream
@@ -317,18 +323,21 @@ pub async fn save_inbound_resume(
     stream_created: DateTime<Utc>,
     sequence: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO relay_status (region, lag_ms, pending, inbound_resume_sequence, inbound_stream_created) \
-         VALUES ($1, 0, 0, $2, $3) \
-         ON CONFLICT (region) DO UPDATE SET inbound_resume_sequence = EXCLUDED.inbound_resume_sequence, \
-             inbound_stream_created = EXCLUDED.inbound_stream_created",
-    )
-    .bind(region)
-    .bind(sequence)
-    .bind(stream_created)
-    .execute(pool)
-    .await?;
-    Ok(())
+    super::bounded_read(pool, async |conn| {
+        sqlx::query(
+            "INSERT INTO relay_status (region, lag_ms, pending, inbound_resume_sequence, inbound_stream_created) \
+             VALUES ($1, 0, 0, $2, $3) \
+             ON CONFLICT (region) DO UPDATE SET inbound_resume_sequence = EXCLUDED.inbound_resume_sequence, \
+                 inbound_stream_created = EXCLUDED.inbound_stream_created",
+        )
+        .bind(region)
+        .bind(sequence)
+        .bind(stream_created)
+        .execute(conn)
+        .await?;
+        Ok(())
+    })
+    .await
 }
 
 /// Where `region`'s inbound consumer resumes should it go missing, if recorded for
@@ -338,12 +347,16 @@ pub async fn inbound_resume(
     region: &str,
     stream_created: DateTime<Utc>,
 ) -> Result<Option<i64>, StoreError> {
-    let saved: Option<(Option<i64>, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT inbound_resume_sequence, inbound_stream_created FROM relay_status WHERE region = $1",
-    )
-    .bind(region)
-    .fetch_optional(pool)
-    .await?;
+    let saved: Option<(Option<i64>, Option<DateTime<Utc>>)> =
+        super::bounded_read(pool, async |conn| {
+            Ok(sqlx::query_as(
+                "SELECT inbound_resume_sequence, inbound_stream_created FROM relay_status WHERE region = $1",
+            )
+            .bind(region)
+            .fetch_optional(conn)
+            .await?)
+        })
+        .await?;
     Ok(match saved {
         Some((Some(sequence), Some(created))) if created == stream_created => Some(sequence),
         _ => None,
@@ -352,11 +365,14 @@ pub async fn inbound_resume(
 
 /// The relay status of every other region this region receives from.
 pub async fn relay_status(pool: &PgPool) -> Result<Vec<RelayStatus>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT region, lag_ms, pending, events_received, last_event_at, updated_at \
-         FROM relay_status ORDER BY region",
-    )
-    .fetch_all(pool)
+    let rows = super::bounded_read(pool, async |conn| {
+        Ok(sqlx::query(
+            "SELECT region, lag_ms, pending, events_received, last_event_at, updated_at \
+             FROM relay_status ORDER BY region",
+        )
+        .fetch_all(conn)
+        .await?)
+    })
     .await?;
     rows.iter()
         .map(|row| {
