@@ -1332,6 +1332,74 @@ async fn a_move_sent_to_a_host_with_a_stale_view_of_the_home_is_passed_on_to_the
     assert_eq!(body["error"]["code"], "already_home", "{body}");
 }
 
+/// A move whose events have not reached the target yet: a move request sent to the
+/// target meanwhile must not leave its host believing it holds the aggregate. It did:
+/// the host took the directory's word that its region was the home, answered 404 "no
+/// events in this region", and then ran the aggregate's commands on an empty state,
+/// starting a second history that the move's events, once there, could not join.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_still_waiting_for_a_move_s_events_runs_no_command_before_them() {
+    let r = TwoRegions::start("early").await;
+    // West's database refuses east's events of the account for now (its relay lags).
+    let west_db = r.west_db.pool().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_early() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+         CREATE TRIGGER refuse_early BEFORE INSERT ON events FOR EACH ROW
+           WHEN (NEW.aggregate_id = 'early-1' AND NEW.metadata->>'origin_region' = 'east')
+           EXECUTE FUNCTION refuse_early();",
+    )
+    .execute(&west_db)
+    .await
+    .expect("install the refusing trigger");
+    let (status, body, _) = send(&r.east[0], "early-1", json!({"type":"Open","owner":"ann"})).await;
+    assert_eq!(status, 200, "{body}");
+    let move_via = async |host: &Host, region: &str| {
+        host.client()
+            .post_raw(
+                "/v1/aggregates/bank-account/early-1/move-home",
+                json!({ "region": region }).to_string().into_bytes(),
+            )
+            .await
+    };
+    let (status, body) = move_via(&r.east[0], WEST).await;
+    assert_eq!(status, 200, "{body}{}", r.logs());
+    assert_eq!(body["target_has_all_events"], false, "{body}");
+
+    // A move sent to west meanwhile: the move is on its way there, not a missing aggregate.
+    let (status, body) = move_via(&r.west[0], EAST).await;
+    assert_eq!(status, 503, "{body}{}", r.logs());
+    assert_eq!(body["error"]["code"], "home_moving", "{body}");
+    // Nor does west run a command on the state it does not have yet.
+    let (status, body, _) = send(&r.west[0], "early-1", json!({"type":"Open","owner":"bob"})).await;
+    assert_eq!(status, 503, "{body}{}", r.logs());
+    assert_eq!(body["error"]["code"], "home_moving", "{body}");
+
+    // Once east's events are in, west runs the account from its whole history.
+    sqlx::raw_sql("DROP TRIGGER refuse_early ON events")
+        .execute(&west_db)
+        .await
+        .expect("drop the trigger");
+    r.wait_until_west_holds("early-1", 2).await;
+    let (status, body, region) =
+        send(&r.west[0], "early-1", json!({"type":"Deposit","amount":4})).await;
+    assert_eq!(status, 200, "{body}{}", r.logs());
+    assert_eq!(region, None, "run in west itself");
+    assert_eq!(body["version"], 3, "{body}");
+    // The feed shows an event once every older transaction has ended.
+    let west = &r.west[0];
+    let events =
+        eventually(|| async { Some(events_of(west, "early-1").await).filter(|e| e.len() == 3) })
+            .await;
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["Opened", "$meridian.HomeMoved", "Deposited"]);
+    let (_, state) = r.west[0]
+        .client()
+        .get("/v1/aggregates/bank-account/early-1")
+        .await;
+    assert_eq!(state["state"]["owner"], "ann", "{state}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_uploaded_in_east_runs_in_west_and_an_unreachable_home_is_a_503() {
     let mut r = TwoRegions::start("plug").await;

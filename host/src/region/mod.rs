@@ -517,11 +517,18 @@ impl Regions {
             .get(home_key(key))
             .await
             .map_err(|e| RegionError::Nats(format!("directory {HOMES_BUCKET}: {e}")))?;
-        let home = entry.map(|value| Home::parse(&String::from_utf8_lossy(&value)));
-        if let Some(home) = &home {
-            self.remember(key, home.clone());
+        let Some(mut home) = entry.map(|value| Home::parse(&String::from_utf8_lossy(&value)))
+        else {
+            return Ok(None);
+        };
+        // Named the home by a move whose events have not all arrived: wait for them, as
+        // `home` does. Remembered before they are here, this host would run the
+        // aggregate's commands on the state it has — none — and start a second history.
+        if home.region == self.local() && home.known_at > 0 {
+            home = self.await_move(key, home.known_at).await?;
         }
-        Ok(home.map(|home| home.region))
+        self.remember(key, home.clone());
+        Ok(Some(home.region))
     }
 
     /// The home this host remembers, else the one in this region's stream row.
