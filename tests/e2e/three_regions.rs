@@ -222,9 +222,17 @@ async fn three_regions_share_plugins_commands_and_events_through_one_hub() {
     }
 }
 
-/// Publishes a relayed event into `region`'s events stream, as that region's relay
-/// would: the test decides which stream brings which version first.
-async fn publish_as(nats: &NatsServer, region: &str, id: &str, version: i64, payload: Value) {
+/// Publishes a relayed event (`event_type`, `payload`) into `region`'s events stream,
+/// as that region's relay would: the test decides which stream brings which version
+/// first.
+async fn publish_as(
+    nats: &NatsServer,
+    region: &str,
+    id: &str,
+    version: i64,
+    event_type: &str,
+    payload: Value,
+) {
     let js = nats.jetstream().await;
     let event_id = uuid::Uuid::now_v7().to_string();
     let body = json!({
@@ -234,7 +242,7 @@ async fn publish_as(nats: &NatsServer, region: &str, id: &str, version: i64, pay
         "aggregate_type": "bank-account",
         "aggregate_id": id,
         "version": version,
-        "type": "Deposited",
+        "type": event_type,
         "payload": payload,
         "metadata": {"origin_region": region},
         "recorded_at": chrono::Utc::now(),
@@ -271,7 +279,8 @@ async fn publish_as(nats: &NatsServer, region: &str, id: &str, version: i64, pay
 
 /// After a move, an aggregate's events reach a third region through two streams, and
 /// the new home's can come first. The third region must still store (and so show in
-/// its feed) versions in order: here west's version 3 arrives before east's version 2.
+/// its feed) versions in order: here west's version 3 arrives before east's version 2,
+/// the move to west.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_third_region_stores_an_aggregates_events_in_version_order_whichever_stream_is_first() {
     let r = ThreeRegions::start("gap").await;
@@ -287,7 +296,15 @@ async fn a_third_region_stores_an_aggregates_events_in_version_order_whichever_s
     assert_eq!(status, 200, "{body}");
     eventually(|| async { (history(&r.south, "gap-1").await.len() == 1).then_some(()) }).await;
 
-    publish_as(&r.nats[1], WEST, "gap-1", 3, json!({"amount": 30})).await;
+    publish_as(
+        &r.nats[1],
+        WEST,
+        "gap-1",
+        3,
+        "Deposited",
+        json!({"amount": 30}),
+    )
+    .await;
     eventually(|| async {
         (region_metric(&r.south, "meridian_relay_gap_waits_total", WEST).await > 0.0).then_some(())
     })
@@ -298,7 +315,15 @@ async fn a_third_region_stores_an_aggregates_events_in_version_order_whichever_s
         "version 3 was stored without version 2{}",
         r.logs()
     );
-    publish_as(&r.nats[0], EAST, "gap-1", 2, json!({"amount": 20})).await;
+    publish_as(
+        &r.nats[0],
+        EAST,
+        "gap-1",
+        2,
+        "$meridian.HomeMoved",
+        json!({"from": EAST, "to": WEST, "forced": false}),
+    )
+    .await;
 
     let seen = eventually(|| async {
         let seen = history(&r.south, "gap-1").await;
@@ -316,7 +341,7 @@ async fn a_third_region_stores_an_aggregates_events_in_version_order_whichever_s
         .client()
         .get("/v1/aggregates/bank-account/gap-1")
         .await;
-    assert_eq!(state["state"]["balance"], 50, "{state}");
+    assert_eq!(state["state"]["balance"], 30, "{state}");
     // South's relays carry on after the held event (and east took west's version 3,
     // which contradicts its own history, as divergent rather than holding it).
     let (_, more, _) = send_command(
@@ -450,11 +475,16 @@ async fn a_relay_transaction_older_than_the_predecessors_holds_the_event() {
         metadata: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
         recorded_at: chrono::Utc::now(),
     };
-    let (v1, v2, v3) = (
-        event("m-1", 1, EAST),
-        event("m-1", 2, EAST),
-        event("m-1", 3, WEST),
-    );
+    // Version 2 moves the account to west, whose stream brings version 3.
+    let moved = RelayedEvent {
+        event_type: "$meridian.HomeMoved".into(),
+        payload: serde_json::value::RawValue::from_string(
+            json!({"from": EAST, "to": WEST, "forced": false}).to_string(),
+        )
+        .unwrap(),
+        ..event("m-1", 2, EAST)
+    };
+    let (v1, v2, v3) = (event("m-1", 1, EAST), moved, event("m-1", 3, WEST));
     let stored = store_remote(&pool, SOUTH, std::slice::from_ref(&v1))
         .await
         .expect("version 1");
@@ -662,5 +692,289 @@ async fn the_same_event_stored_twice_at_once_is_a_duplicate_not_a_divergence() {
         outcomes,
         [(0, 1, 0), (1, 0, 0)],
         "stored, duplicates, divergent"
+    );
+}
+
+/// A relayed event as a region's relay publishes it, for the store-level tests below.
+fn relayed(
+    region: &str,
+    id: &str,
+    version: i64,
+    event_type: &str,
+    payload: Value,
+    metadata: Value,
+) -> meridian::store::regions::RelayedEvent {
+    let raw = |v: Value| serde_json::value::RawValue::from_string(v.to_string()).unwrap();
+    meridian::store::regions::RelayedEvent {
+        region: region.into(),
+        position: version,
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_type: "bank-account".into(),
+        aggregate_id: id.into(),
+        version,
+        event_type: event_type.into(),
+        payload: raw(payload),
+        metadata: raw(metadata),
+        recorded_at: chrono::Utc::now(),
+    }
+}
+
+/// `(version, origin region)` of each stored event of `id`, in version order, and the
+/// home the stream row names.
+async fn stored(pool: &sqlx::PgPool, id: &str) -> (Vec<(i64, String)>, Option<String>) {
+    let events = sqlx::query_as(
+        "SELECT version, coalesce(metadata->>'origin_region', '') FROM events \
+         WHERE aggregate_id = $1 ORDER BY version",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let home = sqlx::query_scalar("SELECT home_region FROM streams WHERE aggregate_id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap();
+    (events, home)
+}
+
+/// South, cut off from the other regions but still serving, goes on writing after west
+/// took its aggregate over (a forced move). When south is back, east — which had
+/// received west's move but none of south's late events — must keep west's history:
+/// it stored south's late events after the move as if they were next, and gave the
+/// aggregate's home back to south with them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_third_region_refuses_the_late_events_of_a_home_forced_away() {
+    use meridian::store::regions::store_remote;
+    let db = TestDb::new("latehome").await;
+    let pool = db.pool().await;
+    meridian::store::migrate(&pool).await.expect("migrate");
+    let from = |region: &str| json!({ "origin_region": region });
+    let deposit = |region: &str, version: i64| {
+        relayed(
+            region,
+            "lh-1",
+            version,
+            "Deposited",
+            json!({"amount": 1}),
+            from(region),
+        )
+    };
+    let before = store_remote(&pool, EAST, &[deposit(SOUTH, 1), deposit(SOUTH, 2)])
+        .await
+        .unwrap();
+    assert_eq!(before.stored, 2);
+    let forced = relayed(
+        WEST,
+        "lh-1",
+        3,
+        "$meridian.HomeMoved",
+        json!({"from": SOUTH, "to": WEST, "forced": true}),
+        from(WEST),
+    );
+    assert_eq!(
+        store_remote(&pool, EAST, &[forced]).await.unwrap().stored,
+        1
+    );
+
+    // South's versions 3 to 5, committed while it was cut off, then a move of its own.
+    let unforced = relayed(
+        SOUTH,
+        "lh-1",
+        6,
+        "$meridian.HomeMoved",
+        json!({"from": SOUTH, "to": EAST, "forced": false}),
+        from(SOUTH),
+    );
+    // They come in two batches: the second builds on events the first had refused, and
+    // is refused too rather than held for them (which would hold south's whole stream).
+    let late = [
+        deposit(SOUTH, 3),
+        deposit(SOUTH, 4),
+        deposit(SOUTH, 5),
+        unforced,
+    ];
+    for batch in late.chunks(2) {
+        let outcome = store_remote(&pool, EAST, batch).await.unwrap();
+        assert_eq!(
+            (outcome.stored, outcome.divergent, outcome.early),
+            (0, 2, None),
+            "{outcome:?}"
+        );
+    }
+    // Kept for an operator to read.
+    let kept: Vec<i64> = sqlx::query_scalar(
+        "SELECT version FROM divergent_events WHERE aggregate_id = 'lh-1' ORDER BY version",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, [3, 4, 5, 6]);
+    // West's next event follows its move.
+    let next = store_remote(&pool, EAST, &[deposit(WEST, 4)])
+        .await
+        .unwrap();
+    assert_eq!(next.stored, 1, "{next:?}");
+    let (events, home) = stored(&pool, "lh-1").await;
+    let origins: Vec<(i64, &str)> = events.iter().map(|(v, o)| (*v, o.as_str())).collect();
+    assert_eq!(origins, [(1, SOUTH), (2, SOUTH), (3, WEST), (4, WEST)]);
+    assert_eq!(home.as_deref(), Some(WEST));
+}
+
+/// A client reused one command id for two aggregates in two regions. The relayed
+/// event of the other region's aggregate must not change what a retry of this
+/// region's command answers: its versions were widened to the other aggregate's, and
+/// the retry answered with events the command never decided.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relayed_command_id_of_another_aggregate_leaves_a_retry_s_answer_alone() {
+    use meridian::store::append::append_batch;
+    use meridian::store::regions::store_remote;
+    use meridian::store::{AppendOutcome, AppendRequest, CommitterConfig, NewEvent};
+    let db = TestDb::new("cmdreuse").await;
+    let pool = db.pool().await;
+    meridian::store::migrate(&pool).await.expect("migrate");
+    let config = CommitterConfig {
+        region: EAST.into(),
+        ..CommitterConfig::default()
+    };
+    let command_id = uuid::Uuid::now_v7();
+    // Each try of the command decides anew: a new event id.
+    let request = || AppendRequest {
+        aggregate_type: "bank-account".into(),
+        aggregate_id: "here-1".into(),
+        expected_version: 0,
+        events: vec![NewEvent {
+            event_id: uuid::Uuid::now_v7(),
+            event_type: "Opened".into(),
+            payload: serde_json::value::RawValue::from_string(r#"{"owner":"o"}"#.into()).unwrap(),
+            metadata: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+        }],
+        command_id: Some(command_id),
+        fence: None,
+    };
+    let first = append_batch(&pool, &config, &[&request()]).await.unwrap();
+    assert!(
+        matches!(
+            first[0],
+            Ok(AppendOutcome::Appended {
+                first_version: 1,
+                last_version: 1
+            })
+        ),
+        "{first:?}"
+    );
+    // West's aggregate, whose third event was decided under the same command id.
+    let theirs: Vec<_> = (1..=3)
+        .map(|version| {
+            let metadata = if version == 3 {
+                json!({"origin_region": WEST, "command_id": command_id})
+            } else {
+                json!({"origin_region": WEST})
+            };
+            relayed(
+                WEST,
+                "there-1",
+                version,
+                "Deposited",
+                json!({"amount": 1}),
+                metadata,
+            )
+        })
+        .collect();
+    assert_eq!(store_remote(&pool, EAST, &theirs).await.unwrap().stored, 3);
+    // The retry is the first command again.
+    let again = append_batch(&pool, &config, &[&request()]).await.unwrap();
+    assert!(
+        matches!(
+            again[0],
+            Ok(AppendOutcome::Duplicate {
+                first_version: 1,
+                last_version: 1
+            })
+        ),
+        "{again:?}"
+    );
+}
+
+/// An append in flight when a relayed forced move gives the aggregate's home away: the
+/// append read the home (its fence) before the move committed, then waited for the
+/// stream row the move held. It must not be written: this region is no longer the
+/// home, and the new home's history does not have it. It was: the version it expected
+/// had not changed (the move's own version was taken here already).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_append_waiting_on_a_forced_move_away_is_not_written() {
+    use meridian::store::append::append_batch;
+    use meridian::store::regions::store_remote;
+    use sqlx::Connection;
+    let db = TestDb::new("movefence").await;
+    let pool = db.pool().await;
+    meridian::store::migrate(&pool).await.expect("migrate");
+    // South is the home and has written versions 1 to 3 of the account.
+    let config = meridian::store::CommitterConfig {
+        region: SOUTH.into(),
+        ..meridian::store::CommitterConfig::default()
+    };
+    let new_event = |event_type: &str, payload: &str| meridian::store::NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: event_type.into(),
+        payload: serde_json::value::RawValue::from_string(payload.into()).unwrap(),
+        metadata: serde_json::value::RawValue::from_string(
+            json!({ "origin_region": SOUTH }).to_string(),
+        )
+        .unwrap(),
+    };
+    let request = |expected_version: i64| meridian::store::AppendRequest {
+        aggregate_type: "bank-account".into(),
+        aggregate_id: "mf-1".into(),
+        expected_version,
+        events: vec![if expected_version == 0 {
+            new_event("Opened", r#"{"owner":"o"}"#)
+        } else {
+            new_event("Deposited", r#"{"amount":1}"#)
+        }],
+        command_id: Some(uuid::Uuid::now_v7()),
+        fence: None,
+    };
+    for expected in 0..3 {
+        let outcome = append_batch(&pool, &config, &[&request(expected)])
+            .await
+            .unwrap();
+        assert!(outcome[0].is_ok(), "{outcome:?}");
+    }
+    // West, which had versions 1 and 2, took the account over at version 3: here that
+    // version is south's own, so the move is divergent, but it gives the home to west.
+    let mut relay = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut relay).await.unwrap();
+    let forced = relayed(
+        WEST,
+        "mf-1",
+        3,
+        "$meridian.HomeMoved",
+        json!({"from": SOUTH, "to": WEST, "forced": true}),
+        json!({ "origin_region": WEST }),
+    );
+    let outcome = store_remote(&mut relay, SOUTH, &[forced]).await.unwrap();
+    assert_eq!(outcome.divergent, 1, "{outcome:?}");
+    // A command's append at version 3 meanwhile: it waits for the row the move holds.
+    let appending = {
+        let (pool, config, request) = (pool.clone(), config.clone(), request(3));
+        tokio::spawn(async move { append_batch(&pool, &config, &[&request]).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !appending.is_finished(),
+        "the append did not wait for the move"
+    );
+    sqlx::query("COMMIT").execute(&mut relay).await.unwrap();
+    let appended = appending.await.unwrap().unwrap();
+    assert!(appended[0].is_err(), "{appended:?}");
+    let (events, home) = stored(&pool, "mf-1").await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(home.as_deref(), Some(WEST));
+    // A retry is refused by the fence: the account is homed in west now.
+    let retried = append_batch(&pool, &config, &[&request(3)]).await.unwrap();
+    assert!(
+        matches!(retried[0], Err(meridian::store::StoreError::NotHome { .. })),
+        "{retried:?}"
     );
 }

@@ -76,7 +76,8 @@ pub struct HostArgs {
     /// fresh connection, and fails with 503 `store_unavailable` if that times out too.
     #[arg(long, env = "MERIDIAN_APPEND_TIMEOUT_MS", default_value_t = store::DEFAULT_BATCH_TIMEOUT.as_millis() as u64)]
     pub append_timeout_ms: u64,
-    /// Milliseconds a read (loading an aggregate, a page of events, the tail) may wait
+    /// Milliseconds a read (loading an aggregate, a page of events, the tail, the plugin
+    /// registry, a consumer group's position) may wait
     /// for the database before its connection is given up for dead; the read then
     /// fails (503 `store_unavailable` for a request) and the next one takes another
     /// connection.
