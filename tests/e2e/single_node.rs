@@ -1529,6 +1529,59 @@ async fn registry_and_group_calls_on_a_connection_gone_silent_fail_in_time() {
     }
 }
 
+/// With a slow database, snapshots due faster than they are written are skipped
+/// rather than queued without bound (each queued one holds a copy of a state and waits
+/// for the connections commands read through); every command still runs, and an
+/// aggregate reloaded from whatever snapshot was written has its whole state.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_due_faster_than_a_slow_database_writes_them_are_skipped() {
+    use crate::harness::{DbProxy, metric};
+
+    let db = TestDb::new("snapshot_backlog").await;
+    let proxy = DbProxy::start_slow(&db, Duration::from_millis(50)).await;
+    let mut options = HostOptions::default();
+    options
+        .env
+        .push(("MERIDIAN_SNAPSHOT_EVERY".into(), "1".into()));
+    options.env.push(("MERIDIAN_PARTITIONS".into(), "8".into()));
+    let mut host = Host::spawn(&proxy.url, options);
+    host.wait_ready(Duration::from_secs(60)).await;
+    let api = host.client();
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{body}");
+    let accounts: Vec<String> = (0..24).map(|i| format!("snap-{i}")).collect();
+    let clients: Vec<_> = accounts
+        .iter()
+        .map(|id| {
+            let (api, id) = (api.clone(), id.clone());
+            tokio::spawn(async move {
+                let (status, body) = open(&api, &id, "o").await;
+                assert_eq!(status, 200, "{id}: {body}");
+                for _ in 0..5 {
+                    let (status, body) = deposit(&api, &id, 2).await;
+                    assert_eq!(status, 200, "{id}: {body}");
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert!(
+        metric(&host, "meridian_snapshots_skipped_total").await > 0.0,
+        "no snapshot was skipped: they were all queued"
+    );
+    // Reloaded from the store (no cache after a restart), every account is whole.
+    host.restart().await;
+    let api = host.client();
+    for id in &accounts {
+        let (status, state) = api.get(&format!("/v1/aggregates/bank-account/{id}")).await;
+        assert_eq!(status, 200, "{state}");
+        assert_eq!(state["state"]["balance"], 10, "{id}: {state}");
+        assert_eq!(state["version"], 6, "{id}: {state}");
+    }
+}
+
 /// A database connection that goes silent mid-batch (no answer and no reset: a
 /// failover, a network dropping packets) holds a batch for the committer's batch
 /// timeout, not until the kernel gives up on it a quarter of an hour later; the batch

@@ -266,7 +266,16 @@ struct Inner {
     plugins: PluginRegistry,
     cache: AggregateCache,
     config: ExecutorConfig,
+    /// Snapshot writes that may be on their way at once (see [`SNAPSHOT_WRITES`]).
+    snapshot_writes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most snapshot writes on their way at once. Each holds a copy of a state and, while
+/// it waits, a place in the queue for the connections commands read through; with a
+/// slow database, unbounded, they would pile up by the hundred (one per
+/// `snapshot_every` events of any aggregate), outside the cache's byte budget. A
+/// snapshot past the limit is skipped: the next multiple writes one.
+pub const SNAPSHOT_WRITES: usize = 4;
 
 impl Executor {
     /// Builds an executor over the store, committer and plugins.
@@ -283,6 +292,7 @@ impl Executor {
                 plugins,
                 cache: AggregateCache::new(config.cache_capacity, config.cache_bytes),
                 config,
+                snapshot_writes: Arc::new(tokio::sync::Semaphore::new(SNAPSHOT_WRITES)),
             }),
         }
     }
@@ -612,6 +622,11 @@ impl Executor {
         if every <= 0 || before / every == after.version / every {
             return;
         }
+        let Ok(permit) = self.inner.snapshot_writes.clone().try_acquire_owned() else {
+            metrics::counter!("meridian_snapshots_skipped_total").increment(1);
+            tracing::debug!(aggregate = %key, version = after.version, "snapshot skipped: others are still being written");
+            return;
+        };
         let pool = self.inner.pool.clone();
         let key = key.clone();
         let snapshot = store::read::Snapshot {
@@ -623,6 +638,7 @@ impl Executor {
             if let Err(error) = store::read::save_snapshot(&pool, &key, &snapshot).await {
                 tracing::warn!(aggregate = %key, %error, "snapshot not saved");
             }
+            drop(permit);
         });
     }
 
