@@ -71,25 +71,35 @@ pub type Decision = (Vec<EncodedEvent>, Vec<u8>);
 /// decoded and encoded once.
 ///
 /// The events applied are decoded back from the JSON they are stored as, as a replay
-/// will decode them, and the new state must decode back from its JSON, as the next
-/// command will decode it. A value that does not survive the trip (a NaN, which JSON
-/// writes as `null`; a `#[serde(skip)]` field; uneven custom impls) would otherwise be
-/// stored, and every later command and every replay of the aggregate would fail on it:
-/// the command fails instead, with nothing written, as a fault of the aggregate
-/// ([`Rejection::is_fault`]), on which the component traps.
+/// will decode them; each after the first is applied to the state read back from its
+/// JSON, as a replay passes it from one event to the next (so a `#[serde(skip)]` field
+/// that `apply` reads gives the state a replay gives); and the new state must decode
+/// back from its JSON, as the next command will decode it. A value that does not
+/// survive the trip (a NaN, which JSON writes as `null`; uneven custom impls) would
+/// otherwise be stored, and every later command and every replay of the aggregate would
+/// fail on it: the command fails instead, with nothing written, as a fault of the
+/// aggregate ([`Rejection::is_fault`]), on which the component traps.
 pub fn execute<A: Aggregate>(state: &[u8], command: &[u8]) -> Result<Decision, Rejection> {
-    let (state, encoded) = decide::<A>(state, command)?;
-    let state = encoded
-        .iter()
-        .try_fold(state, |state, (event_type, payload)| {
-            decode_event::<A::Event>(event_type, payload).map(|event| A::apply(state, event))
-        })
-        .map_err(|error| {
+    let (mut state, encoded) = decide::<A>(state, command)?;
+    for (n, (event_type, payload)) in encoded.iter().enumerate() {
+        if n > 0 {
+            state = encode_state(&state)
+                .and_then(|json| decode_state::<A>(&json))
+                .map_err(|error| {
+                    Rejection::fault(format!(
+                        "aggregate bug: the state after a decided event does not read back \
+                         from its JSON, so the next event could not be replayed on it: {error}"
+                    ))
+                })?;
+        }
+        let event = decode_event::<A::Event>(event_type, payload).map_err(|error| {
             Rejection::fault(format!(
                 "aggregate bug: a decided event does not read back from the JSON it is \
                  stored as, so it could not be replayed: {error}"
             ))
         })?;
+        state = A::apply(state, event);
+    }
     let state = encode_state(&state)
         .map_err(|error| Rejection::fault(format!("aggregate bug: {error}")))?;
     decode_state::<A>(&state).map_err(|error| {
@@ -588,6 +598,56 @@ mod tests {
                 .starts_with("aggregate bug: the state after the events does not read back"),
             "{}",
             error.message()
+        );
+    }
+
+    /// A command deciding several events leaves the state a replay of them leaves: a
+    /// replay passes the state from one event to the next through its JSON, where a
+    /// `#[serde(skip)]` field starts over, so `execute` does the same between events.
+    /// Carried in memory instead, the state stored (and cached) was one no replay
+    /// could give, and later decisions depended on whether a host had it cached.
+    #[test]
+    fn execute_leaves_the_state_a_replay_of_its_events_leaves() {
+        struct Counter;
+        #[derive(Default, Serialize, Deserialize)]
+        struct State {
+            count: u32,
+            #[serde(skip)]
+            seen: u32,
+        }
+        #[derive(Deserialize)]
+        struct Tick {
+            times: usize,
+        }
+        #[derive(Serialize, Deserialize)]
+        enum Event {
+            Ticked,
+        }
+        impl Aggregate for Counter {
+            const TYPE: &'static str = "counter";
+            type State = State;
+            type Command = Tick;
+            type Event = Event;
+            fn handle(_: &State, command: Tick) -> Result<Vec<Event>, Rejection> {
+                Ok((0..command.times).map(|_| Event::Ticked).collect())
+            }
+            fn apply(state: State, Event::Ticked: Event) -> State {
+                State {
+                    count: state.seen + 1,
+                    seen: state.seen + 1,
+                }
+            }
+        }
+        let (events, executed) = execute::<Counter>(b"", br#"{"times":3}"#).unwrap();
+        let replayed = events
+            .iter()
+            .try_fold(Vec::new(), |state, (event_type, payload)| {
+                apply::<Counter>(&state, event_type, payload)
+            })
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(executed).unwrap(),
+            String::from_utf8(replayed).unwrap()
         );
     }
 
