@@ -16,7 +16,8 @@
 //! recycled every [`INSTANCE_MAX_CALLS`] calls so such state cannot live long. An
 //! instance whose memory has grown past half its cap is not reused either: memory never
 //! shrinks, and one that keeps more after every call (a leak) would otherwise fail
-//! some later command for want of it.
+//! some later command for want of it. Both checks run after every call, so a session
+//! making many (a replay) changes instances on the way too.
 
 mod limits;
 mod sandbox;
@@ -911,6 +912,14 @@ impl Plugin {
                     call: "instantiate",
                     limit: self.inner.limits.memory_bytes,
                 }
+            } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                // A start function (a JavaScript or Python runtime starting up) that
+                // outlasted the deadline: the limit to name, not a trap.
+                PluginError::DeadlineExceeded {
+                    plugin: self.inner.name.clone(),
+                    call: "instantiate",
+                    deadline_ms: self.inner.limits.deadline_ms,
+                }
             } else {
                 PluginError::Trap {
                     plugin: self.inner.name.clone(),
@@ -969,7 +978,14 @@ impl Session<'_> {
         match result {
             Ok(value) => {
                 instance.calls += 1;
-                self.instance = Some(instance);
+                // A session may make many calls (a replay makes one per event): an
+                // instance due for recycling is replaced within it too, not only when
+                // it goes back to the pool, or a leak of memory or resources would
+                // fail a long replay at the same event every time.
+                if instance.calls < INSTANCE_MAX_CALLS && !instance.store.data().limiter.past_half()
+                {
+                    self.instance = Some(instance);
+                }
                 Ok(value)
             }
             Err(error) => Err(self.plugin.classify(call, &instance, error)),

@@ -6,7 +6,8 @@
 //! must fail that command alone, naming the cause, and keep every other command going.
 //! It also decides, on request, as many notes as the caps allow, for an answer larger
 //! than one NATS message, and leaks memory from call to call (as a plugin keeping
-//! things in a `static` would), which the host must not let fail a later command.
+//! things in a `static` would), in `handle` or in `apply` (so on every replay), which
+//! the host must not let fail a later command.
 
 use meridian_guest::{Aggregate, Rejection};
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,8 @@ pub struct BadOutput;
 
 /// `{"type":"Write","text":"…","nul":false}`, `{"type":"BreakLine"}`,
 /// `{"type":"Huge","count":3}`, `{"type":"Repeat","text":"…","count":3}`,
-/// `{"type":"NotANumber"}` or `{"type":"Leak","megabytes":8}`.
+/// `{"type":"NotANumber"}`, `{"type":"Leak","megabytes":8}` or
+/// `{"type":"LeakOnApply","megabytes":8}`.
 #[derive(Deserialize)]
 #[serde(tag = "type")]
 pub enum Command {
@@ -51,6 +53,12 @@ pub enum Command {
         /// How much.
         megabytes: usize,
     },
+    /// Decide an event whose `apply` keeps `megabytes` of memory for good, each time
+    /// it is applied.
+    LeakOnApply {
+        /// How much.
+        megabytes: usize,
+    },
 }
 
 /// What was written.
@@ -68,6 +76,11 @@ pub enum Event {
     Measured {
         /// Each 1e300.
         values: Vec<f64>,
+    },
+    /// Applied, keeps `megabytes` of memory for good.
+    Leaking {
+        /// How much.
+        megabytes: usize,
     },
 }
 
@@ -100,6 +113,7 @@ impl Aggregate for BadOutput {
                 values: vec![f64::NAN],
             }],
             Command::Repeat { text, count } => vec![Event::Written { text }; count as usize],
+            Command::LeakOnApply { megabytes } => vec![Event::Leaking { megabytes }],
             Command::Leak { megabytes } => {
                 std::mem::forget(std::hint::black_box(vec![1_u8; megabytes << 20]));
                 vec![Event::Written {
@@ -109,7 +123,10 @@ impl Aggregate for BadOutput {
         })
     }
 
-    fn apply(state: State, _event: Event) -> State {
+    fn apply(state: State, event: Event) -> State {
+        if let Event::Leaking { megabytes } = event {
+            std::mem::forget(std::hint::black_box(vec![1_u8; megabytes << 20]));
+        }
         State {
             notes: state.notes + 1,
         }
