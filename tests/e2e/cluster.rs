@@ -1561,3 +1561,53 @@ async fn a_paused_host_replaced_under_its_node_id_stops_when_it_resumes() {
     }
     check_history(&db, &[]).await;
 }
+
+/// The same while the host is still catching up (compiling plugins) when it pauses:
+/// it never became ready, and it waited to for good, up (`/healthz`) but unready,
+/// where a supervisor would neither restart it nor see it fail.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_replaced_under_its_node_id_while_catching_up_stops_when_it_resumes() {
+    let db = TestDb::new("superseded_sync").await;
+    let named = || HostOptions {
+        node_id: Some("solo".into()),
+        ..options()
+    };
+    // A Python component: compiling it, as every host does at start with its own
+    // empty compile cache, takes seconds.
+    {
+        let first = Host::start(&db, named()).await;
+        let (status, body) = first
+            .client()
+            .upload("bank-account", wasm_bytes("bank-account-py"))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        first.signal("TERM");
+        let (code, log) = first.exit_and_log().await;
+        assert_eq!(code, Some(0), "{log}");
+    }
+    let old = Host::spawn(&db.url, named());
+    eventually(|| async { old.log_tail().contains("listening").then_some(()) }).await;
+    old.signal("STOP");
+    assert!(
+        !old.log_tail().contains("caught up"),
+        "caught up before it paused: this test proves nothing\n{}",
+        old.log_tail()
+    );
+    // The replacement waits out the old row (dead after 3 s), then takes the id.
+    let replacement = Host::start(&db, named()).await;
+    old.signal("CONT");
+    let (code, log) = old.exit_and_log().await;
+    assert!(
+        matches!(code, Some(c) if c != 0) && log.contains("another process took node id solo over"),
+        "exit {code:?}: {log}"
+    );
+    let (status, body) = replacement
+        .client()
+        .command(
+            "bank-account",
+            "after-sync",
+            json!({"command": {"type": "Open", "owner": "o"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}

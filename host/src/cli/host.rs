@@ -397,6 +397,9 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     tokio::select! {
         ready = phase.wait_for(|p| *p == cluster::core::Phase::Ready) => drop(ready),
         _ = shutdown.cancelled() => {}
+        // Taken over while catching up (paused, or cut off, for longer than the
+        // members' timeout): it would never be ready, and never leave.
+        _ = cluster.superseded() => return Err(superseded(&node_id)),
     }
     ready.store(!shutdown.is_cancelled(), Ordering::Release);
     tracing::info!("ready");
@@ -438,13 +441,8 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = cluster.superseded() => {
-            // Draining would hand over, and leaving would remove, what is now the
-            // other process's: this one stops at once and fails, so that a supervisor
-            // restarting it with the same id hears about it.
             ready.store(false, Ordering::Release);
-            anyhow::bail!(
-                "another process took node id {node_id} over while this one was out of touch with the database (paused or cut off for longer than MERIDIAN_DEAD_AFTER_MS); this one stops, taking no further part in the region. Give every host its own MERIDIAN_NODE_ID"
-            );
+            return Err(superseded(&node_id));
         }
     }
     ready.store(false, Ordering::Release);
@@ -701,6 +699,15 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
+}
+
+/// Why a host stops when another process took its node id over: draining would hand
+/// over, and leaving would remove, what is now the other process's. It fails, so that
+/// a supervisor restarting it with the same id hears about it.
+fn superseded(node_id: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "another process took node id {node_id} over while this one was out of touch with the database (paused or cut off for longer than MERIDIAN_DEAD_AFTER_MS); this one stops, taking no further part in the region. Give every host its own MERIDIAN_NODE_ID"
+    )
 }
 
 #[cfg(test)]
