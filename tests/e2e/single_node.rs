@@ -1752,7 +1752,7 @@ async fn a_request_breaking_a_constraint_fails_alone_in_its_batch() {
 /// large events was read into the host's memory, and sent, whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_page_of_large_events_stops_at_its_byte_budget_and_reads_on() {
-    let (_db, host) = host_with_bank_account("big_pages").await;
+    let (db, host) = host_with_bank_account("big_pages").await;
     let api = host.client();
     // 40 events of 450 KB: 18 MB.
     let owner = "x".repeat(450_000);
@@ -1765,6 +1765,22 @@ async fn a_page_of_large_events_stops_at_its_byte_budget_and_reads_on() {
             &body.to_string()[..300.min(body.to_string().len())]
         );
     }
+    // A page also stops where an older transaction is still running, of any database
+    // of the server (other tests'): read once all 40 are behind every one of them.
+    let pool = db.pool().await;
+    crate::harness::eventually(|| {
+        let pool = pool.clone();
+        async move {
+            let readable: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM events WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (readable == 40).then_some(())
+        }
+    })
+    .await;
     let mut after = 0;
     let mut pages = Vec::new();
     let mut positions = Vec::new();
