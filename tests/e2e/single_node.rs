@@ -1365,23 +1365,19 @@ async fn a_request_held_for_the_next_batch_does_not_wait_for_other_traffic() {
 /// host reads on new ones.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_on_a_connection_gone_silent_fails_in_time_and_reads_go_on() {
-    use crate::harness::{DbProxy, upload_and_open};
+    use crate::harness::upload_and_open;
 
-    let db = TestDb::new("silent_reads").await;
-    // Slow, so that reads are on their way when the silence comes.
-    let proxy = DbProxy::start_slow(&db, Duration::from_millis(20)).await;
-    let mut options = HostOptions::default();
-    options
-        .env
-        .push(("MERIDIAN_READ_TIMEOUT_MS".into(), "2000".into()));
-    // The commit workers keep connections of their own, which go silent too.
-    options
-        .env
-        .push(("MERIDIAN_APPEND_TIMEOUT_MS".into(), "2000".into()));
-    // Few partitions: taking each one is a round trip of that slow database.
-    options.env.push(("MERIDIAN_PARTITIONS".into(), "8".into()));
-    let host = Host::spawn(&proxy.url, options);
-    host.wait_ready(Duration::from_secs(60)).await;
+    // Slow, so that reads are on their way when the silence comes. The commit workers
+    // keep connections of their own, which go silent too.
+    let (_db, proxy, host) = host_behind_a_slow_proxy(
+        "silent_reads",
+        20,
+        &[
+            ("MERIDIAN_READ_TIMEOUT_MS", "2000"),
+            ("MERIDIAN_APPEND_TIMEOUT_MS", "2000"),
+        ],
+    )
+    .await;
     let api = host.client();
     upload_and_open(&api, "silent-read").await;
 
@@ -1445,23 +1441,40 @@ async fn a_read_on_a_connection_gone_silent_fails_in_time_and_reads_go_on() {
     .await;
 }
 
+/// A ready host whose database answers through a proxy after `delay_ms` each time, with
+/// `env` more; 8 partitions, since taking each one is a round trip of that slow
+/// database.
+async fn host_behind_a_slow_proxy(
+    label: &str,
+    delay_ms: u64,
+    env: &[(&str, &str)],
+) -> (TestDb, crate::harness::DbProxy, Host) {
+    let db = TestDb::new(label).await;
+    let proxy = crate::harness::DbProxy::start_slow(&db, Duration::from_millis(delay_ms)).await;
+    let mut options = HostOptions::default();
+    options.env.push(("MERIDIAN_PARTITIONS".into(), "8".into()));
+    options
+        .env
+        .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let host = Host::spawn(&proxy.url, options);
+    host.wait_ready(Duration::from_secs(60)).await;
+    (db, proxy, host)
+}
+
 /// The registry's and the consumer groups' calls have the same limit as a command's
-/// reads: an upload check, a plugin list or an ack on a connection gone silent answers
-/// 503 in time instead of holding its request (and its pool slot) until the kernel gives
+/// reads: a plugin list, a type's limits, a group's positions or an ack on a connection
+/// gone silent answers 503 in time instead of holding its request (and its pool slot) until the kernel gives
 /// up on the socket.
 #[tokio::test(flavor = "multi_thread")]
 async fn registry_and_group_calls_on_a_connection_gone_silent_fail_in_time() {
-    use crate::harness::{DbProxy, upload_and_open};
+    use crate::harness::upload_and_open;
 
-    let db = TestDb::new("silent_registry").await;
-    let proxy = DbProxy::start_slow(&db, Duration::from_millis(20)).await;
-    let mut options = HostOptions::default();
-    options
-        .env
-        .push(("MERIDIAN_READ_TIMEOUT_MS".into(), "2000".into()));
-    options.env.push(("MERIDIAN_PARTITIONS".into(), "8".into()));
-    let host = Host::spawn(&proxy.url, options);
-    host.wait_ready(Duration::from_secs(60)).await;
+    let (_db, proxy, host) = host_behind_a_slow_proxy(
+        "silent_registry",
+        20,
+        &[("MERIDIAN_READ_TIMEOUT_MS", "2000")],
+    )
+    .await;
     let api = host.client();
     upload_and_open(&api, "silent-registry").await;
     let (status, head) = api.get("/v1/events/head").await;
@@ -1535,17 +1548,10 @@ async fn registry_and_group_calls_on_a_connection_gone_silent_fail_in_time() {
 /// aggregate reloaded from whatever snapshot was written has its whole state.
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshots_due_faster_than_a_slow_database_writes_them_are_skipped() {
-    use crate::harness::{DbProxy, metric};
+    use crate::harness::metric;
 
-    let db = TestDb::new("snapshot_backlog").await;
-    let proxy = DbProxy::start_slow(&db, Duration::from_millis(50)).await;
-    let mut options = HostOptions::default();
-    options
-        .env
-        .push(("MERIDIAN_SNAPSHOT_EVERY".into(), "1".into()));
-    options.env.push(("MERIDIAN_PARTITIONS".into(), "8".into()));
-    let mut host = Host::spawn(&proxy.url, options);
-    host.wait_ready(Duration::from_secs(60)).await;
+    let (_db, _proxy, mut host) =
+        host_behind_a_slow_proxy("snapshot_backlog", 50, &[("MERIDIAN_SNAPSHOT_EVERY", "1")]).await;
     let api = host.client();
     let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
     assert_eq!(status, 201, "{body}");
