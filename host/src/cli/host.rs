@@ -176,6 +176,7 @@ pub struct HostArgs {
 
 /// Runs the host until it is told to stop.
 pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
+    check_drain(args.drain_grace_ms, args.drain_timeout_secs)?;
     let node_id = args
         .node_id
         .clone()
@@ -701,6 +702,18 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
     });
 }
 
+/// Refuses a drain grace that takes the whole drain budget: the grace is part of it, so
+/// the server would be given no time at all to finish the requests it accepted, and
+/// every drain would end in abandoned requests and exit 1.
+fn check_drain(grace_ms: u64, timeout_secs: u64) -> anyhow::Result<()> {
+    if grace_ms >= timeout_secs.saturating_mul(1000) {
+        anyhow::bail!(
+            "MERIDIAN_DRAIN_GRACE_MS ({grace_ms} ms) must be below MERIDIAN_DRAIN_TIMEOUT_SECS ({timeout_secs} s): the grace is part of the drain's budget, which would leave no time to finish in-flight requests; raise the timeout to the grace plus the longest command you expect (15 s or more)"
+        );
+    }
+    Ok(())
+}
+
 /// Why a host stops when another process took its node id over: draining would hand
 /// over, and leaving would remove, what is now the other process's. It fails, so that
 /// a supervisor restarting it with the same id hears about it.
@@ -717,6 +730,20 @@ mod tests {
     /// Another host connecting to 0.0.0.0 or [::] reaches itself: such an address is
     /// refused, naming the setting to change, whether it is the listening address or
     /// the configured one.
+    #[test]
+    fn a_drain_grace_must_leave_the_drain_time() {
+        assert!(check_drain(3_000, 30).is_ok());
+        assert!(check_drain(0, 5).is_ok());
+        for (grace_ms, timeout_secs) in [(30_000, 30), (45_000, 30), (1, 0)] {
+            let error = check_drain(grace_ms, timeout_secs).unwrap_err().to_string();
+            assert!(
+                error.contains("MERIDIAN_DRAIN_GRACE_MS")
+                    && error.contains("MERIDIAN_DRAIN_TIMEOUT_SECS"),
+                "{error}"
+            );
+        }
+    }
+
     #[test]
     fn an_unreachable_advertise_url_is_refused() {
         let every: SocketAddr = "0.0.0.0:8080".parse().unwrap();
