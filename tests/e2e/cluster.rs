@@ -1251,6 +1251,73 @@ async fn a_host_cut_off_from_the_database_turns_unready_and_serves_no_stale_stat
     assert_eq!((status, body["version"].as_i64()), (200, Some(1)), "{body}");
 }
 
+/// A host paused past `dead_after` loses its partitions and another host writes on.
+/// Back, its first heartbeat makes it ready again before its next read of the leases
+/// tells it what it lost: meanwhile it still took itself for the owner and answered
+/// state reads from its cache, older than a version already acknowledged. Here the
+/// leases are held locked, so that window stays open for the read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_back_from_a_pause_answers_no_state_older_than_the_store() {
+    let db = TestDb::new("c_stale").await;
+    let hosts = start_region(&db, 2).await;
+    let accounts = open_accounts(&hosts, 40).await;
+    let status = wait_balanced(&hosts).await;
+    let (other, paused) = (&hosts[0], &hosts[1]);
+    let id = accounts
+        .iter()
+        .find(|id| owner_of(&status, id) == paused.node_id)
+        .expect("an account of the host to pause");
+    let path = format!("/v1/aggregates/bank-account/{id}");
+    // In the paused host's cache.
+    let (code, before) = paused.client().get(&path).await;
+    assert_eq!(
+        (code, before["version"].as_i64()),
+        (200, Some(1)),
+        "{before}"
+    );
+
+    paused.signal("STOP");
+    eventually(|| async {
+        let (_, s) = other.client().get("/v1/cluster").await;
+        let owners = s["partition_owners"].as_array()?;
+        owners
+            .iter()
+            .all(|o| o.as_str() == Some(other.node_id.as_str()))
+            .then_some(())
+    })
+    .await;
+    let (code, body) = other
+        .client()
+        .command(
+            "bank-account",
+            id,
+            json!({"command": {"type": "Deposit", "amount": 5}}),
+        )
+        .await;
+    assert_eq!((code, body["version"].as_i64()), (200, Some(2)), "{body}");
+
+    let pool = db.pool().await;
+    let mut leases = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE partition_leases IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *leases)
+        .await
+        .unwrap();
+    paused.signal("CONT");
+    eventually(|| {
+        let api = paused.client();
+        async move { (api.get("/readyz").await.0 == 200).then_some(()) }
+    })
+    .await;
+    let (code, after) = paused.client().get(&path).await;
+    leases.rollback().await.unwrap();
+    assert_eq!(code, 200, "{after}");
+    assert_eq!(
+        after["version"].as_i64(),
+        Some(2),
+        "a ready host answered a state older than an acknowledged command: {after}"
+    );
+}
+
 /// A host decides to take a dead member's leases on an observation that can be seconds
 /// old when its statement runs (a slow database, a queue of acquisitions behind it).
 /// If the member came back meanwhile, the lease moved away from a live owner and then

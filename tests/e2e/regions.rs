@@ -510,6 +510,21 @@ async fn west_nats_down_for_20s_loses_nothing_and_east_never_fails() {
     }
 }
 
+/// Makes `db` refuse every event insert for which `condition` (over `NEW`) holds, with
+/// the error "refused for the test", until `DROP TRIGGER {name} ON events`: a relay
+/// whose store fails, seen from the region storing.
+async fn refuse_inserts(db: &sqlx::PgPool, name: &str, condition: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+         CREATE TRIGGER {name} BEFORE INSERT ON events FOR EACH ROW
+           WHEN ({condition}) EXECUTE FUNCTION {name}();"
+    ))
+    .execute(db)
+    .await
+    .expect("install the refusing trigger");
+}
+
 /// West's database refuses a batch of east's events for a while (a failover, a full
 /// disk): the relay fails and restarts, and later events arrive meanwhile. Every event
 /// of the refused batch must still be stored once the database takes them again —
@@ -519,15 +534,7 @@ async fn west_nats_down_for_20s_loses_nothing_and_east_never_fails() {
 async fn events_whose_store_failed_are_stored_after_the_relay_restarts() {
     let r = TwoRegions::start("redo").await;
     let west_db = r.west_db.pool().await;
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_redo() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
-         CREATE TRIGGER refuse_redo BEFORE INSERT ON events FOR EACH ROW
-           WHEN (NEW.aggregate_id LIKE 'redo-a-%') EXECUTE FUNCTION refuse_redo();",
-    )
-    .execute(&west_db)
-    .await
-    .expect("install the refusing trigger");
+    refuse_inserts(&west_db, "refuse_redo", "NEW.aggregate_id LIKE 'redo-a-%'").await;
     let refused: Vec<String> = (0..5).map(|i| format!("redo-a-{i}")).collect();
     for id in &refused {
         let (status, body, _) = send(&r.east[0], id, json!({"type":"Open","owner":"a"})).await;
@@ -1342,16 +1349,12 @@ async fn a_target_still_waiting_for_a_move_s_events_runs_no_command_before_them(
     let r = TwoRegions::start("early").await;
     // West's database refuses east's events of the account for now (its relay lags).
     let west_db = r.west_db.pool().await;
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_early() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
-         CREATE TRIGGER refuse_early BEFORE INSERT ON events FOR EACH ROW
-           WHEN (NEW.aggregate_id = 'early-1' AND NEW.metadata->>'origin_region' = 'east')
-           EXECUTE FUNCTION refuse_early();",
+    refuse_inserts(
+        &west_db,
+        "refuse_early",
+        "NEW.aggregate_id = 'early-1' AND NEW.metadata->>'origin_region' = 'east'",
     )
-    .execute(&west_db)
-    .await
-    .expect("install the refusing trigger");
+    .await;
     let (status, body, _) = send(&r.east[0], "early-1", json!({"type":"Open","owner":"ann"})).await;
     assert_eq!(status, 200, "{body}");
     let move_via = async |host: &Host, region: &str| {

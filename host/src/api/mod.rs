@@ -1002,15 +1002,14 @@ async fn get_aggregate(
     Path((aggregate_type, aggregate_id)): Path<(String, String)>,
 ) -> Result<Json<StateBody>, ApiError> {
     let key = key(aggregate_type, aggregate_id)?;
-    // The owner answers from its cache; any other host reads the store, uncached.
+    // The owner answers from its cache, once the store's version (one index probe)
+    // says it is current; any other host reads the store, uncached. The check is not
+    // only for events from other regions, which reach the store around the cache: a
+    // host back from a pause is ready again at its first heartbeat, before its next
+    // read of the leases tells it that another host took its partitions and wrote on.
     let current = if state.cluster.owns(&key.aggregate_type, &key.aggregate_id) {
-        if state.regions.enabled() {
-            // Relayed events and home moves reach the store around the cache.
-            let stored = store::read::stream_version(&state.pool, &key).await?;
-            state.executor.state_as_stored(&key, stored).await?
-        } else {
-            state.executor.state(&key).await?
-        }
+        let stored = store::read::stream_version(&state.pool, &key).await?;
+        state.executor.state_as_stored(&key, stored).await?
     } else {
         state.executor.read_state(&key).await?
     };
