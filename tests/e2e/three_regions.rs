@@ -821,6 +821,64 @@ async fn a_third_region_refuses_the_late_events_of_a_home_forced_away() {
     assert_eq!(home.as_deref(), Some(WEST));
 }
 
+/// The same late events of a lost home, seen from the new home. South's own move after
+/// them (to east, unforced) was stored in west at its free version and gave west's
+/// account to east, which had refused that move and still named west: commands were
+/// sent back and forth, and west's stream had a hole below the move that other
+/// regions' copies waited on for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_new_home_refuses_the_move_a_home_forced_away_made_after() {
+    use meridian::store::regions::{move_home, store_remote};
+    let db = TestDb::new("latemove").await;
+    let pool = db.pool().await;
+    meridian::store::migrate(&pool).await.expect("migrate");
+    let from = |region: &str| json!({ "origin_region": region });
+    let deposit = |version: i64| {
+        relayed(
+            SOUTH,
+            "lm-1",
+            version,
+            "Deposited",
+            json!({"amount": 1}),
+            from(SOUTH),
+        )
+    };
+    let before = store_remote(&pool, WEST, &[deposit(1), deposit(2)])
+        .await
+        .unwrap();
+    assert_eq!(before.stored, 2);
+    // South is lost: west takes the account over.
+    let key = meridian::store::AggregateKey {
+        aggregate_type: "bank-account".into(),
+        aggregate_id: "lm-1".into(),
+    };
+    let (version, old_home) = move_home(&pool, &key, WEST, WEST, true, &from(WEST))
+        .await
+        .unwrap();
+    assert_eq!((version, old_home.as_str()), (3, SOUTH));
+
+    // South's versions 3 to 5, committed while it was cut off, and then its own move.
+    let unforced = relayed(
+        SOUTH,
+        "lm-1",
+        6,
+        "$meridian.HomeMoved",
+        json!({"from": SOUTH, "to": EAST, "forced": false}),
+        from(SOUTH),
+    );
+    let late = [deposit(3), deposit(4), deposit(5), unforced];
+    let outcome = store_remote(&pool, WEST, &late).await.unwrap();
+    assert_eq!(
+        (outcome.stored, outcome.divergent, outcome.early),
+        (0, 4, None),
+        "{outcome:?}"
+    );
+    let (events, home) = stored(&pool, "lm-1").await;
+    let origins: Vec<(i64, &str)> = events.iter().map(|(v, o)| (*v, o.as_str())).collect();
+    assert_eq!(origins, [(1, SOUTH), (2, SOUTH), (3, WEST)]);
+    assert_eq!(home.as_deref(), Some(WEST));
+}
+
 /// A client reused one command id for two aggregates in two regions. The relayed
 /// event of the other region's aggregate must not change what a retry of this
 /// region's command answers: its versions were widened to the other aggregate's, and
