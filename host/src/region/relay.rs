@@ -61,6 +61,15 @@ const PUBLISH_BATCH: i64 = 500;
 
 /// Events per store transaction on the receiving side.
 const STORE_BATCH: usize = 500;
+/// Payload bytes past which a batch of received events is stored in the next
+/// statement: one event may be as large as a peer's `max_payload` allows, so a count
+/// alone would let a burst of large events make one statement past PostgreSQL's 1 GB
+/// message limit (refused every time it is offered again) and hold it all in memory.
+const STORE_BYTES: usize = 32 << 20;
+/// Bytes the inbound consumer's pulls may hold on their way to this host: above NATS's
+/// largest possible message (64 MiB), so that no message is too large ever to be
+/// delivered, and far below what 200 such messages would take.
+const PULL_BYTES: usize = 72 << 20;
 
 /// Longest wait between reads of the event tail when caught up; a commit announced in
 /// the region (see [`store::Changes`]) ends it sooner.
@@ -761,12 +770,20 @@ async fn receive(
         stream = inbound_stream(&peer),
         "receiving events"
     );
-    let mut messages = consumer.messages().await?.ready_chunks(STORE_BATCH);
+    let mut messages = consumer
+        .stream()
+        .max_bytes_per_batch(PULL_BYTES)
+        .heartbeat(Duration::from_secs(15))
+        .messages()
+        .await?;
+    let mut carried = None;
     let mut received = 0i64;
     loop {
         let batch = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            batch = messages.next() => match batch {
+            batch = next_batch(&mut messages, &mut carried, STORE_BATCH, STORE_BYTES, |m| {
+                m.as_ref().map_or(0, |m| m.payload.len())
+            }) => match batch {
                 Some(batch) => batch,
                 None => anyhow::bail!("inbound message stream ended"),
             },
@@ -817,6 +834,43 @@ async fn receive(
         }
         store::regions::set_relay_status(&pool, &peer, lag_ms, pending, received, newest).await?;
     }
+}
+
+/// The next batch of `stream`'s items: the first (waited for), then those ready at
+/// once, up to `max_count` items and `max_bytes` by `size` (an item alone may be
+/// larger). The item that would pass the budget is kept in `carried` for the next
+/// batch. `None` once the stream ends.
+async fn next_batch<S, T>(
+    stream: &mut S,
+    carried: &mut Option<T>,
+    max_count: usize,
+    max_bytes: usize,
+    size: impl Fn(&T) -> usize,
+) -> Option<Vec<T>>
+where
+    S: futures::Stream<Item = T> + Unpin,
+{
+    use futures::FutureExt;
+    let first = match carried.take() {
+        Some(item) => item,
+        None => stream.next().await?,
+    };
+    let mut bytes = size(&first);
+    let mut batch = vec![first];
+    while batch.len() < max_count {
+        // A stream's `next` loses nothing when dropped unfinished.
+        let Some(Some(item)) = stream.next().now_or_never() else {
+            break;
+        };
+        let item_bytes = size(&item);
+        if bytes + item_bytes > max_bytes {
+            *carried = Some(item);
+            break;
+        }
+        bytes += item_bytes;
+        batch.push(item);
+    }
+    Some(batch)
 }
 
 /// The durable consumer a peer's events are stored from, made afresh at every start of
@@ -1052,5 +1106,32 @@ mod tests {
         let before: serde_json::Value = serde_json::from_str(stored).unwrap();
         let after: serde_json::Value = serde_json::from_str(sent.get()).unwrap();
         assert_eq!(before, after);
+    }
+
+
+    /// Large events come in batches their bytes bound, not only their count: a burst
+    /// of them made one statement past what PostgreSQL takes.
+    #[tokio::test]
+    async fn a_batch_stops_at_its_bytes_and_keeps_the_rest_for_the_next() {
+        let sizes = [40usize, 40, 40, 150, 10, 10];
+        let mut stream = futures::stream::iter(sizes);
+        let mut carried = None;
+        let mut batches = Vec::new();
+        while let Some(batch) = next_batch(&mut stream, &mut carried, 500, 100, |n| *n).await {
+            batches.push(batch);
+        }
+        // In order, none lost; one larger than the budget goes alone.
+        assert_eq!(batches, [vec![40, 40], vec![40], vec![150], vec![10, 10]]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_its_count() {
+        let mut stream = futures::stream::iter(1..=5usize);
+        let mut carried = None;
+        let mut batches = Vec::new();
+        while let Some(batch) = next_batch(&mut stream, &mut carried, 2, usize::MAX, |_| 1).await {
+            batches.push(batch);
+        }
+        assert_eq!(batches, [vec![1, 2], vec![3, 4], vec![5]]);
     }
 }
