@@ -382,6 +382,72 @@ async fn sigterm_ends_open_streams_and_the_host_exits() {
     );
 }
 
+/// A client that stops reading its stream (paused, or its machine gone without closing
+/// the connection): once the socket's buffers are full the server writes to it no more,
+/// so the stream never sees the drain that ends it, and the host waited for it until
+/// the drain timeout and exited 1, as if a request had been abandoned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_whose_client_stopped_reading_does_not_hold_a_drain() {
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::new("sse_stuck").await;
+    let mut host = Host::start(
+        &db,
+        HostOptions {
+            env: vec![
+                ("MERIDIAN_DRAIN_TIMEOUT_SECS".into(), "20".into()),
+                ("MERIDIAN_DRAIN_GRACE_MS".into(), "0".into()),
+            ],
+            ..HostOptions::default()
+        },
+    )
+    .await;
+    let api = host.client();
+    let (status, body) = api.upload("bad-output", wasm_bytes("bad-output")).await;
+    assert_eq!(status, 201, "{body}");
+
+    let address = host.url.trim_start_matches("http://").to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut reader = socket.connect(address.parse().unwrap()).await.unwrap();
+    reader
+        .write_all(
+            format!(
+                "GET /v1/events?after=0 HTTP/1.1\r\nhost: {address}\r\naccept: text/event-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // About 24 MB of events, far past what the sockets and the server buffer; the
+    // client reads none of it.
+    let text = "x".repeat(8000);
+    for i in 0..30 {
+        let (status, body) = api
+            .command(
+                "bad-output",
+                &format!("big-{i}"),
+                json!({"command": {"type": "Repeat", "text": text, "count": 100}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    host.signal("TERM");
+    let (code, host) = tokio::task::spawn_blocking(move || {
+        let code = host.wait_exit(Duration::from_secs(60));
+        (code, host)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        code,
+        Some(0),
+        "the drain ended as if requests had been abandoned (drain timeout: 20 s): {}",
+        host.log_tail()
+    );
+    drop(reader);
+}
+
 /// A host serves a bounded number of live streams: each one catching up holds a page
 /// of events and reads through the connections commands use. Past the bound a new
 /// stream is a 503 `overloaded` that says to retry, commands keep running, and a

@@ -270,6 +270,47 @@ pub fn for_clients(router: axum::Router) -> axum::Router {
         .layer(axum::middleware::from_fn(close_when_body_unread))
 }
 
+/// Counts the requests whose handlers are running: a response being written (a live
+/// stream's included) no longer counts. A draining host tells by it the requests still
+/// being worked on from answers whose clients stopped reading them, which only closing
+/// their connections ends.
+#[derive(Clone, Default)]
+pub struct HandlersRunning(Arc<std::sync::atomic::AtomicUsize>);
+
+impl HandlersRunning {
+    /// Handlers running now.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// `router` with every request counted while its handler runs.
+    pub fn count_in(&self, router: axum::Router) -> axum::Router {
+        router.layer(axum::middleware::from_fn_with_state(
+            self.clone(),
+            count_handler,
+        ))
+    }
+}
+
+/// Given back when the handler is done or dropped (its client went away).
+struct HandlerRunning(HandlersRunning);
+
+impl Drop for HandlerRunning {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn count_handler(
+    State(running): State<HandlersRunning>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    running.0.fetch_add(1, Ordering::AcqRel);
+    let _running = HandlerRunning(running);
+    next.run(request).await
+}
+
 /// Answers `Connection: close` to a request whose body was not read to its end.
 ///
 /// A handler refusing a request on its query or path (or a body over the limit) does

@@ -351,7 +351,8 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
 
     // Serve at once (health, readiness) but report ready only after catching up.
     let rpc_router = api::router(state);
-    let app = api::for_clients(rpc_router.clone());
+    let handlers = api::HandlersRunning::default();
+    let app = handlers.count_in(api::for_clients(rpc_router.clone()));
     // The HTTP server keeps serving (and forwarding) while partitions are handed away.
     let server_shutdown = CancellationToken::new();
     let server_stop = server_shutdown.clone();
@@ -491,7 +492,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     }
     // The driver keeps routing (observing leases) until the listener has closed.
     server_stop.cancel();
-    let drained = tokio::time::timeout_at(deadline, server).await;
+    let drained = tokio::time::timeout_at(deadline, finish_serving(server, &handlers)).await;
     driver_stop.cancel();
     refresher.abort();
     relay_stop.cancel();
@@ -514,6 +515,44 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// How long a draining host, once no handler runs, waits for the responses still being
+/// written before it closes their connections.
+const UNREAD_RESPONSES_AFTER: Duration = Duration::from_secs(5);
+
+/// Waits for the server to finish what it accepted once told to stop. A live stream
+/// ends at the drain's start, but its last bytes, like any response, are written only
+/// as fast as the client reads them: a client that stopped reading (paused, or its
+/// machine gone without closing the connection) holds its connection open for good,
+/// and the server would wait for it until the drain timeout, then exit 1 for every
+/// rolling restart. So once no handler has run for [`UNREAD_RESPONSES_AFTER`], the
+/// connections left are closed: each one's request was answered, and only the writing
+/// of the answer is cut (a read to repeat, a stream to resume elsewhere).
+async fn finish_serving(
+    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
+    handlers: &api::HandlersRunning,
+) -> Result<std::io::Result<()>, tokio::task::JoinError> {
+    let mut check = tokio::time::interval(Duration::from_millis(100));
+    let mut idle_since = None;
+    loop {
+        tokio::select! {
+            done = &mut server => return done,
+            _ = check.tick() => {}
+        }
+        if handlers.count() > 0 {
+            idle_since = None;
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= UNREAD_RESPONSES_AFTER {
+            tracing::warn!(
+                "closing connections whose clients stopped reading their answers (live streams, most likely)"
+            );
+            server.abort();
+            return Ok(Ok(()));
+        }
+    }
 }
 
 /// Installs the Prometheus recorder behind `/metrics`. Latencies get explicit buckets

@@ -1108,7 +1108,6 @@ mod tests {
         assert_eq!(before, after);
     }
 
-
     /// Large events come in batches their bytes bound, not only their count: a burst
     /// of them made one statement past what PostgreSQL takes.
     #[tokio::test]
