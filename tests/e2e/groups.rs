@@ -136,7 +136,14 @@ async fn two_members_see_every_event_once_with_each_aggregate_at_one_member_in_o
     let mut seen_0 = Vec::new();
     for _ in 0..expected_0 {
         let (id, event) = stream.next().await;
-        assert_eq!(id, event["position"].to_string());
+        assert_eq!(
+            id,
+            format!(
+                "{}:{}",
+                event["position"],
+                event["event_id"].as_str().unwrap()
+            )
+        );
         seen_0.push(event);
     }
     assert_quiet(&mut stream).await;

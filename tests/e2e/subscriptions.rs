@@ -141,8 +141,12 @@ async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
     for (id, event) in &seen {
         assert_eq!(
             id,
-            &event["position"].to_string(),
-            "the SSE id is the position"
+            &format!(
+                "{}:{}",
+                event["position"],
+                event["event_id"].as_str().unwrap()
+            ),
+            "the SSE id is the position and the event's id"
         );
     }
     // Live: new commits arrive on the open stream.
@@ -168,6 +172,40 @@ async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
     let again = [resumed.next().await, resumed.next().await];
     assert_eq!(again[0].0, live[0].0);
     assert_eq!(again[1].0, live[1].0);
+
+    // A resume point whose position holds another event here (read from another
+    // region, or from a store since restored) is refused, not resumed after that event.
+    let position = seen[2].0.split_once(':').unwrap().0;
+    let elsewhere = format!("{position}:{}", uuid::Uuid::now_v7());
+    let refused = reqwest::Client::new()
+        .get(format!("{}/v1/events", host.url))
+        .header("accept", "text/event-stream")
+        .header("last-event-id", &elsewhere)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unknown_position", "{body}");
+    // So is a page's, when the reader names the event it received there.
+    let page = |event_id: String| {
+        let api = api.clone();
+        async move {
+            api.get(&format!(
+                "/v1/events?after={position}&after_event_id={event_id}"
+            ))
+            .await
+        }
+    };
+    let (status, body) = page(uuid::Uuid::now_v7().to_string()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("unknown_position")),
+        "{body}"
+    );
+    let (status, body) = page(seen[2].1["event_id"].as_str().unwrap().to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"][0]["event_id"], live[0].1["event_id"]);
 
     // Filters: one aggregate only.
     let mut one = SseReader::open(

@@ -117,7 +117,7 @@ impl From<StoreError> for ApiError {
             ),
             // Its own code: a client that follows the region resumes from the head (the
             // store was restored, or the address now reaches another region).
-            StoreError::UnknownPosition(_) => Self::new(
+            StoreError::UnknownPosition(_) | StoreError::OtherEventAt { .. } => Self::new(
                 StatusCode::BAD_REQUEST,
                 "unknown_position",
                 error.to_string(),

@@ -259,6 +259,7 @@ mod tests {
     fn query(group: Option<&str>, member: Option<&str>, members: Option<&str>) -> EventsQuery {
         EventsQuery {
             after: None,
+            after_event_id: None,
             limit: None,
             aggregate_type: None,
             aggregate_id: None,

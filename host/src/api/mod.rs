@@ -1182,6 +1182,11 @@ pub struct EventsQuery {
     /// beginning, or for a group member from its acknowledged position).
     #[param(minimum = 0)]
     pub after: Option<i64>,
+    /// The id of the event received at `after` (not with `group`): checked, so that a
+    /// position from another region, or from a store since restored from a backup, is
+    /// refused (400 `unknown_position`) rather than resumed after another event. An
+    /// SSE message's id carries it (`<position>:<event id>`).
+    pub after_event_id: Option<Uuid>,
     /// Most events to return (default 1000, at most 10000; a page stops early once
     /// its events reach 16 MiB). A stream has no pages, but a value out of range is
     /// refused there too.
@@ -1208,7 +1213,7 @@ pub struct EventsQuery {
 
 /// Read the region's events in commit order: a page as JSON, or with
 /// `Accept: text/event-stream` a live Server-Sent Events stream (catch-up, then new
-/// events; SSE id = position, resumable with `Last-Event-ID`). With
+/// events; SSE id = `<position>:<event id>`, resumable with `Last-Event-ID`). With
 /// `group=<name>&member=<i>&members=<n>`, only member `i`'s share of the aggregates
 /// (each aggregate's events at one member, in version order), from its acknowledged
 /// position; a group page's `next` is the last position scanned, to acknowledge or
@@ -1242,6 +1247,12 @@ async fn list_events(
         validate_id(aggregate_id)?;
     }
     let group = groups::from_query(&query)?;
+    if query.after_event_id.is_some() && (query.after.is_none() || group.is_some()) {
+        return Err(ApiError::bad_request(
+            "after_event_id names the event received at `after`: send both, and not with `group` \
+             (a group's positions are its own region's)",
+        ));
+    }
     // Checked for a stream too, which has no pages: a `limit` out of range is a mistake
     // either way, and the same query should not be refused or taken by its `Accept`.
     let limit = page_limit(query.limit)?;
@@ -1262,7 +1273,8 @@ async fn list_events(
         return Ok(Json(EventsPage { events, next }).into_response());
     }
     let after = query.after.unwrap_or(0);
-    let events = store::read::read_all(&state.pool, after, limit, &filter).await?;
+    let from = store::read::order_key_of(&state.pool, after, query.after_event_id).await?;
+    let events = store::read::read_all_after(&state.pool, from, limit, &filter).await?;
     let next = events.last().map_or(after, |e| e.position);
     Ok(Json(EventsPage { events, next }).into_response())
 }
@@ -1301,10 +1313,33 @@ async fn status_page() -> Response {
 /// How long a live event stream waits before reading again after a database error.
 const STREAM_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A `Last-Event-ID`: what a stream's message id was, `<position>:<event id>`, or a
+/// bare position (the ids of earlier releases, or one a client made up from a page's
+/// `next`), which cannot be checked against the store.
+fn parse_last_event_id(text: &str) -> Result<(i64, Option<Uuid>), ApiError> {
+    let text = text.trim();
+    let (position, event_id) = match text.split_once(':') {
+        Some((position, event_id)) => (position, Some(event_id)),
+        None => (text, None),
+    };
+    let position = position.parse::<i64>().ok().filter(|p| *p >= 0);
+    let event_id = event_id.map(|id| Uuid::try_parse(id).ok());
+    match (position, event_id) {
+        (Some(position), None) => Ok((position, None)),
+        (Some(position), Some(Some(id))) => Ok((position, Some(id))),
+        _ => Err(ApiError::bad_request(format!(
+            "Last-Event-ID `{}` is not a resume point: send the `id` of the last event received \
+             (`<position>:<event id>`, or a position, 0 or more)",
+            shown(text)
+        ))),
+    }
+}
+
 /// `GET /v1/events` as Server-Sent Events: everything after the resume point (the
 /// `after` parameter, or the `Last-Event-ID` header a browser's `EventSource` sends
 /// when it reconnects), then new events as they commit. Each SSE event's id is the
-/// event's position and its data the event as JSON, so resuming never skips or repeats.
+/// event's position and id (checked on resume) and its data the event as JSON, so
+/// resuming never skips or repeats.
 /// A group member's stream keeps only its aggregates' events and, without a resume
 /// point, starts after the member's acknowledged position.
 async fn stream_events(
@@ -1319,21 +1354,13 @@ async fn stream_events(
     // start over from the beginning (or the group's position) without a word.
     let last_event_id = headers
         .get("last-event-id")
-        .map(|v| {
-            let text = String::from_utf8_lossy(v.as_bytes());
-            match text.trim().parse::<i64>() {
-                Ok(position) if position >= 0 => Ok(position),
-                _ => Err(ApiError::bad_request(format!(
-                    "Last-Event-ID `{}` is not a position: send the `id` of the last event received (0 or more)",
-                    shown(&text)
-                ))),
-            }
-        })
+        .map(|v| parse_last_event_id(&String::from_utf8_lossy(v.as_bytes())))
         .transpose()?;
-    let after = match (last_event_id.or(query.after), &group) {
-        (Some(after), _) => after.max(0),
-        (None, Some(group)) => store::groups::start(&state.pool, group).await?.0,
-        (None, None) => 0,
+    let (after, after_event_id) = match (last_event_id, query.after, &group) {
+        (Some(resume), _, _) => resume,
+        (None, Some(after), _) => (after, query.after_event_id),
+        (None, None, Some(group)) => (store::groups::start(&state.pool, group).await?.0, None),
+        (None, None, None) => (0, None),
     };
     let filter = EventFilter {
         aggregate_type: query.aggregate_type,
@@ -1351,7 +1378,7 @@ async fn stream_events(
         ));
     }
     // Resolve the resume point now, so a bad one is a 400 rather than a stream that ends.
-    let after = store::read::order_key(&state.pool, after).await?;
+    let after = store::read::order_key_of(&state.pool, after, after_event_id).await?;
     let Some(permit) = state.event_streams.admit_owned() else {
         return Ok(state.event_streams.overloaded());
     };
@@ -1388,7 +1415,7 @@ async fn stream_events(
                     }
                     let data = serde_json::to_string(&event).unwrap_or_default();
                     let sse = Event::default()
-                        .id(event.position.to_string())
+                        .id(format!("{}:{}", event.position, event.event_id))
                         .event("event")
                         .data(data);
                     return Some((
@@ -1802,6 +1829,20 @@ async fn set_limits(
 mod tests {
     use super::*;
     use crate::runtime::PluginError;
+
+    #[test]
+    fn a_last_event_id_is_a_position_with_the_event_s_id_or_a_bare_position() {
+        let id = Uuid::now_v7();
+        assert_eq!(
+            parse_last_event_id(&format!("42:{id}")).unwrap(),
+            (42, Some(id))
+        );
+        assert_eq!(parse_last_event_id(" 7 ").unwrap(), (7, None));
+        for bad in ["", "-1", "x", "42:", "42:nope", ":", &format!("-3:{id}")] {
+            let error = parse_last_event_id(bad).unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
 
     #[test]
     fn a_component_that_fails_its_validation_is_refused_not_a_server_fault() {

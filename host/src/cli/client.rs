@@ -489,6 +489,10 @@ async fn tail(
     use futures::StreamExt;
     const ACK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
     let mut last = after;
+    // The id of the event at `last`, once one was received: sent along on a reconnect,
+    // so that a host of another region (or a restored store) refuses the position
+    // rather than resume after another event there.
+    let mut last_event_id: Option<String> = None;
     // The starting point is the member's to give, not one it processed: acknowledging
     // it (0 when reading from the start) was refused every half second.
     let mut acked = after;
@@ -497,6 +501,9 @@ async fn tail(
         let mut query = Vec::new();
         if let Some(last) = last {
             query.push(("after", last.to_string()));
+        }
+        if let (Some(event_id), None) = (&last_event_id, &group) {
+            query.push(("after_event_id", event_id.clone()));
         }
         if let Some(slot) = &group {
             query.push(("group", slot.group.clone()));
@@ -585,7 +592,10 @@ async fn tail(
                 }
                 if let Ok(event) = serde_json::from_str::<Value>(&data) {
                     print_event(&event, target.json);
-                    last = event["position"].as_i64().or(last);
+                    if let Some(position) = event["position"].as_i64() {
+                        last = Some(position);
+                        last_event_id = event["event_id"].as_str().map(str::to_string);
+                    }
                 }
             }
         }

@@ -77,6 +77,19 @@ pub enum StoreError {
     /// A position given by a reader does not exist.
     #[error("no event at position {0} in this region; resume from a position you received")]
     UnknownPosition(i64),
+    /// A resume point names the event a reader received at a position, and the store
+    /// holds another one there.
+    #[error(
+        "the event at position {position} in this region is not {event_id}, the one received there: \
+         the events were read from another region, or from a store since restored from a backup; \
+         start again from GET /v1/events/head"
+    )]
+    OtherEventAt {
+        /// The position sent.
+        position: i64,
+        /// The event the reader received at it.
+        event_id: uuid::Uuid,
+    },
     /// The database failed or is unreachable.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),

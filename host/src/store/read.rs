@@ -350,20 +350,40 @@ impl OrderKey {
 /// The key of the event at `position` (0 or less: the start), or
 /// [`StoreError::UnknownPosition`] when no event has that position.
 pub async fn order_key(pool: &PgPool, position: i64) -> Result<OrderKey, StoreError> {
+    order_key_of(pool, position, None).await
+}
+
+/// [`order_key`], and when the reader names the event it received at `position`
+/// (`event_id`), [`StoreError::OtherEventAt`] if the store holds another one there.
+/// Positions are numbers of one region's store: the same number in another region (an
+/// address that now reaches it) or in a store restored from a backup (which numbers
+/// new events from its own past) is most likely another event, and resuming after it
+/// would skip or repeat events without a word.
+pub async fn order_key_of(
+    pool: &PgPool,
+    position: i64,
+    event_id: Option<Uuid>,
+) -> Result<OrderKey, StoreError> {
     if position <= 0 {
         return Ok(OrderKey::START);
     }
-    let tx: Option<i64> = bounded_read(pool, async |conn| {
+    let found: Option<(i64, Uuid)> = bounded_read(pool, async |conn| {
         Ok(
-            sqlx::query_scalar("SELECT tx_id::text::bigint FROM events WHERE position = $1")
+            sqlx::query_as("SELECT tx_id::text::bigint, event_id FROM events WHERE position = $1")
                 .bind(position)
                 .fetch_optional(&mut *conn)
                 .await?,
         )
     })
     .await?;
-    tx.map(|tx| OrderKey { tx, position })
-        .ok_or(StoreError::UnknownPosition(position))
+    match found {
+        None => Err(StoreError::UnknownPosition(position)),
+        Some((_, found)) if event_id.is_some_and(|e| e != found) => Err(StoreError::OtherEventAt {
+            position,
+            event_id: event_id.expect("checked"),
+        }),
+        Some((tx, _)) => Ok(OrderKey { tx, position }),
+    }
 }
 
 /// Events after `after` (a position received earlier, or 0 for the beginning) in the
@@ -374,7 +394,16 @@ pub async fn read_all(
     limit: i64,
     filter: &EventFilter,
 ) -> Result<Vec<StoredEvent>, StoreError> {
-    let after = order_key(pool, after).await?;
+    read_all_after(pool, order_key(pool, after).await?, limit, filter).await
+}
+
+/// [`read_all`] from a resume point already resolved (see [`order_key_of`]).
+pub async fn read_all_after(
+    pool: &PgPool,
+    after: OrderKey,
+    limit: i64,
+    filter: &EventFilter,
+) -> Result<Vec<StoredEvent>, StoreError> {
     Ok(read_after(pool, after, None, limit, PAGE_BYTES, filter)
         .await?
         .events
