@@ -99,17 +99,26 @@ fn cli_tail(
     (tail, lines)
 }
 
+/// Asserts a command's answer is a success: a stream waiting for its events would
+/// otherwise fail with "no event", not the command's error.
+fn committed((status, body): (u16, Value)) {
+    assert_eq!(status, 200, "{body}");
+}
+
 async fn host_with_account(label: &str, options: HostOptions, id: &str) -> (TestDb, Host) {
     let db = TestDb::new(label).await;
     let host = Host::start(&db, options).await;
     let api = host.client();
-    api.upload("bank-account", wasm_bytes("bank-account")).await;
-    api.command(
-        "bank-account",
-        id,
-        json!({"command": {"type": "Open", "owner": "a"}}),
-    )
-    .await;
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{body}");
+    committed(
+        api.command(
+            "bank-account",
+            id,
+            json!({"command": {"type": "Open", "owner": "a"}}),
+        )
+        .await,
+    );
     (db, host)
 }
 
@@ -117,18 +126,22 @@ async fn host_with_account(label: &str, options: HostOptions, id: &str) -> (Test
 async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
     let (_db, host) = host_with_account("sse", HostOptions::default(), "s-1").await;
     let api = host.client();
-    api.command(
-        "bank-account",
-        "s-2",
-        json!({"command": {"type": "Open", "owner": "b"}}),
-    )
-    .await;
-    api.command(
-        "bank-account",
-        "s-1",
-        json!({"command": {"type": "Deposit", "amount": 5}}),
-    )
-    .await;
+    committed(
+        api.command(
+            "bank-account",
+            "s-2",
+            json!({"command": {"type": "Open", "owner": "b"}}),
+        )
+        .await,
+    );
+    committed(
+        api.command(
+            "bank-account",
+            "s-1",
+            json!({"command": {"type": "Deposit", "amount": 5}}),
+        )
+        .await,
+    );
 
     let url = format!("{}/v1/events?after=0", host.url);
     let mut stream = SseReader::open(&url, None).await;
@@ -150,18 +163,22 @@ async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
         );
     }
     // Live: new commits arrive on the open stream.
-    api.command(
-        "bank-account",
-        "s-2",
-        json!({"command": {"type": "Deposit", "amount": 7}}),
-    )
-    .await;
-    api.command(
-        "bank-account",
-        "s-2",
-        json!({"command": {"type": "Withdraw", "amount": 2}}),
-    )
-    .await;
+    committed(
+        api.command(
+            "bank-account",
+            "s-2",
+            json!({"command": {"type": "Deposit", "amount": 7}}),
+        )
+        .await,
+    );
+    committed(
+        api.command(
+            "bank-account",
+            "s-2",
+            json!({"command": {"type": "Withdraw", "amount": 2}}),
+        )
+        .await,
+    );
     let live = [stream.next().await, stream.next().await];
     assert_eq!(live[0].1["payload"], json!({"amount": 7}));
     assert_eq!(live[1].1["type"], "Withdrawn");
