@@ -23,9 +23,23 @@ import argparse
 import asyncio
 import json
 import sys
+from urllib.parse import unquote, urlsplit
 
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+
+def connect_options(url: str) -> dict:
+    """nats.connect's arguments for a URL that may carry a user and password
+    (nats://reader:<password>@host:4222) or a token (nats://<token>@host:4222).
+    nats-py sends them as written in the URL, percent-encoding and all."""
+    parts = urlsplit(url)
+    if not parts.username:
+        return {"servers": [url]}
+    server = f"{parts.scheme}://{parts.hostname}:{parts.port or 4222}"
+    if parts.password is None:
+        return {"servers": [server], "token": unquote(parts.username)}
+    return {"servers": [server], "user": unquote(parts.username), "password": unquote(parts.password)}
 
 
 async def main() -> int:
@@ -38,7 +52,7 @@ async def main() -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="with --count: give up after this many seconds")
     args = parser.parse_args()
 
-    nc = await nats.connect(args.url)
+    nc = await nats.connect(**connect_options(args.url))
     js = nc.jetstream()
     subject = f"meridian.events.{args.region}.{args.aggregate_type or '*'}.*"
     sub = await js.pull_subscribe(

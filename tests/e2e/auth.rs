@@ -220,3 +220,50 @@ fn help_never_shows_the_passwords_in_the_environment() {
         );
     }
 }
+
+/// A tokens file that holds no token (a secret not filled in yet, a template that
+/// rendered only comments) left every route open, with nothing but a missing log line
+/// to tell. The host now refuses to start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tokens_file_without_a_token_is_refused_at_start() {
+    let db = TestDb::new("auth_empty").await;
+    let file = std::env::temp_dir().join(format!("meridian-empty-tokens-{}", std::process::id()));
+    std::fs::write(&file, "# filled in at deploy time\n\n").unwrap();
+    let (exited, stderr) = tokio::task::spawn_blocking({
+        let (url, file) = (db.url.clone(), file.clone());
+        move || {
+            let mut child = std::process::Command::new(crate::harness::meridian_bin())
+                .args(["host", "--http-addr", "127.0.0.1:0"])
+                .env("MERIDIAN_DATABASE_URL", url)
+                .env("MERIDIAN_TOKENS_FILE", &file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("run meridian");
+            // A host that started serves until stopped: give it a while, then stop it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let exited = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break Some(status);
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            };
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            (exited, stderr)
+        }
+    })
+    .await
+    .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "a host with no token kept serving: {stderr}"
+    );
+    assert!(stderr.contains("holds no token"), "{stderr}");
+}

@@ -1629,6 +1629,37 @@ async fn a_paused_host_replaced_under_its_node_id_stops_when_it_resumes() {
     check_history(&db, &[]).await;
 }
 
+/// A host restarted under its node id while the member row is locked: its predecessor
+/// froze inside its heartbeat's transaction, which the server ends only after 10 s.
+/// The new process judged the row by the clock of before that wait, found the
+/// predecessor's heartbeat current, took it for another live process, and refused to
+/// start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_that_waited_on_its_predecessors_locked_row_starts() {
+    let db = TestDb::new("claim_wait").await;
+    let named = || HostOptions {
+        node_id: Some("solo".into()),
+        ..options()
+    };
+    let mut first = Host::start(&db, named()).await;
+    let pool = db.pool().await;
+    first.signal("KILL");
+    tokio::task::spawn_blocking(move || first.wait_exit(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    // The row as a frozen heartbeat would hold it, with its last heartbeat current.
+    let mut frozen = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM members WHERE node_id = 'solo' FOR UPDATE")
+        .execute(&mut *frozen)
+        .await
+        .unwrap();
+    let next = Host::spawn(&db.url, named());
+    // Past twice the 3 s a heartbeat may be late, as the server's 10 s would be.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    frozen.rollback().await.unwrap();
+    next.wait_ready(Duration::from_secs(60)).await;
+}
+
 /// The same while the host is still catching up (compiling plugins) when it pauses:
 /// it never became ready, and it waited to for good, up (`/healthz`) but unready,
 /// where a supervisor would neither restart it nor see it fail.

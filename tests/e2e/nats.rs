@@ -47,6 +47,25 @@ impl NatsServer {
         )
     }
 
+    /// A hub whose clients authenticate, with the users and permissions of
+    /// `deploy/nats/permissions.conf`: [`Self::url_as`] gives each user's URL.
+    pub fn hub_with_users(domain: &str) -> Self {
+        let leaf_port = free_port();
+        Self::start(
+            domain,
+            format!(
+                "leafnodes {{ listen: \"127.0.0.1:{leaf_port}\" }}\ninclude \"permissions.conf\"\n"
+            ),
+            Some(leaf_port),
+        )
+    }
+
+    /// The URL for `user` of [`Self::hub_with_users`] (`meridian` or `reader`).
+    pub fn url_as(&self, user: &str) -> String {
+        let password = password_of(user).replace('/', "%2F");
+        format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+
     /// A region that connects to `hub` as a leafnode.
     pub fn leaf(domain: &str, hub: &NatsServer) -> Self {
         let hub_port = hub.leaf_port.expect("the hub listens for leafnodes");
@@ -61,6 +80,15 @@ impl NatsServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let config = dir.path().join("nats.conf");
+        // Included by name (nats-server reads includes beside the configuration).
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../deploy/nats/permissions.conf"
+            ),
+            dir.path().join("permissions.conf"),
+        )
+        .expect("copy deploy/nats/permissions.conf");
         let store = dir.path().join("jetstream");
         std::fs::write(
             &config,
@@ -92,6 +120,8 @@ impl NatsServer {
         let child = Command::new(nats_server_bin())
             .arg("-c")
             .arg(&self.config)
+            .env("MERIDIAN_NATS_PASSWORD", password_of("meridian"))
+            .env("MERIDIAN_NATS_READER_PASSWORD", password_of("reader"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -149,4 +179,10 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The password of a user of `deploy/nats/permissions.conf` in the tests, with a
+/// character a URL must percent-encode.
+fn password_of(user: &str) -> String {
+    format!("{user}-pass/word")
 }

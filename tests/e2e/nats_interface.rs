@@ -10,20 +10,17 @@ use super::harness::{Host, HostOptions, TestDb, wasm_bytes};
 use super::nats::NatsServer;
 
 fn consume(nats: &NatsServer, durable: &str, count: usize) -> Vec<Value> {
+    consume_at(&nats.url(), durable, count)
+}
+
+fn consume_at(url: &str, durable: &str, count: usize) -> Vec<Value> {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/nats-consumer/consume.py"
     );
     let output = Command::new("python3")
         .arg(script)
-        .args([
-            "--url",
-            &nats.url(),
-            "--region",
-            "solo",
-            "--durable",
-            durable,
-        ])
+        .args(["--url", url, "--region", "solo", "--durable", durable])
         .args(["--count", &count.to_string(), "--timeout", "20"])
         .output()
         .expect("run python3 (scripts/install-deps.sh installs nats-py)");
@@ -163,4 +160,69 @@ async fn the_events_stream_refuses_an_event_whose_predecessor_is_missing() {
             "message {sequence}"
         );
     }
+}
+
+/// A region's NATS with users (`deploy/nats/permissions.conf`): the hosts sign in with
+/// the user and password in `MERIDIAN_NATS_URL` (the client took none from the URL,
+/// so hosts could not use a NATS that asks for them), and a consumer signed in as
+/// `reader` reads the events but cannot publish one.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_nats_users_hosts_sign_in_and_readers_only_read() {
+    let nats = NatsServer::hub_with_users("solo");
+    let db = TestDb::new("natsusers").await;
+    let host = Host::start(
+        &db,
+        HostOptions {
+            region: Some("solo".into()),
+            nats_url: Some(nats.url_as("meridian")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let api = host.client();
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = api
+        .command(
+            "bank-account",
+            "ro-1",
+            json!({"command": {"type":"Open","owner":"r"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let read = consume_at(&nats.url_as("reader"), "reader-app", 1);
+    assert_eq!(read[0]["event_id"], body["events"][0]["event_id"]);
+
+    // A reader's forged event is refused by the server, and never in the stream.
+    let reader = async_nats::ConnectOptions::new()
+        .user_and_password("reader".into(), "reader-pass/word".into())
+        .connect(format!("127.0.0.1:{}", nats.port))
+        .await
+        .expect("the reader signs in");
+    let forged = json!({
+        "region": "solo", "position": 99, "event_id": uuid::Uuid::now_v7(),
+        "aggregate_type": "bank-account", "aggregate_id": "forged", "version": 1,
+        "type": "Opened", "payload": {"owner": "mallory"}, "metadata": {},
+        "recorded_at": chrono::Utc::now(),
+    });
+    let published = async_nats::jetstream::new(reader)
+        .publish(
+            "meridian.events.solo.bank-account.forged",
+            forged.to_string().into(),
+        )
+        .await;
+    let refused = match published {
+        Err(_) => true,
+        Ok(ack) => ack.await.is_err(),
+    };
+    assert!(refused, "the reader published an event");
+    let js = async_nats::jetstream::new(
+        async_nats::ConnectOptions::new()
+            .user_and_password("meridian".into(), "meridian-pass/word".into())
+            .connect(format!("127.0.0.1:{}", nats.port))
+            .await
+            .unwrap(),
+    );
+    let mut stream = js.get_stream("meridian-events-solo").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
 }

@@ -39,6 +39,10 @@ pub struct HostArgs {
     /// NATS URL of the region's NATS (JetStream enabled, NATS >= 2.10).
     #[arg(long, env = "MERIDIAN_NATS_URL", hide_env_values = true)]
     pub nats_url: Option<String>,
+    /// A NATS credentials file (user JWT and nkey seed) for NATS servers that use
+    /// decentralised authentication; a user and password or a token go in the URL.
+    #[arg(long, env = "MERIDIAN_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
     /// The other regions whose events this region receives (comma-separated). Each
     /// must be reachable through this region's NATS as a JetStream domain.
     #[arg(long, env = "MERIDIAN_PEER_REGIONS", value_delimiter = ',')]
@@ -174,6 +178,56 @@ pub struct HostArgs {
     pub route_timeout_ms: u64,
 }
 
+/// How the host authenticates to NATS: a user and password (`nats://user:password@…`)
+/// or a token (`nats://token@…`) written in the URL, which the client does not take
+/// from it by itself, and a credentials file (`MERIDIAN_NATS_CREDS`: a user JWT and
+/// its nkey seed, as `nsc` writes them).
+async fn nats_options(
+    url: &str,
+    creds: Option<&std::path::Path>,
+) -> anyhow::Result<async_nats::ConnectOptions> {
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut options = async_nats::ConnectOptions::new();
+    for server in url.split(',') {
+        let server: async_nats::ServerAddr = server
+            .trim()
+            .parse()
+            .with_context(|| format!("MERIDIAN_NATS_URL {} is not a NATS URL", shown_url(url)))?;
+        if let Some(user) = server.username() {
+            options = match server.password() {
+                Some(password) => options.user_and_password(decode(user), decode(password)),
+                None => options.token(decode(user)),
+            };
+            break;
+        }
+    }
+    if let Some(path) = creds {
+        options = options
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("cannot read the NATS credentials file {}", path.display()))?;
+    }
+    Ok(options)
+}
+
+/// `url` with any credentials in it masked, to show in errors and logs.
+fn shown_url(url: &str) -> String {
+    url.split(',')
+        .map(|server| match server.rsplit_once('@') {
+            Some((before, host)) => match before.split_once("://") {
+                Some((scheme, _)) => format!("{scheme}://***@{host}"),
+                None => format!("***@{host}"),
+            },
+            None => server.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Runs the host until it is told to stop.
 pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     check_drain(args.drain_grace_ms, args.drain_timeout_secs)?;
@@ -190,6 +244,16 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     }
     let tokens =
         api::Tokens::parse(&token_text).map_err(|e| anyhow::anyhow!("invalid tokens: {e}"))?;
+    // Given but empty (a secret not filled in yet, a template that rendered nothing),
+    // the tokens would leave every route open without a word.
+    let tokens_given =
+        args.tokens_file.is_some() || args.tokens.as_deref().is_some_and(|t| !t.trim().is_empty());
+    if tokens_given && !tokens.enabled() {
+        anyhow::bail!(
+            "MERIDIAN_TOKENS / MERIDIAN_TOKENS_FILE is set but holds no token, which would leave every route open: \
+             add `<token>:<scopes>` entries, or unset both to run without authentication"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
@@ -229,11 +293,12 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     }
     let nats = match &args.nats_url {
         Some(url) => Some(
-            async_nats::ConnectOptions::new()
+            nats_options(url, args.nats_creds.as_deref())
+                .await?
                 .name(format!("meridian-{}-{node_id}", args.region))
                 .connect(url)
                 .await
-                .with_context(|| format!("cannot connect to NATS at {url}"))?,
+                .with_context(|| format!("cannot connect to NATS at {}", shown_url(url)))?,
         ),
         None => {
             if !peers.is_empty() {

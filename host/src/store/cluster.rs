@@ -130,10 +130,19 @@ pub async fn claim(
     dead_after: Duration,
 ) -> Result<Claim, StoreError> {
     let mut tx = pool.begin().await?;
+    // The row is locked first and judged after: the lock may be held by a process
+    // frozen inside its heartbeat's transaction until the server ends it (10 s), and a
+    // row judged by the clock of before that wait (`now()` is the transaction's start,
+    // and the row is read before the wait) looked alive; the predecessor was taken for
+    // another live process and this one refused to start.
+    sqlx::query("SELECT 1 FROM members WHERE node_id = $1 FOR UPDATE")
+        .bind(node)
+        .execute(&mut *tx)
+        .await?;
     let row: Option<(Option<Uuid>, String, bool)> = sqlx::query_as(
         "SELECT incarnation, address, \
-                last_heartbeat >= now() - make_interval(secs => $2::double precision / 1000) \
-         FROM members WHERE node_id = $1 FOR UPDATE",
+                last_heartbeat >= clock_timestamp() - make_interval(secs => $2::double precision / 1000) \
+         FROM members WHERE node_id = $1",
     )
     .bind(node)
     .bind(dead_after.as_millis() as i64)
