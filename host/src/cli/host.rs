@@ -492,12 +492,19 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         let every = Duration::from_millis(args.plugin_refresh_ms);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut announced = Box::pin(changes.plugins());
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = changes.plugins() => {}
+                    _ = announced.as_mut() => {}
                     _ = tick.tick() => {}
                 }
+                // Listening again before the refresh reads the registry: an
+                // announcement is only heard by a listener already there, so one made
+                // while a refresh ran (compiling a large component takes seconds) was
+                // lost, and its version or limits waited for the next tick.
+                announced.set(changes.plugins());
+                announced.as_mut().enable();
                 if let Err(error) = plugins.refresh().await {
                     tracing::warn!(%error, "plugin refresh failed");
                 }
