@@ -438,6 +438,57 @@ async fn limits_the_plugin_cannot_run_under_are_refused() {
     still_serves(&api, "after-loose").await;
 }
 
+/// Limits a stored aggregate cannot run under (its state is over `max_output_bytes`)
+/// were taken with a 200, and from then on every command and read of that aggregate
+/// was a 500. Its history is now replayed under them first: refused, naming it, unless
+/// forced.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_a_stored_aggregate_cannot_run_under_are_refused_unless_forced() {
+    let db = TestDb::new("history_limits").await;
+    let host = Host::start(&db, HostOptions::default()).await;
+    let api = host.client();
+    let (status, body) = api.upload("bank-account", wasm_bytes("bank-account")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = api
+        .command(
+            "bank-account",
+            "big-1",
+            json!({"command": {"type": "Open", "owner": "o".repeat(2_000)}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let tight = json!({"max_output_bytes": 1024}).to_string().into_bytes();
+    let (status, body) = api
+        .put_raw("/v1/plugins/bank-account/limits", tight.clone())
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("limits_too_tight_for_history")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("bank-account/big-1")),
+        "{body}"
+    );
+    // Nothing changed: the aggregate still takes commands.
+    let (status, body) = api
+        .command(
+            "bank-account",
+            "big-1",
+            json!({"command": {"type": "Deposit", "amount": 1}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Forced, they are taken (to stop a plugin misbehaving, whatever it costs).
+    let (status, body) = api
+        .put_raw("/v1/plugins/bank-account/limits?force=true", tight)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["max_output_bytes"], 1024, "{body}");
+}
+
 /// A plugin cannot make the host hold an unbounded number of resources for it: they
 /// live in host memory, outside the memory cap, and survive from call to call on a
 /// reused instance. Past 100,000 the call fails and the instance is dropped; wasmtime's

@@ -1767,20 +1767,33 @@ async fn get_limits(
     ))
 }
 
+/// Query parameters of `PUT /v1/plugins/{aggregate_type}/limits`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsQuery {
+    /// Set the limits without replaying stored histories under them first (to stop a
+    /// misbehaving plugin although some stored aggregate no longer runs under them).
+    #[serde(default)]
+    #[param(required = false)]
+    pub force: bool,
+}
+
 /// Set the sandbox limits of an aggregate type (missing fields take their defaults).
 #[utoipa::path(
     put, path = "/v1/plugins/{aggregate_type}/limits",
     request_body = SandboxLimits,
-    params(TypePath),
+    params(TypePath, LimitsQuery),
     responses(
         (status = 200, body = SandboxLimits),
         (status = 400, body = ErrorBody, description = "a limit out of its range, or `limits_too_tight`: the type's newest version cannot start under them (names the limit); nothing was changed"),
-        (status = 409, body = ErrorBody, description = "`plugin_changed`: a new version was stored while the limits were being checked against the one before; nothing was changed (set them again)"),
+        (status = 409, body = ErrorBody, description = "`plugin_changed`: a new version was stored while the limits were being checked against the one before (set them again); or `limits_too_tight_for_history`: a stored aggregate does not replay under them (names it and the cause; raise the limit, or `?force=true`). Nothing was changed"),
     )
 )]
 async fn set_limits(
     State(state): State<AppState>,
     Path(aggregate_type): Path<String>,
+    Query(query): Query<LimitsQuery>,
     body: Bytes,
 ) -> Result<Json<SandboxLimits>, ApiError> {
     validate_type(&aggregate_type)?;
@@ -1802,7 +1815,7 @@ async fn set_limits(
             max_component_bytes: limits.max_component_bytes.max(bytes.len() as u64),
             ..limits
         };
-        state
+        let validated = state
             .executor
             .plugins()
             .runtime()
@@ -1819,6 +1832,25 @@ async fn set_limits(
                 ),
                 e => e.into(),
             })?;
+        // A stored aggregate whose state or events need more than these limits allow
+        // (a state over `max_output_bytes`, a replay past the memory cap) would fail
+        // every command and read from now on: its history is replayed under them
+        // first, as an upload's is.
+        if !query.force {
+            history::check(&state.pool, &validated.plugin, &aggregate_type)
+                .await
+                .map_err(|e| match e {
+                    HistoryError::Incompatible { .. } => ApiError::new(
+                        StatusCode::CONFLICT,
+                        "limits_too_tight_for_history",
+                        format!(
+                            "under these limits, version {} of `{aggregate_type}` cannot replay a stored aggregate: {e}. Nothing was changed: raise the limit this names, or set them with ?force=true",
+                            info.version
+                        ),
+                    ),
+                    HistoryError::Store(e) => e.into(),
+                })?;
+        }
     }
     store::plugins::set_limits(&state.pool, &aggregate_type, &limits, checked_with).await?;
     state.executor.plugins().invalidate(&aggregate_type).await;
