@@ -66,6 +66,15 @@ impl NatsServer {
         format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
     }
 
+    /// A client signed in as `user` of [`Self::hub_with_users`].
+    pub async fn connect_as(&self, user: &str) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .user_and_password(user.into(), password_of(user))
+            .connect(format!("127.0.0.1:{}", self.port))
+            .await
+            .unwrap_or_else(|e| panic!("{user} cannot sign in: {e}"))
+    }
+
     /// A region that connects to `hub` as a leafnode.
     pub fn leaf(domain: &str, hub: &NatsServer) -> Self {
         let hub_port = hub.leaf_port.expect("the hub listens for leafnodes");

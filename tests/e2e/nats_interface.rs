@@ -194,11 +194,7 @@ async fn with_nats_users_hosts_sign_in_and_readers_only_read() {
     assert_eq!(read[0]["event_id"], body["events"][0]["event_id"]);
 
     // A reader's forged event is refused by the server, and never in the stream.
-    let reader = async_nats::ConnectOptions::new()
-        .user_and_password("reader".into(), "reader-pass/word".into())
-        .connect(format!("127.0.0.1:{}", nats.port))
-        .await
-        .expect("the reader signs in");
+    let reader = nats.connect_as("reader").await;
     let forged = json!({
         "region": "solo", "position": 99, "event_id": uuid::Uuid::now_v7(),
         "aggregate_type": "bank-account", "aggregate_id": "forged", "version": 1,
@@ -216,13 +212,7 @@ async fn with_nats_users_hosts_sign_in_and_readers_only_read() {
         Ok(ack) => ack.await.is_err(),
     };
     assert!(refused, "the reader published an event");
-    let js = async_nats::jetstream::new(
-        async_nats::ConnectOptions::new()
-            .user_and_password("meridian".into(), "meridian-pass/word".into())
-            .connect(format!("127.0.0.1:{}", nats.port))
-            .await
-            .unwrap(),
-    );
+    let js = async_nats::jetstream::new(nats.connect_as("meridian").await);
     let mut stream = js.get_stream("meridian-events-solo").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 1);
 }
