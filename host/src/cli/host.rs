@@ -193,10 +193,12 @@ async fn nats_options(
     };
     let mut options = async_nats::ConnectOptions::new();
     for server in url.split(',') {
-        let server: async_nats::ServerAddr = server
-            .trim()
-            .parse()
-            .with_context(|| format!("MERIDIAN_NATS_URL {} is not a NATS URL", shown_url(url)))?;
+        let server: async_nats::ServerAddr = server.trim().parse().with_context(|| {
+            format!(
+                "MERIDIAN_NATS_URL {} is not a NATS URL",
+                super::migrate::redact(url)
+            )
+        })?;
         if let Some(user) = server.username() {
             options = match server.password() {
                 Some(password) => options.user_and_password(decode(user), decode(password)),
@@ -212,20 +214,6 @@ async fn nats_options(
             .with_context(|| format!("cannot read the NATS credentials file {}", path.display()))?;
     }
     Ok(options)
-}
-
-/// `url` with any credentials in it masked, to show in errors and logs.
-fn shown_url(url: &str) -> String {
-    url.split(',')
-        .map(|server| match server.rsplit_once('@') {
-            Some((before, host)) => match before.split_once("://") {
-                Some((scheme, _)) => format!("{scheme}://***@{host}"),
-                None => format!("***@{host}"),
-            },
-            None => server.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Runs the host until it is told to stop.
@@ -298,7 +286,9 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
                 .name(format!("meridian-{}-{node_id}", args.region))
                 .connect(url)
                 .await
-                .with_context(|| format!("cannot connect to NATS at {}", shown_url(url)))?,
+                .with_context(|| {
+                    format!("cannot connect to NATS at {}", super::migrate::redact(url))
+                })?,
         ),
         None => {
             if !peers.is_empty() {

@@ -46,13 +46,46 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
     Ok(pool)
 }
 
-/// Hides a password in a database URL before it is printed.
+/// Hides the secret in a database or NATS URL (or a comma-separated list of NATS
+/// servers) before it is printed: the password, and for NATS a user given alone,
+/// which is a token.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
+    url.split(',')
+        .map(|server| match url::Url::parse(server.trim()) {
+            Ok(mut parsed) if parsed.password().is_some() => {
+                let _ = parsed.set_password(Some("***"));
+                parsed.to_string()
+            }
+            Ok(mut parsed)
+                if !parsed.username().is_empty()
+                    && matches!(parsed.scheme(), "nats" | "tls" | "ws" | "wss") =>
+            {
+                let _ = parsed.set_username("***");
+                parsed.to_string()
+            }
+            _ => server.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_passwords_and_nats_tokens_only() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db.internal/events"),
+            "postgres://app:***@db.internal/events"
+        );
+        assert_eq!(
+            redact("postgres://postgres@127.0.0.1/events"),
+            "postgres://postgres@127.0.0.1/events"
+        );
+        assert_eq!(
+            redact("nats://meridian:pa%2Fss@n1:4222,nats://t0ken@n2:4222"),
+            "nats://meridian:***@n1:4222,nats://***@n2:4222"
+        );
     }
 }

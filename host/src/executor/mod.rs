@@ -704,29 +704,17 @@ impl Executor {
         })
     }
 
-    /// The aggregate's current state, loading it if it is not cached.
-    pub async fn state(&self, key: &AggregateKey) -> Result<AggregateState, CommandError> {
-        self.cached_state(key, None).await
-    }
-
-    /// Like [`Executor::state`], but a cached state older or newer than `stored` (the
-    /// version the store holds) is loaded again. In a region that receives events from
-    /// other regions, events reach the store without passing through this cache: the
-    /// relay stores what the aggregate's home wrote, and a home move writes its event
-    /// directly. Commands notice (their append conflicts and they decide again); reads
-    /// must check.
+    /// The aggregate's current state, from the cache when it holds the version the
+    /// store holds (`stored`), else loaded again. Events reach the store around this
+    /// cache: in a region that receives events from other regions, the relay stores what
+    /// the aggregate's home wrote and a home move writes its event directly; and a host
+    /// back from a pause may still take itself for the owner while another host writes
+    /// on. Commands notice (their append conflicts and they decide again); reads must
+    /// check.
     pub async fn state_as_stored(
         &self,
         key: &AggregateKey,
         stored: i64,
-    ) -> Result<AggregateState, CommandError> {
-        self.cached_state(key, Some(stored)).await
-    }
-
-    async fn cached_state(
-        &self,
-        key: &AggregateKey,
-        stored: Option<i64>,
     ) -> Result<AggregateState, CommandError> {
         // An unknown type is refused before waiting for the aggregate ...
         self.inner.plugins.get(&key.aggregate_type).await?;
@@ -738,8 +726,7 @@ impl Executor {
         let plugin = self.inner.plugins.get(&key.aggregate_type).await?;
         let loaded = match guard.take() {
             Some(loaded)
-                if loaded.plugin_version == plugin.version()
-                    && stored.is_none_or(|v| v == loaded.version) =>
+                if loaded.plugin_version == plugin.version() && loaded.version == stored =>
             {
                 metrics::counter!("meridian_cache_hits_total").increment(1);
                 loaded
