@@ -78,7 +78,6 @@ impl SseReader {
     }
 }
 
-/// A host on a database of its own with bank-account uploaded and account `id` opened.
 /// `meridian events tail --json --id <id>` against `host`: the process (killed when
 /// dropped) and its output lines.
 fn cli_tail(
@@ -105,6 +104,7 @@ fn committed((status, body): (u16, Value)) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A host on a database of its own with bank-account uploaded and account `id` opened.
 async fn host_with_account(label: &str, options: HostOptions, id: &str) -> (TestDb, Host) {
     let db = TestDb::new(label).await;
     let host = Host::start(&db, options).await;
@@ -311,6 +311,43 @@ async fn the_cli_tail_prints_large_non_ascii_events_intact() {
         owner.chars().count(),
         printed.chars().filter(|&c| c == '\u{fffd}').count()
     );
+}
+
+/// A transaction writing in another database of the same PostgreSQL server (a
+/// migration, a batch job of another application) does not hold the region's streams
+/// and reads: they stopped at the oldest transaction running anywhere on the server,
+/// and delivered nothing newer for as long as it ran.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_write_in_another_database_of_the_server_holds_no_stream() {
+    let (_db, host) = host_with_account("other_db_write", HostOptions::default(), "w-1").await;
+    let other = TestDb::new("other_db_writer").await;
+    let other = other.pool().await;
+    let mut writer = other.begin().await.unwrap();
+    // Takes a transaction id, as any write does, and keeps it until the test ends.
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let mut stream =
+        SseReader::open(&format!("{}/v1/events?aggregate_id=w-1", host.url), None).await;
+    assert_eq!(stream.next().await.1["version"], 1);
+    committed(
+        host.client()
+            .command(
+                "bank-account",
+                "w-1",
+                json!({"command": {"type": "Deposit", "amount": 5}}),
+            )
+            .await,
+    );
+    let (_, event) = stream.next().await;
+    assert_eq!(
+        (event["version"].as_i64(), event["type"].as_str()),
+        (Some(2), Some("Deposited"))
+    );
+    let (_, page) = host.client().get("/v1/events?after=0").await;
+    assert_eq!(page["events"].as_array().map(Vec::len), Some(2), "{page}");
+    writer.rollback().await.unwrap();
 }
 
 /// `meridian events tail` waits for a host that goes away under it and resumes after

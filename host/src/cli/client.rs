@@ -560,6 +560,9 @@ async fn tail(
         // Bytes, not text: a chunk may end inside a multi-byte character, which
         // decoding chunk by chunk would replace with U+FFFD.
         let mut buffer: Vec<u8> = Vec::new();
+        // How far `buffer` is known to hold no message end: a large event arrives in
+        // many chunks, and scanning it from the start for each one was quadratic.
+        let mut scanned = 0;
         let mut ticks = tokio::time::interval(ACK_EVERY);
         loop {
             let chunk = tokio::select! {
@@ -578,8 +581,13 @@ async fn tail(
             };
             let Some(Ok(chunk)) = chunk else { break };
             buffer.extend_from_slice(&chunk);
-            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            while let Some(end) = buffer[scanned..]
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|at| scanned + at)
+            {
                 let message: Vec<u8> = buffer.drain(..end + 2).collect();
+                scanned = 0;
                 let message = String::from_utf8_lossy(&message);
                 let data: String = message
                     .lines()
@@ -598,6 +606,8 @@ async fn tail(
                     }
                 }
             }
+            // The last byte may be the first half of a message end.
+            scanned = buffer.len().saturating_sub(1);
         }
         if !target.json {
             match last {

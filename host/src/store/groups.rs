@@ -139,10 +139,11 @@ async fn ack_on(
     // Only a position the tail could have delivered (below the horizon of running
     // transactions) is accepted: resuming after a later one could skip an event that
     // commits afterwards with a smaller transaction id.
+    let horizon = super::read::horizon(conn).await?;
     let advanced: Option<i64> = sqlx::query_scalar(
         "WITH target AS ( \
              SELECT position, tx_id FROM events \
-              WHERE position = $4 AND tx_id < pg_snapshot_xmin(pg_current_snapshot())) \
+              WHERE position = $4 AND tx_id < $5::text::xid8) \
          INSERT INTO consumer_group_positions (group_name, members, member, position, tx_id) \
          SELECT $1, $2, $3, position, tx_id FROM target \
          ON CONFLICT (group_name, members, member) DO UPDATE \
@@ -155,6 +156,7 @@ async fn ack_on(
     .bind(slot.members as i32)
     .bind(slot.member as i32)
     .bind(position)
+    .bind(horizon.to_string())
     .fetch_optional(&mut *conn)
     .await?;
     if advanced.is_some() {
@@ -163,10 +165,10 @@ async fn ack_on(
     // Nothing written: either the position was not deliverable, or the stored one is
     // not behind it. The stored row exists in the second case only.
     let delivered: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM events WHERE position = $1 \
-                          AND tx_id < pg_snapshot_xmin(pg_current_snapshot()))",
+        "SELECT EXISTS (SELECT 1 FROM events WHERE position = $1 AND tx_id < $2::text::xid8)",
     )
     .bind(position)
+    .bind(horizon.to_string())
     .fetch_one(&mut *conn)
     .await?;
     if !delivered {

@@ -3,8 +3,8 @@
 //! The global order is commit order, walked as `(tx_id, position)`. `position` comes
 //! from a sequence, so a transaction can commit after a later-numbered one; reading by
 //! position alone would then skip the late event forever. A reader therefore only reads
-//! events whose transaction id is below `pg_snapshot_xmin(pg_current_snapshot())` —
-//! every transaction below it has finished — and orders by transaction id first.
+//! events whose transaction id is below the [`horizon`] — every transaction of the
+//! database below it has finished — and orders by transaction id first.
 //! A position still names one event, and "after position P" means "after the event at
 //! P in this order", so positions are resume tokens: they increase within a
 //! transaction but may interleave between transactions.
@@ -427,15 +427,16 @@ pub async fn read_after(
     filter: &EventFilter,
 ) -> Result<Chunk<(OrderKey, StoredEvent)>, StoreError> {
     super::bounded(pool, filter.scan_limit(), async |conn| {
+        let horizon = horizon(conn).await?;
         let bound = if until.is_some() {
-            "AND (tx_id, position) <= ($7::text::xid8, $8) "
+            "AND (tx_id, position) <= ($8::text::xid8, $9) "
         } else {
             ""
         };
         let sql = format!(
             "SELECT tx_id::text::bigint AS tx, {EVENT_COLUMNS} FROM events \
              WHERE (tx_id, position) > ($1::text::xid8, $2) \
-               AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND tx_id < $7::text::xid8 \
                AND ($3::text IS NULL OR aggregate_type = $3) \
                AND ($4::text IS NULL OR aggregate_id = $4) \
                AND ($6::text IS NULL OR metadata->>'origin_region' = $6) \
@@ -448,7 +449,8 @@ pub async fn read_after(
             .bind(filter.aggregate_type.as_deref())
             .bind(filter.aggregate_id.as_deref())
             .bind(limit)
-            .bind(filter.origin_region.as_deref());
+            .bind(filter.origin_region.as_deref())
+            .bind(horizon.to_string());
         if let Some(until) = until {
             query = query.bind(until.tx.to_string()).bind(until.position);
         }
@@ -508,6 +510,38 @@ pub async fn command_result(
     .await
 }
 
+/// The transaction id below which every transaction of this database has finished:
+/// the region's events below it are all committed (or never will be), so readers may
+/// walk up to it and never see one commit behind them later.
+///
+/// `pg_snapshot_xmin` would be the oldest transaction running on the whole server, in
+/// any database: one long write elsewhere on a shared server (a migration, a batch
+/// job) held every stream, the relay and the groups of the region still for as long as
+/// it ran. So the horizon is the next transaction id as of this statement's snapshot,
+/// or the oldest transaction of this database still running (or prepared) when the
+/// statement then looks, whichever is smaller. A transaction below the snapshot's
+/// limit that is not seen running had finished before the look, so the caller's next
+/// statement, whose snapshot is taken after it, sees its outcome — which is why this
+/// must run on its own, before the read it bounds, and not inside it.
+pub async fn horizon(conn: &mut sqlx::PgConnection) -> Result<i64, StoreError> {
+    // `backend_xid` is a 32-bit xid: it is widened to the xid8 nearest the snapshot's
+    // limit, which a running transaction is always within 2^31 of.
+    Ok(sqlx::query_scalar(
+        "WITH next AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS n), \
+              running AS ( \
+                SELECT backend_xid::text::bigint AS x FROM pg_stat_activity \
+                 WHERE datname = current_database() AND backend_xid IS NOT NULL \
+                UNION ALL \
+                SELECT transaction::text::bigint FROM pg_prepared_xacts \
+                 WHERE database = current_database()) \
+         SELECT least(n, min(n + ((x - (n & 4294967295) + 2147483648) % 4294967296 \
+                                  + 4294967296) % 4294967296 - 2147483648)) \
+           FROM next LEFT JOIN running ON true GROUP BY n",
+    )
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
 /// The newest event the tail has delivered in the region's commit order (0 when there
 /// is none yet): reading after it gives exactly the events that commit from now on,
 /// with no gap, because every transaction before it in that order has finished.
@@ -518,11 +552,13 @@ pub async fn head(pool: &PgPool) -> Result<i64, StoreError> {
 /// [`head`] with its key ([`OrderKey::START`] when there is no event yet).
 pub async fn head_key(pool: &PgPool) -> Result<OrderKey, StoreError> {
     bounded_read(pool, async |conn| {
+        let horizon = horizon(conn).await?;
         let key: Option<(i64, i64)> = sqlx::query_as(
             "SELECT tx_id::text::bigint, position FROM events \
-             WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             WHERE tx_id < $1::text::xid8 \
              ORDER BY tx_id DESC, position DESC LIMIT 1",
         )
+        .bind(horizon.to_string())
         .fetch_optional(&mut *conn)
         .await?;
         Ok(key.map_or(OrderKey::START, |(tx, position)| OrderKey { tx, position }))
