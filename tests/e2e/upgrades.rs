@@ -5,7 +5,7 @@
 use serde_json::json;
 
 use crate::harness::{
-    Host, HostOptions, TestDb, metric, plus_custom_section, store_events, wasm_bytes,
+    Host, HostOptions, TestDb, eventually, metric, plus_custom_section, store_events, wasm_bytes,
     with_custom_section,
 };
 
@@ -276,7 +276,10 @@ async fn a_command_queued_during_an_upload_runs_the_new_version() {
     // `Go` runs until its deadline, holding the aggregate meanwhile: long enough for
     // the upload below to be answered first on a loaded machine (a version compiled,
     // its history checked and rolled out), else `Nap` runs before it and proves
-    // nothing.
+    // nothing. Each request below is sent once the one before holds or waits for the
+    // aggregate: sent at fixed intervals, one could overtake another on a loaded machine
+    // (`Nap` run by the version before the upload, ahead of `Go`).
+    let loads = metric(&host, "meridian_aggregate_loads_total").await;
     let slow = tokio::spawn({
         let api = api.clone();
         async move {
@@ -284,7 +287,11 @@ async fn a_command_queued_during_an_upload_runs_the_new_version() {
                 .await
         }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // `q` is loaded once, by `Go`, under its lock.
+    eventually(|| async {
+        (metric(&host, "meridian_aggregate_loads_total").await > loads).then_some(())
+    })
+    .await;
     let queued = tokio::spawn({
         let api = api.clone();
         async move {
@@ -292,13 +299,19 @@ async fn a_command_queued_during_an_upload_runs_the_new_version() {
                 .await
         }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let waiters = async |n: f64| {
+        eventually(|| async {
+            (metric(&host, "meridian_aggregate_waiters").await >= n).then_some(())
+        })
+        .await
+    };
+    waiters(1.0).await;
     // A read waits its turn behind both, and must read with the version current then.
     let read = tokio::spawn({
         let api = api.clone();
         async move { api.get("/v1/aggregates/sleeper/q").await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    waiters(2.0).await;
     let (status, body) = api
         .upload("sleeper", plus_custom_section(wasm_bytes("sleeper"), b"v2"))
         .await;

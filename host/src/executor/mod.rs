@@ -323,7 +323,7 @@ impl Executor {
         // Known type or not, before a cache slot is made for it.
         self.inner.plugins.get(&command.key.aggregate_type).await?;
         let slot = self.inner.cache.slot(&command.key);
-        let mut guard = slot.lock().await;
+        let mut guard = waiting_for(slot.lock()).await;
         match self.execute_locked(&command, &mut guard).await {
             // A retry is run again on today's state and plugin version, which can fail
             // where its first run did not (a version uploaded since that cannot replay
@@ -719,7 +719,7 @@ impl Executor {
         // An unknown type is refused before waiting for the aggregate ...
         self.inner.plugins.get(&key.aggregate_type).await?;
         let slot = self.inner.cache.slot(key);
-        let mut guard = slot.lock().await;
+        let mut guard = waiting_for(slot.lock()).await;
         // ... and the version is taken once it is this read's turn, as a command takes
         // it: a read that waited behind commands while a version was uploaded would
         // otherwise load their events with the version before, and cache that.
@@ -741,4 +741,20 @@ impl Executor {
         *guard = Some(loaded);
         Ok(state)
     }
+}
+
+/// Waits for `lock`, counted meanwhile in the `meridian_aggregate_waiters` gauge: requests
+/// queued behind another on one aggregate (a hot aggregate, or a slow handler) show there,
+/// where the in-flight count alone cannot tell them from load.
+async fn waiting_for<T>(lock: impl std::future::Future<Output = T>) -> T {
+    /// Counts down when the wait ends, also when the request is dropped while waiting.
+    struct Waiter;
+    impl Drop for Waiter {
+        fn drop(&mut self) {
+            metrics::gauge!("meridian_aggregate_waiters").decrement(1.0);
+        }
+    }
+    metrics::gauge!("meridian_aggregate_waiters").increment(1.0);
+    let _waiter = Waiter;
+    lock.await
 }
