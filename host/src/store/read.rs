@@ -525,7 +525,10 @@ pub async fn command_result(
 /// must run on its own, before the read it bounds, and not inside it.
 pub async fn horizon(conn: &mut sqlx::PgConnection) -> Result<i64, StoreError> {
     // `backend_xid` is a 32-bit xid: it is widened to the xid8 nearest the snapshot's
-    // limit, which a running transaction is always within 2^31 of.
+    // limit, which a running transaction is always within 2^31 of. The running
+    // backends are looked at before the prepared transactions, on purpose: a PREPARE
+    // lists its transaction as prepared before it clears it from its backend, so in this
+    // order one being prepared meanwhile is seen at least once.
     Ok(sqlx::query_scalar(
         "WITH next AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS n), \
               running AS ( \
