@@ -350,6 +350,51 @@ async fn a_long_write_in_another_database_of_the_server_holds_no_stream() {
     writer.rollback().await.unwrap();
 }
 
+/// A resume position the feed has not passed yet — read from an aggregate's history,
+/// which waits for no other transaction — is waited for, then refused with a 503 to
+/// retry, while a transaction older than it still runs: read after, it would never
+/// have delivered an event that transaction commits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_position_the_feed_has_not_passed_is_not_resumed_after() {
+    let (db, host) = host_with_account("undelivered", HostOptions::default(), "p-1").await;
+    let pool = db.pool().await;
+    let mut older = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *older)
+        .await
+        .unwrap();
+    let api = host.client();
+    committed(
+        api.command(
+            "bank-account",
+            "p-1",
+            json!({"command": {"type": "Deposit", "amount": 5}}),
+        )
+        .await,
+    );
+    let (_, history) = api.get("/v1/aggregates/bank-account/p-1/events").await;
+    let position = history["events"][1]["position"].as_i64().unwrap();
+    let (status, body) = api.get(&format!("/v1/events?after={position}")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("position_not_delivered")),
+        "{body}"
+    );
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/events?after={position}", host.url))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+
+    older.rollback().await.unwrap();
+    let (status, body) = api.get(&format!("/v1/events?after={position}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"], json!([]), "{body}");
+}
+
 /// `meridian events tail` waits for a host that goes away under it and resumes after
 /// the last event it printed when the host is back; it exited instead, unable to
 /// reconnect.

@@ -122,6 +122,12 @@ impl From<StoreError> for ApiError {
                 "unknown_position",
                 error.to_string(),
             ),
+            // Worth sending again (with Retry-After): the transaction ahead of it ends.
+            StoreError::NotDelivered(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "position_not_delivered",
+                error.to_string(),
+            ),
             StoreError::PluginChanged { .. } | StoreError::LimitsOutdated { .. } => {
                 Self::new(StatusCode::CONFLICT, "plugin_changed", error.to_string())
             }

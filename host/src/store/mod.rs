@@ -77,6 +77,13 @@ pub enum StoreError {
     /// A position given by a reader does not exist.
     #[error("no event at position {0} in this region; resume from a position you received")]
     UnknownPosition(i64),
+    /// A resume point is an event the region's feed has not delivered yet: a
+    /// transaction older than it is still running, and could commit an event before it.
+    #[error(
+        "the event at position {0} is not in the region's feed yet: an older transaction \
+         is still running; send again shortly, or resume from a position the feed delivered"
+    )]
+    NotDelivered(i64),
     /// A resume point names the event a reader received at a position, and the store
     /// holds another one there.
     #[error(

@@ -382,9 +382,30 @@ pub async fn order_key_of(
             position,
             event_id: event_id.expect("checked"),
         }),
-        Some((tx, _)) => Ok(OrderKey { tx, position }),
+        Some((tx, _)) => {
+            // A position the feed has not passed yet (read from an aggregate's history,
+            // which waits for nothing): an older transaction may still commit before it,
+            // and a read after it would never deliver that event. Such a transaction
+            // usually ends within milliseconds; one that does not is the reader's to
+            // wait out.
+            let deadline = tokio::time::Instant::now() + UNDELIVERED_WAIT;
+            loop {
+                let horizon = bounded_read(pool, async |conn| horizon(conn).await).await?;
+                if tx < horizon {
+                    return Ok(OrderKey { tx, position });
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(StoreError::NotDelivered(position));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
     }
 }
+
+/// How long a resume point the feed has not reached yet is waited for before it is
+/// refused ([`StoreError::NotDelivered`]).
+const UNDELIVERED_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Events after `after` (a position received earlier, or 0 for the beginning) in the
 /// region's commit order, never past a transaction that may still commit.
