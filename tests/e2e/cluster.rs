@@ -1063,6 +1063,23 @@ async fn a_correlation_id_follows_a_forwarded_command_and_metrics_count_it() {
         result["executed_by"].as_str(),
         Some(hosts[1].node_id.as_str())
     );
+    // A client's own `x-meridian-forwarded-by` (copied by a proxy, say) naming no
+    // member is not taken for a forward: the command is still forwarded to its owner,
+    // where it was answered `not_owner` on every try.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/aggregates/bank-account/{id}", hosts[0].url))
+        .header("x-meridian-forwarded-by", "edge-proxy")
+        .json(&json!({"command": {"type": "Deposit", "amount": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(
+        result["executed_by"].as_str(),
+        Some(hosts[1].node_id.as_str()),
+        "{result}"
+    );
     // Both hosts' logs carry it, and so does the event.
     eventually(|| async {
         let both = hosts.iter().all(|h| {

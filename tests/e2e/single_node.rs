@@ -221,6 +221,14 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             400,
             "bad_request",
         ),
+        // The id a client left at its default: it would make every later command sent
+        // so a repeat of this one.
+        (
+            "/v1/aggregates/bank-account/acc-1",
+            br#"{"command": {"type": "Deposit", "amount": 1}, "command_id": "00000000-0000-0000-0000-000000000000"}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
         (
             "/v1/aggregates/no-such-type/acc-1",
             br#"{"command": {"type": "Open"}}"#.to_vec(),
@@ -502,6 +510,31 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         tcp.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         assert!(answer.contains("invalid aggregate id"), "{answer}");
+    }
+    // A body that cannot be read (a chunk size that is not hex) is answered in the
+    // API's JSON error shape too, not in the framework's plain text.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", host.port))
+            .await
+            .unwrap();
+        tcp.write_all(
+            b"POST /v1/aggregates/bank-account/acc-1 HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\nzz\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut answer))
+            .await
+            .expect("no answer to a broken body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(answer.starts_with("http/1.1 400"), "{answer}");
+        assert!(
+            answer.contains("content-type: application/json"),
+            "{answer}"
+        );
+        assert!(answer.contains(r#""code":"bad_request""#), "{answer}");
     }
 
     assert_eq!(event_count(&db).await, before, "bad input wrote events");

@@ -238,7 +238,7 @@ pub fn router(state: AppState) -> axum::Router {
         })
         .layer(axum::middleware::map_response_with_state(
             (command_limit, upload_limit),
-            body_limit_as_json,
+            plain_errors_as_json,
         ))
         .layer(axum::middleware::from_fn_with_state(
             tokens,
@@ -376,9 +376,11 @@ impl http_body::Body for ReadToEnd {
     }
 }
 
-/// axum refuses a body over a route's limit in plain text; the API answers every
-/// mistake in its one JSON error shape, here naming the limits and their settings.
-async fn body_limit_as_json(
+/// axum answers some mistakes itself, in plain text: a body over a route's limit, or
+/// one that cannot be read (a broken chunked encoding, a body cut short). The API
+/// answers every mistake in its one JSON error shape: the body over a limit names the
+/// limits and their settings, any other such answer keeps its status and text.
+async fn plain_errors_as_json(
     State((command_limit, upload_limit)): State<(usize, usize)>,
     response: Response,
 ) -> Response {
@@ -386,15 +388,32 @@ async fn body_limit_as_json(
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if response.status() != StatusCode::PAYLOAD_TOO_LARGE || json {
+    if !response.status().is_client_error() || json {
         return response;
     }
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the request body is over this route's limit: a command takes at most {command_limit} bytes (MERIDIAN_MAX_COMMAND_BYTES), a plugin upload {upload_limit} (MERIDIAN_MAX_UPLOAD_BYTES), any other request 2 MiB"
+            ),
+        )
+        .into_response();
+    }
+    let status = response.status();
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let said = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("bad request"),
+        said => said,
+    };
     ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        format!(
-            "the request body is over this route's limit: a command takes at most {command_limit} bytes (MERIDIAN_MAX_COMMAND_BYTES), a plugin upload {upload_limit} (MERIDIAN_MAX_UPLOAD_BYTES), any other request 2 MiB"
-        ),
+        status,
+        "bad_request",
+        format!("{said}; fix the request and send it again"),
     )
     .into_response()
 }
@@ -716,6 +735,22 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
         )));
     }
     non_negative("expected_version", parsed.expected_version)?;
+    // The nil UUID is what an id field left at its default holds: taken as an id, every
+    // command sent so would be answered as a repeat of the first, and never run.
+    if parsed
+        .command_id
+        .is_some_and(|id| id.is_nil() || id.is_max())
+    {
+        return Err(ApiError::bad_request(format!(
+            "`command_id` is the {} UUID, which cannot tell one command from another; \
+             send a fresh random UUID (v4 or v7) per command, or leave it out",
+            if parsed.command_id.is_some_and(|id| id.is_nil()) {
+                "nil"
+            } else {
+                "max"
+            }
+        )));
+    }
     Ok(parsed)
 }
 
@@ -786,7 +821,13 @@ async fn run_command(
     let state = state.clone();
     let key = key(aggregate_type, aggregate_id)?;
     // From another host of the region (the owner's partition) or from another region.
-    let forwarded = headers.contains_key(FORWARDED_HEADER);
+    // A client's copy of the header (sent by mistake, or passed on by a proxy) would
+    // have a host that does not own the aggregate answer `not_owner` for good rather
+    // than forward it: only a member's name counts.
+    let forwarded = headers
+        .get(FORWARDED_HEADER)
+        .and_then(|by| by.to_str().ok())
+        .is_some_and(|by| state.cluster.is_member(by));
     let from_peer = forwarded || headers.contains_key(crate::region::HOME_HEADER);
     if body.len() > state.max_command_bytes && !from_peer {
         return Err(ApiError::new(
@@ -1224,7 +1265,7 @@ pub struct EventsQuery {
     responses(
         (status = 200, body = EventsPage, description = "a page, or (text/event-stream) a live stream of `event` messages whose data is a StoredEvent"),
         (status = 400, body = ErrorBody, description = "unknown position, bad limit, a filter no aggregate could match, or bad group parameters"),
-        (status = 503, body = ErrorBody, description = "a live stream asked of a host already serving `MERIDIAN_MAX_EVENT_STREAMS` (`overloaded`), or of a host shutting down (`draining`); with `Retry-After`: retry, on another host for `draining`, resuming with Last-Event-ID"),
+        (status = 503, body = ErrorBody, description = "a live stream asked of a host already serving `MERIDIAN_MAX_EVENT_STREAMS` (`overloaded`), or of a host shutting down (`draining`), or a resume position the feed has not reached yet (`position_not_delivered`: a transaction older than it still runs); with `Retry-After`: retry, on another host for `draining`, resuming with Last-Event-ID"),
     )
 )]
 async fn list_events(

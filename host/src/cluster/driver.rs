@@ -211,6 +211,16 @@ impl Cluster {
         &self.inner.config.node_id
     }
 
+    /// Whether `node_id` names a member of the region as this node last observed it:
+    /// what a forwarded request's `x-meridian-forwarded-by` must name to be taken for one.
+    pub fn is_member(&self, node_id: &str) -> bool {
+        self.inner
+            .addresses
+            .lock()
+            .expect("addresses poisoned")
+            .contains_key(node_id)
+    }
+
     /// How long without a heartbeat before a member counts as dead.
     pub fn dead_after(&self) -> Duration {
         self.inner.config.dead_after
