@@ -18,7 +18,15 @@ cd "$REPO"
 source scripts/bench-lib.sh
 
 quick=""
-[ "${1:-}" = "--quick" ] && quick=1
+case "$#:${1:-}" in
+    0:) ;;
+    1:--quick) quick=1 ;;
+    *)
+        # A typo must not start the 20-minute run that rewrites BENCHMARKS.md.
+        echo "usage: bash scripts/bench.sh [--quick]" >&2
+        exit 2
+        ;;
+esac
 
 if [ -n "$quick" ]; then
     out="$REPO/target/bench-quick"

@@ -9,8 +9,6 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
-# The demo's cluster is its own: a database exported for another purpose is not used.
-unset MERIDIAN_DATABASE_URL
 bash scripts/install-deps.sh
 export MERIDIAN_NATS_SERVER_BIN="${MERIDIAN_NATS_SERVER_BIN:-$REPO/.tools/bin/nats-server}"
 bash plugins/build.sh

@@ -374,6 +374,14 @@ ensure_componentize_js() {
     log "componentize-js: $JS_PLUGIN_DIR/node_modules (node $(node --version))"
 }
 
+case "$#:${1:-}" in
+    0: | 1:--tests | 1:--plugin-toolchains) ;;
+    *)
+        echo "usage: bash scripts/install-deps.sh [--tests | --plugin-toolchains]" >&2
+        exit 2
+        ;;
+esac
+
 if [ "${1:-}" = "--plugin-toolchains" ]; then
     ensure_rust
     ensure_componentize_py

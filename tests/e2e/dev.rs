@@ -40,8 +40,13 @@ impl Dev {
             .args(["dev", "--port", "0", "--plugin"])
             .arg(wasm("bank-account"))
             .env("MERIDIAN_NATS_SERVER_BIN", nats_server_bin())
-            // A private cluster, not the test server from the environment.
-            .env_remove("MERIDIAN_DATABASE_URL")
+            // A host's database exported in the shell is not the demo's: it uses a
+            // private cluster (this one would not even answer).
+            .env(
+                "MERIDIAN_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:1/not_the_demos",
+            )
+            .env_remove("MERIDIAN_DEV_DATABASE_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(if stderr_piped {

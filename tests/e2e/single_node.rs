@@ -1003,18 +1003,23 @@ async fn the_cli_uploads_commands_and_pages_events() {
         !out.status.success() && stderr.contains("invalid aggregate id `cli-1#2`"),
         "{stderr}"
     );
-    // A token that cannot go in a header is refused, not left out.
+    // A token that cannot go in a header is refused, not left out, and not shown:
+    // the error lands in terminals and CI logs.
     let out = run(vec![
         "cluster".into(),
         "status".into(),
         "--token".into(),
-        "secret\r".into(),
+        "secret-part-of-a-token\r".into(),
     ])
     .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("trailing newline"),
         "{stderr}"
+    );
+    assert!(
+        !stderr.contains("secret-part"),
+        "the token was printed: {stderr}"
     );
     let out = run(vec![
         "command".into(),
@@ -2039,4 +2044,109 @@ async fn a_database_that_requires_tls_is_reached_over_tls() {
     .unwrap();
     assert!(encrypted > 1, "{encrypted} encrypted sessions");
     assert_eq!(plain, 0, "sessions without TLS");
+}
+
+/// A stand-in for a proxy in front of the region that answers every request with
+/// `status` (e.g. `502 Bad Gateway`), `content_type` and `body`: its URL, and a count
+/// of the requests it got.
+async fn fake_proxy(
+    status: &'static str,
+    content_type: &'static str,
+    body: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", proxy.local_addr().unwrap());
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let requests = requests.clone();
+        async move {
+            while let Ok((mut tcp, _)) = proxy.accept().await {
+                requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut request = [0u8; 4096];
+                let _ = tcp.read(&mut request).await;
+                let _ = tcp
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            }
+        }
+    });
+    (url, requests)
+}
+
+/// Runs the CLI with `args`, for at most 30 s.
+async fn cli(args: Vec<String>) -> std::process::Output {
+    let child = tokio::process::Command::new(crate::harness::meridian_bin())
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(30), child)
+        .await
+        .expect("the CLI did not end within 30 s")
+        .unwrap()
+}
+
+/// A proxy in front of the region answering 502 or 504 (the host's answer lost on its
+/// way back, the command perhaps run): `meridian command` sends it again under the same
+/// id, and when it gives up, names the id to send it with. It stopped at the first such
+/// answer without the id, and running it again made a new one: the command twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_retries_a_proxys_bad_gateway_and_names_the_command_id() {
+    let (url, requests) = fake_proxy(
+        "502 Bad Gateway",
+        "text/html",
+        "<html><body>502 Bad Gateway</body></html>",
+    )
+    .await;
+    let out = cli([
+        "command",
+        "bank-account",
+        "b-1",
+        r#"{"type":"Deposit","amount":1}"#,
+        "--retries",
+        "1",
+        "--url",
+        url.as_str(),
+    ]
+    .map(String::from)
+    .to_vec())
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(
+        requests.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "not sent again: {stderr}"
+    );
+    assert!(
+        stderr.contains("502 bad gateway; sending the command again"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("send it again with --command-id "),
+        "the command's id is not named: {stderr}"
+    );
+}
+
+/// `meridian events tail` through a proxy that drops `Accept: text/event-stream` gets
+/// a page of JSON, not a stream: it says so and stops, where it reconnected every
+/// second forever, printing nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_tail_given_no_stream_says_so() {
+    let (url, _) = fake_proxy("200 OK", "application/json", r#"{"events": [], "next": 0}"#).await;
+    let out = cli(["events", "tail", "--json", "--url", url.as_str()]
+        .map(String::from)
+        .to_vec())
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("without an event stream"),
+        "{stderr}"
+    );
 }

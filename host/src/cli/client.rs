@@ -20,7 +20,7 @@ pub struct Target {
     #[arg(long, global = true)]
     pub json: bool,
     /// Bearer token, when the host requires one.
-    #[arg(long, env = "MERIDIAN_TOKEN", global = true, hide_env_values = true, value_parser = bearer_token)]
+    #[arg(long, env = "MERIDIAN_TOKEN", global = true, hide_env_values = true, value_parser = BearerToken)]
     pub token: Option<String>,
 }
 
@@ -46,13 +46,31 @@ impl Target {
 
 /// A token is sent in a header: one with a line break or other control character (a
 /// file read with its trailing newline) cannot be, and was left out without a word.
-fn bearer_token(token: &str) -> Result<String, String> {
-    reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-        .map(|_| token.to_string())
-        .map_err(|_| {
-            "a token is visible ASCII only; check for a trailing newline or carriage return"
-                .to_string()
-        })
+/// Refused without showing it, as a plain function parser's error would (clap quotes
+/// the value it refused): the message lands in terminals and CI logs.
+#[derive(Clone)]
+struct BearerToken;
+
+impl clap::builder::TypedValueParser for BearerToken {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        _command: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let refuse = || {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                "the token (--token or MERIDIAN_TOKEN) is visible ASCII only; check for a \
+                 trailing newline or carriage return\n",
+            )
+        };
+        let token = value.to_str().ok_or_else(refuse)?;
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| refuse())?;
+        Ok(token.to_string())
+    }
 }
 
 /// `meridian plugin ...`
@@ -94,7 +112,8 @@ pub struct CommandArgs {
     #[arg(long)]
     pub command_id: Option<uuid::Uuid>,
     /// How many times to send the command again after a 503 (a host overloaded or
-    /// draining, a partition moving), waiting as `Retry-After` says.
+    /// draining, a partition moving), waiting as `Retry-After` says, or a 502 or 504
+    /// (a proxy in front that lost the host's answer).
     #[arg(long, default_value_t = 5)]
     pub retries: u32,
     /// Refuse unless the aggregate is at this version.
@@ -340,6 +359,12 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Answers a command is sent again after, under the same id: the host's 503 (busy,
+/// draining, a partition moving) and a proxy's 502 and 504 (the host's answer lost).
+fn worth_retrying(status: reqwest::StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
+}
+
 /// Runs `meridian command ...`.
 pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
     let command: Value = serde_json::from_str(&args.command)
@@ -358,10 +383,7 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
     let mut attempt = 0;
     let response = loop {
         let (code, wait) = match client.post(url.clone()).json(&body).send().await {
-            Ok(response)
-                if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE
-                    || attempt >= args.retries =>
-            {
+            Ok(response) if !worth_retrying(response.status()) || attempt >= args.retries => {
                 break response;
             }
             Ok(response) => {
@@ -371,13 +393,14 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                     .unwrap_or(1)
                     .clamp(1, 30);
+                let status = response.status();
                 let code = response
                     .json::<Value>()
                     .await
                     .ok()
                     .and_then(|b| b["error"]["code"].as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "unavailable".into());
-                (format!("503 {code}"), wait)
+                    .unwrap_or_else(|| status.canonical_reason().unwrap_or("").to_lowercase());
+                (format!("{} {code}", status.as_u16()), wait)
             }
             // Never sent, and nothing sent before: nothing ran, and no host is there.
             Err(error) if error.is_connect() && attempt == 0 => {
@@ -414,9 +437,17 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
         .get(crate::region::SERVED_BY_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let retryable = response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE;
+    // Any server error may come after the command ran (a proxy's 502 or 504 for an
+    // answer lost on its way back, a 500), and so may an answer that is not the API's
+    // (a proxy's page): the error names the id to send it again with, or a second run
+    // with a new id could apply it twice.
+    let may_have_run = response.status().is_server_error()
+        || !response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     let (_, result) = read(response, &args.target.url).await.map_err(|error| {
-        if retryable {
+        if may_have_run {
             error.context(again)
         } else {
             error
@@ -523,21 +554,47 @@ async fn tail(
             .header("accept", "text/event-stream")
             .send()
             .await;
-        // A host answering 503 (starting, draining) is waited for; so is one that went
-        // away after the stream ran (restarted): the tail resumes where it was.
+        // A host answering 503 (starting, draining) is waited for, and so is a proxy's
+        // 502 or 504 (its host restarting behind it); so is a host that went away after
+        // the stream ran (restarted): the tail resumes where it was.
         let response = match sent {
-            Ok(response) if response.status().is_success() => response,
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let body: Value = response.json().await.unwrap_or(Value::Null);
-                let code = body["error"]["code"].as_str().unwrap_or("error");
-                if status != 503 {
+            Ok(response) if response.status().is_success() => {
+                // A proxy that dropped `Accept` gets a page of JSON back, which holds no
+                // stream message: reading it as one would reconnect forever, silently.
+                let stream = response
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                if !stream {
                     bail!(
-                        "{status} {code}: {}",
+                        "{} answered {} without an event stream (content-type {:?}); is a \
+                         proxy in between dropping the `Accept: text/event-stream` header?",
+                        target.url,
+                        response.status().as_u16(),
+                        response
+                            .headers()
+                            .get(reqwest::header::CONTENT_TYPE)
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                            .unwrap_or_default()
+                    );
+                }
+                response
+            }
+            Ok(response) => {
+                let status = response.status();
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                let code = body["error"]["code"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| status.canonical_reason().unwrap_or("").to_lowercase());
+                if !worth_retrying(status) {
+                    bail!(
+                        "{} {code}: {}",
+                        status.as_u16(),
                         body["error"]["message"].as_str().unwrap_or("(no message)")
                     );
                 }
-                eprintln!("503 {code}; trying again in 1 s");
+                eprintln!("{} {code}; trying again in 1 s", status.as_u16());
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 continue;
             }

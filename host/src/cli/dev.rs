@@ -129,8 +129,10 @@ pub struct DevArgs {
     pub port: u16,
     /// PostgreSQL URL to use instead of a private cluster, e.g.
     /// `postgres://postgres@127.0.0.1:5432/meridian_dev`. With several regions each
-    /// gets `<database>_<region>`; databases are created if missing.
-    #[arg(long, env = "MERIDIAN_DATABASE_URL", hide_env_values = true)]
+    /// gets `<database>_<region>`; databases are created if missing. (Not read from
+    /// `MERIDIAN_DATABASE_URL`: that names a host's own database, perhaps a production
+    /// one, which a demo must never migrate and fill.)
+    #[arg(long, env = "MERIDIAN_DEV_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// NATS URLs to use instead of starting nats-servers, one per region in the order
     /// of --regions (comma-separated). Each must be a JetStream domain named after its
