@@ -1178,6 +1178,26 @@ async fn a_command_just_under_the_limit_runs_when_forwarded_to_its_owner() {
         (413, Some("body_too_large")),
         "{error}"
     );
+    // A forward from a host not observed yet (one that joined a moment ago) keeps its
+    // allowance for the id the first host added: it was refused as over the limit.
+    let with_id = format!(
+        r#"{{"command":{{"type":"Open","owner":"{}"}},"command_id":"{}"}}"#,
+        "o".repeat(2000 - r#"{"command":{"type":"Open","owner":""}}"#.len()),
+        uuid::Uuid::new_v4()
+    );
+    assert!(with_id.len() > 2000);
+    let answer = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/aggregates/bank-account/lim-new",
+            hosts[0].url
+        ))
+        .header("content-type", "application/json")
+        .header("x-meridian-forwarded-by", "joined-a-moment-ago")
+        .body(with_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
 }
 
 /// A host paused inside its heartbeat's transaction (a VM freeze, SIGSTOP) keeps its
@@ -1185,9 +1205,7 @@ async fn a_command_just_under_the_limit_runs_when_forwarded_to_its_owner() {
 /// liveness check waited on that row, and with it every observation and hand-over in
 /// the region; it now steps over it. Here the test locks the row of a long-dead member
 /// for two seconds, and the host beside it must go on observing the membership (its
-/// own heartbeat, as it reads it, moves on). The lock is kept short: held, it holds
-/// back every other test's global feed on this server (they read below the oldest
-/// running transaction).
+/// own heartbeat, as it reads it, moves on).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_member_row_holds_up_no_other_host() {
     let db = TestDb::new("locked_member").await;

@@ -2081,7 +2081,7 @@ async fn fake_proxy(
 }
 
 /// Runs the CLI with `args`, for at most 30 s.
-async fn cli(args: Vec<String>) -> std::process::Output {
+async fn cli(args: &[&str]) -> std::process::Output {
     let child = tokio::process::Command::new(crate::harness::meridian_bin())
         .args(args)
         .kill_on_drop(true)
@@ -2104,7 +2104,7 @@ async fn the_cli_retries_a_proxys_bad_gateway_and_names_the_command_id() {
         "<html><body>502 Bad Gateway</body></html>",
     )
     .await;
-    let out = cli([
+    let out = cli(&[
         "command",
         "bank-account",
         "b-1",
@@ -2113,9 +2113,7 @@ async fn the_cli_retries_a_proxys_bad_gateway_and_names_the_command_id() {
         "1",
         "--url",
         url.as_str(),
-    ]
-    .map(String::from)
-    .to_vec())
+    ])
     .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
@@ -2134,16 +2132,43 @@ async fn the_cli_retries_a_proxys_bad_gateway_and_names_the_command_id() {
     );
 }
 
+/// A 502 in the API's own error shape is the host's, and final (an answer too large to
+/// come back from the home region is as large the next time): the CLI does not send
+/// the command again, and says why it stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_does_not_retry_the_hosts_own_bad_gateway() {
+    let (url, requests) = fake_proxy(
+        "502 Bad Gateway",
+        "application/json",
+        r#"{"error": {"code": "answer_too_large", "message": "the answer is too large"}}"#,
+    )
+    .await;
+    let out = cli(&[
+        "command",
+        "bank-account",
+        "b-1",
+        r#"{"type":"Deposit","amount":1}"#,
+        "--url",
+        url.as_str(),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("502 answer_too_large"), "{stderr}");
+    assert_eq!(
+        requests.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "sent again: {stderr}"
+    );
+}
+
 /// `meridian events tail` through a proxy that drops `Accept: text/event-stream` gets
 /// a page of JSON, not a stream: it says so and stops, where it reconnected every
 /// second forever, printing nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cli_tail_given_no_stream_says_so() {
     let (url, _) = fake_proxy("200 OK", "application/json", r#"{"events": [], "next": 0}"#).await;
-    let out = cli(["events", "tail", "--json", "--url", url.as_str()]
-        .map(String::from)
-        .to_vec())
-    .await;
+    let out = cli(&["events", "tail", "--json", "--url", url.as_str()]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("without an event stream"),

@@ -350,15 +350,21 @@ async fn a_long_write_in_another_database_of_the_server_holds_no_stream() {
     writer.rollback().await.unwrap();
 }
 
-/// A resume position the feed has not passed yet — read from an aggregate's history,
-/// which waits for no other transaction — is waited for, then refused with a 503 to
-/// retry, while a transaction older than it still runs: read after, it would never
-/// have delivered an event that transaction commits.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_position_the_feed_has_not_passed_is_not_resumed_after() {
-    let (db, host) = host_with_account("undelivered", HostOptions::default(), "p-1").await;
-    let pool = db.pool().await;
-    let mut older = pool.begin().await.unwrap();
+/// A host with account `id` at version 2, whose second event the feed has not passed:
+/// a transaction older than it (returned, to end) is still running. The event's
+/// position comes from the aggregate's history, which waits for no one.
+async fn undelivered_position(
+    label: &str,
+    options: HostOptions,
+    id: &str,
+) -> (
+    TestDb,
+    Host,
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    i64,
+) {
+    let (db, host) = host_with_account(label, options, id).await;
+    let mut older = db.pool().await.begin().await.unwrap();
     sqlx::query("SELECT pg_current_xact_id()")
         .execute(&mut *older)
         .await
@@ -367,13 +373,27 @@ async fn a_position_the_feed_has_not_passed_is_not_resumed_after() {
     committed(
         api.command(
             "bank-account",
-            "p-1",
+            id,
             json!({"command": {"type": "Deposit", "amount": 5}}),
         )
         .await,
     );
-    let (_, history) = api.get("/v1/aggregates/bank-account/p-1/events").await;
+    let (_, history) = api
+        .get(&format!("/v1/aggregates/bank-account/{id}/events"))
+        .await;
     let position = history["events"][1]["position"].as_i64().unwrap();
+    (db, host, older, position)
+}
+
+/// A resume position the feed has not passed yet — read from an aggregate's history,
+/// which waits for no other transaction — is waited for, then refused with a 503 to
+/// retry, while a transaction older than it still runs: read after, it would never
+/// have delivered an event that transaction commits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_position_the_feed_has_not_passed_is_not_resumed_after() {
+    let (_db, host, older, position) =
+        undelivered_position("undelivered", HostOptions::default(), "p-1").await;
+    let api = host.client();
     let (status, body) = api.get(&format!("/v1/events?after={position}")).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
@@ -393,6 +413,36 @@ async fn a_position_the_feed_has_not_passed_is_not_resumed_after() {
     let (status, body) = api.get(&format!("/v1/events?after={position}")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["events"], json!([]), "{body}");
+}
+
+/// A stream whose resume position was waited for while the host began to drain is
+/// turned away with 503 `draining`, as any stream asked of a draining host: it was
+/// opened, and ended at once with a 200 and no events, which clients retry in a loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_waiting_for_its_position_while_the_host_drains_is_turned_away() {
+    let options = HostOptions {
+        env: vec![("MERIDIAN_DRAIN_TIMEOUT_SECS".into(), "60".into())],
+        ..HostOptions::default()
+    };
+    let (_db, host, older, position) =
+        undelivered_position("undelivered_drain", options, "d-1").await;
+    let stream = tokio::spawn(
+        reqwest::Client::new()
+            .get(format!("{}/v1/events?after={position}", host.url))
+            .header("accept", "text/event-stream")
+            .send(),
+    );
+    // The host waits for the feed to pass the position (up to 3 s) ...
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    host.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... which it does once the older transaction ends, the host draining by then.
+    older.rollback().await.unwrap();
+    let answer = stream.await.unwrap().unwrap();
+    let status = answer.status();
+    let body = answer.text().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
 }
 
 /// `meridian events tail` waits for a host that goes away under it and resumes after

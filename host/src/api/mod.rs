@@ -828,7 +828,11 @@ async fn run_command(
         .get(FORWARDED_HEADER)
         .and_then(|by| by.to_str().ok())
         .is_some_and(|by| state.cluster.is_member(by));
-    let from_peer = forwarded || headers.contains_key(crate::region::HOME_HEADER);
+    // The size allowance of a forward (the id the first host added) is anyone's to take:
+    // the route's body limit grants it to every request already, and a forward from a
+    // host that joined a moment ago, not yet observed here, must not be refused for it.
+    let from_peer =
+        headers.contains_key(FORWARDED_HEADER) || headers.contains_key(crate::region::HOME_HEADER);
     if body.len() > state.max_command_bytes && !from_peer {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -1408,6 +1412,9 @@ async fn stream_events(
         aggregate_id: query.aggregate_id,
         origin_region: None,
     };
+    // Resolve the resume point now, so a bad one is a 400 rather than a stream that ends.
+    // (First: it may wait for the feed, and the host may start draining meanwhile.)
+    let after = store::read::order_key_of(&state.pool, after, after_event_id).await?;
     // A draining host would end the stream at once, with a 200 and no events, and a
     // client reconnecting through the same load balancer would loop on it until the
     // listener closes: a 503 says to go elsewhere (or come back), as a full host does.
@@ -1418,8 +1425,6 @@ async fn stream_events(
             "this host is shutting down and opens no new event streams: retry on another host of the region (with Last-Event-ID to resume)",
         ));
     }
-    // Resolve the resume point now, so a bad one is a 400 rather than a stream that ends.
-    let after = store::read::order_key_of(&state.pool, after, after_event_id).await?;
     let Some(permit) = state.event_streams.admit_owned() else {
         return Ok(state.event_streams.overloaded());
     };

@@ -360,9 +360,19 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
 }
 
 /// Answers a command is sent again after, under the same id: the host's 503 (busy,
-/// draining, a partition moving) and a proxy's 502 and 504 (the host's answer lost).
-fn worth_retrying(status: reqwest::StatusCode) -> bool {
-    matches!(status.as_u16(), 502..=504)
+/// draining, a partition moving) and a proxy's 502 and 504 (the host's answer lost on
+/// its way back). A 502 in the API's own JSON is the host's, and final: an answer too
+/// large to come back from the home region is as large the next time.
+fn worth_retrying(response: &reqwest::Response) -> bool {
+    let from_api = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    match response.status().as_u16() {
+        503 => true,
+        502 | 504 => !from_api,
+        _ => false,
+    }
 }
 
 /// Runs `meridian command ...`.
@@ -383,7 +393,7 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
     let mut attempt = 0;
     let response = loop {
         let (code, wait) = match client.post(url.clone()).json(&body).send().await {
-            Ok(response) if !worth_retrying(response.status()) || attempt >= args.retries => {
+            Ok(response) if !worth_retrying(&response) || attempt >= args.retries => {
                 break response;
             }
             Ok(response) => {
@@ -582,12 +592,13 @@ async fn tail(
             }
             Ok(response) => {
                 let status = response.status();
+                let retry = worth_retrying(&response);
                 let body: Value = response.json().await.unwrap_or(Value::Null);
                 let code = body["error"]["code"]
                     .as_str()
                     .map(str::to_owned)
                     .unwrap_or_else(|| status.canonical_reason().unwrap_or("").to_lowercase());
-                if !worth_retrying(status) {
+                if !retry {
                     bail!(
                         "{} {code}: {}",
                         status.as_u16(),
