@@ -735,20 +735,14 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
         )));
     }
     non_negative("expected_version", parsed.expected_version)?;
-    // The nil UUID is what an id field left at its default holds: taken as an id, every
-    // command sent so would be answered as a repeat of the first, and never run.
-    if parsed
-        .command_id
-        .is_some_and(|id| id.is_nil() || id.is_max())
-    {
+    // The nil UUID is what an id field left at its default holds (the max one, a
+    // placeholder): taken as an id, every command sent so would be answered as a repeat
+    // of the first, and never run.
+    if let Some(id) = parsed.command_id.filter(|id| id.is_nil() || id.is_max()) {
         return Err(ApiError::bad_request(format!(
             "`command_id` is the {} UUID, which cannot tell one command from another; \
              send a fresh random UUID (v4 or v7) per command, or leave it out",
-            if parsed.command_id.is_some_and(|id| id.is_nil()) {
-                "nil"
-            } else {
-                "max"
-            }
+            if id.is_nil() { "nil" } else { "max" }
         )));
     }
     Ok(parsed)
