@@ -364,15 +364,21 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
 /// its way back). A 502 in the API's own JSON is the host's, and final: an answer too
 /// large to come back from the home region is as large the next time.
 fn worth_retrying(response: &reqwest::Response) -> bool {
-    let from_api = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     match response.status().as_u16() {
         503 => true,
-        502 | 504 => !from_api,
+        502 | 504 => !content_type(response).starts_with("application/json"),
         _ => false,
     }
+}
+
+/// The answer's content type ("" without one): tells the API's own answers (JSON, an
+/// event stream) from a proxy's.
+fn content_type(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default()
 }
 
 /// Runs `meridian command ...`.
@@ -452,10 +458,7 @@ pub async fn command(args: CommandArgs) -> anyhow::Result<()> {
     // (a proxy's page): the error names the id to send it again with, or a second run
     // with a new id could apply it twice.
     let may_have_run = response.status().is_server_error()
-        || !response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        || !content_type(&response).starts_with("application/json");
     let (_, result) = read(response, &args.target.url).await.map_err(|error| {
         if may_have_run {
             error.context(again)
@@ -571,21 +574,13 @@ async fn tail(
             Ok(response) if response.status().is_success() => {
                 // A proxy that dropped `Accept` gets a page of JSON back, which holds no
                 // stream message: reading it as one would reconnect forever, silently.
-                let stream = response
-                    .headers()
-                    .get(reqwest::header::CONTENT_TYPE)
-                    .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-                if !stream {
+                let content_type = content_type(&response);
+                if !content_type.starts_with("text/event-stream") {
                     bail!(
-                        "{} answered {} without an event stream (content-type {:?}); is a \
-                         proxy in between dropping the `Accept: text/event-stream` header?",
+                        "{} answered {} without an event stream (content-type {content_type:?}); \
+                         is a proxy in between dropping the `Accept: text/event-stream` header?",
                         target.url,
                         response.status().as_u16(),
-                        response
-                            .headers()
-                            .get(reqwest::header::CONTENT_TYPE)
-                            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                            .unwrap_or_default()
                     );
                 }
                 response
