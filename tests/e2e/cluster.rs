@@ -1256,10 +1256,10 @@ async fn a_locked_member_row_holds_up_no_other_host() {
 /// (503 while it is away), until it is back in touch.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_cut_off_from_the_database_turns_unready_and_serves_no_stale_state() {
-    use crate::harness::DbProxy;
+    use crate::harness::TcpProxy;
 
     let db = TestDb::new("cut_off").await;
-    let proxy = DbProxy::start(&db).await;
+    let proxy = TcpProxy::start(&db).await;
     let host = Host::spawn(&proxy.url, options());
     host.wait_ready(Duration::from_secs(60)).await;
     let api = host.client();
@@ -1409,12 +1409,12 @@ async fn a_lease_is_taken_from_another_node_only_while_it_is_dead() {
 /// back in the pool: the host heartbeats again on a new one within seconds.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_whose_database_connections_go_silent_is_back_on_new_ones() {
-    use crate::harness::DbProxy;
+    use crate::harness::TcpProxy;
 
     let db = TestDb::new("silent_members").await;
     // A slow database, so that the silence finds calls on their way: an idle
     // connection gone silent is caught by the pool's check before it is lent out.
-    let proxy = DbProxy::start_slow(&db, Duration::from_millis(20)).await;
+    let proxy = TcpProxy::start_slow(&db, Duration::from_millis(20)).await;
     let mut through_proxy = options();
     through_proxy
         .env
@@ -1583,11 +1583,11 @@ async fn a_second_process_with_a_node_id_in_use_refuses_to_start() {
 /// a SIGTERM never drained it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_on_a_slow_database_becomes_ready_and_drains() {
-    use crate::harness::DbProxy;
+    use crate::harness::TcpProxy;
 
     let db = TestDb::new("slow_db").await;
     // About ten round trips a poll: half a second each, against a 200 ms interval.
-    let proxy = DbProxy::start_slow(&db, Duration::from_millis(50)).await;
+    let proxy = TcpProxy::start_slow(&db, Duration::from_millis(50)).await;
     let mut slow = options();
     slow.env.extend([
         ("MERIDIAN_PARTITIONS".to_string(), "8".to_string()),

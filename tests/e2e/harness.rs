@@ -473,13 +473,13 @@ async fn series(host: &Host, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A TCP proxy in front of a test database that a test can cut, as a network partition
-/// or a failover would: [`DbProxy::cut`] drops every connection through it and refuses
-/// new ones until [`DbProxy::restore`]; [`DbProxy::silence`] makes the connections open
+/// A TCP proxy in front of a test database (or a nats-server) that a test can cut, as a
+/// network partition or a failover would: [`TcpProxy::cut`] drops every connection through it and refuses
+/// new ones until [`TcpProxy::restore`]; [`TcpProxy::silence`] makes the connections open
 /// so far pass nothing on any more, their sockets held open (no answer and no reset),
 /// as a failover to another address or a firewall dropping packets would. Hosts are
-/// pointed at [`DbProxy::url`].
-pub struct DbProxy {
+/// pointed at [`TcpProxy::url`].
+pub struct TcpProxy {
     pub url: String,
     state: std::sync::Arc<ProxyState>,
 }
@@ -492,25 +492,39 @@ struct ProxyState {
     next_id: std::sync::atomic::AtomicU64,
 }
 
-impl DbProxy {
-    pub async fn start(db: &TestDb) -> DbProxy {
+impl TcpProxy {
+    pub async fn start(db: &TestDb) -> TcpProxy {
         Self::start_slow(db, Duration::ZERO).await
     }
 
     /// A proxy that holds each piece of the server's answers for `delay`: every round
     /// trip to the database takes that much longer, as on a distant or overloaded one.
-    pub async fn start_slow(db: &TestDb, delay: Duration) -> DbProxy {
+    pub async fn start_slow(db: &TestDb, delay: Duration) -> TcpProxy {
+        let mut url = url::Url::parse(&db.url).unwrap();
+        let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+        let (port, state) = Self::forward(upstream, delay).await;
+        url.set_port(Some(port)).unwrap();
+        TcpProxy {
+            url: url.to_string(),
+            state,
+        }
+    }
+
+    /// A proxy in front of a nats-server: hosts given its `url` reach the server only
+    /// through it.
+    pub async fn start_nats(nats: &crate::nats::NatsServer) -> TcpProxy {
+        let (port, state) = Self::forward(format!("127.0.0.1:{}", nats.port), Duration::ZERO).await;
+        TcpProxy {
+            url: format!("nats://127.0.0.1:{port}"),
+            state,
+        }
+    }
+
+    /// Listens on a free port and passes what arrives on to `upstream`.
+    async fn forward(upstream: String, delay: Duration) -> (u16, std::sync::Arc<ProxyState>) {
         use std::sync::atomic::Ordering;
-        let target = url::Url::parse(&db.url).unwrap();
-        let upstream = format!(
-            "{}:{}",
-            target.host_str().unwrap(),
-            target.port().unwrap_or(5432)
-        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut url = target.clone();
-        url.set_port(Some(listener.local_addr().unwrap().port()))
-            .unwrap();
+        let port = listener.local_addr().unwrap().port();
         let state = std::sync::Arc::new(ProxyState {
             cut: false.into(),
             connections: std::sync::Mutex::new(tokio_util::sync::CancellationToken::new()),
@@ -571,10 +585,7 @@ impl DbProxy {
                 }
             }
         });
-        DbProxy {
-            url: url.to_string(),
-            state,
-        }
+        (port, state)
     }
 
     /// Drops every connection through the proxy and refuses new ones.

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::harness::{
-    Host, HostOptions, TestDb, events_of, eventually, meridian_bin, region_metric, send_command,
-    wasm_bytes, with_custom_section,
+    Host, HostOptions, TcpProxy, TestDb, events_of, eventually, meridian_bin, region_metric,
+    send_command, wasm_bytes, with_custom_section,
 };
 use super::nats::NatsServer;
 
@@ -22,6 +22,8 @@ struct TwoRegions {
     west: Vec<Host>,
     _east_db: TestDb,
     west_db: TestDb,
+    /// Between west's host and west's nats-server, when asked for.
+    west_proxy: Option<TcpProxy>,
 }
 
 fn options(region: &str, peer: &str, nats: &NatsServer) -> HostOptions {
@@ -66,8 +68,31 @@ impl TwoRegions {
         west_env: Vec<(String, String)>,
         authed: bool,
     ) -> Self {
+        Self::start_full(label, east_env, west_env, authed, false).await
+    }
+
+    /// West's host reaching its nats-server through [`TwoRegions::west_proxy`].
+    async fn start_with_west_proxy(label: &str) -> Self {
+        Self::start_full(label, vec![], vec![], false, true).await
+    }
+
+    async fn start_full(
+        label: &str,
+        east_env: Vec<(String, String)>,
+        west_env: Vec<(String, String)>,
+        authed: bool,
+        west_proxied: bool,
+    ) -> Self {
         let east_nats = NatsServer::hub(EAST);
         let west_nats = NatsServer::leaf(WEST, &east_nats);
+        let west_proxy = match west_proxied {
+            true => Some(TcpProxy::start_nats(&west_nats).await),
+            false => None,
+        };
+        let mut west_options = options(WEST, EAST, &west_nats);
+        if let Some(proxy) = &west_proxy {
+            west_options.nats_url = Some(proxy.url.clone());
+        }
         let east_db = TestDb::new(&format!("{label}_e")).await;
         let west_db = TestDb::new(&format!("{label}_w")).await;
         let with_env = |mut o: HostOptions, env: &[(String, String)]| {
@@ -86,13 +111,7 @@ impl TwoRegions {
             )
             .await,
         ];
-        let west = vec![
-            Host::start(
-                &west_db,
-                with_env(options(WEST, EAST, &west_nats), &west_env),
-            )
-            .await,
-        ];
+        let west = vec![Host::start(&west_db, with_env(west_options, &west_env)).await];
         let regions = Self {
             east_nats,
             west_nats,
@@ -100,6 +119,7 @@ impl TwoRegions {
             west,
             _east_db: east_db,
             west_db,
+            west_proxy,
         };
         regions.upload("bank-account", authed).await;
         regions
@@ -211,10 +231,8 @@ async fn every_answer_of_a_two_region_host_matches_the_openapi_document() {
 /// host's own view is still given, with why the relay's is missing.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cluster_status_outlives_a_database_outage() {
-    use super::harness::DbProxy;
-
     let r = TwoRegions::start("status_cut").await;
-    let proxy = DbProxy::start(&r.west_db).await;
+    let proxy = TcpProxy::start(&r.west_db).await;
     let host = Host::spawn(&proxy.url, options(WEST, EAST, &r.west_nats));
     host.wait_ready(Duration::from_secs(60)).await;
     let api = host.client();
@@ -558,6 +576,40 @@ async fn events_whose_store_failed_are_stored_after_the_relay_restarts() {
         assert_eq!(status, 200, "{body}");
     }
     for id in later.iter().chain(&refused) {
+        r.wait_until_west_holds(id, 1).await;
+    }
+}
+
+/// West's connection to its nats-server drops while the relay's pull is being
+/// answered: what the server sent into the dying connection never arrives, yet
+/// JetStream counts it delivered, and the client pulls again on reconnecting without
+/// telling the relay. Acknowledgements are cumulative, so the relay's next one would
+/// cover the lost events and west would never store them.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_lost_with_the_nats_connection_are_delivered_again() {
+    let r = TwoRegions::start_with_west_proxy("lostconn").await;
+    let proxy = r.west_proxy.as_ref().expect("proxied");
+    // The relay is receiving (its pull is waiting at the server).
+    let (status, body, _) = send(&r.east[0], "conn-0", json!({"type":"Open","owner":"o"})).await;
+    assert_eq!(status, 200, "{body}");
+    r.wait_until_west_holds("conn-0", 1).await;
+    // West's connection goes silent; east's events are delivered into it.
+    proxy.silence();
+    let lost: Vec<String> = (0..10).map(|i| format!("conn-lost-{i}")).collect();
+    for id in &lost {
+        let (status, body, _) = send(&r.east[0], id, json!({"type":"Open","owner":"o"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The connection drops; the host connects again, and more events follow.
+    proxy.cut();
+    proxy.restore();
+    let later: Vec<String> = (0..3).map(|i| format!("conn-later-{i}")).collect();
+    for id in &later {
+        let (status, body, _) = send(&r.east[0], id, json!({"type":"Open","owner":"o"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for id in later.iter().chain(&lost) {
         r.wait_until_west_holds(id, 1).await;
     }
 }

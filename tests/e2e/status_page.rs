@@ -343,11 +343,11 @@ async fn status_page_draws_the_partition_map_and_shows_live_events() {
 /// Each part is now drawn on its own.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_page_keeps_drawing_the_cluster_while_the_database_is_away() {
-    use crate::harness::DbProxy;
+    use crate::harness::TcpProxy;
 
     chromium();
     let db = TestDb::new("status_page_outage").await;
-    let proxy = DbProxy::start(&db).await;
+    let proxy = TcpProxy::start(&db).await;
     let host = Host::spawn(&proxy.url, HostOptions::default());
     host.wait_ready(Duration::from_secs(60)).await;
     let url = format!("{}/", host.url);

@@ -778,6 +778,8 @@ async fn receive(
         .await?;
     let mut carried = None;
     let mut received = 0i64;
+    // The consumer is new (see `inbound_consumer`), so its deliveries are numbered from 1.
+    let mut deliveries = Deliveries::default();
     loop {
         let batch = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -789,6 +791,9 @@ async fn receive(
             },
         };
         let batch = batch.into_iter().collect::<Result<Vec<_>, _>>()?;
+        for message in &batch {
+            deliveries.check(message)?;
+        }
         let mut events = Vec::with_capacity(batch.len());
         let mut carriers = Vec::with_capacity(batch.len());
         for message in &batch {
@@ -833,6 +838,45 @@ async fn receive(
             tracing::info!(from = peer, received, pending, "relay catching up");
         }
         store::regions::set_relay_status(&pool, &peer, lag_ms, pending, received, newest).await?;
+    }
+}
+
+/// The numbering of the inbound consumer's deliveries, checked without a gap.
+///
+/// Acknowledgements are cumulative, so one delivery that never arrived (sent by the
+/// server as the connection to it dropped; the client pulls again on reconnecting
+/// without a word to the relay) would be acknowledged away with the next batch and its
+/// events never stored here. A gap fails the task instead, and the restarted task's new
+/// consumer delivers again from the last acknowledged event.
+#[derive(Debug)]
+struct Deliveries {
+    next: u64,
+}
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Self { next: 1 }
+    }
+}
+
+impl Deliveries {
+    fn check(&mut self, message: &async_nats::jetstream::Message) -> anyhow::Result<()> {
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("reading a delivery's sequence numbers: {e}"))?;
+        self.follow(info.consumer_sequence)
+    }
+
+    fn follow(&mut self, delivery: u64) -> anyhow::Result<()> {
+        if delivery != self.next {
+            anyhow::bail!(
+                "the inbound consumer's delivery {} never arrived (the next to arrive was {delivery}); \
+                 receiving again from the last acknowledged event",
+                self.next
+            );
+        }
+        self.next += 1;
+        Ok(())
     }
 }
 
@@ -1079,6 +1123,17 @@ mod tests {
             metadata: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
             recorded_at: chrono::Utc::now(),
         }
+    }
+
+    #[test]
+    fn a_delivery_missing_from_the_inbound_numbering_fails_the_receiver() {
+        let mut deliveries = Deliveries::default();
+        deliveries.follow(1).unwrap();
+        deliveries.follow(2).unwrap();
+        let error = deliveries.follow(4).unwrap_err().to_string();
+        assert!(error.contains("delivery 3 never arrived"), "{error}");
+        // A new consumer numbers its first delivery 1: a first one numbered 2 means 1 was lost.
+        assert!(Deliveries::default().follow(2).is_err());
     }
 
     #[test]
