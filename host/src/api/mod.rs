@@ -1063,7 +1063,7 @@ pub struct StateBody {
     /// The plugin version that computed the state.
     pub plugin_version: i32,
     /// The state as the plugin serialised it.
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     pub state: Box<RawValue>,
 }
 

@@ -102,7 +102,7 @@ pub struct ResultEvent {
     #[serde(rename = "type")]
     pub event_type: String,
     /// Payload as decided by the plugin.
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     pub payload: Box<RawValue>,
 }
 

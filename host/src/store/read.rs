@@ -53,7 +53,7 @@ pub struct StoredEvent {
     #[serde(rename = "type")]
     pub event_type: String,
     /// Event payload.
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     pub payload: Box<RawValue>,
     /// Command id, plugin version, origin region, causation and correlation ids.
     #[schema(value_type = Object)]
