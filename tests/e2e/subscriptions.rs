@@ -223,6 +223,27 @@ async fn sse_catches_up_then_goes_live_and_resumes_without_gaps() {
     let (status, body) = page(seen[2].1["event_id"].as_str().unwrap().to_string()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["events"][0]["event_id"], live[0].1["event_id"]);
+    // No event is numbered 0: one "received" there is a broken resume point, refused
+    // rather than answered with the whole history again.
+    let (status, body) = api
+        .get(&format!(
+            "/v1/events?after=0&after_event_id={}",
+            seen[0].1["event_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("unknown_position")),
+        "{body}"
+    );
+    let refused = reqwest::Client::new()
+        .get(format!("{}/v1/events", host.url))
+        .header("accept", "text/event-stream")
+        .header("last-event-id", format!("0:{}", uuid::Uuid::now_v7()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
 
     // Filters: one aggregate only.
     let mut one = SseReader::open(

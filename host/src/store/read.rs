@@ -365,7 +365,12 @@ pub async fn order_key_of(
     event_id: Option<Uuid>,
 ) -> Result<OrderKey, StoreError> {
     if position <= 0 {
-        return Ok(OrderKey::START);
+        // No event is ever numbered 0 or below, so an event "received there" is a
+        // broken resume point; starting over would repeat the whole history silently.
+        return match event_id {
+            None => Ok(OrderKey::START),
+            Some(_) => Err(StoreError::UnknownPosition(position)),
+        };
     }
     let found: Option<(i64, Uuid)> = bounded_read(pool, async |conn| {
         Ok(
