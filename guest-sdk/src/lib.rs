@@ -158,6 +158,8 @@ pub trait Aggregate {
     const TYPE: &'static str;
 
     /// The version of the state and event schema, for the author's own migrations.
+    /// The host stores it as a signed 32-bit number and refuses an upload whose version
+    /// is above 2^31 - 1.
     const SCHEMA_VERSION: u32 = 1;
 
     /// The state folded from events, stored as JSON; `Default` is the state before any

@@ -167,6 +167,22 @@ async fn commands_run_through_the_plugin_and_are_stored() {
         execute["responses"]["503"]["headers"]["Retry-After"].is_object(),
         "the 503's Retry-After is documented: {execute}"
     );
+    // A payload or state is whatever JSON the plugin wrote: a unit variant (`Closed`)
+    // is `null`, a newtype one a string. A schema saying "object" would make generated
+    // clients refuse such answers.
+    let schemas = &openapi["components"]["schemas"];
+    for (schema, field) in [
+        ("StoredEvent", "payload"),
+        ("ResultEvent", "payload"),
+        ("StateBody", "state"),
+    ] {
+        let property = &schemas[schema]["properties"][field];
+        assert!(property.is_object(), "{schema}.{field}: {schemas}");
+        assert!(
+            property.get("type").is_none(),
+            "{schema}.{field} must admit any JSON value: {property}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -391,6 +407,25 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             .contains("evil:escape/network"),
         "{error}"
     );
+    // A schema version the contract's u32 allows but the catalogue cannot hold: refused,
+    // not listed with a wrapped, negative number.
+    let (status, error) = api
+        .upload("far-schema-version", wasm_bytes("far-schema-version"))
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (400, Some("plugin_invalid")),
+        "{error}"
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("schema version 2147483648 is above 2147483647"),
+        "{error}"
+    );
+    let (status, versions) = api.get("/v1/plugins/far-schema-version").await;
+    assert_eq!(status, 404, "nothing stored: {versions}");
     let (status, error) = api.upload("savings", wasm_bytes("bank-account")).await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
@@ -1486,9 +1521,9 @@ async fn host_behind_a_slow_proxy(
     label: &str,
     delay_ms: u64,
     env: &[(&str, &str)],
-) -> (TestDb, crate::harness::DbProxy, Host) {
+) -> (TestDb, crate::harness::TcpProxy, Host) {
     let db = TestDb::new(label).await;
-    let proxy = crate::harness::DbProxy::start_slow(&db, Duration::from_millis(delay_ms)).await;
+    let proxy = crate::harness::TcpProxy::start_slow(&db, Duration::from_millis(delay_ms)).await;
     let mut options = HostOptions::default();
     options.env.push(("MERIDIAN_PARTITIONS".into(), "8".into()));
     options
@@ -1635,11 +1670,11 @@ async fn snapshots_due_faster_than_a_slow_database_writes_them_are_skipped() {
 async fn a_batch_on_a_connection_gone_silent_commits_on_a_new_one() {
     use meridian::store::{self, Changes, Committer, CommitterConfig};
 
-    use crate::harness::DbProxy;
+    use crate::harness::TcpProxy;
 
     let db = TestDb::new("silent").await;
     store::migrate(&db.pool().await).await.unwrap();
-    let proxy = DbProxy::start(&db).await;
+    let proxy = TcpProxy::start(&db).await;
     let pool = store::connect(&store::DatabaseConfig {
         url: proxy.url.clone(),
         max_connections: 2,

@@ -1627,7 +1627,7 @@ async fn upload_plugin(
                 version,
                 sha256: validated.sha256,
                 size_bytes: body.len() as i64,
-                schema_version: validated.schema_version as i32,
+                schema_version: validated.schema_version,
                 contract: validated.contract.to_string(),
                 history_checked,
                 dry_run: true,

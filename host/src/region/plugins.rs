@@ -63,7 +63,7 @@ pub struct Component<'a> {
     /// Hex sha256 of the bytes.
     pub sha256: &'a str,
     /// The schema version the component reports.
-    pub schema_version: u32,
+    pub schema_version: i32,
     /// The component.
     pub bytes: &'a Bytes,
 }
@@ -134,7 +134,7 @@ impl Regions {
                         aggregate_type,
                         newest.version,
                         sha256,
-                        schema_version as i32,
+                        schema_version,
                         bytes,
                     )
                     .await?
@@ -146,7 +146,7 @@ impl Regions {
         let entry = VersionEntry {
             sha256: sha256.to_string(),
             size_bytes: bytes.len() as i64,
-            schema_version: schema_version as i32,
+            schema_version,
             region: self.local().to_string(),
         };
         let value = Bytes::from(serde_json::to_vec(&entry).expect("serialisable"));
@@ -185,7 +185,7 @@ impl Regions {
             aggregate_type,
             version,
             sha256,
-            schema_version as i32,
+            schema_version,
             bytes,
         )
         .await?;

@@ -54,7 +54,7 @@ pub async fn store(
     pool: &PgPool,
     aggregate_type: &str,
     sha256: &str,
-    schema_version: u32,
+    schema_version: i32,
     bytes: &[u8],
     judged_by: Option<Option<i32>>,
     checked_under: &SandboxLimits,
@@ -98,7 +98,7 @@ pub async fn store(
     .bind(next)
     .bind(sha256)
     .bind(bytes.len() as i64)
-    .bind(schema_version as i32)
+    .bind(schema_version)
     .bind(bytes)
     .fetch_one(&mut *tx)
     .await?;
