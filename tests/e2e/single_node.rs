@@ -676,6 +676,38 @@ async fn a_retried_command_id_returns_the_first_result_and_writes_nothing() {
     let (_, state) = api.get("/v1/aggregates/bank-account/acc-1").await;
     assert_eq!(state["state"]["balance"], 0);
     assert_eq!(event_count(&db).await, 6);
+
+    // The type's plugin no longer loads on a restarted host (its stored bytes were
+    // damaged): a retry of a command that ran still gets its first result.
+    sqlx::query(
+        "UPDATE plugins SET component = 'not a component' WHERE aggregate_type = 'bank-account'",
+    )
+    .execute(&db.pool().await)
+    .await
+    .unwrap();
+    let mut host = host;
+    host.restart().await;
+    let api = host.client();
+    let body = json!({"command": {"type": "Withdraw", "amount": 8}, "command_id": id});
+    let (status, again) = api.command("bank-account", "acc-1", body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["events"], first["events"]);
+    assert_eq!(again["duplicate"], true);
+    // A new command cannot run, and the answer says the host is at fault, not the
+    // request.
+    let (status, refused) = api
+        .command(
+            "bank-account",
+            "acc-1",
+            json!({"command": {"type": "Deposit", "amount": 1}}),
+        )
+        .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (500, Some("plugin_unloadable")),
+        "{refused}"
+    );
+    assert_eq!(event_count(&db).await, 6);
 }
 
 /// A command's first run can commit without its host seeing the outcome: the committer

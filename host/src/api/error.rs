@@ -205,6 +205,22 @@ impl From<RegistryError> for ApiError {
                 "unknown_aggregate_type",
                 error.to_string(),
             ),
+            // What an upload is refused for, found in a stored version (its bytes
+            // damaged, its limits changed under it): the request is not at fault, and
+            // "build it with cargo" would send its sender the wrong way.
+            RegistryError::Plugin(
+                e @ (PluginError::NotAComponent(_)
+                | PluginError::ForbiddenImport(_)
+                | PluginError::UnsupportedVersion(_)
+                | PluginError::WrongWorld(_)
+                | PluginError::TooLarge { .. }),
+            ) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "plugin_unloadable",
+                format!(
+                    "the stored plugin of this aggregate type does not load on this host: {e}; upload a working version, or set the type's limits back"
+                ),
+            ),
             RegistryError::Plugin(e) => e.into(),
             RegistryError::Store(e) => e.into(),
         }

@@ -321,10 +321,15 @@ impl Executor {
     /// Executes one command.
     pub async fn execute(&self, command: Command) -> Result<CommandResult, CommandError> {
         // Known type or not, before a cache slot is made for it.
-        self.inner.plugins.get(&command.key.aggregate_type).await?;
-        let slot = self.inner.cache.slot(&command.key);
-        let mut guard = waiting_for(slot.lock()).await;
-        match self.execute_locked(&command, &mut guard).await {
+        let executed = match self.inner.plugins.get(&command.key.aggregate_type).await {
+            Ok(_) => {
+                let slot = self.inner.cache.slot(&command.key);
+                let mut guard = waiting_for(slot.lock()).await;
+                self.execute_locked(&command, &mut guard).await
+            }
+            Err(error) => Err(error.into()),
+        };
+        match executed {
             // A retry is run again on today's state and plugin version, which can fail
             // where its first run did not (a version uploaded since that cannot replay
             // the aggregate, a deadline missed on a larger state, an event too large):
