@@ -1560,6 +1560,27 @@ async fn a_plugin_uploaded_in_east_runs_in_west_and_an_unreachable_home_is_a_503
     .await
     .unwrap();
     assert_eq!(written, 0);
+    // A new version cannot be registered without the directory, and whether the claim
+    // was made cannot be told: the answer says how to find out.
+    let (status, body) = west
+        .client()
+        .upload(
+            "bank-account",
+            with_custom_section(b"uploaded-while-east-is-away"),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("directory_unavailable")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("send the same bytes again"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -28,7 +28,8 @@ impl From<RegionError> for ApiError {
             RegionError::HomeTimedOut { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "home_region_timeout")
             }
-            RegionError::DirectoryUnreachable { .. } => {
+            RegionError::DirectoryUnreachable { .. }
+            | RegionError::PluginDirectoryUnreachable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "directory_unavailable")
             }
             RegionError::MoveInProgress { .. } => (StatusCode::SERVICE_UNAVAILABLE, "home_moving"),

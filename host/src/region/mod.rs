@@ -190,6 +190,19 @@ pub enum RegionError {
         /// What failed.
         reason: String,
     },
+    /// The directory did not answer a claim of a plugin version. The claim may have
+    /// been made (the answer lost), and then every region imports the version.
+    #[error(
+        "cannot register a new version of `{aggregate_type}`: the directory in region {directory} did not answer ({reason}); the version may have been registered all the same: send the same bytes again, answered with the version they got once the directory answers"
+    )]
+    PluginDirectoryUnreachable {
+        /// The type uploaded.
+        aggregate_type: String,
+        /// The directory region.
+        directory: String,
+        /// What failed.
+        reason: String,
+    },
     /// This region was named the home but has not received the move yet.
     #[error(
         "{aggregate} is moving its home to region {local}, which has not received all its events yet; retry shortly"

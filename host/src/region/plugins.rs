@@ -112,10 +112,9 @@ impl Regions {
         // the version is every region's. A change of limits between this check and
         // the store below still slips through; a single region has no such window.
         store::plugins::ensure_limits(pool, aggregate_type, checked_under).await?;
-        let unreachable = |e: String| RegionError::DirectoryUnreachable {
-            aggregate: format!("plugin {aggregate_type}"),
+        let unreachable = |e: String| RegionError::PluginDirectoryUnreachable {
+            aggregate_type: aggregate_type.to_string(),
             directory: self.config().directory.clone(),
-            local: self.local().to_string(),
             reason: e,
         };
         if let Some(newest) = &newest
