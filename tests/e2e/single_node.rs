@@ -309,6 +309,13 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             "{query}: {error}"
         );
     }
+    // `+` in a query string is a space once decoded: the refusal says how to send one.
+    let (status, error) = api.get("/v1/events?aggregate_id=user+1@x").await;
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error["error"]["message"].as_str().unwrap().contains("%2B"),
+        "{error}"
+    );
     // A correlation id is an identifier, copied into every event: not a payload, nor
     // anything but printable ASCII (which used to be replaced without a word).
     let long = reqwest::header::HeaderValue::from_str(&"c".repeat(129)).unwrap();

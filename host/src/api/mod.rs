@@ -655,18 +655,20 @@ pub fn validate_id(aggregate_id: &str) -> Result<(), ApiError> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:@+=".contains(&b));
     if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "invalid aggregate id `{}`: use 1-200 characters of A-Z, a-z, 0-9 and `-_.:@+=`",
-            shown(aggregate_id)
-        )))
+        return Ok(());
     }
+    // A query string decodes `+` to a space: `?aggregate_id=user+1` arrives as `user 1`.
+    let hint = if aggregate_id.contains(' ') {
+        " (in a query string `+` stands for a space: send a `+` as `%2B`)"
+    } else {
+        ""
+    };
+    Err(ApiError::bad_request(format!(
+        "invalid aggregate id `{}`: use 1-200 characters of A-Z, a-z, 0-9 and `-_.:@+=`{hint}",
+        shown(aggregate_id)
+    )))
 }
 
-/// A refused value as an error message quotes it: at most 80 characters and with
-/// control characters escaped, so a megabyte of garbage or a NUL byte does not end up
-/// in the answer and the logs as it came.
 /// Whether a component's failure while it is validated (its `describe` run) is the
 /// component's fault, a 400 for whoever uploads it or tightens its limits, rather than
 /// the host's: it trapped, ran out of time or memory, or returned what the host refuses.
@@ -681,6 +683,9 @@ fn components_fault(error: &crate::runtime::PluginError) -> bool {
     )
 }
 
+/// A refused value as an error message quotes it: at most 80 characters and with
+/// control characters escaped, so a megabyte of garbage or a NUL byte does not end up
+/// in the answer and the logs as it came.
 pub(super) fn shown(value: &str) -> String {
     const MAX: usize = 80;
     let mut out: String = value
