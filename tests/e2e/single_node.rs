@@ -167,6 +167,9 @@ async fn commands_run_through_the_plugin_and_are_stored() {
         execute["responses"]["503"]["headers"]["Retry-After"].is_object(),
         "the 503's Retry-After is documented: {execute}"
     );
+    // Reading a state replays it through the plugin, which can fail like a command.
+    let read = &openapi["paths"]["/v1/aggregates/{aggregate_type}/{aggregate_id}"]["get"];
+    assert!(read["responses"]["500"].is_object(), "{read}");
     // A payload or state is whatever JSON the plugin wrote: a unit variant (`Closed`)
     // is `null`, a newtype one a string. A schema saying "object" would make generated
     // clients refuse such answers.

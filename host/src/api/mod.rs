@@ -769,7 +769,7 @@ pub fn parse_command_body(body: &[u8]) -> Result<CommandBody, ApiError> {
         (status = 409, body = ErrorBody, description = "expected version does not match"),
         (status = 413, body = ErrorBody, description = "body too large, the command too large to forward to its home region (`too_large_to_forward`), or the command decided an event too large to relay to other regions (`event_too_large`)"),
         (status = 422, body = ErrorBody, description = "the plugin rejected the command"),
-        (status = 500, body = ErrorBody, description = "the plugin failed"),
+        (status = 500, body = ErrorBody, description = "the plugin failed (trapped, ran out of time or memory, returned invalid output), or the type's stored version does not load on this host (`plugin_unloadable`)"),
         (status = 502, body = ErrorBody, description = "the command ran in its home region, but the answer is too large to come back over NATS (`answer_too_large`); read the aggregate's events for the result"),
         (status = 503, body = ErrorBody, description = "store unavailable, partition moving, or the host overloaded (`overloaded`); send again with the same `command_id`",
             headers(("Retry-After" = u32, description = "seconds to wait before sending again"))),
@@ -1080,6 +1080,7 @@ pub struct StateBody {
         (status = 200, body = StateBody),
         (status = 400, body = ErrorBody, description = "malformed type or id"),
         (status = 404, body = ErrorBody, description = "no such type, or the aggregate has no events"),
+        (status = 500, body = ErrorBody, description = "replaying the aggregate failed in the plugin (trapped, ran out of time or memory, returned invalid output), or the type's stored version does not load on this host (`plugin_unloadable`)"),
     )
 )]
 async fn get_aggregate(
