@@ -42,6 +42,10 @@ fi
 rm -rf "$out"; mkdir -p "$out"
 
 bash scripts/install-deps.sh >/dev/null
+# On a fresh machine install-deps has just installed rustup (without touching the
+# shell's profile): this shell finds cargo only once it reads rustup's env.
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 bash plugins/build.sh >/dev/null
 cargo build --release -p meridian-host -p meridian-bench
 

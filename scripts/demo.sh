@@ -10,6 +10,10 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
 bash scripts/install-deps.sh
+# On a fresh machine install-deps has just installed rustup (without touching the
+# shell's profile): this shell finds cargo only once it reads rustup's env.
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 export MERIDIAN_NATS_SERVER_BIN="${MERIDIAN_NATS_SERVER_BIN:-$REPO/.tools/bin/nats-server}"
 bash plugins/build.sh
 cargo build --release -p meridian-host

@@ -37,6 +37,10 @@ fail() {
 
 step "installing dependencies"
 bash scripts/install-deps.sh --tests || fail "scripts/install-deps.sh --tests"
+# On a fresh machine install-deps has just installed rustup (without touching the
+# shell's profile): this shell finds cargo only once it reads rustup's env.
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 export MERIDIAN_NATS_SERVER_BIN="${MERIDIAN_NATS_SERVER_BIN:-$REPO/.tools/bin/nats-server}"
 [ -x "$MERIDIAN_NATS_SERVER_BIN" ] || fail "no executable nats-server at $MERIDIAN_NATS_SERVER_BIN"
 
