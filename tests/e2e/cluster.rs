@@ -1039,6 +1039,49 @@ async fn a_wrong_partition_count_is_refused_at_start() {
     );
 }
 
+/// Settings a host would otherwise start with and then fail on, later and less clearly:
+/// no commit worker (a panic once the store started), a directory region it cannot
+/// reach (ready, then refusing every new aggregate and upload).
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_that_would_fail_later_are_refused_at_start() {
+    let db = TestDb::new("c_settings").await;
+    let refused = |env: &[(&str, &str)]| {
+        let mut command = std::process::Command::new(crate::harness::meridian_bin());
+        command
+            .arg("host")
+            .env("MERIDIAN_DATABASE_URL", &db.url)
+            .env(
+                "MERIDIAN_HTTP_ADDR",
+                format!("127.0.0.1:{}", crate::harness::free_port()),
+            )
+            .env_remove("MERIDIAN_NATS_URL");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success(), "{env:?} was accepted");
+        String::from_utf8_lossy(&output.stderr).to_string()
+    };
+    let stderr = refused(&[("MERIDIAN_COMMIT_WORKERS", "0")]);
+    assert!(stderr.contains("--commit-workers"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let stderr = refused(&[
+        ("MERIDIAN_REGION", "east"),
+        ("MERIDIAN_PEER_REGIONS", "west"),
+        ("MERIDIAN_DIRECTORY_REGION", "eats"),
+    ]);
+    assert!(
+        stderr.contains("--directory-region `eats` is neither this region"),
+        "{stderr}"
+    );
+    let stderr = refused(&[("MERIDIAN_DIRECTORY_REGION", "East")]);
+    assert!(stderr.contains("invalid region name `East`"), "{stderr}");
+    // Without tokens every route is open: allowed, and said at start.
+    let open = Host::start(&db, options()).await;
+    let log = std::fs::read_to_string(&open.log).unwrap();
+    assert!(log.contains("authentication is off"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_correlation_id_follows_a_forwarded_command_and_metrics_count_it() {
     let db = TestDb::new("c_trace").await;

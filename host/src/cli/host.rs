@@ -66,8 +66,9 @@ pub struct HostArgs {
     #[arg(long, env = "MERIDIAN_DB_CONNECTIONS", default_value_t = 16)]
     pub db_connections: u32,
     /// Append batches in flight at once.
-    #[arg(long, env = "MERIDIAN_COMMIT_WORKERS", default_value_t = 4)]
-    pub commit_workers: usize,
+    #[arg(long, env = "MERIDIAN_COMMIT_WORKERS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub commit_workers: u32,
     /// While a batch is in flight, a smaller batch lingers (see `--commit-linger-ms`)
     /// for more appends before it commits; 1 turns lingering off.
     #[arg(long, env = "MERIDIAN_COMMIT_MIN_BATCH", default_value_t = 16)]
@@ -242,6 +243,11 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
              add `<token>:<scopes>` entries, or unset both to run without authentication"
         );
     }
+    if !tokens.enabled() {
+        tracing::warn!(
+            "authentication is off (no MERIDIAN_TOKENS or MERIDIAN_TOKENS_FILE): every route is open to whoever reaches this host"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
@@ -250,7 +256,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     store::set_read_timeout(std::time::Duration::from_millis(args.read_timeout_ms));
     let pool = super::migrate::connect_and_migrate(
         &args.database_url,
-        args.db_connections.max(args.commit_workers as u32 + 2),
+        args.db_connections.max(args.commit_workers + 2),
     )
     .await?;
     // Events restored from another server are invisible to every feed until renumbered.
@@ -278,6 +284,23 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         .collect();
     for peer in &peers {
         region::validate_region(peer)?;
+    }
+    // Every new aggregate and every plugin version is settled in the directory: one
+    // this region cannot reach (a typo, a template that rendered nothing) would make the
+    // host ready and then refuse all of them.
+    if let Some(directory) = &args.directory_region {
+        region::validate_region(directory)?;
+        if *directory != args.region && !peers.contains(directory) {
+            anyhow::bail!(
+                "--directory-region `{directory}` is neither this region (`{}`) nor one of --peer-regions ({}): name a region this one talks to",
+                args.region,
+                if peers.is_empty() {
+                    "none".to_string()
+                } else {
+                    peers.join(", ")
+                }
+            );
+        }
     }
     let nats = match &args.nats_url {
         Some(url) => Some(
@@ -329,7 +352,7 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     let committer = Committer::start(
         pool.clone(),
         CommitterConfig {
-            workers: args.commit_workers,
+            workers: args.commit_workers as usize,
             min_batch: args.commit_min_batch,
             linger: std::time::Duration::from_millis(args.commit_linger_ms),
             region: args.region.clone(),
