@@ -279,10 +279,15 @@ impl ResourceLimiter for MemoryLimiter {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        // Saturating: wasmtime asks before it checks a growth against the memory's own
-        // maximum, so `desired` can be near `usize::MAX`; a wrapped sum would pass as
+        // wasmtime asks before it checks a growth against the memory's own maximum: a
+        // growth past it fails (`memory.grow` gives -1) and must not be counted, or
+        // each such attempt would use up the cap with memory never allocated.
+        if maximum.is_some_and(|maximum| desired > maximum) {
+            return Ok(false);
+        }
+        // Saturating: `desired` can be near `usize::MAX`; a wrapped sum would pass as
         // small and reset what the instance is counted to hold.
         let total = self
             .used_bytes
@@ -303,8 +308,11 @@ impl ResourceLimiter for MemoryLimiter {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|maximum| desired > maximum) {
+            return Ok(false);
+        }
         let total = self
             .used_elements
             .saturating_sub(current as u64)
@@ -562,6 +570,32 @@ mod tests {
             forbidden_import(["evil:escape/network@0.1.0"].into_iter()),
             Some("evil:escape/network@0.1.0")
         );
+    }
+
+    #[test]
+    fn a_growth_past_a_memory_s_own_maximum_fails_without_using_the_cap() {
+        const MIB: usize = 1024 * 1024;
+        let mut limiter = MemoryLimiter::new(64 * MIB as u64);
+        assert!(limiter.memory_growing(0, MIB, Some(16 * MIB)).unwrap());
+        // A memory declared at most 16 MiB asks for 40 MiB, again and again: each
+        // fails (the guest sees -1), none counts.
+        for _ in 0..3 {
+            assert!(
+                !limiter
+                    .memory_growing(MIB, 40 * MIB, Some(16 * MIB))
+                    .unwrap()
+            );
+        }
+        assert!(!limiter.exceeded.load(Ordering::Relaxed));
+        assert!(!limiter.past_half());
+        // What it may have is still there.
+        assert!(
+            limiter
+                .memory_growing(MIB, 16 * MIB, Some(16 * MIB))
+                .unwrap()
+        );
+        assert!(!limiter.table_growing(0, 20, Some(10)).unwrap());
+        assert!(limiter.table_growing(0, 10, Some(10)).unwrap());
     }
 
     #[test]
