@@ -1577,6 +1577,20 @@ async fn upload_plugin(
             e.into()
         }
     })?;
+    // The catalogue stores it as a PostgreSQL INT; checked here, not in `validate`, so
+    // that a version stored before this check (wrapped negative) does not block
+    // changes of its type's limits, which validate the stored newest version again.
+    let Ok(schema_version) = i32::try_from(validated.schema_version) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "plugin_invalid",
+            format!(
+                "the component's schema version {} is above {}, the largest Meridian stores; number schema versions from 1 up",
+                validated.schema_version,
+                i32::MAX
+            ),
+        ));
+    };
     if validated.aggregate_type != aggregate_type {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -1633,7 +1647,7 @@ async fn upload_plugin(
                 version,
                 sha256: validated.sha256,
                 size_bytes: body.len() as i64,
-                schema_version: validated.schema_version,
+                schema_version,
                 contract: validated.contract.to_string(),
                 history_checked,
                 dry_run: true,
@@ -1648,7 +1662,7 @@ async fn upload_plugin(
             &aggregate_type,
             crate::region::plugins::Component {
                 sha256: &validated.sha256,
-                schema_version: validated.schema_version,
+                schema_version,
                 bytes: &body,
             },
             newest,

@@ -192,9 +192,8 @@ pub struct Validated {
     pub sha256: String,
     /// The aggregate type from `describe`.
     pub aggregate_type: String,
-    /// The schema version from `describe`, at most `i32::MAX`: the catalogue stores it
-    /// as a PostgreSQL `INT`, so a larger one is refused rather than stored wrapped.
-    pub schema_version: i32,
+    /// The schema version from `describe`.
+    pub schema_version: u32,
     /// The contract version it implements (one of [`WIT_PACKAGES_SUPPORTED`]).
     pub contract: &'static str,
     /// The compiled component, ready to call (to check it against stored histories).
@@ -361,15 +360,6 @@ impl Runtime {
                 .await
                 .map_err(|e| PluginError::Internal(format!("compile task failed: {e}")))??;
         let (aggregate_type, schema_version) = plugin.describe().await?;
-        let schema_version =
-            i32::try_from(schema_version).map_err(|_| PluginError::InvalidOutput {
-                plugin: aggregate_type.clone(),
-                call: "describe",
-                message: format!(
-                    "schema version {schema_version} is above {}, the largest Meridian stores; number schema versions from 1 up",
-                    i32::MAX
-                ),
-            })?;
         Ok(Validated {
             sha256,
             aggregate_type,
