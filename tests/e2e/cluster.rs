@@ -1082,6 +1082,59 @@ async fn settings_that_would_fail_later_are_refused_at_start() {
     assert!(log.contains("authentication is off"), "{log}");
 }
 
+/// Hosts asked to listen on any free port (0) take their default node id from the
+/// port they got: two on one machine are two members, not one id taken twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn hosts_on_any_free_port_get_node_ids_of_their_own() {
+    let db = TestDb::new("c_port0").await;
+    let spawn = || {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = std::process::Command::new(crate::harness::meridian_bin())
+            .arg("host")
+            .env("MERIDIAN_DATABASE_URL", &db.url)
+            .env("MERIDIAN_HTTP_ADDR", "127.0.0.1:0")
+            .env("MERIDIAN_DB_CONNECTIONS", "6")
+            .env("MERIDIAN_COMMIT_WORKERS", "3")
+            .env_remove("MERIDIAN_NODE_ID")
+            .env_remove("MERIDIAN_NATS_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        (KillOnDrop(child), log)
+    };
+    let mut first = spawn();
+    let mut second = spawn();
+    let pool = db.pool().await;
+    let ids: Vec<String> = eventually(|| async {
+        // An error until the first host has made the tables.
+        let ids: Vec<String> = sqlx::query_scalar("SELECT node_id FROM members ORDER BY node_id")
+            .fetch_all(&pool)
+            .await
+            .ok()?;
+        (ids.len() == 2).then_some(ids)
+    })
+    .await;
+    assert!(ids.iter().all(|id| !id.ends_with("-0")), "{ids:?}");
+    for (child, log) in [&mut first, &mut second] {
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "a host stopped: {}",
+            std::fs::read_to_string(log.path()).unwrap()
+        );
+    }
+}
+
+/// Kills the process when dropped, as a test's hosts are.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_correlation_id_follows_a_forwarded_command_and_metrics_count_it() {
     let db = TestDb::new("c_trace").await;

@@ -220,10 +220,6 @@ async fn nats_options(
 /// Runs the host until it is told to stop.
 pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
     check_drain(args.drain_grace_ms, args.drain_timeout_secs)?;
-    let node_id = args
-        .node_id
-        .clone()
-        .unwrap_or_else(|| default_node_id(args.http_addr));
     let mut token_text = args.tokens.clone().unwrap_or_default();
     if let Some(path) = &args.tokens_file {
         let file = std::fs::read_to_string(path)
@@ -252,6 +248,12 @@ pub async fn execute(args: HostArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
     let local_addr = listener.local_addr()?;
+    // From the port bound, not the one asked for: hosts on one machine asked for port
+    // 0 would all be `<hostname>-0`, and the second would find its id taken.
+    let node_id = args
+        .node_id
+        .clone()
+        .unwrap_or_else(|| default_node_id(local_addr));
 
     store::set_read_timeout(std::time::Duration::from_millis(args.read_timeout_ms));
     let pool = super::migrate::connect_and_migrate(
