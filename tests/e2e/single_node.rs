@@ -717,6 +717,21 @@ async fn a_retried_command_id_returns_the_first_result_and_writes_nothing() {
         (500, Some("plugin_unloadable")),
         "{refused}"
     );
+    // Nor can limits be checked against it, for the same reason.
+    let answer = api
+        .http
+        .put(format!("{}/v1/plugins/bank-account/limits", api.base))
+        .json(&json!({"deadline_ms": 100}))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    let refused: Value = answer.json().await.unwrap();
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (500, Some("plugin_unloadable")),
+        "{refused}"
+    );
     assert_eq!(event_count(&db).await, 6);
 }
 

@@ -1848,6 +1848,7 @@ pub struct LimitsQuery {
         (status = 200, body = SandboxLimits),
         (status = 400, body = ErrorBody, description = "a limit out of its range, or `limits_too_tight`: the type's newest version cannot start under them (names the limit); nothing was changed"),
         (status = 409, body = ErrorBody, description = "`plugin_changed`: a new version was stored while the limits were being checked against the one before (set them again); or `limits_too_tight_for_history`: a stored aggregate does not replay under them (names it and the cause; raise the limit, or `?force=true`). Nothing was changed"),
+        (status = 500, body = ErrorBody, description = "`plugin_unloadable`: the type's stored newest version does not load on this host, so no limits can be checked against it; nothing was changed"),
     )
 )]
 async fn set_limits(
@@ -1890,7 +1891,9 @@ async fn set_limits(
                         info.version
                     ),
                 ),
-                e => e.into(),
+                // The stored bytes themselves do not load: the host's fault, not the
+                // limits' nor the request's.
+                e => crate::executor::plugins::RegistryError::Plugin(e).into(),
             })?;
         // A stored aggregate whose state or events need more than these limits allow
         // (a state over `max_output_bytes`, a replay past the memory cap) would fail
