@@ -186,15 +186,26 @@ impl From<PluginError> for ApiError {
             PluginError::ApplyFailed { .. } => "plugin_apply_failed",
             PluginError::Internal(_) => "internal",
         };
-        let status = match &error {
-            PluginError::NotAComponent(_)
-            | PluginError::ForbiddenImport(_)
-            | PluginError::UnsupportedVersion(_)
-            | PluginError::WrongWorld(_) => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        let status = if refuses_the_component(&error) {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
         };
         Self::new(status, code, error.to_string())
     }
+}
+
+/// What an upload is refused for: the component's bytes themselves (not a component,
+/// an import or version not served, the wrong world, too large).
+fn refuses_the_component(error: &PluginError) -> bool {
+    matches!(
+        error,
+        PluginError::NotAComponent(_)
+            | PluginError::ForbiddenImport(_)
+            | PluginError::UnsupportedVersion(_)
+            | PluginError::WrongWorld(_)
+            | PluginError::TooLarge { .. }
+    )
 }
 
 impl From<RegistryError> for ApiError {
@@ -208,13 +219,7 @@ impl From<RegistryError> for ApiError {
             // What an upload is refused for, found in a stored version (its bytes
             // damaged, its limits changed under it): the request is not at fault, and
             // "build it with cargo" would send its sender the wrong way.
-            RegistryError::Plugin(
-                e @ (PluginError::NotAComponent(_)
-                | PluginError::ForbiddenImport(_)
-                | PluginError::UnsupportedVersion(_)
-                | PluginError::WrongWorld(_)
-                | PluginError::TooLarge { .. }),
-            ) => Self::new(
+            RegistryError::Plugin(e) if refuses_the_component(&e) => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "plugin_unloadable",
                 format!(

@@ -588,14 +588,14 @@ pub async fn append_batch<'c>(
                     epoch: fence.epoch,
                 })
             }
-            "not_home" => Err(StoreError::NotHome {
-                aggregate: format!("{}/{}", r.aggregate_type, r.aggregate_id),
-            }),
-            // The compare-and-set also checks the home under the row's lock: a stream
-            // still at the expected version was given away by a relayed move that
-            // committed after the fence read it. A conflict "expected 3, found 3" would
-            // blame a pinned version that was right.
-            _ if r.expected_version > 0 && last == Some(r.expected_version) => {
+            // The compare-and-set also checks the home under the row's lock: a
+            // "conflict" with the stream still at the expected version was given away
+            // by a relayed move that committed after the fence read it. A conflict
+            // "expected 3, found 3" would blame a pinned version that was right.
+            outcome
+                if outcome == "not_home"
+                    || (r.expected_version > 0 && last == Some(r.expected_version)) =>
+            {
                 Err(StoreError::NotHome {
                     aggregate: format!("{}/{}", r.aggregate_type, r.aggregate_id),
                 })
